@@ -1,0 +1,1 @@
+"""Code that two or more armpipe nodes share: wire protocol, sockets, configuration."""

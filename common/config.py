@@ -1,0 +1,288 @@
+"""Deployment configuration: one YAML file per deployment, decoded into typed dataclasses.
+
+Every node starts the same way::
+
+    python -m nodes.<node> --config configs/<task>.yaml [--name <instance>] [--<field>.<sub>=<value> ...]
+
+Overrides use the YAML field path (``--policy.device=cuda``, ``--cameras.front.encoding=jpeg``); the
+value is parsed as YAML, so ``--actuator.dry_run=true`` is a bool and ``--player.episodes=[0,2]`` a
+list. Decoding uses draccus (LeRobot's config library), whose errors name the field; ``validate``
+then checks what types alone cannot, again naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import draccus
+import yaml
+
+SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+CAMERA_BACKENDS = ("synthetic", "opencv", "realsense")
+ENCODINGS = ("raw", "jpeg")
+OVERLAP_RULES = ("replace", "blend")
+PLAYER_MODES = ("realtime", "lockstep")
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("fp32", "bf16")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; ``field`` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"config field `{field}`: {message}")
+
+
+@dataclass
+class CameraConfig:
+    # Where this camera's frames are published (the camera node binds it; subscribers connect).
+    endpoint: str = "tcp://127.0.0.1:5551"
+    backend: str = "synthetic"  # synthetic | opencv | realsense
+    width: int = 640
+    height: int = 480
+    fps: int = 30
+    encoding: str = "raw"  # raw | jpeg: what goes on the wire
+    jpeg_quality: int = 90
+    serial_number: str = ""  # realsense: which device (empty: the only one)
+    device: str = ""  # opencv: index ("0") or path ("/dev/video2")
+    max_age_s: float = 0.25  # the actuator holds when this camera's newest frame is older
+    retry_s: float = 2.0  # a missing device is retried this often instead of crash-looping
+
+
+@dataclass
+class ArmConfig:
+    port: str = "/dev/ttyACM0"  # the servo bus; the emulator links its pseudo-terminal here
+    state_endpoint: str = "tcp://127.0.0.1:5560"
+    prefix: str = ""  # joint-name prefix: "" for one arm, "left_" / "right_" for two
+    robot_id: str = "so101"  # LeRobot calibration id: <calibration_dir>/<robot_id>.json
+    calibration_dir: str = ""  # empty: LeRobot's default calibration directory
+    read_hz: float = 60.0
+    max_state_age_s: float = 0.15
+    # Joint limits and the largest move per control tick, in robot units (degrees; gripper 0..100).
+    lower_limits: list[float] = field(default_factory=lambda: [-110.0, -100.0, -100.0, -100.0, -150.0, 0.0])
+    upper_limits: list[float] = field(default_factory=lambda: [110.0, 100.0, 100.0, 100.0, 150.0, 100.0])
+    max_step: list[float] = field(default_factory=lambda: [3.0, 3.0, 3.0, 3.0, 5.0, 5.0])
+    rest_pose: list[float] = field(default_factory=list)  # empty: stop only holds
+    lock_file: str = ""  # empty: derived from the port (one OS lock per bus)
+
+    def joint_names(self) -> list[str]:
+        return [f"{self.prefix}{joint}.pos" for joint in SO101_JOINTS]
+
+    def bus_lock_path(self) -> str:
+        if self.lock_file:
+            return self.lock_file
+        return f"/tmp/armpipe-bus-{self.port.strip('/').replace('/', '_')}.lock"
+
+
+@dataclass
+class PolicyConfig:
+    checkpoint: str = "checkpoints/lift-tiny/pretrained_model"
+    bind: str = "tcp://*:8000"  # the policy node binds this
+    endpoint: str = "tcp://127.0.0.1:8000"  # clients connect here
+    device: str = "cpu"  # cpu | cuda | auto
+    dtype: str = "fp32"  # fp32 | bf16
+    num_inference_steps: int = 0  # diffusion only; 0 keeps the checkpoint's
+    noise_scheduler: str = ""  # diffusion only: "" keeps the checkpoint's; DDIM or DDPM
+    compile: bool = False
+    cuda_graphs: bool = False
+    warmup: int = 1  # inference passes before reporting ready
+    max_sessions: int = 64
+    timeout_s: float = 2.0  # client side: per-attempt reply timeout
+    retries: int = 1  # client side: attempts before the policy counts as unreachable
+
+
+@dataclass
+class ActuatorConfig:
+    control_endpoint: str = "tcp://127.0.0.1:5571"  # start / stop / label commands (REQ -> ROUTER)
+    events_endpoint: str = "tcp://127.0.0.1:5570"  # executed actions, events, loop stats (PUB)
+    dry_run: bool = False  # publish commands but never write them to the bus
+    refill_rows: int = 6  # request the next chunk when this many rows remain queued
+    overlap: str = "blend"  # replace | blend
+    blend_old_weight: float = 0.5  # blend: weight of the already queued row on overlapping ticks
+    max_chunk_age_s: float = 1.0  # chunk older than this on arrival (from its observation) is dropped
+    auto_start: bool = False  # start an episode as soon as the contract checks out
+    rest_step: float = 1.0  # stop with rest_pose: max move per tick towards it
+    contract_wait_s: float = 0.0  # 0: wait for the policy forever (retrying) before the first episode
+
+
+@dataclass
+class PlayerConfig:
+    dataset: str = "data/lift-demo"  # a local LeRobot v3 dataset root
+    repo_id: str = "armpipe/lift-demo"
+    episodes: list[int] = field(default_factory=list)  # empty: all
+    mode: str = "realtime"  # realtime | lockstep
+    loop: bool = True
+    gt_endpoint: str = "tcp://127.0.0.1:5580"  # ground-truth actions and episode events (PUB)
+    video_backend: str = "pyav"
+    follow_episodes: bool = False  # start/stop episodes on the actuator's episode events
+
+
+@dataclass
+class EmulatorConfig:
+    speed_deg_s: float = 180.0  # present position follows the goal at this speed
+    lag_s: float = 0.02
+
+
+@dataclass
+class MonitorConfig:
+    host: str = "127.0.0.1"  # loopback only by default; 0.0.0.0 serves the panel to the network
+    port: int = 9000
+    supervisor_url: str = "http://127.0.0.1:9001/RPC2"
+
+
+@dataclass
+class RecorderConfig:
+    output_dir: str = "recordings"
+
+
+@dataclass
+class DeploymentConfig:
+    task: str = "lift"
+    fps: int = 30
+    cameras: dict[str, CameraConfig] = field(default_factory=dict)
+    arms: dict[str, ArmConfig] = field(default_factory=dict)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    actuator: ActuatorConfig = field(default_factory=ActuatorConfig)
+    player: PlayerConfig = field(default_factory=PlayerConfig)
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    recorder: RecorderConfig = field(default_factory=RecorderConfig)
+    run_dir: str = "run"  # readiness files and sockets that are not TCP
+
+    # ------------------------------------------------------------------ derived views
+    def state_names(self) -> list[str]:
+        """The state (and action) vector: each arm's joints in config order (left before right)."""
+        return [name for arm in self.arms.values() for name in arm.joint_names()]
+
+    def action_names(self) -> list[str]:
+        return self.state_names()
+
+    def lower_limits(self) -> list[float]:
+        return [v for arm in self.arms.values() for v in arm.lower_limits]
+
+    def upper_limits(self) -> list[float]:
+        return [v for arm in self.arms.values() for v in arm.upper_limits]
+
+    def max_step(self) -> list[float]:
+        return [v for arm in self.arms.values() for v in arm.max_step]
+
+    def image_shapes(self) -> dict[str, list[int]]:
+        return {name: [cam.height, cam.width, 3] for name, cam in self.cameras.items()}
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the repository root unless absolute."""
+        candidate = Path(os.path.expanduser(path))
+        return candidate if candidate.is_absolute() else REPO_ROOT / candidate
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> DeploymentConfig:
+        if self.fps <= 0 or self.fps > 1000:
+            raise ConfigError("fps", f"expected 1..1000 ticks per second, got {self.fps}")
+        if not self.arms:
+            raise ConfigError("arms", "expected at least one arm")
+        for name, cam in self.cameras.items():
+            where = f"cameras.{name}"
+            _one_of(f"{where}.backend", cam.backend, CAMERA_BACKENDS)
+            _one_of(f"{where}.encoding", cam.encoding, ENCODINGS)
+            if not (0 < cam.width <= 8192 and 0 < cam.height <= 8192):
+                raise ConfigError(f"{where}.width", f"expected 1..8192 pixels, got {cam.width}x{cam.height}")
+            if not 1 <= cam.jpeg_quality <= 100:
+                raise ConfigError(f"{where}.jpeg_quality", f"expected 1..100, got {cam.jpeg_quality}")
+        for name, arm in self.arms.items():
+            where = f"arms.{name}"
+            for key in ("lower_limits", "upper_limits", "max_step"):
+                values = getattr(arm, key)
+                if len(values) != len(SO101_JOINTS):
+                    raise ConfigError(f"{where}.{key}", f"expected {len(SO101_JOINTS)} values "
+                                      f"(one per joint {list(SO101_JOINTS)}), got {len(values)}")
+            if arm.rest_pose and len(arm.rest_pose) != len(SO101_JOINTS):
+                raise ConfigError(f"{where}.rest_pose", f"expected {len(SO101_JOINTS)} values or none")
+            for index, (low, high) in enumerate(zip(arm.lower_limits, arm.upper_limits, strict=True)):
+                if not low < high:
+                    raise ConfigError(f"{where}.lower_limits", f"expected lower < upper for joint "
+                                      f"{SO101_JOINTS[index]}, got {low} >= {high}")
+            if any(step <= 0 for step in arm.max_step):
+                raise ConfigError(f"{where}.max_step", "expected positive steps")
+            if arm.read_hz <= 0:
+                raise ConfigError(f"{where}.read_hz", f"expected a positive rate, got {arm.read_hz}")
+        if len(set(self.state_names())) != len(self.state_names()):
+            raise ConfigError("arms", "expected distinct joint names: give each arm its own prefix")
+        _one_of("policy.device", self.policy.device, DEVICES)
+        _one_of("policy.dtype", self.policy.dtype, DTYPES)
+        _one_of("actuator.overlap", self.actuator.overlap, OVERLAP_RULES)
+        _one_of("player.mode", self.player.mode, PLAYER_MODES)
+        if not 0.0 <= self.actuator.blend_old_weight <= 1.0:
+            raise ConfigError("actuator.blend_old_weight", "expected a weight in 0..1")
+        if self.actuator.refill_rows < 0:
+            raise ConfigError("actuator.refill_rows", "expected a non-negative row count")
+        return self
+
+
+def _one_of(field_path: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(field_path, f"expected one of {list(allowed)}, got {value!r}")
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value_text: str) -> None:
+    """Set ``raw[a][b][c] = yaml(value_text)`` for ``dotted == "a.b.c"``, creating maps as needed."""
+    keys = dotted.split(".")
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(keys[: depth + 1]), f"cannot override inside a {type(child).__name__}")
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(value_text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(dotted, f"override value {value_text!r} is not valid YAML: {exc}") from exc
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> DeploymentConfig:
+    """Read a deployment YAML, apply ``key.path=value`` overrides, decode and validate."""
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ConfigError("--config", f"no such file: {config_path}")
+    with config_path.open() as handle:
+        raw = yaml.safe_load(handle) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", "expected a YAML map")
+    for item in overrides or []:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "expected an override of the form --field.sub=value")
+        apply_override(raw, key, value)
+    try:
+        config = draccus.decode(DeploymentConfig, raw)
+    except draccus.utils.DecodingError as exc:
+        raise ConfigError(str(exc).split("`")[1] if "`" in str(exc) else "(config)", str(exc)) from exc
+    return config.validate()
+
+
+@dataclass
+class NodeArgs:
+    config: DeploymentConfig
+    name: str
+    config_path: Path
+
+
+def parse_node_args(description: str, argv: list[str] | None = None, *, default_name: str = "") -> NodeArgs:
+    """The shared command line of every node: --config, --name, then any --field.path=value."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", required=True, help="deployment YAML, e.g. configs/lift.yaml")
+    parser.add_argument("--name", default=default_name, help="instance name (camera or arm name)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [item for item in overrides if not (item.startswith("--") and "=" in item)]
+    if bad:
+        parser.error(f"overrides must look like --field.sub=value; got {bad}")
+    return NodeArgs(config=load_config(args.config, overrides), name=args.name,
+                    config_path=Path(args.config).resolve())

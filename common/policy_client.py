@@ -1,0 +1,66 @@
+"""Client side of the policy node's request/reply protocol (used by the actuator, bench and tests)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.contract import STATE_KEY, PolicyContract, image_key
+from common.protocol import KIND_REQUEST, Message, ProtocolError
+from common.transport import RequestClient, SocketFactory
+
+
+@dataclass
+class ChunkReply:
+    actions: np.ndarray  # (chunk_length, action_dim) float32, robot units
+    obs_t: float  # the observation time echoed back (client's monotonic clock)
+    timings: dict[str, float] = field(default_factory=dict)  # server durations, seconds
+    round_trip_s: float = 0.0
+    received_t: float = 0.0  # client's monotonic clock
+
+
+class PolicyClient:
+    def __init__(self, factory: SocketFactory, endpoint: str, *, client_id: str = "", timeout_s: float = 2.0,
+                 retries: int = 1) -> None:
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
+        self.requests = RequestClient(factory, endpoint, timeout_s=timeout_s, retries=retries)
+
+    def _request(self, op: str, *, arrays: dict[str, np.ndarray] | None = None, meta: dict | None = None,
+                 jpeg: set[str] | None = None, timeout_s: float | None = None) -> Message:
+        msg = Message(kind=KIND_REQUEST, src=self.client_id, meta={"op": op, "client": self.client_id, **(meta or {})},
+                      arrays=arrays or {}, jpeg=jpeg or set())
+        return self.requests.request(msg, timeout_s=timeout_s)
+
+    def metadata(self, timeout_s: float | None = None) -> PolicyContract:
+        return PolicyContract.from_meta(self._request("metadata", timeout_s=timeout_s).meta["contract"])
+
+    def ping(self, timeout_s: float | None = None) -> float:
+        start = time.monotonic()
+        self._request("ping", timeout_s=timeout_s)
+        return time.monotonic() - start
+
+    def reset(self) -> None:
+        self._request("reset")
+
+    def infer(self, images: dict[str, np.ndarray], state: np.ndarray, obs_t: float, *, jpeg: bool = False,
+              timeout_s: float | None = None) -> ChunkReply:
+        """Ask for one action chunk. ``images`` maps camera name -> uint8 HxWx3 RGB."""
+        arrays = {image_key(name): image for name, image in images.items()}
+        arrays[STATE_KEY] = np.asarray(state, dtype=np.float32)
+        start = time.monotonic()
+        reply = self._request("infer", arrays=arrays, meta={"obs_t": float(obs_t)},
+                              jpeg={image_key(name) for name in images} if jpeg else None, timeout_s=timeout_s)
+        received = time.monotonic()
+        actions = reply.arrays.get("action")
+        if actions is None or actions.ndim != 2 or actions.dtype != np.float32:
+            raise ProtocolError("arrays[action]", "a float32 (n, action_dim) chunk",
+                                None if actions is None else f"{actions.dtype}{actions.shape}")
+        return ChunkReply(actions=actions, obs_t=float(reply.meta.get("obs_t", obs_t)),
+                          timings=dict(reply.meta.get("timings", {})), round_trip_s=received - start,
+                          received_t=received)
+
+    def close(self) -> None:
+        self.requests.close()

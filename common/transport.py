@@ -1,0 +1,273 @@
+"""ZeroMQ sockets for armpipe: latest-only PUB/SUB, a Lazy Pirate request client, a ROUTER server.
+
+Every socket is made by ``SocketFactory.socket`` so that options (high-water marks, linger, maximum
+message size) and, later, CURVE authentication are set in exactly one place.
+
+Two libzmq facts shape this module:
+- ``ZMQ_CONFLATE`` aborts the process on multipart messages, so "latest only" is done with small
+  high-water marks plus draining the socket and keeping the newest message per stream.
+- A REQ socket whose reply is lost is stuck forever, so ``RequestClient`` follows the ZeroMQ guide's
+  Lazy Pirate pattern: poll with a timeout, close with linger 0, reconnect, retry a bounded number of
+  times, then report the peer as unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from common.protocol import (
+    KIND_ERROR,
+    MAX_MESSAGE_BYTES,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PeerUnavailable(ConnectionError):
+    """The peer did not answer within the timeout after every retry."""
+
+    def __init__(self, endpoint: str, attempts: int, timeout_s: float) -> None:
+        self.endpoint = endpoint
+        super().__init__(f"no reply from {endpoint} after {attempts} attempt(s) of {timeout_s:.2f}s each")
+
+
+class RemoteError(RuntimeError):
+    """The peer answered with an ``error`` message; ``field`` and ``expected`` say what was wrong."""
+
+    def __init__(self, reply: Message) -> None:
+        self.reply = reply
+        self.field = str(reply.meta.get("field", ""))
+        self.expected = str(reply.meta.get("expected", ""))
+        super().__init__(str(reply.meta.get("message", "remote error")))
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """Placeholder for CURVE keys (Z85 text). Switching authentication on happens in SocketFactory."""
+
+    server_public: str = ""
+    server_secret: str = ""
+    client_public: str = ""
+    client_secret: str = ""
+
+
+class SocketFactory:
+    """The one place where sockets are created and configured."""
+
+    def __init__(self, context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
+        self.context = context or zmq.Context.instance()
+        self.curve = curve
+
+    def socket(self, socket_type: int, *, hwm: int = 16, linger_ms: int = 0, server: bool = False) -> zmq.Socket:
+        sock = self.context.socket(socket_type)
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        # libzmq drops (and disconnects) any peer whose single frame exceeds this: a cheap first bound.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        if self.curve is not None:
+            self._apply_curve(sock, server=server)
+        return sock
+
+    def _apply_curve(self, sock: zmq.Socket, *, server: bool) -> None:
+        keys = self.curve
+        assert keys is not None
+        if server:
+            sock.curve_server = True
+            sock.curve_secretkey = keys.server_secret.encode()
+            sock.curve_publickey = keys.server_public.encode()
+        else:
+            sock.curve_serverkey = keys.server_public.encode()
+            sock.curve_secretkey = keys.client_secret.encode()
+            sock.curve_publickey = keys.client_public.encode()
+
+    def close(self) -> None:
+        """Terminate the context (only if this factory owns a non-global one)."""
+        if self.context is not zmq.Context.instance():
+            self.context.term()
+
+
+def send_message(sock: zmq.Socket, msg: Message, *, prefix: Iterable[Any] = (), flags: int = 0,
+                 **encode_options: Any) -> None:
+    """Encode and send ``msg`` without copying its arrays. ``prefix`` frames (ROUTER envelopes) go first."""
+    sock.send_multipart([*prefix, *encode(msg, **encode_options)], flags=flags, copy=False)
+
+
+def recv_message(sock: zmq.Socket, flags: int = 0) -> Message:
+    """Receive and decode one message; raises ``ProtocolError`` for a malformed one."""
+    return decode(sock.recv_multipart(flags=flags, copy=False))
+
+
+class Publisher:
+    """A bound PUB socket that stamps messages with ``src`` and a per-publisher sequence number."""
+
+    def __init__(self, factory: SocketFactory, endpoint: str, src: str, *, hwm: int = 4) -> None:
+        self.src = src
+        self.endpoint = endpoint
+        self.seq = 0
+        self.sock = factory.socket(zmq.PUB, hwm=hwm, server=True)
+        self.sock.bind(endpoint)
+
+    def publish(self, msg: Message, **encode_options: Any) -> Message:
+        self.seq += 1
+        msg.src = msg.src or self.src
+        msg.seq = self.seq
+        # NOBLOCK: a PUB socket never blocks anyway (it drops at the HWM), but be explicit about it.
+        send_message(self.sock, msg, flags=zmq.NOBLOCK, **encode_options)
+        return msg
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class LatestSubscriber:
+    """A SUB socket connected to several publishers, read by draining to the newest messages.
+
+    Malformed messages are logged and counted in ``bad_messages``, never raised: one bad publisher
+    must not take down the subscriber.
+    """
+
+    def __init__(self, factory: SocketFactory, endpoints: Iterable[str], *, hwm: int = 4) -> None:
+        self.sock = factory.socket(zmq.SUB, hwm=hwm)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.endpoints = list(endpoints)
+        for endpoint in self.endpoints:
+            self.sock.connect(endpoint)
+        self.bad_messages = 0
+        self.last_error: ProtocolError | None = None
+
+    def poll(self, timeout_s: float = 0.0, max_messages: int = 1000) -> list[Message]:
+        """Wait up to ``timeout_s`` for a message, then drain everything queued, oldest first."""
+        messages: list[Message] = []
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return messages
+        while len(messages) < max_messages:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                messages.append(decode(frames))
+            except ProtocolError as exc:
+                self.bad_messages += 1
+                self.last_error = exc
+                log.warning("dropped malformed message: %s", exc)
+        return messages
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class RequestClient:
+    """A REQ client that survives lost replies and dead servers (the ZeroMQ guide's Lazy Pirate)."""
+
+    def __init__(self, factory: SocketFactory, endpoint: str, *, timeout_s: float = 1.0,
+                 retries: int = 3) -> None:
+        self.factory = factory
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.retries = max(1, retries)
+        self.seq = 0
+        self.sock: zmq.Socket | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.factory.socket(zmq.REQ, hwm=2)
+        self.sock.connect(self.endpoint)
+
+    def request(self, msg: Message, *, timeout_s: float | None = None, retries: int | None = None,
+                **encode_options: Any) -> Message:
+        """Send ``msg`` and return the reply; raise ``RemoteError`` for an error reply.
+
+        ``PeerUnavailable`` after every attempt timed out. Each attempt uses a fresh sequence number so a
+        late reply to an earlier attempt can never be mistaken for the answer to this one.
+        """
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        attempts = self.retries if retries is None else max(1, retries)
+        for attempt in range(1, attempts + 1):
+            self.seq += 1
+            msg.seq = self.seq
+            assert self.sock is not None
+            send_message(self.sock, msg, **encode_options)
+            deadline = time.monotonic() + timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                if not self.sock.poll(int(remaining * 1000) + 1):
+                    continue
+                try:
+                    reply = recv_message(self.sock)
+                except ProtocolError:
+                    # A REQ socket is ready to send again after any reply; rebuild to be safe.
+                    self._connect()
+                    raise
+                if reply.seq != msg.seq:
+                    log.warning("discarding reply seq %s (expected %s)", reply.seq, msg.seq)
+                    break
+                if reply.kind == KIND_ERROR:
+                    raise RemoteError(reply)
+                return reply
+            log.info("no reply from %s (attempt %d/%d); reconnecting", self.endpoint, attempt, attempts)
+            self._connect()
+        raise PeerUnavailable(self.endpoint, attempts, timeout)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+
+class RouterServer:
+    """A bound ROUTER socket serving REQ (or DEALER) clients; each request keeps its return envelope."""
+
+    def __init__(self, factory: SocketFactory, endpoint: str, *, hwm: int = 64) -> None:
+        self.endpoint = endpoint
+        self.sock = factory.socket(zmq.ROUTER, hwm=hwm, server=True)
+        # Unroutable replies (client gone) are dropped silently rather than raising.
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.bind(endpoint)
+
+    def receive(self, timeout_s: float) -> tuple[list[bytes], list[Any]] | None:
+        """Wait for one request: returns (envelope, message frames), or None on timeout.
+
+        The envelope is everything up to and including the empty delimiter frame that REQ adds.
+        """
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        for index, frame in enumerate(frames):
+            if len(frame) == 0:
+                return [bytes(f.buffer) for f in frames[: index + 1]], frames[index + 1 :]
+        # A DEALER client without the delimiter: treat the first frame as identity.
+        return [bytes(frames[0].buffer)], frames[1:]
+
+    def reply(self, envelope: list[bytes], msg: Message, **encode_options: Any) -> None:
+        send_message(self.sock, msg, prefix=envelope, **encode_options)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An Event set by SIGTERM or SIGINT, so a node's loop can finish its tick and close cleanly."""
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: Any) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    return stop

@@ -1,0 +1,159 @@
+"""Shared test utilities: free ports, per-test deployment configs, and real node processes.
+
+Tests that need a node start the real process (``python -m nodes.<node>``) with ``NodeProcess`` and
+wait for its readiness file; nothing here fakes a node.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_endpoint() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def write_config(tmp_path: Path, task: str = "lift", overrides: dict[str, Any] | None = None) -> Path:
+    """Copy ``configs/<task>.yaml`` with every endpoint on a free port and run files under tmp_path.
+
+    ``overrides`` is deep-merged afterwards (e.g. ``{"policy": {"checkpoint": str(path)}}``).
+    """
+    raw = yaml.safe_load((REPO_ROOT / "configs" / f"{task}.yaml").read_text())
+    for cam in raw.get("cameras", {}).values():
+        cam["endpoint"] = free_endpoint()
+    for name, arm in raw.get("arms", {}).items():
+        arm["state_endpoint"] = free_endpoint()
+        arm["port"] = str(tmp_path / f"so101_{name}.tty")
+        arm["lock_file"] = str(tmp_path / f"bus_{name}.lock")
+    policy_port = free_port()
+    raw["policy"]["bind"] = f"tcp://127.0.0.1:{policy_port}"
+    raw["policy"]["endpoint"] = f"tcp://127.0.0.1:{policy_port}"
+    raw["actuator"]["control_endpoint"] = free_endpoint()
+    raw["actuator"]["events_endpoint"] = free_endpoint()
+    raw["player"]["gt_endpoint"] = free_endpoint()
+    raw["monitor"]["port"] = free_port()
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["recorder"]["output_dir"] = str(tmp_path / "recordings")
+    _deep_merge(raw, overrides or {})
+    path = tmp_path / f"{task}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+class NodeProcess:
+    """A real node process: ``python -m nodes.<module> --config <path> [--name] [overrides]``.
+
+    ``wait_ready`` waits for ``<run_dir>/ready/<program>.json``; the log is kept in ``log_path`` and
+    printed when a wait fails, so a failing test shows why the node did not come up.
+    """
+
+    def __init__(self, module: str, config_path: Path, *, name: str = "", program: str = "",
+                 args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.module = module
+        self.config_path = Path(config_path)
+        self.name = name
+        self.program = program or (f"{module}-{name}" if name else module)
+        self.args = args or []
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path = self.config_path.parent / f"{self.program}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ready_path(self) -> Path:
+        raw = yaml.safe_load(self.config_path.read_text())
+        return Path(raw["run_dir"]) / "ready" / f"{self.program}.json"
+
+    def start(self) -> NodeProcess:
+        cmd = [PYTHON, "-m", f"nodes.{self.module}", "--config", str(self.config_path)]
+        if self.name:
+            cmd += ["--name", self.name]
+        cmd += self.args
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout_s: float = 60.0) -> NodeProcess:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready_path.exists():
+                return self
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.program} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.program} not ready after {timeout_s}s:\n{self.log()[-4000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def node_processes() -> Iterator[list[NodeProcess]]:
+    """Collects NodeProcess objects a test starts, and stops them all afterwards."""
+    procs: list[NodeProcess] = []
+    yield procs
+    for proc in reversed(procs):
+        proc.stop()
+
+
+def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05, message: str = "") -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail with ``message`` after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(message or f"condition not met within {timeout_s}s")
