@@ -94,6 +94,7 @@ class PolicyConfig:
     cuda_graphs: bool = False
     warmup: int = 1  # inference passes before reporting ready
     max_sessions: int = 64
+    seed: int = 0  # diffusion noise is seeded per session from this, so a replay is reproducible
     timeout_s: float = 2.0  # client side: per-attempt reply timeout
     retries: int = 1  # client side: attempts before the policy counts as unreachable
 
@@ -110,6 +111,9 @@ class ActuatorConfig:
     auto_start: bool = False  # start an episode as soon as the contract checks out
     rest_step: float = 1.0  # stop with rest_pose: max move per tick towards it
     contract_wait_s: float = 0.0  # 0: wait for the policy forever (retrying) before the first episode
+    # Lockstep (offline evaluation with the dataset player): tick once per new observation instead of
+    # on the wall clock, wait for each chunk, and treat the observation's time as "now".
+    lockstep: bool = False
 
 
 @dataclass

@@ -35,7 +35,10 @@ KIND_REPLY = "reply"
 KIND_ERROR = "error"
 KINDS = (KIND_FRAME, KIND_STATE, KIND_ACTION, KIND_EVENT, KIND_REQUEST, KIND_REPLY, KIND_ERROR)
 
-REQUEST_OPS = ("metadata", "infer", "reset", "ping")
+# Policy node ops, then the actuator control socket's ops (same request/reply framing).
+POLICY_OPS = ("metadata", "infer", "reset", "ping")
+CONTROL_OPS = ("start", "stop", "label", "status")
+REQUEST_OPS = POLICY_OPS + CONTROL_OPS
 
 # dtype name on the wire -> numpy dtype. Little-endian only; nothing else is accepted.
 ALLOWED_DTYPES: dict[str, np.dtype] = {

@@ -157,3 +157,23 @@ def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05, 
             return value
         time.sleep(interval_s)
     raise AssertionError(message or f"condition not met within {timeout_s}s")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``tiny_checkpoint(task="lift", policy_type="diffusion") -> Path`` of a real LeRobot
+    ``pretrained_model`` directory built by the project's checkpoint maker (cached per session)."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(task: str = "lift", policy_type: str = "diffusion") -> Path:
+        key = (task, policy_type)
+        if key not in cache:
+            from common.checkpoint_maker import build_checkpoint
+            from common.config import load_config
+
+            config = load_config(REPO_ROOT / "configs" / f"{task}.yaml")
+            output = tmp_path_factory.mktemp(f"ckpt-{task}-{policy_type}")
+            cache[key] = build_checkpoint(config, output, policy_type=policy_type, size="tiny")
+        return cache[key]
+
+    return get
