@@ -102,6 +102,11 @@ def _check_name(name: Any, where: str) -> str:
     return name
 
 
+def _c_contiguous(array: np.ndarray) -> np.ndarray:
+    # Not np.ascontiguousarray: it turns 0-d arrays into 1-d ones.
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
 def _wire_dtype(array: np.ndarray, where: str) -> str:
     name = array.dtype.name
     if name not in ALLOWED_DTYPES:
@@ -148,11 +153,11 @@ def encode(
             array = array.astype(ALLOWED_DTYPES[dtype])
         if array.nbytes <= inline_max_bytes:
             specs.append({"name": name, "dtype": dtype, "shape": list(array.shape), "enc": "inline",
-                          "data": msgpack_numpy.encode(np.ascontiguousarray(array))})
+                          "data": msgpack_numpy.encode(_c_contiguous(array))})
         else:
             specs.append({"name": name, "dtype": dtype, "shape": list(array.shape), "enc": "raw",
                           "frame": len(frames) + 1})
-            frames.append(np.ascontiguousarray(array))
+            frames.append(_c_contiguous(array))
     header = {
         "v": SCHEMA_VERSION,
         "kind": msg.kind,
@@ -205,7 +210,7 @@ def _safe_numpy_hook(obj: dict[Any, Any]) -> Any:
         dtype_text = dtype_text.decode("ascii", "replace")
     try:
         dtype = np.dtype(dtype_text)
-    except TypeError as exc:
+    except (TypeError, ValueError, SyntaxError) as exc:
         raise ProtocolError("arrays[].data.type", "a numpy dtype string", dtype_text) from exc
     if dtype.name not in ALLOWED_DTYPES or dtype.byteorder == ">":
         raise ProtocolError("arrays[].data.type", f"one of {sorted(ALLOWED_DTYPES)}, little-endian",
@@ -299,7 +304,7 @@ def decode(frames: Sequence[Any]) -> Message:
         if name in arrays:
             raise ProtocolError(where, "unique array names", name)
         dtype_name = spec.get("dtype")
-        if dtype_name not in ALLOWED_DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
             raise ProtocolError(f"{where}.dtype", f"one of {sorted(ALLOWED_DTYPES)}", dtype_name)
         dtype = ALLOWED_DTYPES[dtype_name]
         shape = _check_shape(spec.get("shape"), f"{where}.shape")

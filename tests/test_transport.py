@@ -1,0 +1,162 @@
+"""Sockets: Lazy Pirate survives a server that dies mid-request; latest-only subscribers drain."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+from conftest import REPO_ROOT, free_endpoint, wait_for
+
+from common.protocol import KIND_FRAME, KIND_REQUEST, Message
+from common.transport import (
+    LatestSubscriber,
+    PeerUnavailable,
+    Publisher,
+    RemoteError,
+    RequestClient,
+    SocketFactory,
+)
+
+# A real server process: replies to every request with its own name, except that with die_on_first
+# it exits (without replying) as soon as the first request arrives: a server dying mid-request.
+SERVER = textwrap.dedent(
+    """
+    import os, sys
+    from common.protocol import Message, decode, error_message, ProtocolError
+    from common.transport import RouterServer, SocketFactory
+    endpoint, name, die_on_first = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    server = RouterServer(SocketFactory(), endpoint)
+    print("listening", flush=True)
+    while True:
+        request = server.receive(1.0)
+        if request is None:
+            continue
+        envelope, frames = request
+        if die_on_first:
+            os._exit(3)
+        msg = decode(frames)
+        if msg.meta.get("op") == "reset":
+            server.reply(envelope, error_message(ProtocolError("meta.op", "not reset"), src=name, seq=msg.seq))
+            continue
+        server.reply(envelope, Message(kind="reply", src=name, seq=msg.seq, meta={"op": msg.meta["op"]}))
+    """
+)
+
+
+def _start_server(endpoint: str, name: str, die_on_first: bool) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, endpoint.replace("127.0.0.1", "*"), name,
+                             "1" if die_on_first else "0"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
+    return proc
+
+
+def _ping() -> Message:
+    return Message(kind=KIND_REQUEST, meta={"op": "ping", "client": "test"})
+
+
+def test_request_survives_server_dying_mid_request_and_coming_back():
+    endpoint = free_endpoint()
+    dying = _start_server(endpoint, "server-1", die_on_first=True)
+    client = RequestClient(SocketFactory(), endpoint, timeout_s=0.3, retries=30)
+    result: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: result.setdefault("reply", client.request(_ping())))
+    worker.start()
+    assert dying.wait(timeout=10) == 3  # the server received the request and died without replying
+    replacement = _start_server(endpoint, "server-2", die_on_first=False)
+    try:
+        worker.join(timeout=20)
+        assert not worker.is_alive()
+        reply = result["reply"]
+        assert isinstance(reply, Message) and reply.src == "server-2" and reply.meta["op"] == "ping"
+        # The rebuilt socket keeps working for later requests.
+        assert client.request(_ping()).src == "server-2"
+    finally:
+        replacement.kill()
+        client.close()
+
+
+def test_request_gives_up_after_bounded_retries_then_recovers():
+    endpoint = free_endpoint()
+    client = RequestClient(SocketFactory(), endpoint, timeout_s=0.1, retries=3)
+    start = time.monotonic()
+    with pytest.raises(PeerUnavailable, match="3 attempt"):
+        client.request(_ping())
+    assert time.monotonic() - start < 5
+    server = _start_server(endpoint, "late-server", die_on_first=False)
+    try:
+        reply = wait_for(lambda: _try(client), timeout_s=10, message="client never reached the late server")
+        assert reply.src == "late-server"
+    finally:
+        server.kill()
+        client.close()
+
+
+def _try(client: RequestClient) -> Message | None:
+    try:
+        return client.request(_ping())
+    except PeerUnavailable:
+        return None
+
+
+def test_error_reply_raises_remote_error_with_field():
+    endpoint = free_endpoint()
+    server = _start_server(endpoint, "strict", die_on_first=False)
+    client = RequestClient(SocketFactory(), endpoint, timeout_s=2.0, retries=1)
+    try:
+        with pytest.raises(RemoteError) as info:
+            client.request(Message(kind=KIND_REQUEST, meta={"op": "reset", "client": "test"}))
+        assert info.value.field == "meta.op" and info.value.expected == "not reset"
+        assert client.request(_ping()).src == "strict"  # and the next request still succeeds
+    finally:
+        server.kill()
+        client.close()
+
+
+def test_latest_subscriber_drains_to_newest_and_counts_bad_messages():
+    factory = SocketFactory(zmq.Context())
+    endpoint = free_endpoint()
+    publisher = Publisher(factory, endpoint, "cam", hwm=4)
+    subscriber = LatestSubscriber(factory, [endpoint], hwm=4)
+    raw = factory.socket(zmq.PUB)
+    raw_endpoint = free_endpoint()
+    raw.bind(raw_endpoint)
+    subscriber.sock.connect(raw_endpoint)
+    try:
+        image = np.zeros((240, 320, 3), np.uint8)  # large enough that kernel buffers hold few
+
+        def publish_until_seen() -> list[Message]:
+            publisher.publish(Message(kind=KIND_FRAME, meta={"camera": "front"}, arrays={"image": image}))
+            return subscriber.poll(0.05)
+
+        wait_for(publish_until_seen, timeout_s=5, message="subscriber never connected")
+        for _ in range(200):
+            publisher.publish(Message(kind=KIND_FRAME, meta={"camera": "front"}, arrays={"image": image}))
+        raw.send_multipart([b"\x93not a header"])
+        received: list[Message] = []
+        # A PUB socket drops NEW messages once its queue is full, so after a burst the backlog is drained
+        # first; the next message then arrives as the newest.
+        time.sleep(0.5)
+        received.extend(subscriber.poll(0.1))
+        publisher.publish(Message(kind=KIND_FRAME, meta={"camera": "front"}, arrays={"image": image}))
+
+        def newest_arrived() -> bool:
+            received.extend(subscriber.poll(0.1))
+            return bool(received) and received[-1].seq == publisher.seq
+
+        wait_for(newest_arrived, timeout_s=10, message="the newest message never arrived")
+        # High-water marks bound the backlog: most of the 200 were dropped, the newest arrived last.
+        assert len(received) < 100
+        assert [m.seq for m in received] == sorted(m.seq for m in received)
+        assert subscriber.bad_messages == 1 and subscriber.last_error is not None
+        assert subscriber.last_error.field == "header"
+    finally:
+        publisher.close()
+        subscriber.close()
+        raw.close(0)
+        factory.context.term()
