@@ -3,6 +3,7 @@ msgpack-numpy object-array payload (whose unpickling would have a side effect) i
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 
@@ -33,10 +34,8 @@ def _valid_frames() -> list[bytes]:
 
 
 def _decode_only_protocol_errors(frames: list[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProtocolError):
         decode(frames)
-    except ProtocolError:
-        pass
 
 
 @pytest.fixture(autouse=True)
