@@ -1,0 +1,29 @@
+# armpipe: the two commands of the README, plus helpers.
+#   make demo [TASK=lift|stack|sort]   set up, then run the whole pipeline under supervisord (CPU demo)
+#   make test                          set up, then run the test suite
+TASK ?= lift
+SHELL := /bin/bash
+
+.PHONY: setup demo stop status test lint bench-transport
+
+setup:
+	@bash .ci/setup
+
+demo: setup
+	@bash .ci/demo $(TASK)
+
+stop:
+	@.venv/bin/supervisorctl -c supervisord.conf shutdown || true
+
+status:
+	@.venv/bin/python -m nodes.status --config configs/$(TASK).yaml
+
+test: setup
+	@.venv/bin/ruff check .
+	@.venv/bin/python -m pytest -q
+
+lint: setup
+	@.venv/bin/ruff check .
+
+bench-transport: setup
+	@.venv/bin/python -m bench.transport --markdown docs/bench-transport.md
