@@ -4,7 +4,7 @@
 TASK ?= lift
 SHELL := /bin/bash
 
-.PHONY: setup demo stop status test lint bench-transport
+.PHONY: setup demo robot robot-sim server stop status test lint bench-transport
 
 setup:
 	@bash .ci/setup
@@ -12,11 +12,21 @@ setup:
 demo: setup
 	@bash .ci/demo $(TASK)
 
+robot: setup
+	@bash .ci/supervise robot $(TASK)
+
+robot-sim: setup
+	@bash .ci/supervise robot-sim $(TASK)
+
+server: setup
+	@bash .ci/supervise server $(TASK)
+
 stop:
-	@.venv/bin/supervisorctl -c supervisord.conf shutdown || true
+	@if [ -f run/armpipe.env ]; then source run/armpipe.env && .venv/bin/supervisorctl -c supervisord.conf shutdown; \
+	else echo "nothing running (no run/armpipe.env)"; fi
 
 status:
-	@.venv/bin/python -m nodes.status --config configs/$(TASK).yaml
+	@.venv/bin/python -m common.status --config configs/$(TASK).yaml
 
 test: setup
 	@.venv/bin/ruff check .
