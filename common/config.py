@@ -71,6 +71,10 @@ class ArmConfig:
     max_step: list[float] = field(default_factory=lambda: [3.0, 3.0, 3.0, 3.0, 5.0, 5.0])
     rest_pose: list[float] = field(default_factory=list)  # empty: stop only holds
     lock_file: str = ""  # empty: derived from the port (one OS lock per bus)
+    # LeRobot norm mode of the five body joints: degrees (LeRobot >= 0.3 default) or the -100..100 range of
+    # older calibrations/datasets. The gripper is always 0..100.
+    use_degrees: bool = True
+    retry_s: float = 2.0  # state-reader: a missing port / failing bus is reopened this often
 
     def joint_names(self) -> list[str]:
         return [f"{self.prefix}{joint}.pos" for joint in SO101_JOINTS]
@@ -92,6 +96,8 @@ class PolicyConfig:
     noise_scheduler: str = ""  # diffusion only: "" keeps the checkpoint's; DDIM or DDPM
     compile: bool = False
     cuda_graphs: bool = False
+    conv_as_matmul: bool = False  # diffusion: UNet Conv1d as matrix products (fast at batch 1; not bit-exact)
+    cpu_threads: int = 0  # torch intra-op threads on a cpu device; 0 keeps torch's default (one per core)
     warmup: int = 1  # inference passes before reporting ready
     max_sessions: int = 64
     seed: int = 0  # diffusion noise is seeded per session from this, so a replay is reproducible
@@ -126,6 +132,9 @@ class PlayerConfig:
     gt_endpoint: str = "tcp://127.0.0.1:5580"  # ground-truth actions and episode events (PUB)
     video_backend: str = "pyav"
     follow_episodes: bool = False  # start/stop episodes on the actuator's episode events
+    prefetch_frames: int = 30  # frames decoded ahead per camera (a decoder thread per camera)
+    tolerance_s: float = 1e-4  # a video frame must lie this close to its parquet timestamp (LeRobot's default)
+    lockstep_timeout_s: float = 5.0  # lockstep: re-send a frame not acknowledged by the actuator within this
 
 
 @dataclass
@@ -139,11 +148,22 @@ class MonitorConfig:
     host: str = "127.0.0.1"  # loopback only by default; 0.0.0.0 serves the panel to the network
     port: int = 9000
     supervisor_url: str = "http://127.0.0.1:9001/RPC2"
+    frame_hz: float = 10.0  # at most this many JPEG frames per camera pushed to the page (encoded here)
+    max_width: int = 640  # camera views wider than this are downscaled before JPEG encoding
+    jpeg_quality: int = 70
+    series_hz: float = 10.0  # joint/action/timing batches pushed to the page per second
+    history_s: float = 30.0  # plot history kept for a page that connects late
+    control_timeout_s: float = 1.0  # actuator control socket: per-attempt reply timeout
 
 
 @dataclass
 class RecorderConfig:
     output_dir: str = "recordings"
+    vcodec: str = "h264"  # LeRobot video codec of recorded cameras: h264 (fast to encode) | libsvtav1 | hevc
+    queue_ticks: int = 300  # ticks waiting for the writer at most (10 s at 30 fps); beyond, ticks are dropped
+    image_writer_threads: int = 2  # LeRobot's asynchronous PNG writer threads
+    frame_buffer: int = 60  # recent frames kept per camera to match each tick's inputs by sequence number
+    input_wait_s: float = 0.5  # how long a tick waits for the frames and states it names before using the newest
 
 
 @dataclass

@@ -1,0 +1,236 @@
+"""Build a real LeRobot checkpoint (untrained weights) for a deployment's task layout.
+
+The result is the ``pretrained_model/`` directory ``save_pretrained`` and ``lerobot-train`` write:
+``config.json`` + ``model.safetensors`` from the policy, and the pre-/post-processor pipelines
+(``policy_preprocessor.json``, ``policy_postprocessor.json`` and their ``*.safetensors`` state with the
+normalisation stats). Next to them ``armpipe.json`` labels the weights as untrained and records the
+task, joint names and fps, so the policy node can show "untrained" wherever the policy is named.
+
+Normalisation stats come from a local LeRobot v3 dataset's ``meta/stats.json`` when one is given;
+otherwise they are synthesised: state and action from the config's joint limits (min/max = limits,
+mean = mid-range, std = range / 4) and images from the ImageNet channel statistics.
+
+Sizes:
+- ``tiny``: small enough for CPU tests and the demo (DiffusionPolicy: images resized to 60x80 inside the
+  model, a 2-level 32/64 UNet, horizon 16, 8 actions per chunk, DDIM with 10 steps, n_obs_steps 2;
+  ACT: 64-wide transformer, chunk of 20).
+- ``default``: LeRobot's default configuration for the policy type (the benchmark configuration),
+  only without pretrained ImageNet backbone weights, which would need a download.
+
+CLI::
+
+    python -m common.checkpoint_maker --config configs/lift.yaml --policy-type diffusion --size tiny \\
+        --output checkpoints/lift-tiny [--dataset data/lift-demo] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import DeploymentConfig, load_config
+from common.contract import ACTION_KEY, STATE_KEY, image_key
+from common.policy_runtime import guard_lerobot_imports
+
+log = logging.getLogger(__name__)
+
+POLICY_TYPES = ("diffusion", "act")
+SIZES = ("tiny", "default")
+SIDECAR_NAME = "armpipe.json"
+
+# ImageNet channel statistics (RGB, pixel values in [0, 1]): a sensible prior for camera images when no
+# dataset stats exist, and what LeRobot's pretrained ResNet backbones expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def policy_features(config: DeploymentConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """LeRobot input/output features for the task layout: one VISUAL feature per camera (3, H, W)."""
+    guard_lerobot_imports()
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    inputs: dict[str, Any] = {
+        image_key(name): PolicyFeature(type=FeatureType.VISUAL, shape=(3, cam.height, cam.width))
+        for name, cam in config.cameras.items()
+    }
+    inputs[STATE_KEY] = PolicyFeature(type=FeatureType.STATE, shape=(len(config.state_names()),))
+    outputs = {ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(len(config.action_names()),))}
+    return inputs, outputs
+
+
+def synthesised_stats(config: DeploymentConfig) -> dict[str, dict[str, np.ndarray]]:
+    """Stats from joint limits (state, action) and ImageNet channel stats (images)."""
+    lower = np.asarray(config.lower_limits(), dtype=np.float32)
+    upper = np.asarray(config.upper_limits(), dtype=np.float32)
+    joint_stats = {
+        "min": lower,
+        "max": upper,
+        "mean": (lower + upper) / 2,
+        "std": (upper - lower) / 4,
+        "count": np.asarray([1], dtype=np.int64),
+    }
+    stats: dict[str, dict[str, np.ndarray]] = {
+        STATE_KEY: {k: v.copy() for k, v in joint_stats.items()},
+        ACTION_KEY: {k: v.copy() for k, v in joint_stats.items()},
+    }
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+    for name in config.cameras:
+        stats[image_key(name)] = {
+            "min": np.zeros((3, 1, 1), np.float32),
+            "max": np.ones((3, 1, 1), np.float32),
+            "mean": mean.copy(),
+            "std": std.copy(),
+            "count": np.asarray([1], dtype=np.int64),
+        }
+    return stats
+
+
+def dataset_stats(config: DeploymentConfig, dataset_root: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The stats of a local LeRobot v3 dataset, checked to cover every feature the policy uses."""
+    from lerobot.datasets.io_utils import load_stats
+
+    stats = load_stats(Path(dataset_root))
+    if stats is None:
+        raise FileNotFoundError(f"--dataset: no meta/stats.json under {dataset_root}")
+    needed = {STATE_KEY: len(config.state_names()), ACTION_KEY: len(config.action_names())}
+    for key, size in needed.items():
+        if key not in stats:
+            raise ValueError(f"--dataset: meta/stats.json has no `{key}` (has {sorted(stats)})")
+        got = np.asarray(stats[key]["mean"]).reshape(-1).shape[0]
+        if got != size:
+            raise ValueError(f"--dataset: `{key}` has {got} values in meta/stats.json, the config needs {size}")
+    for name in config.cameras:
+        if image_key(name) not in stats:
+            raise ValueError(f"--dataset: meta/stats.json has no `{image_key(name)}` for camera '{name}' "
+                             f"(has {sorted(stats)})")
+    # Keep only what the policy uses, and only the stat kinds LeRobot's normaliser understands.
+    keys = [*needed, *(image_key(name) for name in config.cameras)]
+    return {key: {kind: np.asarray(value) for kind, value in stats[key].items()} for key in keys}
+
+
+def make_policy_config(config: DeploymentConfig, policy_type: str, size: str) -> Any:
+    """The LeRobot policy config for this layout; never asks for downloadable backbone weights."""
+    inputs, outputs = policy_features(config)
+    common: dict[str, Any] = {
+        "input_features": inputs,
+        "output_features": outputs,
+        "device": "cpu",
+        "push_to_hub": False,
+        "pretrained_backbone_weights": None,
+    }
+    if policy_type == "diffusion":
+        from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+
+        if size == "tiny":
+            return DiffusionConfig(
+                **common,
+                n_obs_steps=2,
+                horizon=16,
+                n_action_steps=8,
+                # Resize inside the model: full 480x640 frames on the wire, a 60x80 ResNet input.
+                resize_shape=(60, 80),
+                crop_ratio=1.0,
+                spatial_softmax_num_keypoints=16,
+                down_dims=(32, 64),
+                kernel_size=3,
+                diffusion_step_embed_dim=32,
+                noise_scheduler_type="DDIM",
+                num_inference_steps=10,
+            )
+        return DiffusionConfig(**common)
+    if policy_type == "act":
+        from lerobot.policies.act.configuration_act import ACTConfig
+
+        if size == "tiny":
+            return ACTConfig(
+                **common,
+                chunk_size=20,
+                n_action_steps=20,
+                dim_model=64,
+                n_heads=2,
+                dim_feedforward=128,
+                n_encoder_layers=1,
+                n_decoder_layers=1,
+                n_vae_encoder_layers=1,
+                latent_dim=8,
+            )
+        return ACTConfig(**common)
+    raise ValueError(f"--policy-type: expected one of {list(POLICY_TYPES)}, got {policy_type!r}")
+
+
+def build_checkpoint(config: DeploymentConfig, output: Path, *, policy_type: str = "diffusion", size: str = "tiny",
+                     dataset_root: Path | None = None, seed: int = 0) -> Path:
+    """Write ``<output>/pretrained_model`` (a LeRobot checkpoint with untrained weights) and return it."""
+    guard_lerobot_imports()
+    import torch
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    if policy_type not in POLICY_TYPES:
+        raise ValueError(f"policy_type: expected one of {list(POLICY_TYPES)}, got {policy_type!r}")
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {list(SIZES)}, got {size!r}")
+    if not config.cameras:
+        raise ValueError("cameras: the checkpoint maker needs at least one camera in the config")
+    shapes = {tuple(shape) for shape in config.image_shapes().values()}
+    if len(shapes) > 1:
+        # LeRobot's DiffusionPolicy requires every camera to have the same shape.
+        raise ValueError(f"cameras: expected one image shape for all cameras, got {sorted(shapes)}")
+
+    torch.manual_seed(seed)
+    policy_config = make_policy_config(config, policy_type, size)
+    if dataset_root is not None:
+        stats = dataset_stats(config, Path(dataset_root))
+        stats_source = f"dataset {Path(dataset_root).resolve()}"
+    else:
+        stats = synthesised_stats(config)
+        stats_source = "synthesised from the config's joint limits (images: ImageNet channel stats)"
+    policy = get_policy_class(policy_type)(policy_config)
+    preprocessor, postprocessor = make_pre_post_processors(policy_config, dataset_stats=stats)
+
+    target = Path(output) / "pretrained_model"
+    target.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(target)
+    preprocessor.save_pretrained(target)
+    postprocessor.save_pretrained(target)
+    sidecar = {
+        "untrained": True,
+        "task": config.task,
+        "policy_type": policy_type,
+        "size": size,
+        "seed": seed,
+        "state_names": config.state_names(),
+        "action_names": config.action_names(),
+        "cameras": {name: shape for name, shape in config.image_shapes().items()},
+        "fps": config.fps,
+        "stats_source": stats_source,
+    }
+    (target / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2))
+    log.info("wrote %s %s checkpoint (untrained) for task %s to %s; stats %s", size, policy_type, config.task,
+             target, stats_source)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build a LeRobot checkpoint with untrained weights for a task layout.")
+    parser.add_argument("--config", required=True, help="deployment YAML, e.g. configs/lift.yaml")
+    parser.add_argument("--policy-type", default="diffusion", choices=POLICY_TYPES)
+    parser.add_argument("--size", default="tiny", choices=SIZES)
+    parser.add_argument("--output", required=True, help="folder; the checkpoint goes to <output>/pretrained_model")
+    parser.add_argument("--dataset", default=None, help="local LeRobot v3 dataset root whose meta/stats.json to use")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s checkpoint_maker: %(message)s")
+    config = load_config(args.config)
+    path = build_checkpoint(config, Path(args.output), policy_type=args.policy_type, size=args.size,
+                            dataset_root=Path(args.dataset) if args.dataset else None, seed=args.seed)
+    log.info("checkpoint: %s", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Read a local LeRobot v3 dataset for replay: layout check, episode selection, frames and rows.
+
+Metadata and the parquet rows come through LeRobot's own classes (``LeRobotDatasetMetadata``,
+``LeRobotDataset``); nothing is downloaded (every file is checked before LeRobot gets a chance to
+fall back to the Hub). Video is decoded per episode and camera:
+
+- ``video_backend: pyav`` (default): one PyAV stream decode per episode segment, frame by frame, the
+  way LeRobot's pyav backend decodes but without re-opening and re-seeking the file for every frame.
+  It costs ~1.5 ms of CPU per 480x640 AV1 frame, where LeRobot's per-timestamp
+  ``decode_video_frames`` costs ~12 ms (see ``bench/decode_rate.py``), which is the difference
+  between three cameras at 30 fps fitting on a 2-core machine or not.
+- any other backend (``torchcodec``): LeRobot's ``decode_video_frames`` on batches of timestamps.
+
+Either way each decoded frame is matched to its parquet timestamp within ``player.tolerance_s``, as
+LeRobot does, so a frame is never silently paired with the wrong row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import ConfigError, DeploymentConfig
+from common.contract import ACTION_KEY, STATE_KEY, image_key
+
+# Replay never downloads: if a local file is missing we say so instead of letting huggingface_hub try.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+log = logging.getLogger(__name__)
+
+DECODE_BATCH = 30  # frames per decode_video_frames call on the non-pyav path
+
+
+class DatasetError(ConfigError):
+    """A dataset that cannot be replayed with this config; ``differences`` lists every mismatch."""
+
+    def __init__(self, field: str, message: str, differences: list[str] | None = None) -> None:
+        self.differences = differences or []
+        super().__init__(field, message)
+
+
+@dataclass
+class EpisodeData:
+    """The parquet rows of one episode, as numpy arrays in config order."""
+
+    episode_index: int
+    frame_indices: np.ndarray  # (n,) int64, 0..n-1 in a well-formed dataset
+    timestamps: np.ndarray  # (n,) float64, seconds from the episode start
+    states: np.ndarray  # (n, state_dim) float32
+    actions: np.ndarray  # (n, action_dim) float32
+    task: str = ""
+
+    @property
+    def length(self) -> int:
+        return len(self.timestamps)
+
+
+def _feature_names(feature: dict[str, Any]) -> list[str] | None:
+    """LeRobot stores names as a list, or (older datasets) as ``{"motors": [...]}``."""
+    names = feature.get("names")
+    if isinstance(names, dict):
+        names = next((value for value in names.values() if isinstance(value, list)), None)
+    return [str(name) for name in names] if isinstance(names, list) else None
+
+
+def layout_differences(features: dict[str, dict], fps: int, config: DeploymentConfig) -> list[str]:
+    """Every way a dataset's features disagree with what the config's nodes publish; empty if none.
+
+    Cameras the config does not use are ignored (a dataset may carry more views than a deployment).
+    """
+    problems: list[str] = []
+    dataset_cameras = sorted(key.removeprefix("observation.images.") for key in features
+                             if key.startswith("observation.images."))
+    for camera, cam in config.cameras.items():
+        feature = features.get(image_key(camera))
+        if feature is None:
+            problems.append(f"camera '{camera}' is not in the dataset (dataset cameras: {dataset_cameras})")
+            continue
+        if feature.get("dtype") != "video":
+            problems.append(f"camera '{camera}' is stored as {feature.get('dtype')!r}; the player replays "
+                            "'video' features (mp4)")
+        shape = list(feature.get("shape", []))
+        if shape != [cam.height, cam.width, 3]:
+            problems.append(f"camera '{camera}': dataset frames are {shape} (H, W, C), config "
+                            f"cameras.{camera} is [{cam.height}, {cam.width}, 3]")
+    for key, wanted, label in ((STATE_KEY, config.state_names(), "state"),
+                               (ACTION_KEY, config.action_names(), "action")):
+        feature = features.get(key)
+        if feature is None:
+            problems.append(f"{label}: the dataset has no '{key}' feature")
+            continue
+        shape = list(feature.get("shape", []))
+        if shape != [len(wanted)]:
+            problems.append(f"{label}: dataset '{key}' has shape {shape}, config has {len(wanted)} joints "
+                            f"({wanted})")
+            continue
+        names = _feature_names(feature)
+        if names is not None and names != list(wanted):
+            problems.append(f"{label} names differ: dataset {names}, config {list(wanted)}")
+    if fps != config.fps:
+        problems.append(f"fps: dataset recorded at {fps}, config runs at {config.fps}")
+    return problems
+
+
+class DatasetSource:
+    """One opened dataset: its selected episodes' rows in memory and video decoders on demand."""
+
+    def __init__(self, config: DeploymentConfig, *, dataset: str | os.PathLike[str] | None = None,
+                 repo_id: str | None = None, episodes: list[int] | None = None,
+                 video_backend: str | None = None) -> None:
+        player = config.player
+        self.config = config
+        self.root = config.resolve(str(dataset if dataset is not None else player.dataset))
+        self.repo_id = repo_id or player.repo_id
+        self.video_backend = video_backend or player.video_backend
+        self.tolerance_s = player.tolerance_s
+        self.cameras = list(config.cameras)
+        self._check_files_present()
+
+        from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+
+        try:
+            self.meta = LeRobotDatasetMetadata(self.repo_id, root=self.root)
+        except Exception as exc:  # corrupt json/parquet: say which dataset and why
+            raise DatasetError("player.dataset", f"cannot read the LeRobot metadata of {self.root}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        version = str(self.meta.info.get("codebase_version", ""))
+        if not version.startswith("v3"):
+            raise DatasetError("player.dataset", f"{self.root} is a LeRobot {version or 'unknown-version'} "
+                               "dataset; the player reads v3.0 (convert it with LeRobot's "
+                               "convert_dataset_v21_to_v30)")
+        differences = layout_differences(self.meta.features, self.meta.fps, config)
+        if differences:
+            raise DatasetError("player.dataset", f"the dataset at {self.root} does not match the config: "
+                               + "; ".join(differences), differences)
+        self.fps = int(self.meta.fps)
+        self.episodes = self._select_episodes(episodes if episodes is not None else list(player.episodes))
+        self._check_videos_present()
+
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+        self.dataset = LeRobotDataset(self.repo_id, root=self.root, episodes=self.episodes,
+                                      video_backend=self.video_backend, tolerance_s=self.tolerance_s)
+        self._rows = self._load_rows()
+
+    # ------------------------------------------------------------------ checks
+    def _check_files_present(self) -> None:
+        if not self.root.is_dir():
+            raise DatasetError("player.dataset", f"no dataset directory at {self.root}; generate a demo with "
+                               f"`python -m common.demo_data --task {self.config.task} --output {self.root}` "
+                               "or point player.dataset at a local LeRobot v3 dataset")
+        for relative in ("meta/info.json", "meta/episodes", "data"):
+            if not (self.root / relative).exists():
+                raise DatasetError("player.dataset", f"{self.root} is not a LeRobot v3 dataset: "
+                                   f"{relative} is missing")
+
+    def _select_episodes(self, wanted: list[int]) -> list[int]:
+        total = int(self.meta.total_episodes)
+        if total == 0:
+            raise DatasetError("player.dataset", f"{self.root} has no episodes")
+        if not wanted:
+            return list(range(total))
+        bad = [index for index in wanted if not 0 <= int(index) < total]
+        if bad:
+            raise DatasetError("player.episodes", f"episodes {bad} do not exist; the dataset has episodes "
+                               f"0..{total - 1}")
+        return [int(index) for index in wanted]
+
+    def _check_videos_present(self) -> None:
+        for episode in self.episodes:
+            for camera in self.cameras:
+                path = self.video_path(episode, camera)
+                if not path.is_file():
+                    raise DatasetError("player.dataset", f"episode {episode}, camera '{camera}': video file "
+                                       f"{path} is missing")
+
+    # ------------------------------------------------------------------ rows
+    def _load_rows(self) -> dict[int, EpisodeData]:
+        table = self.dataset.hf_dataset.data  # the selected episodes' parquet rows (memory-mapped arrow)
+
+        def matrix(name: str) -> np.ndarray:
+            column = table.column(name).combine_chunks()
+            width = column.type.list_size
+            return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, width)
+
+        episode_column = np.asarray(table.column("episode_index").to_numpy())
+        frame_column = np.asarray(table.column("frame_index").to_numpy(), dtype=np.int64)
+        time_column = np.asarray(table.column("timestamp").to_numpy(), dtype=np.float64)
+        states, actions = matrix(STATE_KEY), matrix(ACTION_KEY)
+        rows: dict[int, EpisodeData] = {}
+        for episode in self.episodes:
+            selected = np.flatnonzero(episode_column == episode)
+            order = selected[np.argsort(frame_column[selected], kind="stable")]
+            if len(order) == 0:
+                raise DatasetError("player.dataset", f"episode {episode} has no rows in {self.root / 'data'}")
+            tasks = self.meta.episodes[episode].get("tasks") or [""]
+            rows[episode] = EpisodeData(episode_index=episode, frame_indices=frame_column[order],
+                                        timestamps=time_column[order], states=states[order],
+                                        actions=actions[order], task=str(tasks[0]))
+        return rows
+
+    def episode(self, episode: int) -> EpisodeData:
+        if episode not in self._rows:
+            raise DatasetError("player.episodes", f"episode {episode} is not selected (selected: {self.episodes})")
+        return self._rows[episode]
+
+    # ------------------------------------------------------------------ video
+    def video_path(self, episode: int, camera: str) -> Path:
+        return self.root / self.meta.get_video_file_path(episode, image_key(camera))
+
+    def _video_start(self, episode: int, camera: str) -> float:
+        return float(self.meta.episodes[episode][f"videos/{image_key(camera)}/from_timestamp"])
+
+    def camera_frames(self, episode: int, camera: str) -> Iterator[np.ndarray]:
+        """The episode's frames of one camera in row order, uint8 HxWx3 RGB."""
+        if self.video_backend == "pyav":
+            return self._pyav_frames(episode, camera)
+        return self._lerobot_frames(episode, camera)
+
+    def _pyav_frames(self, episode: int, camera: str) -> Iterator[np.ndarray]:
+        import av
+
+        rows = self.episode(episode)
+        path = self.video_path(episode, camera)
+        targets = self._video_start(episode, camera) + rows.timestamps
+        tolerance = self.tolerance_s
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            # Land on the keyframe at or before the first frame (1 tick of margin, as LeRobot does).
+            container.seek(max(0, round(targets[0] / stream.time_base) - 1), backward=True, any_frame=False,
+                           stream=stream)
+            wanted = 0
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                frame_time = float(frame.pts * stream.time_base)
+                if frame_time < targets[wanted] - tolerance:
+                    continue  # before this episode (keyframe run-up) or a duplicate
+                if frame_time > targets[wanted] + tolerance:
+                    raise DatasetError("player.dataset", f"{path}: no frame at {targets[wanted]:.4f}s for "
+                                       f"episode {episode} frame {wanted} (next frame is at {frame_time:.4f}s; "
+                                       f"tolerance {tolerance}s)")
+                yield frame.to_ndarray(format="rgb24")
+                wanted += 1
+                if wanted == len(targets):
+                    return
+        raise DatasetError("player.dataset", f"{path}: video ends after {wanted} of {len(targets)} frames of "
+                           f"episode {episode} (camera '{camera}')")
+
+    def _lerobot_frames(self, episode: int, camera: str) -> Iterator[np.ndarray]:
+        from lerobot.datasets.video_utils import decode_video_frames
+
+        rows = self.episode(episode)
+        path = self.video_path(episode, camera)
+        targets = (self._video_start(episode, camera) + rows.timestamps).tolist()
+        for start in range(0, len(targets), DECODE_BATCH):
+            try:
+                batch = decode_video_frames(path, targets[start:start + DECODE_BATCH], self.tolerance_s,
+                                            self.video_backend, return_uint8=True)
+            except Exception as exc:
+                raise DatasetError("player.video_backend", f"{path}: {self.video_backend} could not decode "
+                                   f"episode {episode} frames {start}..: {type(exc).__name__}: {exc}") from exc
+            # (N, C, H, W) -> N x (H, W, C)
+            yield from batch.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+_END = object()
+
+
+class EpisodeReader:
+    """Decodes one episode ahead of playback: a thread per camera feeding a bounded queue.
+
+    Video decoding releases the GIL, so the cameras decode in parallel with each other and with the
+    publishing loop. ``next()`` returns ``{camera: image}`` for the next row, or None at the end.
+    """
+
+    def __init__(self, source: DatasetSource, episode: int, prefetch: int = 30) -> None:
+        self.source = source
+        self.episode = episode
+        self._stop = threading.Event()
+        self._queues: dict[str, queue.Queue[Any]] = {camera: queue.Queue(maxsize=max(1, prefetch))
+                                                     for camera in source.cameras}
+        self._threads = [threading.Thread(target=self._decode, args=(camera,), daemon=True,
+                                          name=f"decode-{camera}") for camera in source.cameras]
+        for thread in self._threads:
+            thread.start()
+
+    def _put(self, camera: str, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queues[camera].put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _decode(self, camera: str) -> None:
+        try:
+            for image in self.source.camera_frames(self.episode, camera):
+                if not self._put(camera, image):
+                    return
+            self._put(camera, _END)
+        except Exception as exc:  # handed to the consumer, which logs it and skips the episode
+            self._put(camera, exc)
+
+    def next(self, timeout_s: float = 10.0) -> dict[str, np.ndarray] | None:
+        frames: dict[str, np.ndarray] = {}
+        for camera, items in self._queues.items():
+            try:
+                item = items.get(timeout=timeout_s)
+            except queue.Empty as exc:
+                raise DatasetError("player.dataset", f"camera '{camera}' decoder produced nothing in "
+                                   f"{timeout_s}s (episode {self.episode})") from exc
+            if isinstance(item, Exception):
+                raise item
+            if item is _END:
+                return None
+            frames[camera] = item
+        return frames
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=2.0)

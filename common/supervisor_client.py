@@ -1,0 +1,219 @@
+"""Status and restart of armpipe's processes through supervisord's XML-RPC interface.
+
+supervisord (``supervisord.conf``) runs every node; its ``[inet_http_server]`` (or ``[unix_http_server]``)
+exposes ``supervisor.getAllProcessInfo``, ``stopProcess`` and ``startProcess``. This module wraps exactly
+those three calls with a timeout, so a hung or absent supervisord never hangs the monitor, and merges in
+the nodes' own readiness files (``<run_dir>/ready/<program>.json``, see ``common.node.Readiness``).
+
+URLs: ``http://[user:password@]host:port/RPC2`` or ``unix:///path/to/supervisor.sock``.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import socket
+import time
+import xmlrpc.client
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+# supervisor.xmlrpc.Faults values (not imported so this module needs only the standard library).
+FAULT_BAD_NAME = 10
+FAULT_ALREADY_STARTED = 60
+FAULT_NOT_RUNNING = 70
+
+
+class SupervisorUnavailable(ConnectionError):
+    """supervisord did not answer at the configured URL."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        super().__init__(f"supervisord at {url} is not reachable: {reason}")
+
+
+class UnknownProcess(KeyError):
+    """A program name supervisord does not know."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        return f"unknown node {self.name!r}; supervisord runs {self.known}"
+
+
+class SupervisorError(RuntimeError):
+    """supervisord refused a call (spawn error, abnormal termination, ...)."""
+
+
+@dataclass
+class ProcessStatus:
+    name: str  # the program name, e.g. "camera-front" (also the readiness file's name)
+    group: str
+    state: str  # supervisord's statename: RUNNING, STARTING, STOPPED, BACKOFF, FATAL, EXITED, ...
+    pid: int  # 0 when not running
+    uptime_s: float
+    description: str  # supervisord's one-line description ("pid 123, uptime 0:00:05" or the error)
+    ready: bool | None = None  # readiness file present with a live pid; None: no readiness information
+
+    @property
+    def full_name(self) -> str:
+        """The name the XML-RPC calls take: ``group:name``."""
+        return f"{self.group}:{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _TimeoutTransport(xmlrpc.client.Transport):
+    """HTTP or UNIX-socket transport with a timeout and optional basic auth; one connection per call."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        super().__init__()
+        self.url = url
+        self.timeout_s = timeout_s
+        parsed = urlparse(url)
+        self.scheme = parsed.scheme
+        self.socket_path = parsed.path if parsed.scheme == "unix" else ""
+        self.auth_header = ""
+        if parsed.username is not None:
+            token = f"{unquote(parsed.username)}:{unquote(parsed.password or '')}".encode()
+            self.auth_header = "Basic " + base64.b64encode(token).decode("ascii")
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        if self.scheme == "unix":
+            return _UnixHTTPConnection(self.socket_path, self.timeout_s)
+        parsed = urlparse(self.url)
+        return http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port or 80, timeout=self.timeout_s)
+
+    def send_headers(self, connection: http.client.HTTPConnection, headers: list[tuple[str, str]]) -> None:
+        if self.auth_header:
+            headers = [*headers, ("Authorization", self.auth_header)]
+        super().send_headers(connection, headers)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout_s: float) -> None:
+        super().__init__("localhost", timeout=timeout_s)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+class SupervisorClient:
+    """Thread-safe (a fresh connection per call) client for the calls the monitor needs."""
+
+    def __init__(self, url: str, *, timeout_s: float = 3.0, ready_dir: Path | None = None) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "unix"):
+            raise ValueError(f"supervisor url {url!r}: expected http://host:port/RPC2 or unix:///path.sock")
+        self.url = url
+        self.timeout_s = timeout_s
+        self.ready_dir = ready_dir
+
+    def _proxy(self, timeout_s: float | None = None) -> xmlrpc.client.ServerProxy:
+        # ServerProxy needs an http URL even for the UNIX transport; the host part is ignored there.
+        parsed = urlparse(self.url)
+        proxy_url = self.url if parsed.scheme == "http" else "http://localhost/RPC2"
+        if parsed.username is not None:  # the transport sends auth itself; keep it out of the URL
+            proxy_url = f"http://{parsed.hostname}:{parsed.port or 80}{parsed.path or '/RPC2'}"
+        transport = _TimeoutTransport(self.url, self.timeout_s if timeout_s is None else timeout_s)
+        return xmlrpc.client.ServerProxy(proxy_url, transport=transport, allow_none=True)
+
+    def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return getattr(self._proxy(timeout_s).supervisor, method)(*args)
+        except xmlrpc.client.Fault:
+            raise
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+            raise SupervisorUnavailable(self.url, f"{type(exc).__name__}: {exc}") from exc
+
+    def processes(self) -> list[ProcessStatus]:
+        """Every program supervisord runs, with readiness merged in where ``ready_dir`` is set."""
+        infos = self._call("getAllProcessInfo")
+        statuses = [
+            ProcessStatus(
+                name=info["name"],
+                group=info["group"],
+                state=info["statename"],
+                pid=int(info.get("pid") or 0),
+                uptime_s=float(info["now"] - info["start"]) if info.get("pid") else 0.0,
+                description=str(info.get("description", "")),
+            )
+            for info in infos
+        ]
+        if self.ready_dir is not None:
+            ready = read_readiness(self.ready_dir)
+            for status in statuses:
+                entry = ready.get(status.name)
+                # A readiness file counts only for the process supervisord is running now: a node killed
+                # with SIGKILL cannot remove its file, and a restarted one has a new pid.
+                status.ready = bool(entry and entry.get("alive") and entry.get("pid") == status.pid)
+        return statuses
+
+    def _resolve(self, name: str) -> ProcessStatus:
+        statuses = self.processes()
+        for status in statuses:
+            if name in (status.name, status.full_name):
+                return status
+        raise UnknownProcess(name, sorted(status.name for status in statuses))
+
+    def restart(self, name: str, *, wait_s: float = 30.0) -> ProcessStatus:
+        """Stop (if running) and start one program; returns its status afterwards.
+
+        ``name`` is the program name (``camera-front``) or ``group:name``. Raises ``UnknownProcess`` for a
+        name supervisord does not run and ``SupervisorError`` when it cannot start it again.
+        """
+        status = self._resolve(name)
+        try:
+            self._call("stopProcess", status.full_name, True, timeout_s=wait_s)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != FAULT_NOT_RUNNING:
+                raise SupervisorError(f"stopping {status.name}: {fault.faultString}") from fault
+        try:
+            self._call("startProcess", status.full_name, True, timeout_s=wait_s)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode == FAULT_BAD_NAME:
+                raise UnknownProcess(name, []) from fault
+            if fault.faultCode != FAULT_ALREADY_STARTED:
+                raise SupervisorError(f"starting {status.name}: {fault.faultString}") from fault
+        return self._resolve(status.full_name)
+
+
+def read_readiness(ready_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{program: {pid, since, ..., alive}}`` from ``<run_dir>/ready/*.json``; unreadable files are skipped."""
+    entries: dict[str, dict[str, Any]] = {}
+    if not ready_dir.is_dir():
+        return entries
+    for path in sorted(ready_dir.glob("*.json")):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now (Readiness writes a .tmp and renames) or corrupt
+        if not isinstance(entry, dict):
+            continue
+        pid = entry.get("pid")
+        entry["alive"] = isinstance(pid, int) and _pid_alive(pid)
+        entry["age_s"] = max(0.0, time.time() - float(entry.get("since", time.time())))
+        entries[path.stem] = entry
+    return entries
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

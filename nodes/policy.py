@@ -1,0 +1,158 @@
+"""Policy node: serves action chunks from a LeRobot checkpoint over ZeroMQ (ROUTER, one request at a time).
+
+    python -m nodes.policy --config configs/lift.yaml [--policy.device=cuda --policy.cuda_graphs=true ...]
+
+Ops (meta ``op``; sessions keyed by meta ``client``): ``metadata`` (the contract), ``infer`` (one chunk),
+``reset`` (clears this client's history), ``ping``. Every failure is an ``error`` reply naming the
+field; the node keeps serving. A checkpoint that does not fit the config is refused at start (exit 2).
+All the model work lives in ``common.policy_runtime``; this file is the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import msgpack
+
+from common.config import parse_node_args
+from common.node import Readiness, setup_logging
+from common.policy_runtime import MAX_CLIENT_ID_LEN, CheckpointError, PolicyRuntime
+from common.protocol import (
+    KIND_REPLY,
+    KIND_REQUEST,
+    MAX_HEADER_BYTES,
+    POLICY_OPS,
+    Message,
+    ProtocolError,
+    decode,
+    error_message,
+)
+from common.transport import RouterServer, SocketFactory, stop_event_on_signals
+
+PROGRAM = "policy"
+EXIT_REFUSED = 2  # checkpoint missing or not matching the config: restarting will not help
+
+log = logging.getLogger(PROGRAM)
+
+
+def request_seq(frames: list[Any]) -> int:
+    """The sequence number of a request that failed to decode, so the error reply still reaches the
+    client (REQ clients discard replies whose seq differs). Plain msgpack, no numpy hook: nothing is
+    ever unpickled here."""
+    try:
+        header_bytes = bytes(getattr(frames[0], "buffer", frames[0]))
+        if len(header_bytes) > MAX_HEADER_BYTES:
+            return 0
+        header = msgpack.unpackb(header_bytes, raw=False, strict_map_key=False)
+        seq = header.get("seq", 0) if isinstance(header, dict) else 0
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
+    except Exception:  # any garbage: the reply goes out with seq 0
+        return 0
+
+
+class PolicyServer:
+    def __init__(self, runtime: PolicyRuntime, server: RouterServer) -> None:
+        self.runtime = runtime
+        self.server = server
+        self.served = 0
+        self.errors = 0
+
+    def handle(self, frames: list[Any]) -> Message:
+        try:
+            request = decode(frames)
+        except ProtocolError as exc:
+            self.errors += 1
+            log.warning("undecodable request: %s", exc)
+            return error_message(exc, src=PROGRAM, seq=request_seq(frames))
+        op = str(request.meta.get("op", ""))
+        try:
+            return self.dispatch(request, op)
+        except ProtocolError as exc:
+            self.errors += 1
+            log.warning("client %s op %s refused: %s", request.meta.get("client"), op, exc)
+            return error_message(exc, src=PROGRAM, seq=request.seq, op=op, obs_t=_obs_t(request))
+        except Exception as exc:  # a bug or a device error must not take the node down
+            self.errors += 1
+            log.exception("client %s op %s failed", request.meta.get("client"), op)
+            failure = ProtocolError("inference", "a request the policy can run", f"{type(exc).__name__}: {exc}")
+            return error_message(failure, src=PROGRAM, seq=request.seq, op=op, obs_t=_obs_t(request))
+
+    def dispatch(self, request: Message, op: str) -> Message:
+        if request.kind != KIND_REQUEST:
+            raise ProtocolError("kind", f"'{KIND_REQUEST}'", request.kind)
+        if op not in POLICY_OPS:
+            raise ProtocolError("meta.op", f"one of {list(POLICY_OPS)}", op)
+        client = request.meta["client"]
+        if not client or len(client) > MAX_CLIENT_ID_LEN:
+            raise ProtocolError("meta.client", f"a session id of 1..{MAX_CLIENT_ID_LEN} characters", client)
+        reply = Message(kind=KIND_REPLY, src=PROGRAM, seq=request.seq, meta={"op": op, "client": client})
+        if op == "metadata":
+            reply.meta["contract"] = self.runtime.contract.to_meta()
+        elif op == "ping":
+            reply.meta["server_time"] = time.monotonic()
+        elif op == "reset":
+            self.runtime.reset(client)
+        else:
+            result = self.runtime.infer(client, request)
+            reply.meta["obs_t"] = request.meta["obs_t"]
+            reply.meta["timings"] = result.timings
+            reply.arrays["action"] = result.actions
+            self.served += 1
+        return reply
+
+
+def _obs_t(request: Message) -> float | None:
+    value = request.meta.get("obs_t")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_node_args("armpipe policy node: serves LeRobot action chunks over ZeroMQ", argv)
+    config = args.config
+    setup_logging(PROGRAM)
+    readiness = Readiness(config, PROGRAM)
+    stop = stop_event_on_signals()
+    try:
+        runtime = PolicyRuntime(config)
+    except CheckpointError as exc:
+        log.error("checkpoint refused: %s", exc)
+        sys.exit(EXIT_REFUSED)
+    contract = runtime.contract
+    log.info("serving %s%s checkpoint %s (id %s) on %s: cameras %s, %d state -> %d x %d actions, %s",
+             contract.policy_type, " UNTRAINED" if contract.untrained else "", contract.checkpoint_path,
+             contract.checkpoint_id, contract.device, contract.cameras, len(contract.state_names),
+             contract.chunk_length, len(contract.action_names), contract.extra)
+    if contract.untrained:
+        log.warning("the checkpoint's weights are UNTRAINED (armpipe.json): its actions are meaningless")
+    durations = runtime.warmup(config.policy.warmup)
+    if durations:
+        log.info("warm-up: %d passes, last %.1f ms", len(durations), durations[-1] * 1000)
+
+    factory = SocketFactory()
+    server = RouterServer(factory, config.policy.bind)
+    policy_server = PolicyServer(runtime, server)
+    readiness.ready(endpoint=config.policy.bind, checkpoint_id=contract.checkpoint_id, policy_type=contract.policy_type,
+                    untrained=contract.untrained, device=contract.device)
+    try:
+        while not stop.is_set():
+            received = server.receive(timeout_s=0.2)
+            if received is None:
+                continue
+            envelope, frames = received
+            reply = policy_server.handle(frames)
+            try:
+                server.reply(envelope, reply)
+            except ProtocolError as exc:  # a reply we could not encode: say so instead of going silent
+                log.error("could not encode reply: %s", exc)
+                server.reply(envelope, error_message(exc, src=PROGRAM, seq=reply.seq))
+    finally:
+        readiness.clear()
+        server.close()
+        log.info("stopped after %d chunks (%d errors)", policy_server.served, policy_server.errors)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The checkpoint maker writes real LeRobot checkpoints that LeRobot itself loads and runs offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PYTHON, REPO_ROOT
+
+from common.checkpoint_maker import SIDECAR_NAME, build_checkpoint, synthesised_stats
+from common.config import load_config
+
+
+def _load_lerobot(path: Path):
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    policy_config = PreTrainedConfig.from_pretrained(path, local_files_only=True)
+    policy = get_policy_class(policy_config.type).from_pretrained(path, config=policy_config, local_files_only=True)
+    pre, post = make_pre_post_processors(policy_config, pretrained_path=str(path))
+    return policy_config, policy.eval(), pre, post
+
+
+def _observation(config, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    obs = {f"observation.images.{name}": torch.from_numpy(
+        rng.random((3, cam.height, cam.width), dtype=np.float32)) for name, cam in config.cameras.items()}
+    lower, upper = np.array(config.lower_limits()), np.array(config.upper_limits())
+    obs["observation.state"] = torch.from_numpy(rng.uniform(lower, upper).astype(np.float32))
+    return obs
+
+
+def test_tiny_diffusion_checkpoint_loads_and_predicts_in_robot_units(tiny_checkpoint) -> None:
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
+    path = tiny_checkpoint("lift", "diffusion")
+    assert path.name == "pretrained_model"
+    for name in ("config.json", "model.safetensors", "policy_preprocessor.json", "policy_postprocessor.json"):
+        assert (path / name).is_file(), name
+    sidecar = json.loads((path / SIDECAR_NAME).read_text())
+    assert sidecar["untrained"] is True
+    assert sidecar["task"] == "lift"
+    assert sidecar["state_names"] == config.state_names()
+    assert sidecar["action_names"] == config.action_names()
+    assert sidecar["fps"] == config.fps
+
+    policy_config, policy, pre, post = _load_lerobot(path)
+    assert policy_config.type == "diffusion"
+    assert set(policy_config.image_features) == {"observation.images.front", "observation.images.wrist"}
+    assert policy_config.image_features["observation.images.front"].shape == (3, 480, 640)
+    assert policy_config.robot_state_feature.shape == (6,)
+    assert policy_config.action_feature.shape == (6,)
+
+    rng = np.random.default_rng(0)
+    # DiffusionPolicy needs n_obs_steps frames: select_action fills its queue by repeating the first one.
+    batch = pre(_observation(config, rng))
+    action = post(policy.select_action(batch))
+    assert action.shape == (1, 6)
+    chunk_len = policy_config.n_action_steps
+    assert len(policy._queues["action"]) == chunk_len - 1
+    values = action.numpy()[0]
+    assert np.all(np.isfinite(values))
+    # clip_sample keeps normalised actions in [-1, 1]; MIN_MAX unnormalisation maps that onto the limits.
+    assert np.all(values >= np.array(config.lower_limits()) - 1e-3)
+    assert np.all(values <= np.array(config.upper_limits()) + 1e-3)
+
+
+def test_act_checkpoint_for_two_arms_has_twelve_joints_and_three_cameras(tmp_path: Path) -> None:
+    config = load_config(REPO_ROOT / "configs" / "sort.yaml")
+    path = build_checkpoint(config, tmp_path / "sort-act", policy_type="act", size="tiny")
+    policy_config, policy, pre, post = _load_lerobot(path)
+    assert policy_config.type == "act"
+    assert set(policy_config.image_features) == {f"observation.images.{c}" for c in ("front", "left_wrist",
+                                                                                     "right_wrist")}
+    assert policy_config.action_feature.shape == (12,)
+    batch = pre(_observation(config, np.random.default_rng(1)))
+    chunk = post(policy.predict_action_chunk(batch))
+    assert chunk.shape == (1, policy_config.chunk_size, 12)
+    assert torch.isfinite(chunk).all()
+    assert json.loads((path / SIDECAR_NAME).read_text())["untrained"] is True
+
+
+def test_synthesised_stats_come_from_joint_limits() -> None:
+    config = load_config(REPO_ROOT / "configs" / "sort.yaml")
+    stats = synthesised_stats(config)
+    np.testing.assert_allclose(stats["observation.state"]["min"], config.lower_limits())
+    np.testing.assert_allclose(stats["action"]["max"], config.upper_limits())
+    assert stats["observation.images.left_wrist"]["mean"].shape == (3, 1, 1)
+
+
+def test_cli_uses_dataset_stats_when_given(tmp_path: Path) -> None:
+    from lerobot.datasets.io_utils import write_stats
+
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
+    stats = synthesised_stats(config)
+    # Distinctive values, so the test sees they came from the dataset and not from the limits.
+    stats["action"]["min"] = np.full(6, -7.0, np.float32)
+    stats["action"]["max"] = np.full(6, 9.0, np.float32)
+    dataset = tmp_path / "dataset"
+    write_stats(stats, dataset)
+    output = tmp_path / "ckpt"
+    result = subprocess.run(
+        [PYTHON, "-m", "common.checkpoint_maker", "--config", str(REPO_ROOT / "configs" / "lift.yaml"),
+         "--policy-type", "diffusion", "--size", "tiny", "--output", str(output), "--dataset", str(dataset)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    state = load_file(output / "pretrained_model" / "policy_postprocessor_step_0_unnormalizer_processor.safetensors")
+    np.testing.assert_allclose(state["action.min"].numpy(), -7.0)
+    np.testing.assert_allclose(state["action.max"].numpy(), 9.0)
+    assert "dataset" in json.loads((output / "pretrained_model" / SIDECAR_NAME).read_text())["stats_source"]
+
+
+def test_dataset_without_a_camera_is_refused_naming_it(tmp_path: Path) -> None:
+    from lerobot.datasets.io_utils import write_stats
+
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
+    stats = synthesised_stats(config)
+    del stats["observation.images.wrist"]
+    write_stats(stats, tmp_path / "dataset")
+    with pytest.raises(ValueError, match=r"observation\.images\.wrist"):
+        build_checkpoint(config, tmp_path / "ckpt", dataset_root=tmp_path / "dataset")

@@ -1,0 +1,157 @@
+"""Offline evaluation: the error arithmetic, the deterministic predict path against a real policy node,
+and the lockstep pipeline (player + actuator + policy, all real processes) scored twice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PYTHON, REPO_ROOT, NodeProcess, write_config
+
+from common.config import load_config
+from common.demo_data import DemoSpec, generate_demo_dataset
+from common.offline_eval import (
+    ErrorAccumulator,
+    EvalReport,
+    ExecutedRecorder,
+    evaluate_executed,
+    evaluate_predictions,
+    save_report,
+    score_chunk,
+    summarise,
+)
+
+FRAMES = 10  # per episode: more than one 8-row chunk, few enough for a diffusion policy on a busy 2-core CPU
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+
+def test_chunk_rows_are_scored_against_the_frames_they_are_meant_for() -> None:
+    truth = np.arange(10 * 2, dtype=np.float32).reshape(10, 2)  # frame i's action: [2i, 2i+1]
+    exact = ErrorAccumulator(2, 4)
+    score_chunk(exact, truth[3:7].copy(), truth, frame=3)  # a perfect chunk from frame 3
+    assert exact.count == 4 and exact.result(0, 10).mae == [0.0, 0.0]
+
+    shifted = ErrorAccumulator(2, 4)
+    score_chunk(shifted, truth[3:7].copy(), truth, frame=3, row_offset=1)  # the reference's frame i+1
+    result = shifted.result(0, 10)
+    assert result.mae == [2.0, 2.0] and result.rmse == [2.0, 2.0] and result.horizon_mae == [2.0] * 4
+
+    tail = ErrorAccumulator(2, 4)
+    score_chunk(tail, np.zeros((4, 2), np.float32), truth, frame=8)  # rows 2 and 3 point past the end
+    assert tail.count == 2 and tail.row_count.tolist() == [1, 1, 0, 0]
+    assert tail.result(0, 10).mae == [17.0, 18.0]  # mean of |0 - 16|, |0 - 18| and |0 - 17|, |0 - 19|
+
+
+def test_per_joint_numbers_and_overall_weighting() -> None:
+    first = ErrorAccumulator(2)
+    first.add(np.array([[1.0, 0.0], [3.0, 0.0]]), np.zeros((2, 2)))
+    second = ErrorAccumulator(2)
+    second.add(np.array([[0.0, 4.0]]), np.zeros((1, 2)))
+    episodes = [first.result(0, 2), second.result(1, 1)]
+    assert episodes[0].mae == [2.0, 0.0] and episodes[0].max_abs == [3.0, 0.0]
+    assert episodes[0].rmse == pytest.approx([np.sqrt(5.0), 0.0])
+    report = summarise("predict", ["a.pos", "b.pos"], episodes, row_offset=0, dataset="d", policy={})
+    assert report.overall_mae == pytest.approx([4.0 / 3.0, 4.0 / 3.0])  # weighted by compared pairs
+    assert report.overall_mean_mae == pytest.approx(4.0 / 3.0)
+
+
+def test_report_files(tmp_path: Path) -> None:
+    accumulator = ErrorAccumulator(6, 3)
+    truth = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
+    score_chunk(accumulator, truth[:3] + 1.0, truth, frame=0)
+    report = summarise("predict", [f"j{i}.pos" for i in range(6)], [accumulator.result(0, 5)], row_offset=0,
+                       dataset="d", policy={"policy_type": "diffusion"})
+    from common.offline_eval import EpisodeTrace
+
+    paths = save_report(report, [EpisodeTrace(0, truth, truth + 1.0)], tmp_path)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["episodes"][0]["mae"] == pytest.approx([1.0] * 6) and saved["names"][0] == "j0.pos"
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
+    assert set(np.load(paths["traces"])) == {"episode_0_run_0_truth", "episode_0_run_0_predicted"}
+
+
+# ---------------------------------------------------------------------------------------------- real nodes
+
+
+@pytest.fixture(scope="module")
+def lift_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Full-size (480x640, what the tiny checkpoint's contract says) but short lift demo episodes."""
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
+    return generate_demo_dataset(config, tmp_path_factory.mktemp("eval-data") / "lift-demo",
+                                 DemoSpec(episodes=2, frames=FRAMES, codec="h264"))
+
+
+@pytest.fixture(scope="module")
+def policy_node(tiny_checkpoint, lift_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Path]:
+    config_path = write_config(tmp_path_factory.mktemp("eval-policy"), "lift", {
+        # Two denoising steps: the numbers only need to be reproducible, not good, and CPU time is scarce.
+        "policy": {"checkpoint": str(tiny_checkpoint("lift", "diffusion")), "timeout_s": 60.0,
+                   "num_inference_steps": 2},
+        "player": {"dataset": str(lift_dataset), "episodes": [0]},
+        # No rest move after stop: in lockstep the actuator only ticks when the player publishes.
+        "arms": {"main": {"rest_pose": []}},
+    })
+    node = NodeProcess("policy", config_path).start()
+    try:
+        node.wait_ready(300)
+        yield config_path
+    finally:
+        node.stop()
+
+
+def test_predict_path_gives_the_same_numbers_in_process_and_from_the_cli(policy_node: Path, tmp_path: Path) -> None:
+    config = load_config(policy_node)
+    report, traces = evaluate_predictions(config, episodes=[1])
+    assert [e.episode_index for e in report.episodes] == [1]
+    for episode in report.episodes:
+        assert episode.frames == FRAMES and len(episode.mae) == 6
+        # Every frame's chunk has 8 rows; rows past the episode end are not scored.
+        assert episode.compared == sum(min(8, FRAMES - i) for i in range(FRAMES))
+        assert len(episode.horizon_mae) == 8 and all(np.isfinite(episode.mae))
+    assert traces[0].truth.shape == (FRAMES, 6) and not np.isnan(traces[0].predicted).any()
+
+    # A second run (another process, the CLI) resets and reseeds the session: identical numbers.
+    output = tmp_path / "eval"
+    result = subprocess.run([PYTHON, "-m", "common.offline_eval", "predict", "--config", str(policy_node),
+                             "--output", str(output), "--episodes", "1"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((output / "offline_eval.json").read_text())
+    assert [e["mae"] for e in saved["episodes"]] == [e.mae for e in report.episodes]
+    assert (output / "offline_eval.png").stat().st_size > 10_000
+
+
+def test_lockstep_pipeline_scores_the_same_error_twice(policy_node: Path, tmp_path: Path,
+                                                       node_processes: list[NodeProcess]) -> None:
+    # Player and actuator on the policy node's config (same endpoints and run dir), both in lockstep;
+    # the actuator only logs its commands (dry run), the player follows the actuator's episodes.
+    common = ["--actuator.lockstep=true", "--actuator.dry_run=true", "--player.mode=lockstep",
+              "--player.follow_episodes=true", "--player.loop=true", "--player.episodes=[0]"]
+    config = load_config(policy_node, common)
+    recorder = ExecutedRecorder(config)  # connected before anything plays
+    actuator = NodeProcess("actuator", policy_node, args=common).start()
+    node_processes.append(actuator)
+    player = NodeProcess("dataset_player", policy_node, args=common).start()
+    node_processes.append(player)
+    try:
+        actuator.wait_ready(180)
+        player.wait_ready(180)
+        report, traces = evaluate_executed(config, count=2, drive=True, timeout_s=240, recorder=recorder)
+    finally:
+        recorder.close()
+    assert isinstance(report, EvalReport) and report.mode == "executed"
+    first, second = report.episodes
+    assert (first.episode_index, first.run, second.episode_index, second.run) == (0, 0, 0, 1)
+    assert first.compared == second.compared == FRAMES, "every frame was executed once"
+    assert first.holds == 0 and np.all(np.isfinite(first.mae))
+    assert first.mae == second.mae and first.rmse == second.rmse
+    np.testing.assert_array_equal(traces[0].predicted, traces[1].predicted)
+    # The executed targets are the policy's, not the recorded actions replayed.
+    assert first.mean_mae > 0
