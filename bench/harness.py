@@ -1,0 +1,205 @@
+"""Run armpipe under the real ``supervisord.conf`` from a test or a benchmark, and watch what it does.
+
+``Supervised`` starts ``supervisord -c supervisord.conf`` with the ARMPIPE_* variables for one role,
+task and deployment config (its own run directory and XML-RPC port, so it never collides with a demo
+running on the same machine), and offers the operator's verbs: status, restart, kill -9, stop, start.
+``ActuatorWatch`` subscribes to the actuator's event stream in a thread and keeps every executed tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from common.config import REPO_ROOT, DeploymentConfig, load_config
+from common.protocol import KIND_ACTION, KIND_EVENT, Message
+from common.supervisor_client import ProcessStatus, SupervisorClient, SupervisorUnavailable
+from common.transport import LatestSubscriber, SocketFactory
+
+log = logging.getLogger(__name__)
+BIN = Path(sys.executable).parent
+
+
+class Supervised:
+    """One supervisord instance running a role's programs for one deployment config."""
+
+    def __init__(self, role: str, task: str, config_path: Path, run_dir: Path, supervisor_port: int) -> None:
+        self.role = role
+        self.task = task
+        self.config_path = Path(config_path)
+        self.run_dir = Path(run_dir)
+        self.port = supervisor_port
+        self.env = {
+            **os.environ,
+            "ARMPIPE_ROLE": role,
+            "ARMPIPE_TASK": task,
+            "ARMPIPE_CONFIG": str(self.config_path.resolve()),
+            "ARMPIPE_RUN": str(self.run_dir.resolve()),
+            "ARMPIPE_SUPERVISOR_PORT": str(supervisor_port),
+            "ARMPIPE_PYTHON": sys.executable,
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+        }
+        self.config: DeploymentConfig = load_config(self.config_path)
+        self.client = SupervisorClient(f"http://127.0.0.1:{supervisor_port}/RPC2", timeout_s=5.0,
+                                       ready_dir=self.config.resolve(self.config.run_dir) / "ready")
+        self.started_at = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Supervised:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
+        subprocess.run([str(BIN / "supervisord"), "-c", str(REPO_ROOT / "supervisord.conf")], env=self.env,
+                       cwd=REPO_ROOT, check=True, timeout=30)
+        return self
+
+    def ctl(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run ``supervisorctl -c supervisord.conf <args>`` as an operator would."""
+        return subprocess.run([str(BIN / "supervisorctl"), "-c", str(REPO_ROOT / "supervisord.conf"), *args],
+                              env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                              check=check)
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        pid_file = self.run_dir / "supervisord.pid"
+        pid = int(pid_file.read_text()) if pid_file.exists() else 0
+        self.ctl("shutdown")
+        deadline = time.monotonic() + timeout_s
+        while pid and time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        if pid:
+            log.warning("supervisord %d did not shut down in %.0fs; killing it", pid, timeout_s)
+            os.kill(pid, signal.SIGKILL)
+
+    # ------------------------------------------------------------------ observation
+    def processes(self) -> list[ProcessStatus]:
+        try:
+            return self.client.processes()
+        except SupervisorUnavailable:
+            return []
+
+    def process(self, name: str) -> ProcessStatus:
+        for proc in self.processes():
+            if proc.name == name:
+                return proc
+        raise KeyError(name)
+
+    def all_ready(self) -> bool:
+        procs = self.processes()
+        return bool(procs) and all(p.state == "RUNNING" and p.ready for p in procs)
+
+    def wait_all_ready(self, timeout_s: float = 180.0) -> float:
+        """Seconds until every program is RUNNING and ready; raises with the logs' tails otherwise."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.all_ready():
+                return time.monotonic() - start
+            time.sleep(0.25)
+        raise AssertionError(f"not all ready after {timeout_s}s: {[(p.name, p.state, p.ready) for p in self.processes()]}"
+                             f"\n{self.log_tails()}")
+
+    def wait_ready(self, name: str, *, other_pid: int = 0, timeout_s: float = 120.0) -> ProcessStatus:
+        """Wait until ``name`` is RUNNING and ready (and, with ``other_pid``, running as a new process)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                proc = self.process(name)
+            except KeyError:
+                proc = None
+            if proc and proc.state == "RUNNING" and proc.ready and proc.pid and proc.pid != other_pid:
+                return proc
+            time.sleep(0.1)
+        raise AssertionError(f"{name} not back and ready after {timeout_s}s\n{self.log_tails([name])}")
+
+    def log_tails(self, names: list[str] | None = None, lines: int = 25) -> str:
+        out = []
+        for path in sorted((self.run_dir / "logs").glob("*.log")):
+            if names and path.stem not in names:
+                continue
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"== {path.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def kill9(self, name: str) -> int:
+        pid = self.process(name).pid
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def full_name(self, name: str) -> str:
+        return self.process(name).full_name
+
+
+@dataclass
+class Tick:
+    received: float  # monotonic, when the watcher got it
+    t: float  # the actuator's tick time
+    hold: bool
+    hold_reason: str
+    obs_t: float
+    episode_index: int
+
+
+class ActuatorWatch:
+    """Collects the actuator's executed ticks and events in a background thread."""
+
+    def __init__(self, events_endpoint: str) -> None:
+        self.ticks: list[Tick] = []
+        self.events: list[Message] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, args=(events_endpoint,), daemon=True)
+        self._thread.start()
+
+    def _run(self, endpoint: str) -> None:
+        factory = SocketFactory(zmq.Context())
+        subscriber = LatestSubscriber(factory, [endpoint], hwm=1000)
+        try:
+            while not self._stop.is_set():
+                for msg in subscriber.poll(0.1):
+                    now = time.monotonic()
+                    with self._lock:
+                        if msg.kind == KIND_ACTION and msg.meta.get("role") == "executed":
+                            self.ticks.append(Tick(now, msg.t, bool(msg.meta.get("hold")),
+                                                   str(msg.meta.get("hold_reason", "")),
+                                                   float(msg.meta.get("obs_t") or 0.0),
+                                                   int(msg.meta.get("episode_index", -1))))
+                        elif msg.kind == KIND_EVENT:
+                            self.events.append(msg)
+        finally:
+            subscriber.close()
+            factory.context.term()
+
+    def acting_since(self, since: float) -> list[Tick]:
+        with self._lock:
+            return [tick for tick in self.ticks if tick.received >= since and not tick.hold]
+
+    def ticks_since(self, since: float) -> list[Tick]:
+        with self._lock:
+            return [tick for tick in self.ticks if tick.received >= since]
+
+    def wait_acting(self, since: float, count: int = 5, timeout_s: float = 120.0) -> float:
+        """Monotonic time of the ``count``-th executed (non-hold) action after ``since``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            acting = self.acting_since(since)
+            if len(acting) >= count:
+                return acting[count - 1].received
+            time.sleep(0.05)
+        reasons = sorted({tick.hold_reason for tick in self.ticks_since(since)})
+        raise AssertionError(f"no executed actions within {timeout_s}s (hold reasons seen: {reasons})")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
