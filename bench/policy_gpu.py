@@ -57,8 +57,10 @@ CASES: dict[str, dict[str, Any]] = {
 VARIANTS: dict[str, dict[str, Any]] = {
     "exact": {},  # fp32, eager: the node's default
     "exact-graphs": {"cuda_graphs": True},  # fp32, same kernels replayed from a CUDA graph
-    "fp32-fast": {"compile": True, "cuda_graphs": True, "conv_as_matmul": True},  # TF32 matmuls
-    "bf16-fast": {"dtype": "bf16", "compile": True, "cuda_graphs": True, "conv_as_matmul": True},
+    # the same, with TF32 off in cuDNN for both paths: what is left of the difference is summation order
+    "exact-graphs-strict": {"cuda_graphs": True},
+    "fp32-fast": {"compile": True, "cuda_graphs": True, "fast_unet": True},  # TF32 matmuls
+    "bf16-fast": {"dtype": "bf16", "compile": True, "cuda_graphs": True, "fast_unet": True},
 }
 
 
@@ -123,9 +125,11 @@ def summary(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered) * 1000, pick(0.1), pick(0.9)
 
 
-def default_torch_settings() -> None:
-    """What a plain LeRobot inference script runs with (the node's fast variants change these globally)."""
+def default_torch_settings(strict: bool = False) -> None:
+    """What a plain LeRobot inference script runs with (the node's fast variants change these globally);
+    ``strict`` also turns cuDNN's TF32 convolutions off (PyTorch's default has them on)."""
     torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = not strict
     torch.set_float32_matmul_precision("highest")
 
 
@@ -172,13 +176,11 @@ class LeRobotPlainPath:
 
 
 def normalised_diff(runtime: PolicyRuntime, ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
-    from lerobot.configs.types import FeatureType
-
-    normalizer = runtime.normaliser.unnormalizer
+    """Max |difference| in normalised action units (the model's output space), absolute and relative."""
+    action = runtime.normaliser.action  # the checkpoint's own action stats (default pipelines)
 
     def to_norm(chunk: np.ndarray) -> np.ndarray:
-        tensor = torch.from_numpy(chunk).to(runtime.device)
-        return normalizer._apply_transform(tensor, "action", FeatureType.ACTION).cpu().numpy()
+        return action.normalise(torch.from_numpy(chunk).to(runtime.device)).cpu().numpy()
 
     a, b = to_norm(ours), to_norm(theirs)
     diff = float(np.abs(a - b).max())
@@ -190,12 +192,14 @@ def breakdown_of(timings: list[dict[str, float]]) -> dict[str, float]:
 
 
 def measure_lerobot(name: str, spec: dict[str, Any], checkpoint: Path, frames: list[dict[str, np.ndarray]],
-                    seed: int, args: argparse.Namespace, emit: Any) -> list[np.ndarray]:
+                    seed: int, args: argparse.Namespace, emit: Any, strict: bool = False) -> list[np.ndarray]:
     device = torch.device(args.device)
-    default_torch_settings()
+    default_torch_settings(strict)
     plain = LeRobotPlainPath(checkpoint, device, spec.get("scheduler"), spec.get("steps"))
     torch.manual_seed(seed)  # the node's session seed, so both paths draw the same noise
     reference = [plain(frames[0]), plain(frames[1])]
+    if strict:  # outputs only; the timing is the default-settings one
+        return reference
     times = timed(lambda: plain(frames[1]), device, args.warmup, args.iters, args.budget_s)
     emit(Result(name, "lerobot", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 *summary(times), calls=len(times)))
@@ -206,7 +210,7 @@ def measure_variant(name: str, spec: dict[str, Any], variant: str, config: Deplo
                     frames: list[dict[str, np.ndarray]], reference: list[np.ndarray], args: argparse.Namespace,
                     emit: Any) -> None:
     device = torch.device(args.device)
-    default_torch_settings()
+    default_torch_settings(strict=variant.endswith("-strict"))
     began = time.perf_counter()
     runtime = PolicyRuntime(config)
     warm = request(frames[1])
@@ -246,9 +250,14 @@ def run_case(name: str, spec: dict[str, Any], variants: list[str], args: argpars
         build_checkpoint(config, checkpoint, policy_type=spec["policy_type"], size=args.size)
     checkpoint = checkpoint / "pretrained_model"
     frames = observations(config)
-    reference = measure_lerobot(name, spec, checkpoint, frames, session_seed(config.policy.seed, CLIENT), args, emit)
+    seed = session_seed(config.policy.seed, CLIENT)
+    reference = measure_lerobot(name, spec, checkpoint, frames, seed, args, emit)
     gc.collect()
     for variant in variants:
+        if variant.endswith("-strict"):
+            reference_for_variant = measure_lerobot(name, spec, checkpoint, frames, seed, args, emit, strict=True)
+        else:
+            reference_for_variant = reference
         options = dict(VARIANTS[variant])
         if device.type != "cuda":
             options.pop("cuda_graphs", None)
@@ -259,7 +268,7 @@ def run_case(name: str, spec: dict[str, Any], variants: list[str], args: argpars
         variant_config = load_config(REPO_ROOT / "configs" / "lift.yaml",
                                      [*overrides, f"--policy.checkpoint={checkpoint}", *variant_overrides])
         try:
-            measure_variant(name, spec, variant, variant_config, frames, reference, args, emit)
+            measure_variant(name, spec, variant, variant_config, frames, reference_for_variant, args, emit)
         except Exception as exc:  # report it and go on with the next variant
             log.exception("%s / %s failed", name, variant)
             emit(Result(name, variant, args.device, float("nan"), float("nan"), float("nan"), calls=0,

@@ -96,7 +96,9 @@ class PolicyConfig:
     noise_scheduler: str = ""  # diffusion only: "" keeps the checkpoint's; DDIM or DDPM
     compile: bool = False
     cuda_graphs: bool = False
-    conv_as_matmul: bool = False  # diffusion: UNet Conv1d as matrix products (fast at batch 1; not bit-exact)
+    # diffusion: the UNet restructured for batch 1 (convolutions as matrix products, FiLM for all steps at
+    # once, one compiled step function); fast on GPUs, not bit-exact
+    fast_unet: bool = False
     cpu_threads: int = 0  # torch intra-op threads on a cpu device; 0 keeps torch's default (one per core)
     warmup: int = 1  # inference passes before reporting ready
     max_sessions: int = 64
@@ -120,6 +122,10 @@ class ActuatorConfig:
     # Lockstep (offline evaluation with the dataset player): tick once per new observation instead of
     # on the wall clock, wait for each chunk, and treat the observation's time as "now".
     lockstep: bool = False
+    # Scheduling priority of the actuator process (Unix nice value, -20..19; 0 leaves it alone). A negative
+    # value lets the control loop run before other work on a busy robot computer; it needs root or
+    # CAP_SYS_NICE, and without them the node logs a warning and runs at the default priority.
+    nice: int = 0
 
 
 @dataclass

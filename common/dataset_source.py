@@ -311,7 +311,7 @@ class EpisodeReader:
         except Exception as exc:  # handed to the consumer, which logs it and skips the episode
             self._put(camera, exc)
 
-    def next(self, timeout_s: float = 10.0) -> dict[str, np.ndarray] | None:
+    def next(self, timeout_s: float = 30.0) -> dict[str, np.ndarray] | None:
         frames: dict[str, np.ndarray] = {}
         for camera, items in self._queues.items():
             try:

@@ -58,6 +58,9 @@ class DemoSpec:
     height: int = 0  # 0: the config's camera height
     codec: str = "av1"
     seed: int = 0
+    # Blend in a drifting photographic-like texture and sensor grain: frames that cost what camera
+    # footage costs to encode and decode (used by bench/decode_rate.py); the plain drawing is cheap.
+    texture: bool = False
 
 
 def arm_trajectory(arm: ArmConfig, frames: int, fps: int, rng: np.random.Generator) -> np.ndarray:
@@ -179,6 +182,31 @@ def render_camera(camera: str, config: DeploymentConfig, state: np.ndarray, fram
     return image
 
 
+class Texture:
+    """A smooth random scene larger than the frame, seen through a window that drifts with time, plus
+    per-frame grain: what makes real camera video expensive to code, added to the demo drawing."""
+
+    def __init__(self, width: int, height: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.margin = 32
+        coarse = rng.integers(0, 256, ((height + 2 * self.margin) // 8, (width + 2 * self.margin) // 8, 3),
+                              dtype=np.uint8)
+        scene = cv2.resize(coarse, (width + 2 * self.margin, height + 2 * self.margin),
+                           interpolation=cv2.INTER_CUBIC)
+        detail = rng.integers(-40, 40, scene.shape, dtype=np.int16)
+        self.scene = np.clip(scene.astype(np.int16) + detail, 0, 255).astype(np.uint8)
+        self.rng = rng
+        self.width, self.height = width, height
+
+    def apply(self, image: np.ndarray, frame_index: int) -> np.ndarray:
+        dx = int(self.margin + self.margin * 0.9 * math.sin(frame_index / 23.0))
+        dy = int(self.margin + self.margin * 0.9 * math.cos(frame_index / 31.0))
+        window = self.scene[dy:dy + self.height, dx:dx + self.width]
+        blended = cv2.addWeighted(image, 0.6, window, 0.4, 0.0)
+        grain = self.rng.integers(-6, 7, image.shape, dtype=np.int16)
+        return np.clip(blended.astype(np.int16) + grain, 0, 255).astype(np.uint8)
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
@@ -199,9 +227,6 @@ def demo_features(config: DeploymentConfig, width: int, height: int) -> dict[str
 def generate_demo_dataset(config: DeploymentConfig, output: Path, spec: DemoSpec | None = None, *,
                           repo_id: str = "", overwrite: bool = False) -> Path:
     """Write a demo LeRobot v3 dataset at ``output`` and return its root."""
-    from lerobot.configs.video import RGBEncoderConfig
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
     spec = spec or DemoSpec()
     if spec.codec not in CODECS:
         raise ConfigError("--codec", f"expected one of {sorted(CODECS)}, got {spec.codec!r}")
@@ -222,6 +247,10 @@ def generate_demo_dataset(config: DeploymentConfig, output: Path, spec: DemoSpec
         shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
 
+    # Imported only now: LeRobot (torch, datasets) takes seconds to import, argument errors should not.
+    from lerobot.configs.video import RGBEncoderConfig
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
     started = time.monotonic()
     robot_type = "bi_so101_follower" if len(config.arms) > 1 else "so101_follower"
     dataset = LeRobotDataset.create(
@@ -239,15 +268,17 @@ def generate_demo_dataset(config: DeploymentConfig, output: Path, spec: DemoSpec
         encoder_queue_maxsize=spec.frames + 1,
     )
     prompt = TASK_PROMPTS.get(config.task, config.task)
+    textures = ({camera: Texture(width, height, spec.seed + number) for number, camera in enumerate(config.cameras)}
+                if spec.texture else {})
     try:
         for episode in range(spec.episodes):
             states = episode_trajectory(config, episode, spec.frames, spec.seed)
             actions = actions_from_states(states)
             for index in range(spec.frames):
-                frame: dict = {
-                    image_key(camera): render_camera(camera, config, states[index], index, spec.frames, width, height)
-                    for camera in config.cameras
-                }
+                frame: dict = {}
+                for camera in config.cameras:
+                    image = render_camera(camera, config, states[index], index, spec.frames, width, height)
+                    frame[image_key(camera)] = textures[camera].apply(image, index) if textures else image
                 frame[STATE_KEY] = states[index]
                 frame[ACTION_KEY] = actions[index]
                 frame["task"] = prompt
@@ -273,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=0, help="default: the config's camera height")
     parser.add_argument("--codec", choices=sorted(CODECS), default=DemoSpec.codec)
     parser.add_argument("--seed", type=int, default=DemoSpec.seed)
+    parser.add_argument("--texture", action="store_true",
+                        help="add camera-like texture and grain (realistic decode cost, for benchmarks)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s demo_data: %(message)s")
@@ -280,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config or REPO_ROOT / "configs" / f"{args.task}.yaml")
         output = Path(args.output) if args.output else config.resolve(f"data/{args.task}-demo")
         spec = DemoSpec(episodes=args.episodes, frames=args.frames, width=args.width, height=args.height,
-                        codec=args.codec, seed=args.seed)
+                        codec=args.codec, seed=args.seed, texture=args.texture)
         generate_demo_dataset(config, output, spec, repo_id=args.repo_id, overwrite=args.overwrite)
     except (ConfigError, FileExistsError) as exc:
         log.error("%s", exc)

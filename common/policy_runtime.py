@@ -12,8 +12,9 @@
   * exact: LeRobot's own modules in fp32, eager; matches LeRobot's plain path to rounding.
   * CUDA graphs: the same kernels recorded once and replayed (removes the CPU launch overhead that
     dominates batch-1 diffusion); still bit-for-bit the exact path's arithmetic.
-  * fast: bf16 weights, the diffusion UNet's Conv1d layers as matrix products (cuDNN's batch-1 Conv1d
-    spends most of its time converting memory layouts), torch.compile, then a CUDA graph.
+  * fast: bf16 weights (``policy.dtype``), the diffusion UNet restructured for batch 1
+    (``policy.fast_unet``: convolutions as matrix products, FiLM for all steps at once), torch.compile,
+    then a CUDA graph of the whole loop.
 
 DiffusionPolicy is not run through its own ``select_action`` queue (one queue per policy object, which is
 what breaks LeRobot's async server for Diffusion): each session keeps the per-frame conditioning vectors
@@ -321,23 +322,27 @@ def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int
 
 
 # ------------------------------------------------------------------------------------------------
-# Image upload / decode and normalisation
+# Upload, JPEG decoding and normalisation
 # ------------------------------------------------------------------------------------------------
 
 
-class ImageLoader:
-    """Wire images -> float32 CHW in [0, 1] on the device (JPEG decoded on the GPU when there is one)."""
+class InputLoader:
+    """Wire arrays -> device tensors: images uint8 (3, H, W), state float32 (D,).
 
-    def __init__(self, cameras: dict[str, list[int]], device: torch.device) -> None:
+    JPEG images are decoded on the GPU (nvJPEG through torchvision) when the device is cuda, else with
+    OpenCV. Raw images and the state go through pinned host buffers, so uploads are asynchronous.
+    """
+
+    def __init__(self, cameras: dict[str, list[int]], state_dim: int, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        # Pinned host buffers make the upload asynchronous and skip a staging copy inside the driver.
         self.staging = {name: torch.empty(tuple(shape), dtype=torch.uint8, pin_memory=self.cuda)
                         for name, shape in cameras.items()}
+        self.state_staging = torch.empty(state_dim, dtype=torch.float32, pin_memory=self.cuda)
         self.shapes = cameras
 
     def load(self, obs: Observation) -> dict[str, Tensor]:
-        """camera -> uint8 (3, H, W) tensor on the device."""
+        """``observation.images.<cam>`` -> uint8 (3, H, W) and ``observation.state`` -> float32 (D,)."""
         out: dict[str, Tensor] = {}
         jpeg_names = sorted(obs.jpeg)
         if jpeg_names:
@@ -347,43 +352,97 @@ class ImageLoader:
                 continue
             buffer = self.staging[name]
             # Copy through numpy: the received frame is a read-only view, which torch.from_numpy refuses.
+            # The previous request's upload from this buffer has finished: every request ends in a sync.
             np.copyto(buffer.numpy(), image)
-            out[name] = buffer.to(self.device, non_blocking=True).permute(2, 0, 1)
+            out[image_key(name)] = buffer.to(self.device, non_blocking=True).permute(2, 0, 1)
+        np.copyto(self.state_staging.numpy(), obs.state)
+        out[STATE_KEY] = self.state_staging.to(self.device, non_blocking=True)
+        if not self.cuda:
+            out[STATE_KEY] = out[STATE_KEY].clone()
         return out
 
     def _decode_jpeg(self, obs: Observation, names: list[str]) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
+        decoded: dict[str, Tensor] = {}
         if self.cuda:
             from torchvision.io import decode_jpeg
 
             payloads = [torch.from_numpy(np.array(obs.images[name], dtype=np.uint8)) for name in names]
             try:
-                decoded = decode_jpeg(payloads, device=self.device)
-            except RuntimeError:
-                decoded = None  # find out which one is corrupt below, one at a time
-            if decoded is None:
-                decoded = []
+                images = decode_jpeg(payloads, device=self.device)
+            except RuntimeError:  # find out which one is corrupt, one at a time
+                images = []
                 for name, payload in zip(names, payloads, strict=True):
                     try:
-                        decoded.append(decode_jpeg(payload, device=self.device))
+                        images.append(decode_jpeg(payload, device=self.device))
                     except RuntimeError as exc:
                         raise ProtocolError(f"arrays[{image_key(name)}]", "a decodable JPEG image",
                                             f"{payload.numel()} undecodable bytes") from exc
-            for name, image in zip(names, decoded, strict=True):
-                out[name] = image
+            decoded = dict(zip(names, images, strict=True))
         else:
             from common.images import decode_jpeg as cv_decode_jpeg
 
             for name in names:
-                image = cv_decode_jpeg(obs.images[name], f"arrays[{image_key(name)}]")
-                out[name] = torch.from_numpy(image).permute(2, 0, 1)
-        for name, image in out.items():
+                decoded[name] = torch.from_numpy(cv_decode_jpeg(obs.images[name], f"arrays[{image_key(name)}]")
+                                                 ).permute(2, 0, 1)
+        for name, image in decoded.items():
             height, width, _ = self.shapes[name]
             if tuple(image.shape) != (3, height, width):
-                raise ProtocolError(f"arrays[{image_key(name)}].shape",
-                                    f"a JPEG that decodes to {[height, width, 3]}",
+                raise ProtocolError(f"arrays[{image_key(name)}].shape", f"a JPEG that decodes to {[height, width, 3]}",
                                     [int(image.shape[1]), int(image.shape[2]), int(image.shape[0])])
-        return out
+        return {image_key(name): image for name, image in decoded.items()}
+
+
+class FeatureTransform:
+    """LeRobot's (un)normalisation of one feature with its denominators computed once.
+
+    The expressions and their order are those of ``lerobot.processor.normalize_processor`` (so results
+    are bit-identical), without its per-call bookkeeping and without creating tensors per call, so it can
+    be recorded in a CUDA graph.
+    """
+
+    BOUNDS: ClassVar[dict[str, tuple[str, str]]] = {"MIN_MAX": ("min", "max"), "QUANTILES": ("q01", "q99"),
+                                                     "QUANTILE10": ("q10", "q90")}
+
+    def __init__(self, key: str, mode: str, stats: dict[str, Tensor] | None, eps: float,
+                 device: torch.device) -> None:
+        self.mode = mode if stats is not None else "IDENTITY"
+        if self.mode == "IDENTITY":
+            return
+        assert stats is not None
+        needed = ("mean", "std") if self.mode == "MEAN_STD" else self.BOUNDS.get(self.mode)
+        if needed is None:
+            raise CheckpointError(f"{key}: normalisation mode {mode} is not supported")
+        missing = [name for name in needed if name not in stats]
+        if missing:
+            raise CheckpointError(f"{key}: {mode} normalisation needs stats {list(needed)}, the checkpoint lacks "
+                                  f"{missing}")
+        values = {name: stats[name].to(device=device, dtype=torch.float32) for name in needed}
+        if self.mode == "MEAN_STD":
+            self.offset, self.scale = values["mean"], values["std"]
+            self.denom = values["std"] + eps
+        else:
+            low, high = (values[name] for name in needed)
+            denom = high - low
+            self.offset = low
+            self.denom = torch.where(denom == 0, torch.tensor(eps, device=device, dtype=denom.dtype), denom)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        if self.mode == "MEAN_STD":
+            return (x - self.offset) / self.denom
+        if self.mode == "MIN_MAX":
+            return 2 * (x - self.offset) / self.denom - 1
+        if self.mode in ("QUANTILES", "QUANTILE10"):
+            return 2.0 * (x - self.offset) / self.denom - 1.0
+        return x
+
+    def unnormalise(self, x: Tensor) -> Tensor:
+        if self.mode == "MEAN_STD":
+            return x * self.scale + self.offset
+        if self.mode == "MIN_MAX":
+            return (x + 1) / 2 * self.denom + self.offset
+        if self.mode in ("QUANTILES", "QUANTILE10"):
+            return (x + 1.0) * self.denom / 2.0 + self.offset
+        return x
 
 
 def _find_step(pipeline: Any, class_name: str) -> Any | None:
@@ -393,53 +452,59 @@ def _find_step(pipeline: Any, class_name: str) -> Any | None:
     return None
 
 
-class Normaliser:
-    """LeRobot's own (un)normalisation arithmetic, applied directly to tensors.
+def _feature_transform(step: Any, key: str, device: torch.device) -> FeatureTransform:
+    feature = step.features.get(key)
+    mode = step.norm_map.get(feature.type) if feature is not None else None
+    stats = step._tensor_stats.get(key) if mode is not None else None
+    return FeatureTransform(key, getattr(mode, "value", "IDENTITY"), stats, step.eps, device)
 
-    When the pipelines are LeRobot's default ones (rename with an empty map, batch, device, normalise /
-    unnormalise, device) the node applies the normaliser steps' ``_apply_transform`` itself: the same
-    maths, without the per-call dict/transition bookkeeping of the pipeline. Any other pipeline is run
-    as is (``direct`` is False).
+
+class Normaliser:
+    """Wire-convention inputs -> the normalised batch the model takes, and normalised actions -> robot units.
+
+    With LeRobot's default pipelines (rename with an empty map, batch, device, normalise / unnormalise,
+    device) the node applies the pipelines' own stats through ``FeatureTransform`` (``direct``: same
+    arithmetic, recordable in a CUDA graph). Pipelines with any other step run as pipelines.
     """
 
     KNOWN_PRE: ClassVar[set[str]] = {"RenameObservationsProcessorStep", "AddBatchDimensionProcessorStep",
                                      "DeviceProcessorStep", "NormalizerProcessorStep"}
     KNOWN_POST: ClassVar[set[str]] = {"UnnormalizerProcessorStep", "DeviceProcessorStep"}
 
-    def __init__(self, preprocessor: Any, postprocessor: Any) -> None:
+    def __init__(self, preprocessor: Any, postprocessor: Any, input_keys: list[str], device: torch.device) -> None:
         self.preprocessor = preprocessor
         self.postprocessor = postprocessor
-        self.normalizer = _find_step(preprocessor, "NormalizerProcessorStep")
-        self.unnormalizer = _find_step(postprocessor, "UnnormalizerProcessorStep")
+        normalizer = _find_step(preprocessor, "NormalizerProcessorStep")
+        unnormalizer = _find_step(postprocessor, "UnnormalizerProcessorStep")
         rename = _find_step(preprocessor, "RenameObservationsProcessorStep")
         pre_names = {type(step).__name__ for step in preprocessor.steps}
         post_names = {type(step).__name__ for step in postprocessor.steps}
         self.direct = (pre_names <= self.KNOWN_PRE and post_names <= self.KNOWN_POST
-                       and self.normalizer is not None and self.unnormalizer is not None
+                       and normalizer is not None and unnormalizer is not None
                        and not (rename is not None and rename.rename_map))
-        if not self.direct:
+        if self.direct:
+            self.inputs = {key: _feature_transform(normalizer, key, device) for key in input_keys}
+            self.action = _feature_transform(unnormalizer, ACTION_KEY, device)
+        else:
             log.info("processor pipelines have custom steps %s / %s: running them as pipelines",
                      sorted(pre_names - self.KNOWN_PRE), sorted(post_names - self.KNOWN_POST))
 
-    def normalise(self, images: dict[str, Tensor], state: Tensor) -> dict[str, Tensor]:
-        """images: camera -> float (3, H, W) in [0, 1]; state (D,). Returns the batched, normalised batch."""
-        batch = {image_key(name): image for name, image in images.items()}
-        batch[STATE_KEY] = state
+    def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """uint8 (3, H, W) images and the (D,) state -> the normalised (1, ...) batch.
+
+        Images become float32 in [0, 1] first: LeRobot's convention for robot frames.
+        """
+        batch = {key: value.to(torch.float32) / 255 if key.startswith(IMAGE_KEY_PREFIX) else value
+                 for key, value in inputs.items()}
         if not self.direct:
-            return self.preprocessor(batch)
-        out: dict[str, Tensor] = {}
-        for key, value in batch.items():
-            feature = self.normalizer.features.get(key)
-            value = value.unsqueeze(0)
-            out[key] = value if feature is None else self.normalizer._apply_transform(value, key, feature.type)
-        return out
+            out = self.preprocessor(batch)
+            return {key: out[key] for key in inputs}
+        return {key: self.inputs[key].normalise(value.unsqueeze(0)) for key, value in batch.items()}
 
     def unnormalise(self, actions: Tensor) -> Tensor:
         if not self.direct:
             return self.postprocessor(actions)
-        from lerobot.configs.types import FeatureType
-
-        return self.unnormalizer._apply_transform(actions, ACTION_KEY, FeatureType.ACTION, inverse=True)
+        return self.action.unnormalise(actions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,10 +513,10 @@ class Normaliser:
 
 
 class MatmulConv1d(nn.Module):
-    """A stride-1 ``nn.Conv1d`` computed as one matrix product over unfolded windows.
+    """An ``nn.Conv1d`` computed as one matrix product over its unfolded input windows.
 
     At batch 1 cuDNN's Conv1d spends most of its time converting memory layouts; a GEMM on the
-    (time, kernel*in_channels) window matrix reads the weights once and nothing else. Same maths,
+    (time, kernel*in_channels) window matrix reads the weights once and little else. Same maths,
     different summation order (not bit-identical).
     """
 
@@ -459,34 +524,68 @@ class MatmulConv1d(nn.Module):
         super().__init__()
         out_channels, in_channels, kernel = conv.weight.shape
         self.kernel = kernel
-        self.padding = int(conv.padding[0])
-        # (out, in, k) -> (out, k*in) to match the (k, in) order of the unfolded windows below.
+        self.stride = int(conv.stride[0])
+        self.padding = int(conv.padding[0])  # type: ignore[index]
+        # (out, in, k) -> (out, k*in), the (k, in) order of the windows below.
         self.weight = nn.Parameter(conv.weight.detach().permute(0, 2, 1).reshape(out_channels, kernel * in_channels)
                                    .contiguous(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, T) -> (B, C_out, T)
-        if self.kernel == 1:
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, T) -> (B, C_out, T')
+        if self.kernel == 1 and self.stride == 1 and self.padding == 0:
             windows = x.transpose(1, 2)
         else:
             padded = nn.functional.pad(x, (self.padding, self.padding))
-            # unfold: (B, C_in, T, k) -> (B, T, k, C_in) -> (B, T, k*C_in)
-            windows = padded.unfold(2, self.kernel, 1).permute(0, 2, 3, 1).flatten(2)
+            # unfold: (B, C_in, T', k) -> (B, T', k, C_in) -> (B, T', k*C_in)
+            windows = padded.unfold(2, self.kernel, self.stride).permute(0, 2, 3, 1).flatten(2)
         return nn.functional.linear(windows, self.weight, self.bias).transpose(1, 2)
 
     @staticmethod
     def convertible(module: nn.Module) -> bool:
-        return (isinstance(module, nn.Conv1d) and module.stride == (1,) and module.dilation == (1,)
-                and module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
-                and 2 * module.padding[0] == module.kernel_size[0] - 1)
+        return (type(module) is nn.Conv1d and module.dilation == (1,) and module.groups == 1
+                and module.padding_mode == "zeros" and isinstance(module.padding, tuple))
+
+
+class MatmulConvTranspose1d(nn.Module):
+    """An ``nn.ConvTranspose1d``, as the equivalent stride-1 convolution of the zero-upsampled input,
+    computed as one matrix product (see ``MatmulConv1d``)."""
+
+    def __init__(self, conv: nn.ConvTranspose1d) -> None:
+        super().__init__()
+        in_channels, out_channels, kernel = conv.weight.shape
+        self.kernel = kernel
+        self.stride = int(conv.stride[0])
+        self.pad_left = kernel - 1 - int(conv.padding[0])
+        self.pad_right = self.pad_left + int(conv.output_padding[0])
+        # Equivalent convolution weight: w[o, i, j] = W[i, o, k-1-j], laid out as (out, k*in).
+        self.weight = nn.Parameter(conv.weight.detach().flip(-1).permute(1, 2, 0).reshape(out_channels,
+                                                                                            kernel * in_channels)
+                                   .contiguous(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, length = x.shape
+        upsampled = x.new_zeros(batch, channels, (length - 1) * self.stride + 1)
+        upsampled[..., :: self.stride] = x
+        padded = nn.functional.pad(upsampled, (self.pad_left, self.pad_right))
+        windows = padded.unfold(2, self.kernel, 1).permute(0, 2, 3, 1).flatten(2)
+        return nn.functional.linear(windows, self.weight, self.bias).transpose(1, 2)
+
+    @staticmethod
+    def convertible(module: nn.Module) -> bool:
+        return (type(module) is nn.ConvTranspose1d and module.dilation == (1,) and module.groups == 1
+                and module.padding_mode == "zeros" and module.kernel_size[0] - 1 >= module.padding[0])
 
 
 def convs_as_matmul(root: nn.Module) -> int:
-    """Replace every convertible Conv1d under ``root`` in place; returns how many were replaced."""
+    """Replace every convertible Conv1d / ConvTranspose1d under ``root`` in place; returns how many."""
     count = 0
     for name, child in list(root.named_children()):
         if MatmulConv1d.convertible(child):
             setattr(root, name, MatmulConv1d(child))
+            count += 1
+        elif MatmulConvTranspose1d.convertible(child):
+            setattr(root, name, MatmulConvTranspose1d(child))
             count += 1
         else:
             count += convs_as_matmul(child)
@@ -505,7 +604,7 @@ class CudaGraph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(warmup):  # lets torch.compile / cuDNN settle before recording
+            for _ in range(warmup):  # lets torch.compile and cuDNN settle before recording
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
@@ -519,6 +618,34 @@ class CudaGraph:
         return self.outputs
 
 
+class MaybeGraphed:
+    """``fn`` run eagerly, or recorded as a CUDA graph on its first call and replayed afterwards.
+
+    If recording fails (a model doing something a capture cannot hold, e.g. a host sync) it logs why and
+    stays eager.
+    """
+
+    def __init__(self, fn: Callable[..., Any], name: str, enabled: bool) -> None:
+        self.fn = fn
+        self.name = name
+        self.enabled = enabled
+        self.graph: CudaGraph | None = None
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        if not self.enabled:
+            return self.fn(*inputs)
+        if self.graph is None:
+            try:
+                self.graph = CudaGraph(self.fn, list(inputs))
+            except RuntimeError as exc:
+                log.warning("CUDA graph of %s could not be recorded (%s); running it eagerly", self.name,
+                            str(exc).splitlines()[0])
+                self.enabled = False
+                torch.cuda.synchronize()
+                return self.fn(*inputs)
+        return self.graph(*inputs)
+
+
 @dataclass
 class SpeedOptions:
     device: torch.device
@@ -527,7 +654,7 @@ class SpeedOptions:
     noise_scheduler: str  # "" keeps the checkpoint's
     compile: bool
     cuda_graphs: bool
-    conv_as_matmul: bool
+    fast_unet: bool
 
     def autocast(self) -> torch.autocast:
         """bf16 runs the bf16 weights under autocast: ops LeRobot feeds fp32 tensors (timestep embeddings,
@@ -538,7 +665,7 @@ class SpeedOptions:
     @property
     def exact(self) -> bool:
         """fp32 eager or fp32 graphs of LeRobot's own modules: the same arithmetic as LeRobot's plain path."""
-        return self.dtype == torch.float32 and not self.compile and not self.conv_as_matmul
+        return self.dtype == torch.float32 and not self.compile and not self.fast_unet
 
     @classmethod
     def from_config(cls, policy: PolicyConfig, device: torch.device) -> SpeedOptions:
@@ -547,12 +674,11 @@ class SpeedOptions:
             log.warning("policy.cuda_graphs needs a CUDA device; running eagerly on %s", device)
         return cls(device=device, dtype=torch.bfloat16 if policy.dtype == "bf16" else torch.float32,
                    num_inference_steps=policy.num_inference_steps, noise_scheduler=policy.noise_scheduler.upper(),
-                   compile=policy.compile, cuda_graphs=policy.cuda_graphs and on_cuda,
-                   conv_as_matmul=policy.conv_as_matmul)
+                   compile=policy.compile, cuda_graphs=policy.cuda_graphs and on_cuda, fast_unet=policy.fast_unet)
 
 
 # ------------------------------------------------------------------------------------------------
-# Inference engines
+# Diffusion
 # ------------------------------------------------------------------------------------------------
 
 
@@ -564,21 +690,156 @@ class _DenoiseStep:
     eps_coeff: Tensor  # beta_prod_t ** 0.5
     x0_div: Tensor  # alpha_prod_t ** 0.5
     prev_x0_coeff: Tensor
-    prev_sample_coeff: Tensor
+    prev_sample_coeff: Tensor  # DDPM: times the current sample; DDIM: times the predicted epsilon
     noise_std: Tensor | None  # DDPM with t > 0: variance ** 0.5; the noise is drawn up front
     noise_index: int = -1
+
+
+def diffusers_steps(scheduler: Any, scheduler_type: str, device: torch.device) -> list[_DenoiseStep]:
+    """The coefficients of diffusers' DDPM/DDIM ``step`` for each timestep, computed with the same tensor
+    expressions (CPU float32, as diffusers does), so the loop below reproduces ``step`` exactly."""
+    steps: list[_DenoiseStep] = []
+    draws = 0
+    for t in scheduler.timesteps:
+        unet_t = torch.full((1,), int(t), dtype=torch.long, device=device)
+        if scheduler_type == "DDPM":
+            prev_t = scheduler.previous_timestep(t)
+            alpha_prod_t = scheduler.alphas_cumprod[t]
+            alpha_prod_t_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.one
+            beta_prod_t = 1 - alpha_prod_t
+            beta_prod_t_prev = 1 - alpha_prod_t_prev
+            current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+            current_beta_t = 1 - current_alpha_t
+            prev_x0 = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
+            prev_sample = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
+            noise_std = scheduler._get_variance(t) ** 0.5 if t > 0 else None
+        else:
+            prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+            alpha_prod_t = scheduler.alphas_cumprod[t]
+            alpha_prod_t_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+            beta_prod_t = 1 - alpha_prod_t
+            # eta = 0 (what LeRobot calls): std_dev_t is 0 and no noise is drawn.
+            std_dev_t = 0.0 * scheduler._get_variance(t, prev_t) ** (0.5)
+            prev_x0 = alpha_prod_t_prev ** (0.5)
+            prev_sample = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5)
+            noise_std = None
+        step = _DenoiseStep(unet_t=unet_t, eps_coeff=beta_prod_t ** (0.5), x0_div=alpha_prod_t ** (0.5),
+                            prev_x0_coeff=prev_x0, prev_sample_coeff=prev_sample, noise_std=noise_std)
+        if noise_std is not None:
+            step.noise_index = draws
+            draws += 1
+        steps.append(step)
+    return steps
+
+
+class FastDenoiser:
+    """The denoising loop restructured for batch 1 (``policy.fast_unet``; not bit-identical to LeRobot).
+
+    - Every Conv1d / ConvTranspose1d of LeRobot's UNet runs as one matrix product.
+    - FiLM conditioning does not depend on the sample: the timestep embeddings and every residual block's
+      FiLM scale/bias for ALL steps are computed before the loop, one matrix product per block.
+    - One step (UNet + scheduler update with coefficients from a device table) is one function, compiled
+      once (``policy.compile``) and reused for every step, so a CUDA graph of the loop holds few kernels.
+    LeRobot's modules and weights are used throughout; only the order of evaluation changes.
+    """
+
+    def __init__(self, unet: nn.Module, steps: list[_DenoiseStep], scheduler_type: str, scheduler_config: Any,
+                 options: SpeedOptions) -> None:
+        self.unet = unet
+        self.options = options
+        replaced = convs_as_matmul(unet)
+        log.info("fast UNet: %d convolutions run as matrix products", replaced)
+        self.blocks = [block for down in unet.down_modules for block in down[:2]]
+        self.blocks += list(unet.mid_modules)
+        self.blocks += [block for up in unet.up_modules for block in up[:2]]
+        device = options.device
+        self.timesteps = torch.cat([step.unet_t for step in steps])
+        draws = sum(step.noise_std is not None for step in steps)
+        ddpm = scheduler_type == "DDPM"
+        rows = [[float(s.eps_coeff), float(s.x0_div), float(s.prev_x0_coeff),
+                 float(s.prev_sample_coeff) if ddpm else 0.0, 0.0 if ddpm else float(s.prev_sample_coeff),
+                 0.0 if s.noise_std is None else float(s.noise_std)] for s in steps]
+        self.coeffs = torch.tensor(rows, dtype=torch.float32, device=device)
+        self.step_index = [torch.tensor([i], device=device) for i in range(len(steps))]
+        # Steps without noise read the zero row after the drawn ones.
+        self.noise_index = [torch.tensor([s.noise_index if s.noise_std is not None else draws], device=device)
+                            for s in steps]
+        self.prediction_type = scheduler_config.prediction_type
+        self.clip = scheduler_config.clip_sample
+        self.clip_range = scheduler_config.clip_sample_range
+        self.step = torch.compile(self._step, dynamic=False) if options.compile else self._step
+
+    def _block(self, block: nn.Module, x: Tensor, film: Tensor) -> Tensor:
+        """DiffusionConditionalResidualBlock1d.forward with its FiLM embedding given."""
+        out = block.conv1(x)
+        film = film.unsqueeze(-1)
+        if block.use_film_scale_modulation:
+            out = film[:, : block.out_channels] * out + film[:, block.out_channels:]
+        else:
+            out = out + film
+        out = block.conv2(out)
+        return out + block.residual_conv(x)
+
+    def _unet(self, sample: Tensor, films: list[Tensor]) -> Tensor:
+        """DiffusionConditionalUnet1d.forward with the per-block FiLM embeddings given."""
+        unet = self.unet
+        x = sample.transpose(1, 2)  # (B, T, D) -> (B, D, T)
+        film = iter(films)
+        skips: list[Tensor] = []
+        for block1, block2, downsample in unet.down_modules:
+            x = self._block(block2, self._block(block1, x, next(film)), next(film))
+            skips.append(x)
+            x = downsample(x)
+        for block in unet.mid_modules:
+            x = self._block(block, x, next(film))
+        for block1, block2, upsample in unet.up_modules:
+            x = torch.cat((x, skips.pop()), dim=1)
+            x = upsample(self._block(block2, self._block(block1, x, next(film)), next(film)))
+        return unet.final_conv(x).transpose(1, 2)
+
+    def films(self, global_cond: Tensor) -> list[Tensor]:
+        """Every block's FiLM embedding for every step: a list of (steps, channels) tensors."""
+        with self.options.autocast():
+            embeddings = self.unet.diffusion_step_encoder(self.timesteps)
+            feature = torch.cat([embeddings, global_cond.expand(len(self.timesteps), -1)], dim=-1)
+            return [block.cond_encoder(feature) for block in self.blocks]
+
+    def _step(self, sample: Tensor, films: list[Tensor], index: Tensor, step_noise: Tensor,
+              noise_index: Tensor) -> Tensor:
+        with self.options.autocast():
+            model_output = self._unet(sample, [film.index_select(0, index) for film in films]).float()
+        eps_coeff, x0_div, c_x0, c_sample, c_eps, noise_std = self.coeffs.index_select(0, index)[0].unbind()
+        if self.prediction_type == "epsilon":
+            x0 = (sample - eps_coeff * model_output) / x0_div
+            eps = model_output
+        else:
+            x0 = model_output
+            eps = (sample - x0_div * x0) / eps_coeff
+        if self.clip:
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        noise = step_noise.index_select(0, noise_index)[0]
+        return c_x0 * x0 + c_sample * sample + c_eps * eps + noise_std * noise
+
+    def sample(self, global_cond: Tensor, noise: Tensor, step_noise: Tensor) -> Tensor:
+        films = self.films(global_cond)
+        sample = noise
+        for index, noise_index in zip(self.step_index, self.noise_index, strict=True):
+            sample = self.step(sample, films, index, step_noise, noise_index)
+        return sample
 
 
 class DiffusionEngine:
     """DiffusionPolicy served per session: per-frame conditioning history + a mirrored denoising loop."""
 
-    def __init__(self, policy: Any, options: SpeedOptions) -> None:
+    def __init__(self, policy: Any, options: SpeedOptions, prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                 input_keys: list[str]) -> None:
         from lerobot.policies.diffusion.modeling_diffusion import _make_noise_scheduler
 
         self.options = options
-        self.config = policy.config
+        self.config = cfg = policy.config
         self.model = policy.diffusion
-        cfg = self.config
+        self.prepare = prepare
+        self.input_keys = input_keys
         scheduler_type = options.noise_scheduler or cfg.noise_scheduler_type
         if scheduler_type not in ("DDPM", "DDIM"):
             raise CheckpointError(f"policy.noise_scheduler: expected DDPM or DDIM, got {scheduler_type!r}")
@@ -597,27 +858,27 @@ class DiffusionEngine:
         self.n_obs_steps = cfg.n_obs_steps
         self.n_action_steps = cfg.n_action_steps
         self.device = options.device
-        self.dtype = options.dtype
         self.mirrored = self._mirror_supported()
-        self.steps = self._denoise_steps() if self.mirrored else []
+        self.steps = diffusers_steps(self.scheduler, scheduler_type, self.device) if self.mirrored else []
         self.noise_draws = sum(step.noise_std is not None for step in self.steps)
 
-        self.unet: Callable[..., Tensor] = self.model.unet
         if not options.exact:
             torch.backends.cudnn.benchmark = True
-            if options.conv_as_matmul:
-                replaced = convs_as_matmul(self.model.unet)
-                log.info("diffusion UNet: %d Conv1d layers run as matrix products", replaced)
             if self.device.type == "cuda":
-                # Image encoders: NHWC suits cuDNN's tensor-core convolutions.
-                self.model.rgb_encoder.to(memory_format=torch.channels_last)
-        self.model.to(dtype=self.dtype)
-        if options.compile:
+                self.model.rgb_encoder.to(memory_format=torch.channels_last)  # NHWC suits tensor-core convs
+        self.model.to(dtype=options.dtype)
+        self.fast: FastDenoiser | None = None
+        if options.fast_unet and self.mirrored:
+            self.fast = FastDenoiser(self.model.unet, self.steps, scheduler_type, self.scheduler.config, options)
+        self.unet: Callable[..., Tensor] = self.model.unet
+        if options.compile and self.fast is None:
             self.unet = torch.compile(self.model.unet, dynamic=False)
-        if options.cuda_graphs and not self.mirrored:
-            log.warning("this scheduler configuration is not mirrored; CUDA graphs are off for the sampler")
-        self._encode_graph: CudaGraph | None = None
-        self._sample_graph: CudaGraph | None = None
+        graphs = options.cuda_graphs
+        if graphs and not self.mirrored:
+            log.warning("this scheduler configuration is not mirrored; the sampler runs without CUDA graphs")
+        self.encode = MaybeGraphed(self._encode_inputs, "diffusion encoder", graphs)
+        self.sample = MaybeGraphed(self.fast.sample if self.fast else self._sample, "diffusion sampler",
+                                   graphs and self.mirrored)
 
     # -------------------------------------------------------------- scheduler mirror
     def _mirror_supported(self) -> bool:
@@ -625,41 +886,6 @@ class DiffusionEngine:
         if sched.get("thresholding", False) or sched.get("prediction_type") not in ("epsilon", "sample"):
             return False
         return self.scheduler_type == "DDIM" or sched.get("variance_type", "fixed_small") == "fixed_small"
-
-    def _denoise_steps(self) -> list[_DenoiseStep]:
-        sched = self.scheduler
-        steps: list[_DenoiseStep] = []
-        draws = 0
-        for t in sched.timesteps:
-            unet_t = torch.full((1,), int(t), dtype=torch.long, device=self.device)
-            if self.scheduler_type == "DDPM":
-                prev_t = sched.previous_timestep(t)
-                alpha_prod_t = sched.alphas_cumprod[t]
-                alpha_prod_t_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.one
-                beta_prod_t = 1 - alpha_prod_t
-                beta_prod_t_prev = 1 - alpha_prod_t_prev
-                current_alpha_t = alpha_prod_t / alpha_prod_t_prev
-                current_beta_t = 1 - current_alpha_t
-                prev_x0 = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
-                prev_sample = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
-                noise_std = sched._get_variance(t) ** 0.5 if t > 0 else None
-            else:
-                prev_t = t - sched.config.num_train_timesteps // sched.num_inference_steps
-                alpha_prod_t = sched.alphas_cumprod[t]
-                alpha_prod_t_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
-                beta_prod_t = 1 - alpha_prod_t
-                # eta = 0 (what LeRobot calls): std_dev_t is 0 and no noise is drawn.
-                std_dev_t = 0.0 * sched._get_variance(t, prev_t) ** (0.5)
-                prev_x0 = alpha_prod_t_prev ** (0.5)
-                prev_sample = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5)  # times the predicted epsilon
-                noise_std = None
-            step = _DenoiseStep(unet_t=unet_t, eps_coeff=beta_prod_t ** (0.5), x0_div=alpha_prod_t ** (0.5),
-                                prev_x0_coeff=prev_x0, prev_sample_coeff=prev_sample, noise_std=noise_std)
-            if noise_std is not None:
-                step.noise_index = draws
-                draws += 1
-            steps.append(step)
-        return steps
 
     def _unet(self, sample: Tensor, step: _DenoiseStep, global_cond: Tensor) -> Tensor:
         with self.options.autocast():
@@ -689,46 +915,33 @@ class DiffusionEngine:
         return sample
 
     def _draw_noise(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Initial sample then one draw per noisy step, in the order diffusers would draw them."""
+        """Initial sample then one draw per noisy step, in the order diffusers draws them; a zero row last."""
         shape = (1, self.horizon, self.action_dim)
         noise = torch.randn(shape, dtype=torch.float32, device=self.device, generator=generator)
-        step_noise = torch.empty((max(1, self.noise_draws), *shape), dtype=torch.float32, device=self.device)
+        step_noise = torch.zeros((self.noise_draws + 1, *shape), dtype=torch.float32, device=self.device)
         for index in range(self.noise_draws):
             torch.randn(shape, generator=generator, out=step_noise[index])
         return noise, step_noise
 
     # -------------------------------------------------------------- encoder
-    def _encode(self, images: Tensor, state: Tensor) -> Tensor:
-        """One frame: images (1, n_cams, 3, H, W), state (1, D), normalised -> fp32 conditioning (1, C)."""
-        batch = {STATE_KEY: state.unsqueeze(1), "observation.images": images.unsqueeze(1)}
+    def _encode_inputs(self, *tensors: Tensor) -> Tensor:
+        """One frame's inputs (uint8 images, state; or already normalised) -> fp32 conditioning (1, C)."""
+        batch = self.prepare(dict(zip(self.input_keys, tensors, strict=True)))
+        images = torch.stack([batch[key] for key in self.config.image_features], dim=1)  # (1, n_cams, 3, H, W)
+        frame = {STATE_KEY: batch[STATE_KEY].unsqueeze(1), "observation.images": images.unsqueeze(1)}
         with self.options.autocast():
-            return self.model._prepare_global_conditioning(batch).float()
+            return self.model._prepare_global_conditioning(frame).float()
 
     # -------------------------------------------------------------- public
     @torch.no_grad()
-    def chunk(self, session: Session, batch: dict[str, Tensor]) -> Tensor:
-        images = torch.stack([batch[key] for key in self.config.image_features], dim=1)  # (1, n_cams, 3, H, W)
-        state = batch[STATE_KEY]
-        if self.options.cuda_graphs:
-            if self._encode_graph is None:
-                self._encode_graph = CudaGraph(self._encode, [images, state])
-            cond = self._encode_graph(images, state).clone()
-        else:
-            cond = self._encode(images, state)
-        history = list(session.history)
-        if not history:
-            # LeRobot fills an empty queue with copies of the first observation.
-            history = [cond] * (self.n_obs_steps - 1)
-        frames = [*history[-(self.n_obs_steps - 1):], cond] if self.n_obs_steps > 1 else [cond]
+    def chunk(self, session: Session, inputs: dict[str, Tensor]) -> Tensor:
+        cond = self.encode(*(inputs[key] for key in self.input_keys)).clone()
+        history = list(session.history) or [cond] * (self.n_obs_steps - 1)  # LeRobot repeats the first frame
+        frames = [*history[len(history) - (self.n_obs_steps - 1):], cond] if self.n_obs_steps > 1 else [cond]
         global_cond = torch.cat(frames, dim=-1)
         if self.mirrored:
             noise, step_noise = self._draw_noise(session.generator)
-            if self.options.cuda_graphs:
-                if self._sample_graph is None:
-                    self._sample_graph = CudaGraph(self._sample, [global_cond, noise, step_noise])
-                sample = self._sample_graph(global_cond, noise, step_noise)
-            else:
-                sample = self._sample(global_cond, noise, step_noise)
+            sample = self.sample(global_cond, noise, step_noise)
         else:
             self.model.noise_scheduler = self.scheduler
             self.model.num_inference_steps = self.num_steps
@@ -750,13 +963,21 @@ class DiffusionEngine:
                 "horizon": self.horizon, "mirrored_sampler": self.mirrored}
 
 
-class ChunkEngine:
-    """Single-observation chunking policies (ACT and other ``predict_action_chunk`` policies)."""
+# ------------------------------------------------------------------------------------------------
+# Single-observation chunking policies (ACT, ...)
+# ------------------------------------------------------------------------------------------------
 
-    def __init__(self, policy: Any, options: SpeedOptions) -> None:
+
+class ChunkEngine:
+    """Policies with ``n_obs_steps == 1`` whose ``predict_action_chunk`` returns the chunk (ACT, ...)."""
+
+    def __init__(self, policy: Any, options: SpeedOptions, prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                 input_keys: list[str]) -> None:
         self.policy = policy
         self.options = options
         self.config = policy.config
+        self.prepare = prepare
+        self.input_keys = input_keys
         if getattr(self.config, "n_obs_steps", 1) != 1:
             raise CheckpointError(f"policy type '{self.config.type}' with n_obs_steps={self.config.n_obs_steps} is "
                                   "not supported (only DiffusionPolicy keeps an observation history here)")
@@ -764,40 +985,28 @@ class ChunkEngine:
         if not options.exact:
             torch.backends.cudnn.benchmark = True
         policy.to(dtype=options.dtype)
-        self.keys = [*self.config.image_features, STATE_KEY]
-        self.forward: Callable[..., Tensor] = self._forward
+        forward: Callable[..., Tensor] = self._forward
         if options.compile:
-            self.forward = torch.compile(self._forward, dynamic=False)
-        self._graph: CudaGraph | None = None
-        self.use_graph = options.cuda_graphs
+            forward = torch.compile(self._forward, dynamic=False)
+        self.forward = forward
+        # The device context only while recording: eagerly it would only add per-op overhead.
+        self.run = MaybeGraphed(self._forward_on_device if options.cuda_graphs else self.forward,
+                                f"{self.config.type} forward", options.cuda_graphs)
 
     def _forward(self, *tensors: Tensor) -> Tensor:
-        batch = dict(zip(self.keys, tensors, strict=True))
+        batch = self.prepare(dict(zip(self.input_keys, tensors, strict=True)))
         with self.options.autocast():
             return self.policy.predict_action_chunk(batch)[:, : self.n_action_steps].float()
 
     def _forward_on_device(self, *tensors: Tensor) -> Tensor:
-        # Tensors LeRobot creates without a device (ACT: torch.zeros(...).to(device)) are made on the GPU
-        # directly: a CPU-to-GPU copy cannot be recorded in a CUDA graph.
+        # Tensors LeRobot creates without a device (ACT: torch.zeros(...).to(device)) are made on the
+        # device directly: a CPU-to-GPU copy cannot be recorded in a CUDA graph.
         with torch.device(self.options.device):
             return self.forward(*tensors)
 
     @torch.no_grad()
-    def chunk(self, session: Session, batch: dict[str, Tensor]) -> Tensor:
-        tensors = [batch[key] for key in self.keys]
-        if self.use_graph:
-            if self._graph is None:
-                try:
-                    self._graph = CudaGraph(self._forward_on_device, tensors)
-                except RuntimeError as exc:
-                    # A model doing something a capture cannot hold (a host sync, a CPU tensor copied over).
-                    log.warning("CUDA graph capture of %s failed (%s); running without graphs",
-                                self.config.type, str(exc).splitlines()[0])
-                    self.use_graph = False
-                    torch.cuda.synchronize()
-                    return self.forward(*tensors)
-            return self._graph(*tensors).clone()
-        return self.forward(*tensors)
+    def chunk(self, session: Session, inputs: dict[str, Tensor]) -> Tensor:
+        return self.run(*(inputs[key] for key in self.input_keys)).clone()
 
     @property
     def chunk_length(self) -> int:
@@ -834,16 +1043,15 @@ def load_lerobot_policy(path: Path, device: torch.device) -> tuple[Any, Any, Any
         policy_config.pretrained_backbone_weights = None
     if getattr(policy_config, "compile_model", False):
         policy_config.compile_model = False  # the node compiles (or not) according to policy.compile
-    policy = get_policy_class(policy_config.type).from_pretrained(path, config=policy_config, local_files_only=True)
-    policy.eval()
-    overrides = {"device_processor": {"device": device.type}}
     processor_files = ("policy_preprocessor.json", "policy_postprocessor.json")
     missing = [name for name in processor_files if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path}: missing {missing}; the node needs the processors with the normalisation "
                               "stats (lerobot-train and save_pretrained write them)")
-    preprocessor, postprocessor = make_pre_post_processors(policy_config, pretrained_path=str(path),
-                                                           preprocessor_overrides=overrides)
+    policy = get_policy_class(policy_config.type).from_pretrained(path, config=policy_config, local_files_only=True)
+    policy.eval()
+    preprocessor, postprocessor = make_pre_post_processors(
+        policy_config, pretrained_path=str(path), preprocessor_overrides={"device_processor": {"device": device.type}})
     return policy_config, policy, preprocessor, postprocessor
 
 
@@ -865,18 +1073,19 @@ class PolicyRuntime:
         if problems:
             raise CheckpointError(f"checkpoint {self.path} does not match the config: " + "; ".join(problems))
         self.options = SpeedOptions.from_config(settings, self.device)
-        if self.options.dtype != torch.float32 or not self.options.exact:
-            torch.set_float32_matmul_precision("high")
-        if self.policy_config.type == "diffusion":
-            self.engine: DiffusionEngine | ChunkEngine = DiffusionEngine(self.policy, self.options)
-        else:
-            self.engine = ChunkEngine(self.policy, self.options)
-        self.normaliser = Normaliser(self.preprocessor, self.postprocessor)
+        if not self.options.exact:
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls: the fast paths are not exact anyway
         self.cameras = {camera_name(key): [int(feature.shape[1]), int(feature.shape[2]), 3]
                         for key, feature in self.policy_config.image_features.items()}
         self.state_dim = len(config.state_names())
         self.action_dim = len(config.action_names())
-        self.images = ImageLoader(self.cameras, self.device)
+        input_keys = [*self.policy_config.image_features, STATE_KEY]
+        self.normaliser = Normaliser(self.preprocessor, self.postprocessor, input_keys, self.device)
+        # Normalisation runs inside the model call (and its CUDA graph) when it can; else beforehand.
+        prepare = self.normaliser.prepare if self.normaliser.direct else _already_prepared
+        engine_type = DiffusionEngine if self.policy_config.type == "diffusion" else ChunkEngine
+        self.engine: DiffusionEngine | ChunkEngine = engine_type(self.policy, self.options, prepare, input_keys)
+        self.inputs = InputLoader(self.cameras, self.state_dim, self.device)
         history = getattr(self.policy_config, "n_obs_steps", 1)
         self.sessions = SessionStore(settings.max_sessions, settings.seed, history, self.device)
         self.contract = PolicyContract(
@@ -892,8 +1101,7 @@ class PolicyRuntime:
             untrained=bool(self.sidecar.get("untrained", False)),
             device=str(self.device),
             extra={"dtype": settings.dtype, "compile": self.options.compile, "cuda_graphs": self.options.cuda_graphs,
-                   "conv_as_matmul": self.options.conv_as_matmul, "exact": self.options.exact,
-                   **self.engine.describe()},
+                   "fast_unet": self.options.fast_unet, "exact": self.options.exact, **self.engine.describe()},
         )
 
     def _sync(self) -> None:
@@ -902,23 +1110,20 @@ class PolicyRuntime:
 
     @torch.no_grad()
     def infer(self, client: str, request: Message) -> ChunkResult:
+        """One chunk for ``client``. Timings are host wall times per stage; GPU work queued in one stage
+        and finished in a later one counts there (the chunk's copy to the host waits for all of it)."""
         start = time.perf_counter()
         obs = validate_request(request, self.cameras, self.state_dim)
-        uint8_images = self.images.load(obs)
-        self._sync()
+        inputs = self.inputs.load(obs)
         decoded = time.perf_counter()
-        # LeRobot's convention for robot frames: float32 in [0, 1], channels first.
-        images = {name: image.to(torch.float32) / 255 for name, image in uint8_images.items()}
-        state = torch.from_numpy(obs.state.copy()).to(self.device)
-        batch = self.normaliser.normalise(images, state)
-        self._sync()
+        if not self.normaliser.direct:
+            inputs = self.normaliser.prepare(inputs)
         preprocessed = time.perf_counter()
         session = self.sessions.get(client)
-        actions = self.engine.chunk(session, batch)
+        actions = self.engine.chunk(session, inputs)
         self._sync()
         inferred = time.perf_counter()
-        chunk = self.normaliser.unnormalise(actions.float())
-        chunk = chunk.reshape(-1, self.action_dim).to("cpu", torch.float32).numpy()
+        chunk = self.normaliser.unnormalise(actions).reshape(-1, self.action_dim).to("cpu", torch.float32).numpy()
         finished = time.perf_counter()
         if not np.all(np.isfinite(chunk)):
             # Never pass non-finite actions on: the actuator would have to catch them.
@@ -951,3 +1156,6 @@ class PolicyRuntime:
         self.sessions.sessions.pop("__warmup__", None)
         return durations
 
+
+def _already_prepared(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return batch

@@ -14,6 +14,7 @@ from common.config import load_config
 from common.policy_runtime import (
     CheckpointError,
     MatmulConv1d,
+    MatmulConvTranspose1d,
     PolicyRuntime,
     SessionStore,
     layout_differences,
@@ -28,6 +29,7 @@ LIFT_CAMERAS = {"front": [480, 640, 3], "wrist": [480, 640, 3]}
 
 
 def make_runtime(tmp_path: Path, checkpoint: Path, task: str = "lift", **policy: object) -> PolicyRuntime:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_config(tmp_path, task, {"policy": {"checkpoint": str(checkpoint), "cpu_threads": 1, **policy}})
     return PolicyRuntime(load_config(path))
 
@@ -108,25 +110,48 @@ def test_ddpm_override_matches_lerobot_ddpm(tiny_checkpoint, tmp_path: Path) -> 
     np.testing.assert_allclose(chunk, expected, rtol=1e-5, atol=2e-3)
 
 
-def test_matmul_conv1d_computes_the_same_convolution() -> None:
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(1, 1, 0), (3, 1, 1), (5, 1, 2), (3, 2, 1)])
+def test_matmul_conv1d_computes_the_same_convolution(kernel: int, stride: int, padding: int) -> None:
     torch.manual_seed(0)
-    for kernel in (1, 3, 5):
-        conv = torch.nn.Conv1d(24, 40, kernel, padding=kernel // 2)
-        assert MatmulConv1d.convertible(conv)
-        x = torch.randn(1, 24, 16)
-        np.testing.assert_allclose(MatmulConv1d(conv)(x).detach().numpy(), conv(x).detach().numpy(), rtol=1e-4,
-                                   atol=1e-5)
-    assert not MatmulConv1d.convertible(torch.nn.Conv1d(8, 8, 3, stride=2, padding=1))
+    conv = torch.nn.Conv1d(24, 40, kernel, stride=stride, padding=padding)
+    assert MatmulConv1d.convertible(conv)
+    x = torch.randn(1, 24, 16)
+    np.testing.assert_allclose(MatmulConv1d(conv)(x).detach().numpy(), conv(x).detach().numpy(), rtol=1e-4,
+                               atol=1e-5)
 
 
-def test_conv_as_matmul_runtime_stays_close_to_exact(lift_diffusion: PolicyRuntime, tiny_checkpoint,
-                                                     tmp_path: Path) -> None:
-    fast = make_runtime(tmp_path, tiny_checkpoint("lift", "diffusion"), conv_as_matmul=True)
-    assert fast.contract.extra["exact"] is False
-    msg = observation(fast.config, 4)
+def test_matmul_conv_transpose1d_computes_the_same_convolution() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.ConvTranspose1d(24, 40, 4, stride=2, padding=1)  # LeRobot's UNet upsampling layer
+    assert MatmulConvTranspose1d.convertible(conv)
+    x = torch.randn(1, 24, 8)
+    ours = MatmulConvTranspose1d(conv)(x).detach().numpy()
+    assert ours.shape == (1, 40, 16)
+    np.testing.assert_allclose(ours, conv(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["DDIM", "DDPM"])
+def test_fast_unet_stays_close_to_exact(scheduler: str, tiny_checkpoint, tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint("lift", "diffusion")
+    exact = make_runtime(tmp_path / "exact", checkpoint, noise_scheduler=scheduler, num_inference_steps=10)
+    fast = make_runtime(tmp_path / "fast", checkpoint, noise_scheduler=scheduler, num_inference_steps=10,
+                        fast_unet=True)
+    assert fast.contract.extra["exact"] is False and exact.contract.extra["exact"] is True
+    for seed in (4, 5):  # the second request uses the history and the generator's next draws
+        msg = observation(fast.config, seed)
+        np.testing.assert_allclose(fast.infer("robot-a", msg).actions, exact.infer("robot-a", msg).actions,
+                                   rtol=1e-4, atol=1e-2)
+
+
+def test_bf16_runs_and_stays_near_fp32(lift_diffusion: PolicyRuntime, tiny_checkpoint, tmp_path: Path) -> None:
+    bf16 = make_runtime(tmp_path, tiny_checkpoint("lift", "diffusion"), dtype="bf16", fast_unet=True)
+    msg = observation(bf16.config, 9)
     lift_diffusion.reset("robot-a")
-    exact = lift_diffusion.infer("robot-a", msg).actions
-    np.testing.assert_allclose(fast.infer("robot-a", msg).actions, exact, rtol=1e-4, atol=1e-2)
+    reference = lift_diffusion.infer("robot-a", msg).actions
+    chunk = bf16.infer("robot-a", msg).actions
+    joint_range = np.array(bf16.config.upper_limits()) - np.array(bf16.config.lower_limits())
+    # Untrained weights amplify rounding; bf16 keeps about 3 significant digits per operation.
+    assert np.all(np.abs(chunk - reference) <= 0.1 * joint_range)
 
 
 def test_act_chunk_matches_lerobot_for_two_arms(tiny_checkpoint, tmp_path: Path) -> None:
