@@ -107,8 +107,8 @@ class Supervised:
             if self.all_ready():
                 return time.monotonic() - start
             time.sleep(0.25)
-        raise AssertionError(f"not all ready after {timeout_s}s: {[(p.name, p.state, p.ready) for p in self.processes()]}"
-                             f"\n{self.log_tails()}")
+        states = [(p.name, p.state, p.ready) for p in self.processes()]
+        raise AssertionError(f"not all ready after {timeout_s}s: {states}\n{self.log_tails()}")
 
     def wait_ready(self, name: str, *, other_pid: int = 0, timeout_s: float = 120.0) -> ProcessStatus:
         """Wait until ``name`` is RUNNING and ready (and, with ``other_pid``, running as a new process)."""
