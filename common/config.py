@@ -82,7 +82,10 @@ class ArmConfig:
     def bus_lock_path(self) -> str:
         if self.lock_file:
             return self.lock_file
-        return f"/tmp/armpipe-bus-{self.port.strip('/').replace('/', '_')}.lock"
+        # The real device, so that two spellings of one port (/dev/serial/by-id/..., /dev/ttyACM0, the
+        # emulator's link to /dev/pts/N) share one lock. Resolved at connect time: the target can change.
+        device = os.path.realpath(REPO_ROOT / os.path.expanduser(self.port))
+        return f"/tmp/armpipe-bus-{device.strip('/').replace('/', '_')}.lock"
 
 
 @dataclass

@@ -212,6 +212,11 @@ class ArmBus:
                     f"arm `{self.name}`: serial port {self.port} does not exist. Plug in the arm's controller board "
                     "and find its port with `lerobot-find-port` (then set arms.<arm>.port), or start the servo "
                     "emulator: python -m nodes.servo_emulator --config <deployment.yaml> --name <arm>")
+            lock_path = Path(self.arm.bus_lock_path())  # follows the port's current real device
+            if lock_path != self.lock_path and self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self.lock_path = lock_path
             self.calibration_path, calibration = load_calibration(self.arm)
             bus = FeetechMotorsBus(port=self.port, motors=so101_motors(self.arm.use_degrees),
                                    calibration=calibration)

@@ -8,6 +8,7 @@ The normal run lasts ``ARMPIPE_BUS_SOAK_S`` seconds (default 8) of concurrent tr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from common.config import load_config
 from common.protocol import KIND_STATE, Message
 from common.transport import LatestSubscriber, SocketFactory
 
+log = logging.getLogger(__name__)
 SOAK_S = float(os.environ.get("ARMPIPE_BUS_SOAK_S", "8"))
 
 
@@ -94,6 +96,9 @@ def run_shared_bus(tmp_path: Path, procs: list[NodeProcess], seconds: float) -> 
     stats = emulator_stats(path)
     assert stats["corrupt_packets"] == 0 and stats["discarded_bytes"] == 0 and stats["bad_params"] == 0, stats
     assert stats["instructions"]["sync_write"] >= written["writes"]
+    log.info("shared bus %.0f s: %d states, reader bus %s; writer %s; emulator packets %d, corrupt %d", seconds,
+             len(states), reader_bus, {k: written[k] for k in ("writes", "corrupt", "timeouts", "raised")},
+             stats["packets"], stats["corrupt_packets"])
 
 
 def test_state_reader_and_writer_share_one_bus_without_corruption(tmp_path: Path,
@@ -104,3 +109,46 @@ def test_state_reader_and_writer_share_one_bus_without_corruption(tmp_path: Path
 @pytest.mark.skipif(os.environ.get("ARMPIPE_BUS_LONG_SOAK") != "1", reason="60 s soak: set ARMPIPE_BUS_LONG_SOAK=1")
 def test_shared_bus_long_soak(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
     run_shared_bus(tmp_path, node_processes, 60.0)
+
+
+def test_arm_bus_interface(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    """What the actuator relies on: idempotent connect, validated goals, torque handling, LeRobot's motor table."""
+    from lerobot.robots.so_follower import SO101Follower, SO101FollowerConfig
+
+    from common.feetech_bus import ArmBus, so101_motors
+
+    path = write_config(tmp_path, "lift", {"emulator": {"speed_deg_s": 720, "lag_s": 0.0}})
+    arm = load_config(path).arms["main"]
+    emulator = NodeProcess("servo_emulator", path, name="main").start()
+    node_processes.append(emulator)
+    emulator.wait_ready(30)
+    # The same motor table and norm modes as LeRobot's own SO-101 follower.
+    follower = SO101Follower(SO101FollowerConfig(port=arm.port, id="so101_main", calibration_dir=tmp_path / "cal"))
+    assert so101_motors() == follower.bus.motors
+
+    first = ArmBus(arm, name="main")
+    first.connect()
+    first.connect()  # idempotent
+    assert first.joint_names == arm.joint_names() and not first.torque_enabled
+    rest = first.read_positions()
+    assert rest.dtype == np.float32 and rest.shape == (6,)
+    for bad, field in ((np.full(6, np.nan, np.float32), "NaN"), (np.zeros(5, np.float32), "shape")):
+        with pytest.raises(ValueError, match="goals") as raised:
+            first.write_goals(bad)
+        assert field in str(raised.value)
+    assert not first.torque_enabled  # refused goals never reached the bus
+    goal = rest + np.array([10, -10, 10, -10, 20, 15], np.float32)
+    first.write_goals(goal)  # switches torque on at the present pose, then moves
+    assert first.torque_enabled
+    wait_for(lambda: np.abs(first.read_positions() - goal).max() < 0.5, 10.0)
+    first.disconnect()  # leaves torque on: the arm keeps holding
+
+    second = ArmBus(arm, name="main")
+    second.connect()  # nothing to configure, torque already on
+    assert second.torque_enabled
+    np.testing.assert_allclose(second.read_positions(), goal, atol=0.5)
+    second.disable_torque()
+    second.disconnect()
+    stats = emulator_stats(path)
+    assert [servo["torque"] for servo in stats["servos"].values()] == [0] * 6
+    assert stats["corrupt_packets"] == 0
