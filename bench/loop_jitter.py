@@ -188,12 +188,11 @@ def machine() -> str:
             f"Python {platform.python_version()}, load average {load[0]:.2f} at start")
 
 
-def markdown(summaries: list[dict[str, Any]], host: str, config: str, seconds: float) -> str:
+def markdown(summaries: list[dict[str, Any]], host: str, command: str) -> str:
     lines = [
         "# Actuator loop jitter",
         "",
-        f"`python -m bench.loop_jitter --config {config} --seconds {seconds:g}`"
-        f"{' --baseline' if len(summaries) > 1 else ''}",
+        f"`python -m bench.loop_jitter {command}`",
         "",
         f"Machine: {host}. Actuator in dry-run; all nodes as real processes on this machine.",
         "",
@@ -224,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="", help="pretrained_model dir; default: build a tiny one")
     parser.add_argument("--camera-fps", type=int, default=0, help="override every camera's fps (0: config)")
     parser.add_argument("--baseline", action="store_true", help="also measure the actuator alone first")
+    parser.add_argument("--nice", type=int, default=0, help="actuator.nice for the measured actuator(s)")
+    parser.add_argument("--policy-steps", type=int, default=2,
+                        help="policy.num_inference_steps (diffusion); few steps keep a CPU policy near real time")
     parser.add_argument("--markdown", default="", help="write the result table to this file")
     parser.add_argument("--json", default="", help="write the raw summary to this file")
     args = parser.parse_args(argv)
@@ -241,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
 
             log.info("building a tiny diffusion checkpoint for %s", base.task)
             checkpoint = build_checkpoint(base, work / "checkpoint", policy_type="diffusion", size="tiny")
-        config_path = bench_config(source, work, checkpoint, {})
+        # A generous policy timeout: on a loaded CPU a reply can take seconds, and the bench measures the
+        # loop, not whether the policy counts as unreachable.
+        config_path = bench_config(source, work, checkpoint, {
+            "policy": {"timeout_s": 10.0, "num_inference_steps": args.policy_steps},
+            "actuator": {"nice": args.nice}})
         if args.camera_fps:
             raw = yaml.safe_load(config_path.read_text())
             for cam in raw["cameras"].values():
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             processes.stop()
     for summary in summaries:
         print(json.dumps(summary, indent=2))
-    text = markdown(summaries, host, args.config, args.seconds)
+    text = markdown(summaries, host, " ".join(argv if argv is not None else sys.argv[1:]))
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,54 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
+from bench.harness import free_endpoint, free_port, write_config  # noqa: F401  (re-exported for tests)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_endpoint() -> str:
-    return f"tcp://127.0.0.1:{free_port()}"
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def write_config(tmp_path: Path, task: str = "lift", overrides: dict[str, Any] | None = None) -> Path:
-    """Copy ``configs/<task>.yaml`` with every endpoint on a free port and run files under tmp_path.
-
-    ``overrides`` is deep-merged afterwards (e.g. ``{"policy": {"checkpoint": str(path)}}``).
-    """
-    raw = yaml.safe_load((REPO_ROOT / "configs" / f"{task}.yaml").read_text())
-    for cam in raw.get("cameras", {}).values():
-        cam["endpoint"] = free_endpoint()
-    for name, arm in raw.get("arms", {}).items():
-        arm["state_endpoint"] = free_endpoint()
-        arm["port"] = str(tmp_path / f"so101_{name}.tty")
-        arm["lock_file"] = str(tmp_path / f"bus_{name}.lock")
-    policy_port = free_port()
-    raw["policy"]["bind"] = f"tcp://127.0.0.1:{policy_port}"
-    raw["policy"]["endpoint"] = f"tcp://127.0.0.1:{policy_port}"
-    raw["actuator"]["control_endpoint"] = free_endpoint()
-    raw["actuator"]["events_endpoint"] = free_endpoint()
-    raw["player"]["gt_endpoint"] = free_endpoint()
-    raw["monitor"]["port"] = free_port()
-    raw["run_dir"] = str(tmp_path / "run")
-    raw["recorder"]["output_dir"] = str(tmp_path / "recordings")
-    _deep_merge(raw, overrides or {})
-    path = tmp_path / f"{task}.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 class NodeProcess:

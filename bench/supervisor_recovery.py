@@ -1,0 +1,112 @@
+"""Start-up and recovery times of the demo pipeline under the real supervisord.conf.
+
+    .venv/bin/python -m bench.supervisor_recovery [--task lift] [--tries 3] [--markdown FILE]
+
+Measures (on the monotonic clock of this machine):
+- start to first executed action: from ``supervisord`` starting to the actuator's first non-hold tick;
+- recovery after ``supervisorctl restart <node>`` and after ``kill -9`` of the node (supervisord's
+  autorestart brings it back): from the command to the next 3 executed (non-hold) actions.
+Each node is tried ``--tries`` times both ways; p50 and max are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.harness import ActuatorWatch, Supervised, free_port, write_config
+from common.checkpoint_maker import build_checkpoint
+from common.config import REPO_ROOT, load_config
+from common.demo_data import DemoSpec, generate_demo_dataset
+
+log = logging.getLogger("bench.supervisor_recovery")
+
+
+def prepare(task: str, workdir: Path) -> tuple[Path, int]:
+    """A deployment config on free ports with its own small demo dataset and tiny checkpoint."""
+    base = load_config(REPO_ROOT / "configs" / f"{task}.yaml")
+    dataset = generate_demo_dataset(base, workdir / f"{task}-demo", DemoSpec(episodes=2, frames=150),
+                                    repo_id=f"armpipe/{task}-demo")
+    checkpoint = build_checkpoint(base, workdir / "ckpt", policy_type="diffusion", size="tiny", dataset_root=dataset)
+    supervisor_port = free_port()
+    path = write_config(workdir, task, {
+        "player": {"dataset": str(dataset)},
+        "policy": {"checkpoint": str(checkpoint), "timeout_s": 5.0},
+        "monitor": {"supervisor_url": f"http://127.0.0.1:{supervisor_port}/RPC2"},
+    })
+    return path, supervisor_port
+
+
+def measure(task: str, tries: int) -> tuple[float, dict[str, dict[str, list[float]]]]:
+    with tempfile.TemporaryDirectory(prefix="armpipe-recovery-") as tmp:
+        workdir = Path(tmp)
+        config_path, supervisor_port = prepare(task, workdir)
+        stack = Supervised("demo", task, config_path, workdir / "run", supervisor_port)
+        watch = ActuatorWatch(stack.config.actuator.events_endpoint)
+        try:
+            stack.start()
+            first_action = watch.wait_acting(since=0.0, count=1, timeout_s=600) - stack.started_at
+            stack.wait_all_ready(timeout_s=300)
+            results: dict[str, dict[str, list[float]]] = {}
+            for proc in stack.processes():
+                name = proc.name
+                results[name] = {"restart": [], "kill -9": []}
+                for attempt in range(tries):
+                    watch.wait_acting(since=time.monotonic(), count=3, timeout_s=300)
+                    old = stack.process(name).pid
+                    start = time.monotonic()
+                    stack.ctl("restart", stack.full_name(name), check=True)
+                    results[name]["restart"].append(watch.wait_acting(since=start, count=3, timeout_s=300) - start)
+                    stack.wait_ready(name, other_pid=old)
+                    watch.wait_acting(since=time.monotonic(), count=3, timeout_s=300)
+                    start = time.monotonic()
+                    killed = stack.kill9(name)
+                    stack.wait_ready(name, other_pid=killed)
+                    results[name]["kill -9"].append(watch.wait_acting(since=start, count=3, timeout_s=300) - start)
+                    log.info("%s try %d: restart %.1fs, kill -9 %.1fs", name, attempt + 1,
+                             results[name]["restart"][-1], results[name]["kill -9"][-1])
+            return first_action, results
+        finally:
+            watch.close()
+            stack.shutdown()
+
+
+def to_markdown(task: str, tries: int, first_action: float, results: dict[str, dict[str, list[float]]]) -> str:
+    lines = [
+        f"Demo role, task `{task}`, CPU policy (tiny diffusion), {tries} tries per node and way.",
+        "",
+        f"- start (`supervisord` launched) to first executed action: **{first_action:.1f} s**",
+        "",
+        "| node | restart p50 s | restart max s | kill -9 p50 s | kill -9 max s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, ways in results.items():
+        restart, kill = ways["restart"], ways["kill -9"]
+        lines.append(f"| {name} | {statistics.median(restart):.1f} | {max(restart):.1f} | "
+                     f"{statistics.median(kill):.1f} | {max(kill):.1f} |")
+    lines.append("")
+    lines.append("Recovery = from the command to the third executed (non-hold) action after it; the actuator "
+                 "holds position throughout the gap.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="lift", choices=["lift", "stack", "sort"])
+    parser.add_argument("--tries", type=int, default=3)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    first_action, results = measure(args.task, args.tries)
+    table = to_markdown(args.task, args.tries, first_action, results)
+    log.info("\n%s", table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
