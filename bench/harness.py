@@ -81,12 +81,14 @@ def write_config(tmp_path: Path, task: str = "lift", overrides: dict[str, Any] |
 class Supervised:
     """One supervisord instance running a role's programs for one deployment config."""
 
-    def __init__(self, role: str, task: str, config_path: Path, run_dir: Path, supervisor_port: int) -> None:
+    def __init__(self, role: str, task: str, config_path: Path, run_dir: Path, supervisor_port: int,
+                 *, netns: str = "") -> None:
         self.role = role
         self.task = task
         self.config_path = Path(config_path)
         self.run_dir = Path(run_dir)
         self.port = supervisor_port
+        self.netns = netns  # run supervisord (and so every program) inside this network namespace
         self.env = {
             **os.environ,
             "ARMPIPE_ROLE": role,
@@ -99,7 +101,8 @@ class Supervised:
             "HF_DATASETS_OFFLINE": "1",
         }
         self.config: DeploymentConfig = load_config(self.config_path)
-        self.client = SupervisorClient(f"http://127.0.0.1:{supervisor_port}/RPC2", timeout_s=5.0,
+        # The UNIX socket, not the TCP port: it also reaches a supervisord inside another network namespace.
+        self.client = SupervisorClient(f"unix://{self.run_dir.resolve()}/supervisor.sock", timeout_s=5.0,
                                        ready_dir=self.config.resolve(self.config.run_dir) / "ready")
         self.started_at = 0.0
 
@@ -107,8 +110,9 @@ class Supervised:
     def start(self) -> Supervised:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.started_at = time.monotonic()
-        subprocess.run([str(BIN / "supervisord"), "-c", str(REPO_ROOT / "supervisord.conf")], env=self.env,
-                       cwd=REPO_ROOT, check=True, timeout=30)
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        subprocess.run([*prefix, str(BIN / "supervisord"), "-c", str(REPO_ROOT / "supervisord.conf")],
+                       env=self.env, cwd=REPO_ROOT, check=True, timeout=30)
         return self
 
     def ctl(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
