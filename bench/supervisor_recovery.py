@@ -31,7 +31,8 @@ def prepare(task: str, workdir: Path) -> tuple[Path, int]:
     base = load_config(REPO_ROOT / "configs" / f"{task}.yaml")
     dataset = generate_demo_dataset(base, workdir / f"{task}-demo", DemoSpec(episodes=2, frames=150),
                                     repo_id=f"armpipe/{task}-demo")
-    checkpoint = build_checkpoint(base, workdir / "ckpt", policy_type="diffusion", size="tiny", dataset_root=dataset)
+    checkpoint = build_checkpoint(base, workdir / "ckpt", policy_type="diffusion", size="tiny", dataset_root=dataset,
+                                  chunk=48)
     supervisor_port = free_port()
     path = write_config(workdir, task, {
         "player": {"dataset": str(dataset)},

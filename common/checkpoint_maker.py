@@ -114,8 +114,13 @@ def dataset_stats(config: DeploymentConfig, dataset_root: Path) -> dict[str, dic
     return {key: {kind: np.asarray(value) for kind, value in stats[key].items()} for key in keys}
 
 
-def make_policy_config(config: DeploymentConfig, policy_type: str, size: str) -> Any:
-    """The LeRobot policy config for this layout; never asks for downloadable backbone weights."""
+def make_policy_config(config: DeploymentConfig, policy_type: str, size: str, chunk: int = 0) -> Any:
+    """The LeRobot policy config for this layout; never asks for downloadable backbone weights.
+
+    ``chunk`` > 0 sets the rows per reply of a tiny policy (DiffusionPolicy's ``n_action_steps`` with a
+    horizon to match, ACT's chunk). A chunk must outlast the policy's round trip, or every row is already
+    past when it arrives: on a 2-core CPU the demo uses 48 rows (1.6 s at 30 fps).
+    """
     inputs, outputs = policy_features(config)
     common: dict[str, Any] = {
         "input_features": inputs,
@@ -128,11 +133,14 @@ def make_policy_config(config: DeploymentConfig, policy_type: str, size: str) ->
         from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 
         if size == "tiny":
+            n_action_steps = chunk or 8
+            # The UNet halves the horizon once per down block: keep it a multiple of 4 covering the rows.
+            horizon = max(16, -(-(n_action_steps + 1) // 4) * 4)
             return DiffusionConfig(
                 **common,
                 n_obs_steps=2,
-                horizon=16,
-                n_action_steps=8,
+                horizon=horizon,
+                n_action_steps=n_action_steps,
                 # Resize inside the model: full 480x640 frames on the wire, a 60x80 ResNet input.
                 resize_shape=(60, 80),
                 crop_ratio=1.0,
@@ -150,8 +158,8 @@ def make_policy_config(config: DeploymentConfig, policy_type: str, size: str) ->
         if size == "tiny":
             return ACTConfig(
                 **common,
-                chunk_size=20,
-                n_action_steps=20,
+                chunk_size=chunk or 20,
+                n_action_steps=chunk or 20,
                 dim_model=64,
                 n_heads=2,
                 dim_feedforward=128,
@@ -165,7 +173,7 @@ def make_policy_config(config: DeploymentConfig, policy_type: str, size: str) ->
 
 
 def build_checkpoint(config: DeploymentConfig, output: Path, *, policy_type: str = "diffusion", size: str = "tiny",
-                     dataset_root: Path | None = None, seed: int = 0) -> Path:
+                     dataset_root: Path | None = None, seed: int = 0, chunk: int = 0) -> Path:
     """Write ``<output>/pretrained_model`` (a LeRobot checkpoint with untrained weights) and return it."""
     guard_lerobot_imports()
     import torch
@@ -183,7 +191,9 @@ def build_checkpoint(config: DeploymentConfig, output: Path, *, policy_type: str
         raise ValueError(f"cameras: expected one image shape for all cameras, got {sorted(shapes)}")
 
     torch.manual_seed(seed)
-    policy_config = make_policy_config(config, policy_type, size)
+    if chunk and size != "tiny":
+        raise ValueError("chunk: only tiny checkpoints take a chunk length; default ones keep LeRobot's")
+    policy_config = make_policy_config(config, policy_type, size, chunk)
     if dataset_root is not None:
         stats = dataset_stats(config, Path(dataset_root))
         stats_source = f"dataset {Path(dataset_root).resolve()}"
@@ -224,11 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="folder; the checkpoint goes to <output>/pretrained_model")
     parser.add_argument("--dataset", default=None, help="local LeRobot v3 dataset root whose meta/stats.json to use")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk", type=int, default=0, help="tiny only: rows per reply (default 8 diffusion, 20 ACT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s checkpoint_maker: %(message)s")
     config = load_config(args.config)
     path = build_checkpoint(config, Path(args.output), policy_type=args.policy_type, size=args.size,
-                            dataset_root=Path(args.dataset) if args.dataset else None, seed=args.seed)
+                            dataset_root=Path(args.dataset) if args.dataset else None, seed=args.seed,
+                            chunk=args.chunk)
     log.info("checkpoint: %s", path)
 
 

@@ -116,19 +116,21 @@ def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05, 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """``tiny_checkpoint(task="lift", policy_type="diffusion") -> Path`` of a real LeRobot
-    ``pretrained_model`` directory built by the project's checkpoint maker (cached per session)."""
-    cache: dict[tuple[str, str], Path] = {}
+    """``tiny_checkpoint(task="lift", policy_type="diffusion", chunk=0) -> Path`` of a real LeRobot
+    ``pretrained_model`` directory built by the project's checkpoint maker (cached per session).
+    ``chunk`` sets the rows per reply (0: the maker's default); whole-pipeline tests at 30 fps use a long
+    chunk so that rows outlast the CPU policy's round trip."""
+    cache: dict[tuple[str, str, int], Path] = {}
 
-    def get(task: str = "lift", policy_type: str = "diffusion") -> Path:
-        key = (task, policy_type)
+    def get(task: str = "lift", policy_type: str = "diffusion", chunk: int = 0) -> Path:
+        key = (task, policy_type, chunk)
         if key not in cache:
             from common.checkpoint_maker import build_checkpoint
             from common.config import load_config
 
             config = load_config(REPO_ROOT / "configs" / f"{task}.yaml")
-            output = tmp_path_factory.mktemp(f"ckpt-{task}-{policy_type}")
-            cache[key] = build_checkpoint(config, output, policy_type=policy_type, size="tiny")
+            output = tmp_path_factory.mktemp(f"ckpt-{task}-{policy_type}-{chunk}")
+            cache[key] = build_checkpoint(config, output, policy_type=policy_type, size="tiny", chunk=chunk)
         return cache[key]
 
     return get

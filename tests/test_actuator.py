@@ -214,6 +214,35 @@ def test_episode_state_machine_and_its_errors() -> None:
         episodes.start()
 
 
+def test_stop_holds_then_moves_to_the_rest_pose_at_rest_step_and_goes_idle() -> None:
+    from nodes.actuator import ControlCore
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "sort.yaml")
+    config.arms["right"].rest_pose = []  # this arm has no rest pose: it stays where it was
+    config.actuator.rest_step = 2.0
+    core = ControlCore(config)
+    core.set_contract(True, [])
+    core.start()
+    measured = np.zeros(12, np.float32)
+    assert core.tick(0.0, "", measured).reason == "queue_empty"
+    core.stop("success")
+    rest = np.asarray(config.arms["left"].rest_pose, np.float32)
+    previous = np.zeros(12, np.float32)
+    for tick in range(1, 200):
+        decision = core.tick(tick / 30, "", measured)
+        if core.episodes.state == IDLE and decision.reason != "stopped":
+            break
+        assert decision.hold and decision.reason == "stopped" and decision.write
+        assert np.max(np.abs(decision.target - previous)) <= 2.0 + 1e-6  # rest_step, below max_step 3
+        previous = decision.target
+    else:
+        pytest.fail("never reached the rest pose")
+    np.testing.assert_allclose(previous[:6], rest, atol=1e-3)
+    np.testing.assert_array_equal(previous[6:], np.zeros(6))
+    assert decision.reason == "idle" and decision.write is False
+    assert tick == 46  # the largest move (90 degrees) at 2 per tick, then one idle tick
+
+
 # ----------------------------------------------------------------------------------------------------
 # Control socket, no policy running
 # ----------------------------------------------------------------------------------------------------
@@ -475,8 +504,46 @@ def test_dry_run_never_writes_the_bus_and_a_normal_run_moves_the_emulated_servos
         wet.wait_ready(60)
         wait_for(lambda: np.max(np.abs(newest_position() - rest)) > 1.0, 120, interval_s=0.2,
                  message=f"the emulated servos never moved:\n{wet.log()[-3000:]}")
-        assert emulator_sync_writes(config) > writes_before
+        # The emulator writes its counters twice a second.
+        wait_for(lambda: emulator_sync_writes(config) > writes_before, 10, message="no sync write reached the bus")
         bus = control(config, "status").meta["bus"]["main"]
         assert bus["connected"] is True and bus["writes"] > 0
     finally:
         states.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lockstep (offline evaluation)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_lockstep_runs_row_j_of_the_chunk_from_frame_i_at_frame_i_plus_j(
+        tmp_path: Path, node_processes: list[NodeProcess], slow_checkpoint: Path) -> None:
+    # No step limit here, so the executed targets are the policy's rows themselves.
+    config_path = slow_config(tmp_path, slow_checkpoint, {"dry_run": True, "lockstep": True, "auto_start": True,
+                                                         "refill_rows": 0},
+                              arms={"main": {"max_step": [1000.0] * 6}})
+    config = load_config(config_path)
+    tap = EventTap(config)
+    feed = SensorFeed(config, position=np.array([0, -20, 20, 10, 0, 30], np.float32))
+    try:
+        start_policy(node_processes, config_path)
+        start_actuator(node_processes, config_path).wait_ready(60)
+        wait_for(lambda: control(config, "status").meta["state"] == "running", 30)
+        frames = 12
+        for frame in range(frames):
+            feed.publish_once(frame_index=frame)  # like the dataset player: frame k, then wait for its tick
+            tap.wait_action(lambda m, k=frame: m.meta["frame_index"] >= k, 60,
+                            message=f"no action for frame {frame}")
+    finally:
+        feed.close()
+        tap.close()
+    chunks = tap.events("chunk")
+    assert [c.meta["obs_t"] for c in chunks] == [0.0, 8.0]  # a chunk of 8 rows, asked for when none is left
+    assert all(c.meta["dropped_stale"] == 0 for c in chunks)
+    by_frame = {m.meta["frame_index"]: m for m in tap.actions() if m.meta["frame_index"] >= 0}
+    assert sorted(by_frame) == list(range(frames))
+    for frame, action in by_frame.items():
+        chunk = chunks[frame // 8].arrays["chunk"]
+        assert action.meta["hold"] is False
+        np.testing.assert_array_equal(action.arrays["action"], chunk[frame % 8])

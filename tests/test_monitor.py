@@ -119,13 +119,20 @@ SLEEPER = f"{sys.executable} -c \"import time; time.sleep(3600)\""
 
 
 def test_supervisor_client_status_readiness_and_restart(tmp_path: Path, supervisord_factory: Any) -> None:
-    supervisor = supervisord_factory({"sleeper": SLEEPER, "other": SLEEPER})
     ready_dir = tmp_path / "run" / "ready"
     ready_dir.mkdir(parents=True)
+    # A node behind a shell wrapper (sh does not exec it: "; true"): its ready file names the child's pid.
+    script = tmp_path / "wrapped_node.py"
+    script.write_text(f"import json, os, time\nopen({str(ready_dir / 'wrapped.json')!r}, 'w').write(json.dumps("
+                      "{'pid': os.getpid(), 'since': time.time()}))\ntime.sleep(3600)\n")
+    wrapped = f"sh -c '{sys.executable} {script}; true'"
+    supervisor = supervisord_factory({"sleeper": SLEEPER, "other": SLEEPER, "wrapped": wrapped})
     client = SupervisorClient(supervisor.url, ready_dir=ready_dir)
     wait_for(lambda: all(p.state == "RUNNING" for p in client.processes()), timeout_s=20)
+    wait_for(lambda: {p.name: p for p in client.processes()}["wrapped"].ready, timeout_s=20,
+             message="a wrapped node's readiness is not recognised")
     before = {p.name: p for p in client.processes()}
-    assert set(before) == {"sleeper", "other"}
+    assert set(before) == {"sleeper", "other", "wrapped"}
     assert before["sleeper"].pid > 0 and before["sleeper"].ready is False  # no readiness file yet
     # A readiness file counts only for the pid supervisord runs now.
     (ready_dir / "sleeper.json").write_text(json.dumps({"pid": before["sleeper"].pid, "since": time.time()}))
@@ -139,7 +146,7 @@ def test_supervisor_client_status_readiness_and_restart(tmp_path: Path, supervis
     assert restarted.ready is False  # the readiness file still names the old pid: stale until the node rewrites it
     with pytest.raises(UnknownProcess) as unknown:
         client.restart("nope")
-    assert "nope" in str(unknown.value) and unknown.value.known == ["other", "sleeper"]
+    assert "nope" in str(unknown.value) and unknown.value.known == ["other", "sleeper", "wrapped"]
     supervisor.stop()
     with pytest.raises(ConnectionError, match="not reachable"):
         client.processes()
@@ -293,7 +300,13 @@ def test_panel_in_chromium(tmp_path: Path, small_checkpoint: Path, supervisord_f
             try:
                 page = browser.new_page()
                 page.goto(f"http://127.0.0.1:{config.monitor.port}/")
-                drive_panel(page, expect, supervisor, config, tmp_path / "panel.png")
+                try:
+                    drive_panel(page, expect, supervisor, config, tmp_path / "panel.png")
+                except AssertionError as exc:
+                    page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+                    message = page.locator("#message").inner_text()
+                    logs = "\n".join(f"--- {name}\n{supervisor.log(name)}" for name in ("monitor", "actuator"))
+                    raise AssertionError(f"{exc}\npage message: {message!r}\n{logs}") from exc
             finally:
                 browser.close()
     finally:

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO_ROOT, NodeProcess, wait_for, write_config
 
 from common.config import load_config
+from common.episode_writer import finished_without_metrics, load_outcome
 from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
 from common.transport import LatestSubscriber, Publisher, SocketFactory
+from nodes.recorder import Finisher
 
 WIDTH, HEIGHT = 64, 64  # small frames: h264 needs even sizes; content still tells frames apart
 
@@ -159,36 +162,51 @@ def streams(tmp_path: Path) -> Any:
     streams.close()
 
 
-def test_kill_mid_episode_keeps_earlier_episodes_and_recovers_the_rest(streams: Any, node_processes: list) -> None:
-    config_path, pub = streams
-    config = load_config(config_path)
-    output_dir = Path(config.recorder.output_dir)
-    recorder = NodeProcess("recorder", config_path)
-    node_processes.append(recorder)
-    recorder.start().wait_ready(timeout_s=120)
-    pub.preroll()
-
-    pub.start_episode(output_dir, 0, "episode_000000")
-    run_episode(pub, 0, 40)
-    pub.event("episode_stop", episode_index=0, label="success", reason="stop")
-    wait_for(lambda: (output_dir / "episode_000000" / "meta" / "info.json").exists(), timeout_s=90,
-             message=f"episode 0 never finished:\n{recorder.log()[-3000:]}")
-    wait_for(lambda: read_metrics(output_dir), timeout_s=30, message="no metrics line for episode 0")
-
-    pub.start_episode(output_dir, 1, "episode_000001")
+def kill_mid_episode(pub: Streams, recorder: NodeProcess, output_dir: Path, episode_index: int, name: str,
+                     first_k: int) -> None:
+    """Start an episode, publish ticks continuously, and SIGKILL the recorder once 10 are journaled."""
+    pub.start_episode(output_dir, episode_index, name)
     running = threading.Event()
     running.set()
-    publisher = threading.Thread(target=run_episode, args=(pub, 1, 600), kwargs={"first_k": 100, "running": running})
+    publisher = threading.Thread(target=run_episode, args=(pub, episode_index, 600),
+                                 kwargs={"first_k": first_k, "running": running})
     publisher.start()
-    journal = output_dir / ".work" / "episode_000001" / "journal.jsonl"
+    journal = output_dir / ".work" / name / "journal.jsonl"
+    # LeRobot's staging PNGs of frame 12 exist: its image threads (2, first in first out) have finished
+    # every image of frames 0..9 (written after their journal lines).
+    staged = [output_dir / ".work" / name / "images" / f"observation.images.{camera}" / "episode-000000" /
+              "frame-000012.png" for camera in pub.config.cameras]
     try:
-        wait_for(lambda: journal.exists() and journal.read_text().count('"type":"tick"') >= 10, timeout_s=30,
-                 message="episode 1 never reached the journal")
+        wait_for(lambda: journal.exists() and journal.read_text().count('"type":"tick"') >= 13
+                 and all(path.exists() for path in staged), timeout_s=60,
+                 message=f"{name} never reached the journal")
         recorder.kill(signal.SIGKILL)  # mid-episode: ticks are still being published
         assert publisher.is_alive()
     finally:
         running.clear()
         publisher.join()
+    recorder.ready_path.unlink()  # SIGKILL left the dead process's readiness file behind
+
+
+def start_recorder(config_path: Path, node_processes: list) -> NodeProcess:
+    recorder = NodeProcess("recorder", config_path)
+    node_processes.append(recorder)
+    return recorder.start()
+
+
+def test_kill_mid_episode_keeps_earlier_episodes(streams: Any, node_processes: list) -> None:
+    config_path, pub = streams
+    output_dir = Path(load_config(config_path).recorder.output_dir)
+    recorder = start_recorder(config_path, node_processes).wait_ready(timeout_s=180)
+    pub.preroll()
+    pub.start_episode(output_dir, 0, "episode_000000")
+    run_episode(pub, 0, 40)
+    pub.event("episode_stop", episode_index=0, label="success", reason="stop")
+    wait_for(lambda: read_metrics(output_dir), timeout_s=90,
+             message=f"episode 0 never finished:\n{recorder.log()[-3000:]}")
+    # The player starts now (its imports take a while on a small machine) and replays episode 0 later.
+    replay = Replay(config_path.parent, output_dir / "episode_000000", node_processes)
+    kill_mid_episode(pub, recorder, output_dir, 1, "episode_000001", first_k=100)
 
     # The finished episode is untouched by the crash and loads with LeRobot.
     dataset = load_dataset(output_dir / "episode_000000")
@@ -198,68 +216,90 @@ def test_kill_mid_episode_keeps_earlier_episodes_and_recovers_the_rest(streams: 
     actions = np.stack([dataset.hf_dataset[i]["action"].numpy() for i in range(40)])
     np.testing.assert_allclose(states, np.stack([pub.state_for(k) for k in range(40)]))
     np.testing.assert_allclose(actions, np.stack([pub.action_for(k) for k in range(40)]))
-    item = dataset[39]
-    image = item["observation.images.front"]  # C,H,W float in [0,1], decoded from the mp4
+    image = dataset[39]["observation.images.front"]  # C,H,W float in [0,1], decoded from the mp4
     assert tuple(image.shape) == (3, HEIGHT, WIDTH)
     expected = image_for(0, 39).astype(np.float32) / 255.0
     assert np.abs(image.permute(1, 2, 0).numpy() - expected).mean() < 0.06  # lossy video, same picture
+    metrics = read_metrics(output_dir)
+    assert len(metrics) == 1 and metrics[0]["label"] == "success" and metrics[0]["frames"] == 40
+    assert not (output_dir / "episode_000001").exists()  # the interrupted one is not passed off as finished
+
+    # ... and replays through the real dataset player, on the streams cameras and state readers use.
+    replay.verify(dataset, states)
+
+
+def test_restart_rebuilds_the_interrupted_episode(streams: Any, node_processes: list) -> None:
+    config_path, pub = streams
+    output_dir = Path(load_config(config_path).recorder.output_dir)
+    recorder = start_recorder(config_path, node_processes).wait_ready(timeout_s=180)
+    pub.preroll()
+    kill_mid_episode(pub, recorder, output_dir, 4, "episode_000000", first_k=100)
+    journaled = (output_dir / ".work" / "episode_000000" / "journal.jsonl").read_text().count('"type":"tick"')
+
+    restarted = start_recorder(config_path, node_processes).wait_ready(timeout_s=180)
+    wait_for(lambda: read_metrics(output_dir), timeout_s=120,
+             message=f"episode not rebuilt:\n{restarted.log()[-3000:]}")
+    assert not (output_dir / ".work" / "episode_000000").exists()
+    recovered = load_dataset(output_dir / "episode_000000")
+    # Every frame complete on disk before the kill survives; ticks whose images were still queued are lost.
+    assert 10 <= recovered.num_frames <= journaled
+    for index in (0, recovered.num_frames - 1):
+        np.testing.assert_allclose(recovered.hf_dataset[index]["observation.state"].numpy(), pub.state_for(100 + index))
+        np.testing.assert_allclose(recovered.hf_dataset[index]["action"].numpy(), pub.action_for(100 + index))
     metrics = read_metrics(output_dir)[0]
-    assert metrics["label"] == "success" and metrics["frames"] == 40 and not metrics["recovered"]
-
-    # A restarted recorder rebuilds the interrupted episode from its journal and staged frames.
-    recorder.ready_path.unlink()  # SIGKILL left the dead process's readiness file behind
-    restarted = NodeProcess("recorder", config_path)
-    node_processes.append(restarted)
-    restarted.start().wait_ready(timeout_s=120)
-    recovered_root = output_dir / "episode_000001"
-    assert (recovered_root / "meta" / "info.json").exists()
-    assert not (output_dir / ".work" / "episode_000001").exists()
-    recovered = load_dataset(recovered_root)
-    assert 10 <= recovered.num_frames < 600
-    first_state = recovered.hf_dataset[0]["observation.state"].numpy()
-    np.testing.assert_allclose(first_state, pub.state_for(100))
-    lines = read_metrics(output_dir)
-    assert [line["episode"] for line in lines] == ["episode_000000", "episode_000001"]
-    assert lines[1]["recovered"] and lines[1]["stop_reason"] == "recorder_crashed"
+    assert metrics["recovered"] and metrics["stop_reason"] == "recorder_crashed"
+    assert metrics["actuator_episode"] == 4 and metrics["frames"] == recovered.num_frames
     summary = json.loads((output_dir / "summary.json").read_text())
-    assert summary["episodes"] == 2 and summary["success"] == 1 and summary["success_rate"] == 1.0
-    assert summary["recovered_episodes"] == ["episode_000001"]
+    assert summary["episodes"] == 1 and summary["recovered_episodes"] == ["episode_000000"]
 
-    # The earlier episode replays through the real dataset player (same streams as cameras/state readers).
-    replay_player(config_path.parent, output_dir / "episode_000000", node_processes)
+    # The restarted recorder records the next episode after it, without touching the rebuilt one.
+    pub.start_episode(output_dir, 5, "episode_000001")
+    run_episode(pub, 5, 20)
+    pub.event("episode_stop", episode_index=5, label="failure", reason="stop")
+    wait_for(lambda: len(read_metrics(output_dir)) == 2, timeout_s=90, message="episode after restart not saved")
+    assert load_dataset(output_dir / "episode_000001").num_frames == 20
+    assert load_dataset(output_dir / "episode_000000").num_frames == recovered.num_frames
 
 
-def replay_player(tmp_path: Path, episode_root: Path, node_processes: list) -> None:
-    (tmp_path / "replay").mkdir()
-    player_config = small_config(tmp_path / "replay")
-    config = load_config(player_config)
-    factory = SocketFactory()
-    subscriber = LatestSubscriber(factory, [config.cameras["front"].endpoint, config.player.gt_endpoint,
-                                            *(arm.state_endpoint for arm in config.arms.values())], hwm=256)
-    player = NodeProcess("dataset_player", player_config,
-                         args=[f"--player.dataset={episode_root}", f"--player.repo_id=armpipe/{episode_root.name}",
-                               "--player.loop=false"])
-    node_processes.append(player)
-    player.start().wait_ready(timeout_s=120)
-    seen: dict[str, list[Message]] = {"frame": [], "state": [], "gt": []}
+class Replay:
+    """The real dataset player replaying a recorded episode on its own endpoints, and a subscriber to them."""
 
-    def collect() -> bool:
-        for msg in subscriber.poll(0.1):
-            if msg.kind == KIND_FRAME:
-                seen["frame"].append(msg)
-            elif msg.kind == KIND_STATE:
-                seen["state"].append(msg)
-            elif msg.kind == KIND_ACTION and msg.meta.get("role") == "ground_truth":
-                seen["gt"].append(msg)
-        return len(seen["gt"]) >= 5 and len(seen["frame"]) >= 5
+    def __init__(self, tmp_path: Path, episode_root: Path, node_processes: list) -> None:
+        (tmp_path / "replay").mkdir()
+        config = load_config(small_config(tmp_path / "replay"))
+        self.subscriber = LatestSubscriber(SocketFactory(), [
+            config.cameras["front"].endpoint, config.player.gt_endpoint,
+            *(arm.state_endpoint for arm in config.arms.values())], hwm=1024)
+        self.player = NodeProcess("dataset_player", tmp_path / "replay" / "lift.yaml",
+                                  args=[f"--player.dataset={episode_root}",
+                                        f"--player.repo_id=armpipe/{episode_root.name}", "--player.loop=true"])
+        node_processes.append(self.player)
+        self.player.start()
 
-    wait_for(collect, timeout_s=60, message=f"no replayed frames:\n{player.log()[-3000:]}")
-    subscriber.close()
-    gt = seen["gt"][-1]
-    k = gt.meta["frame_index"]
-    dataset = load_dataset(episode_root)
-    np.testing.assert_allclose(gt.arrays["action"], dataset.hf_dataset[k]["action"].numpy())
-    assert seen["frame"][-1].arrays["image"].shape == (HEIGHT, WIDTH, 3) or seen["frame"][-1].jpeg
+    def verify(self, dataset: Any, states: np.ndarray) -> None:
+        self.player.wait_ready(timeout_s=180)
+        seen: dict[str, list[Message]] = {"frame": [], "state": [], "gt": []}
+
+        def collect() -> bool:
+            for msg in self.subscriber.poll(0.1):
+                if msg.kind == KIND_FRAME:
+                    seen["frame"].append(msg)
+                elif msg.kind == KIND_STATE:
+                    seen["state"].append(msg)
+                elif msg.kind == KIND_ACTION and msg.meta.get("role") == "ground_truth":
+                    seen["gt"].append(msg)
+            return min(len(seen["gt"]), len(seen["state"]), len(seen["frame"])) >= 10
+
+        wait_for(collect, timeout_s=60, message=f"no replayed streams:\n{self.player.log()[-3000:]}")
+        self.subscriber.close()
+        for gt in seen["gt"]:
+            k = gt.meta["frame_index"]
+            np.testing.assert_allclose(gt.arrays["action"], dataset.hf_dataset[k]["action"].numpy())
+        for state in seen["state"]:
+            np.testing.assert_allclose(state.arrays["position"], states[state.meta["frame_index"]])
+        frame = seen["frame"][-1]
+        assert frame.meta["source"] == "dataset" and frame.meta["camera"] == "front"
+        assert tuple(frame.meta.get("_jpeg_shapes", {}).get("image", frame.arrays["image"].shape)) == (HEIGHT, WIDTH, 3)
 
 
 def test_metrics_for_a_replayed_episode(streams: Any, node_processes: list) -> None:
@@ -295,8 +335,6 @@ def test_metrics_for_a_replayed_episode(streams: Any, node_processes: list) -> N
     assert metrics["dropped_stale_rows"] == 4
 
     root = output_dir / "episode_000000"
-    import pandas as pd
-
     ticks = pd.read_parquet(root / "armpipe" / "ticks.parquet")
     assert list(ticks["frame_index"]) == list(range(30))
     assert ticks["hold"].sum() == 3 and ticks["inputs_matched"].all()
@@ -310,3 +348,15 @@ def test_metrics_for_a_replayed_episode(streams: Any, node_processes: list) -> N
     assert summary["holds_by_reason"] == {"queue_empty": 2, "stale_frame": 1}
     assert summary["action_error"]["mae"] == pytest.approx(0.5, abs=1e-5)
     assert load_dataset(root).num_frames == 30
+
+    # A recorder killed between moving the episode into place and writing its metrics: the next start finds
+    # it (no armpipe/episode.json) and redoes them from the side files, with the same result.
+    recorder.stop()
+    (root / "armpipe" / "episode.json").unlink()
+    (output_dir / "metrics.jsonl").unlink()
+    assert finished_without_metrics(output_dir) == [root]
+    Finisher(config, output_dir).publish(load_outcome(root))
+    redone = read_metrics(output_dir)[-1]
+    for key in ("frames", "holds", "action_error", "latency", "label", "duration_s"):
+        assert redone[key] == metrics[key], key
+    assert finished_without_metrics(output_dir) == []

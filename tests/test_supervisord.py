@@ -32,7 +32,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint, demo_dataset
     port = free_port()
     config_path = write_config(tmp, "lift", {
         "player": {"dataset": str(demo_dataset), "loop": True},
-        "policy": {"checkpoint": str(tiny_checkpoint("lift")), "timeout_s": 5.0},
+        "policy": {"checkpoint": str(tiny_checkpoint("lift", chunk=48)), "timeout_s": 5.0},
         "monitor": {"supervisor_url": f"http://127.0.0.1:{port}/RPC2"},
     })
     stack = Supervised("demo", "lift", config_path, tmp / "run", port).start()

@@ -16,9 +16,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import free_port, write_config
+from conftest import free_port, wait_for, write_config
 
 from bench.harness import ActuatorWatch, Supervised
+from common.protocol import KIND_REQUEST, Message
+from common.transport import RemoteError, RequestClient, SocketFactory
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -68,7 +70,7 @@ def two_machines(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint, serv
     # One deployment file for both machines, as docs/operations.md describes: the server binds its own
     # address, the robot connects to it.
     config_path = write_config(tmp, "lift", {
-        "policy": {"checkpoint": str(tiny_checkpoint("lift")), "timeout_s": 5.0,
+        "policy": {"checkpoint": str(tiny_checkpoint("lift", chunk=48)), "timeout_s": 5.0,
                    "bind": f"tcp://{server_address}:{policy_port}",
                    "endpoint": f"tcp://{server_address}:{policy_port}"},
         "cameras": {"front": {"width": 640, "height": 480}, "wrist": {"width": 640, "height": 480}},
@@ -93,7 +95,22 @@ def test_robot_and_server_instances_come_up_and_actions_cross_the_link(two_machi
     robot_programs = {p.name for p in robot.processes()}
     assert {"camera-front", "camera-wrist", "state_reader-main", "servo_emulator-main", "actuator"} <= robot_programs
     assert "policy" not in robot_programs
+    # The robot role does not start episodes by itself: the operator (or the panel's button) does.
+    control = RequestClient(SocketFactory(), robot.config.actuator.control_endpoint, timeout_s=5.0, retries=3)
+    try:
+        reply = wait_for(lambda: _start_episode(control), timeout_s=120, message="actuator never accepted start")
+        assert reply.meta.get("op") == "start"
+    finally:
+        control.close()
     watch.wait_acting(since=0.0, count=10, timeout_s=240)
+
+
+def _start_episode(control: RequestClient) -> Message | None:
+    """``start`` once the actuator has checked the policy's contract (it refuses before that)."""
+    try:
+        return control.request(Message(kind=KIND_REQUEST, meta={"op": "start", "client": "test"}))
+    except RemoteError:
+        return None
 
 
 def test_cutting_the_link_holds_and_restoring_it_resumes(two_machines):
