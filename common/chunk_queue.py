@@ -96,7 +96,9 @@ class ChunkQueue:
             if overlapping.any():
                 weight = np.float32(self.blend_old_weight)
                 old = self._rows[best[overlapping]]
-                new_rows[overlapping] = weight * old + (np.float32(1.0) - weight) * new_rows[overlapping]
+                # inf/NaN rows stay non-finite (the safety filter refuses them at their tick); no warning.
+                with np.errstate(invalid="ignore", over="ignore"):
+                    new_rows[overlapping] = weight * old + (np.float32(1.0) - weight) * new_rows[overlapping]
                 blended = int(np.count_nonzero(overlapping))
         replaced = len(self._times)
         self._times = new_times

@@ -162,7 +162,7 @@ class MonitorConfig:
     jpeg_quality: int = 70
     series_hz: float = 10.0  # joint/action/timing batches pushed to the page per second
     history_s: float = 30.0  # plot history kept for a page that connects late
-    control_timeout_s: float = 1.0  # actuator control socket: per-attempt reply timeout
+    control_timeout_s: float = 2.0  # actuator control socket: per-attempt reply timeout
 
 
 @dataclass

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 WORK_DIR = ".work"
 SIDE_DIR = "armpipe"
+OUTCOME_FILE = "outcome.json"
+EPISODE_METRICS = "episode.json"  # written last, by the recorder: its absence means metrics are still due
 JOURNAL = "journal.jsonl"
 EPISODE_PREFIX = "episode_"
 # The LeRobot episode index inside each one-episode dataset.
@@ -300,6 +302,11 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
     chunks = pd.DataFrame(chunk_rows)
     ticks.to_parquet(side / "ticks.parquet")
     chunks.to_parquet(side / "chunks.parquet")
+    # Enough to redo the metrics if the process dies between the rename below and writing them.
+    (side / OUTCOME_FILE).write_text(json.dumps({
+        "info": asdict(info), "label": label, "stop_reason": stop_reason, "ended_t": ended_t,
+        "ended_wall": ended_wall, "frames": frames, "hold_events": hold_events, "rejected": rejected,
+        "dropped_ticks": dropped_ticks, "recovered": recovered}))
     shutil.rmtree(root / "images", ignore_errors=True)  # LeRobot's PNG staging, now encoded into videos
     (root / JOURNAL).unlink(missing_ok=True)
     final = output_dir / info.name
@@ -314,6 +321,27 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
 # --------------------------------------------------------------------------------------------------
 # Recovery after a crash
 # --------------------------------------------------------------------------------------------------
+
+
+def finished_without_metrics(output_dir: Path) -> list[Path]:
+    """Finished episodes (renamed into place) whose metrics were never written: the process died between."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(path for path in output_dir.iterdir()
+                  if path.is_dir() and path.name.startswith(EPISODE_PREFIX)
+                  and (path / SIDE_DIR / OUTCOME_FILE).exists() and not (path / SIDE_DIR / EPISODE_METRICS).exists())
+
+
+def load_outcome(path: Path) -> EpisodeOutcome:
+    """The ``EpisodeOutcome`` of a finished episode directory, from its side files."""
+    saved = json.loads((path / SIDE_DIR / OUTCOME_FILE).read_text())
+    info = EpisodeInfo(**saved["info"])
+    return EpisodeOutcome(info=info, label=saved["label"], stop_reason=saved["stop_reason"], ended_t=saved["ended_t"],
+                          ended_wall=saved["ended_wall"], frames=saved["frames"],
+                          ticks=pd.read_parquet(path / SIDE_DIR / "ticks.parquet"),
+                          chunks=pd.read_parquet(path / SIDE_DIR / "chunks.parquet"),
+                          hold_events=saved["hold_events"], rejected_ticks=saved["rejected"],
+                          dropped_ticks=saved["dropped_ticks"], recovered=saved["recovered"], path=path)
 
 
 def pending_work(output_dir: Path) -> list[Path]:
@@ -409,8 +437,11 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
     if not tick_rows:
         dataset.finalize()
         shutil.rmtree(rebuild_root, ignore_errors=True)
-        shutil.rmtree(work_root, ignore_errors=True)
-        log.warning("%s: no complete frame survived; nothing to recover", info.name)
+        # Kept (renamed out of the way, never retried) so a person can look at what was left.
+        kept = work_root.with_name(f"{work_root.name}.unrecoverable")
+        work_root.rename(kept)
+        log.warning("%s: none of %d journaled ticks has all its frames on disk; nothing to recover (left in %s)",
+                    info.name, ticks_in_journal, kept)
         return None
     dataset.save_episode(parallel_encoding=False)
     dataset.finalize()

@@ -58,8 +58,12 @@ class Episodes:
         """Record the latest contract check; a mismatch ends a running episode (returned)."""
         self.contract_ok = ok
         self.differences = list(differences)
-        if not ok and self.state in (RUNNING, STOPPING):
+        if not ok and self.state == RUNNING:
             return self._end("contract_mismatch", label="")
+        if not ok and self.state == STOPPING:
+            # Already ended (and maybe labelled): only the move to the rest pose is abandoned.
+            self.state = IDLE
+            self.current = None
         return None
 
     # ------------------------------------------------------------------ commands

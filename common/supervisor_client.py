@@ -156,9 +156,11 @@ class SupervisorClient:
             ready = read_readiness(self.ready_dir)
             for status in statuses:
                 entry = ready.get(status.name)
-                # A readiness file counts only for the process supervisord is running now: a node killed
-                # with SIGKILL cannot remove its file, and a restarted one has a new pid.
-                status.ready = bool(entry and entry.get("alive") and entry.get("pid") == status.pid)
+                # A readiness file counts only for the process supervisord is running now (or a child of it,
+                # when the program's command is a wrapper): a node killed with SIGKILL cannot remove its
+                # file, and a restarted one has a new pid.
+                status.ready = bool(entry and entry.get("alive") and status.pid
+                                    and _descends_from(int(entry["pid"]), status.pid))
         return statuses
 
     def _resolve(self, name: str) -> ProcessStatus:
@@ -207,6 +209,22 @@ def read_readiness(ready_dir: Path) -> dict[str, dict[str, Any]]:
         entry["age_s"] = max(0.0, time.time() - float(entry.get("since", time.time())))
         entries[path.stem] = entry
     return entries
+
+
+def _descends_from(pid: int, ancestor: int, max_depth: int = 4) -> bool:
+    """``pid`` is ``ancestor`` or one of its descendants (Linux /proc; elsewhere only equality counts)."""
+    for _ in range(max_depth + 1):
+        if pid == ancestor:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        # The command name (field 2) may contain spaces and parentheses: the parent pid follows the last ')'.
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        if pid <= 1:
+            return False
+    return False
 
 
 def _pid_alive(pid: int) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -32,7 +33,7 @@ import numpy as np
 import zmq
 
 from common.chunk_queue import ChunkQueue, InsertResult
-from common.config import DeploymentConfig, parse_node_args
+from common.config import ConfigError, DeploymentConfig, parse_node_args
 from common.contract import PolicyContract, contract_differences
 from common.episodes import IDLE, RUNNING, STOPPING, EpisodeError, EpisodeRecord, Episodes
 from common.images import decode_jpeg
@@ -123,7 +124,8 @@ class ControlCore:
         self.safety = SafetyFilter(config.lower_limits(), config.upper_limits(), config.max_step(), self.names)
         self.episodes = Episodes()
         self.refill_rows = settings.refill_rows
-        self.rest_step = float(settings.rest_step)
+        # A non-positive rest_step would never arrive: then the rest move uses the joints' max_step.
+        self.rest_step: float | None = float(settings.rest_step) if settings.rest_step > 0 else None
         self.max_chunk_age = settings.max_chunk_age_s if max_chunk_age is None else max_chunk_age
         # Rest pose per joint (NaN where an arm has none: that arm holds where it is on stop).
         rest = []
@@ -852,6 +854,9 @@ class ActuatorNode:
         except (ProtocolError, EpisodeError) as exc:
             log.info("control %s refused: %s", op or "?", exc)
             reply = error_message(exc, src=PROGRAM, seq=request.seq, op=op)
+        except Exception as exc:  # a bug must not take the control loop down: answer, log, carry on
+            log.exception("control %s failed", op)
+            reply = error_message(exc, src=PROGRAM, seq=request.seq, op=op)
         self.control.reply(envelope, reply)
 
     def _op_start(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -923,9 +928,24 @@ class ActuatorNode:
                             hold_reason=self.core.hold_reason or "")
 
 
+def set_priority(nice: int) -> None:
+    """Apply ``actuator.nice`` (a failure to raise the priority is logged, not fatal)."""
+    if nice == 0:
+        return
+    if not -20 <= nice <= 19:
+        raise ConfigError("actuator.nice", f"expected a nice value in -20..19, got {nice}")
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        log.info("running at nice %d", nice)
+    except PermissionError:
+        log.warning("actuator.nice=%d needs root or CAP_SYS_NICE; running at nice %d", nice,
+                    os.getpriority(os.PRIO_PROCESS, 0))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_node_args("armpipe actuator: the control loop (policy chunks -> safe goal positions)", argv)
     setup_logging(PROGRAM)
+    set_priority(args.config.actuator.nice)
     stop = stop_event_on_signals()
     ActuatorNode(args.config, stop).run()
 

@@ -40,12 +40,17 @@ import pandas as pd
 
 from common.config import ConfigError, DeploymentConfig, parse_node_args
 from common.episode_writer import (
+    EPISODE_METRICS,
+    OUTCOME_FILE,
+    WORK_DIR,
     ChunkRecord,
     EpisodeInfo,
     EpisodeOutcome,
     EpisodeWriter,
     TickRecord,
     TickRejected,
+    finished_without_metrics,
+    load_outcome,
     next_recorder_index,
     pending_work,
     recover_episode,
@@ -625,6 +630,10 @@ class Finisher(threading.Thread):
                     self.publish(job)
                 elif isinstance(job, LabelItem):
                     self.relabel(job)
+                elif isinstance(job, Path) and job.parent.name == WORK_DIR:
+                    self.recover(job)
+                elif isinstance(job, Path):
+                    self.publish(load_outcome(job))  # finished, but its metrics were never written
             except Exception:
                 # One broken episode must not stop later ones from being saved; its work dir stays for recovery.
                 log.exception("finishing %s failed", getattr(getattr(job, "info", None), "name", job))
@@ -634,13 +643,14 @@ class Finisher(threading.Thread):
     def publish(self, outcome: EpisodeOutcome) -> None:
         names = self.config.action_names()
         metrics = episode_metrics(outcome, names)
-        _write_json(outcome.path / "armpipe" / "episode.json", metrics)
         started = time.monotonic()
         try:
             plot_episode(outcome, names, outcome.path / "armpipe" / "plots")
         except Exception:
             log.exception("plotting %s failed", outcome.info.name)
         self.append_metrics(metrics)
+        # Last: its presence marks the episode as fully processed (see finished_without_metrics).
+        _write_json(outcome.path / "armpipe" / EPISODE_METRICS, metrics)
         self.finished += 1
         log.info("%s saved: %d frames, label %r, %s (metrics and plots in %.1f s)", outcome.info.name, outcome.frames,
                  outcome.label, outcome.path, time.monotonic() - started)
@@ -655,13 +665,23 @@ class Finisher(threading.Thread):
         except Exception:
             log.exception("summary plot failed")
 
+    def recover(self, work_root: Path) -> None:
+        """Rebuild an episode a previous recorder left unfinished (crash); see ``recover_episode``."""
+        outcome = recover_episode(self.config, self.output_dir, work_root, vcodec=self.config.recorder.vcodec,
+                                  image_writer_threads=self.config.recorder.image_writer_threads)
+        if outcome is not None:
+            self.publish(outcome)
+
     def relabel(self, item: LabelItem) -> None:
         for entry in reversed(read_metrics(self.output_dir)):
             if entry.get("actuator_episode") == item.actuator_episode:
                 entry = {**entry, "label": item.label, "relabelled_wall": time.time()}
-                episode_json = Path(entry["dataset"]) / "armpipe" / "episode.json"
-                if episode_json.parent.is_dir():
-                    _write_json(episode_json, entry)
+                side = Path(entry["dataset"]) / "armpipe"
+                if side.is_dir():
+                    _write_json(side / EPISODE_METRICS, entry)
+                    outcome_path = side / OUTCOME_FILE
+                    if outcome_path.exists():
+                        _write_json(outcome_path, {**json.loads(outcome_path.read_text()), "label": item.label})
                 self.append_metrics(entry)
                 log.info("%s labelled %r", entry["episode"], item.label)
                 return
@@ -741,25 +761,19 @@ def endpoints(config: DeploymentConfig) -> list[str]:
             config.player.gt_endpoint, config.actuator.events_endpoint]
 
 
-def recover(config: DeploymentConfig, output_dir: Path, finisher: Finisher) -> None:
-    """Rebuild episodes a previous recorder left unfinished (crash) before recording new ones."""
-    for work_root in pending_work(output_dir):
-        try:
-            outcome = recover_episode(config, output_dir, work_root, vcodec=config.recorder.vcodec,
-                                      image_writer_threads=config.recorder.image_writer_threads)
-        except Exception:
-            log.exception("recovering %s failed; its work directory is kept", work_root)
-            continue
-        if outcome is not None:
-            finisher.publish(outcome)
-
-
 def run(config: DeploymentConfig, stop: threading.Event) -> None:
     output_dir = config.resolve(config.recorder.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     readiness = Readiness(config, PROGRAM)
     finisher = Finisher(config, output_dir)
-    recover(config, output_dir, finisher)
+    # Episodes a crashed recorder left in .work/ are rebuilt by the finisher while we already record: new
+    # episodes get numbers after theirs (next_recorder_index counts the work directories).
+    for work_root in pending_work(output_dir):
+        log.warning("%s was left unfinished by a previous recorder; rebuilding it", work_root.name)
+        finisher.jobs.put(work_root)
+    for finished in finished_without_metrics(output_dir):
+        log.warning("%s was saved but its metrics were not; writing them", finished.name)
+        finisher.jobs.put(finished)
     # LeRobot's dataset writer is imported before we report ready, so the first episode does not wait.
     import lerobot.datasets.lerobot_dataset  # noqa: F401
 

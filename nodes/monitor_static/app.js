@@ -266,7 +266,7 @@ function shadeHolds(ctx, canvas, x, t0, colour) {
 function timeAxis(ctx, canvas, span) {
   ctx.fillStyle = "#8b95a3";
   ctx.font = "10px system-ui";
-  ctx.fillText(`-${span.toFixed(0)} s`, 40, canvas.height - 3);
+  ctx.fillText(`-${span.toFixed(0)} s`, 70, canvas.height - 3);
   ctx.fillText("now", canvas.width - 22, canvas.height - 3);
 }
 
