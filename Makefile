@@ -36,4 +36,4 @@ lint: setup
 	@.venv/bin/ruff check .
 
 bench-transport: setup
-	@.venv/bin/python -m bench.transport --markdown docs/bench-transport.md
+	@.venv/bin/python -m bench.transport --markdown /tmp/bench-transport.md

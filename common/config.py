@@ -45,11 +45,11 @@ class CameraConfig:
     # Where this camera's frames are published (the camera node binds it; subscribers connect).
     endpoint: str = "tcp://127.0.0.1:5551"
     backend: str = "synthetic"  # synthetic | opencv | realsense
-    width: int = 640
+    width: int = 640  # image size the camera delivers (and the policy must accept)
     height: int = 480
-    fps: int = 30
+    fps: int = 30  # capture rate
     encoding: str = "raw"  # raw | jpeg: what goes on the wire
-    jpeg_quality: int = 90
+    jpeg_quality: int = 90  # 1..100, with encoding: jpeg
     serial_number: str = ""  # realsense: which device (empty: the only one)
     device: str = ""  # opencv: index ("0") or path ("/dev/video2")
     max_age_s: float = 0.25  # the actuator holds when this camera's newest frame is older
@@ -59,16 +59,17 @@ class CameraConfig:
 @dataclass
 class ArmConfig:
     port: str = "/dev/ttyACM0"  # the servo bus; the emulator links its pseudo-terminal here
-    state_endpoint: str = "tcp://127.0.0.1:5560"
+    state_endpoint: str = "tcp://127.0.0.1:5560"  # where this arm's joint states are published (state-reader binds)
     prefix: str = ""  # joint-name prefix: "" for one arm, "left_" / "right_" for two
     robot_id: str = "so101"  # LeRobot calibration id: <calibration_dir>/<robot_id>.json
     calibration_dir: str = ""  # empty: LeRobot's default calibration directory
-    read_hz: float = 60.0
-    max_state_age_s: float = 0.15
+    read_hz: float = 60.0  # state-reader sampling rate
+    max_state_age_s: float = 0.15  # the actuator holds when this arm's newest state is older
     # Joint limits and the largest move per control tick, in robot units (degrees; gripper 0..100).
     lower_limits: list[float] = field(default_factory=lambda: [-110.0, -100.0, -100.0, -100.0, -150.0, 0.0])
+    # Per joint, robot units.
     upper_limits: list[float] = field(default_factory=lambda: [110.0, 100.0, 100.0, 100.0, 150.0, 100.0])
-    max_step: list[float] = field(default_factory=lambda: [3.0, 3.0, 3.0, 3.0, 5.0, 5.0])
+    max_step: list[float] = field(default_factory=lambda: [3.0, 3.0, 3.0, 3.0, 5.0, 5.0])  # per joint, per control tick
     rest_pose: list[float] = field(default_factory=list)  # empty: stop only holds
     lock_file: str = ""  # empty: derived from the port (one OS lock per bus)
     # LeRobot norm mode of the five body joints: degrees (LeRobot >= 0.3 default) or the -100..100 range of
@@ -90,6 +91,7 @@ class ArmConfig:
 
 @dataclass
 class PolicyConfig:
+    # A pretrained_model dir, or a lerobot-train run folder (its last checkpoint).
     checkpoint: str = "checkpoints/lift-tiny/pretrained_model"
     bind: str = "tcp://*:8000"  # the policy node binds this
     endpoint: str = "tcp://127.0.0.1:8000"  # clients connect here
@@ -97,14 +99,14 @@ class PolicyConfig:
     dtype: str = "fp32"  # fp32 | bf16
     num_inference_steps: int = 0  # diffusion only; 0 keeps the checkpoint's
     noise_scheduler: str = ""  # diffusion only: "" keeps the checkpoint's; DDIM or DDPM
-    compile: bool = False
-    cuda_graphs: bool = False
+    compile: bool = False  # torch.compile the model (GPU)
+    cuda_graphs: bool = False  # replay the whole chunk as one CUDA graph (GPU)
     # diffusion: the UNet restructured for batch 1 (convolutions as matrix products, FiLM for all steps at
     # once, one compiled step function); fast on GPUs, not bit-exact
     fast_unet: bool = False
     cpu_threads: int = 0  # torch intra-op threads on a cpu device; 0 keeps torch's default (one per core)
     warmup: int = 1  # inference passes before reporting ready
-    max_sessions: int = 64
+    max_sessions: int = 64  # client sessions kept (least recently used dropped)
     seed: int = 0  # diffusion noise is seeded per session from this, so a replay is reproducible
     timeout_s: float = 2.0  # client side: per-attempt reply timeout
     retries: int = 1  # client side: attempts before the policy counts as unreachable
@@ -134,12 +136,12 @@ class ActuatorConfig:
 @dataclass
 class PlayerConfig:
     dataset: str = "data/lift-demo"  # a local LeRobot v3 dataset root
-    repo_id: str = "armpipe/lift-demo"
+    repo_id: str = "armpipe/lift-demo"  # the dataset's LeRobot repo id (local only; nothing is downloaded)
     episodes: list[int] = field(default_factory=list)  # empty: all
     mode: str = "realtime"  # realtime | lockstep
-    loop: bool = True
+    loop: bool = True  # start again after the last selected episode
     gt_endpoint: str = "tcp://127.0.0.1:5580"  # ground-truth actions and episode events (PUB)
-    video_backend: str = "pyav"
+    video_backend: str = "pyav"  # pyav (the player's fast sequential reader) or a LeRobot backend
     follow_episodes: bool = False  # start/stop episodes on the actuator's episode events
     prefetch_frames: int = 30  # frames decoded ahead per camera (a decoder thread per camera)
     tolerance_s: float = 1e-4  # a video frame must lie this close to its parquet timestamp (LeRobot's default)
@@ -149,17 +151,17 @@ class PlayerConfig:
 @dataclass
 class EmulatorConfig:
     speed_deg_s: float = 180.0  # present position follows the goal at this speed
-    lag_s: float = 0.02
+    lag_s: float = 0.02  # before the present position starts following a new goal
 
 
 @dataclass
 class MonitorConfig:
     host: str = "127.0.0.1"  # loopback only by default; 0.0.0.0 serves the panel to the network
-    port: int = 9000
-    supervisor_url: str = "http://127.0.0.1:9001/RPC2"
+    port: int = 9000  # the panel's HTTP port
+    supervisor_url: str = "http://127.0.0.1:9001/RPC2"  # supervisord XML-RPC (status, restart buttons)
     frame_hz: float = 10.0  # at most this many JPEG frames per camera pushed to the page (encoded here)
     max_width: int = 640  # camera views wider than this are downscaled before JPEG encoding
-    jpeg_quality: int = 70
+    jpeg_quality: int = 70  # of the JPEG frames pushed to the page
     series_hz: float = 10.0  # joint/action/timing batches pushed to the page per second
     history_s: float = 30.0  # plot history kept for a page that connects late
     control_timeout_s: float = 2.0  # actuator control socket: per-attempt reply timeout
@@ -167,7 +169,7 @@ class MonitorConfig:
 
 @dataclass
 class RecorderConfig:
-    output_dir: str = "recordings"
+    output_dir: str = "recordings"  # one LeRobot dataset per episode, plus metrics.jsonl, summary.json, plots/
     vcodec: str = "h264"  # LeRobot video codec of recorded cameras: h264 (fast to encode) | libsvtav1 | hevc
     queue_ticks: int = 300  # ticks waiting for the writer at most (10 s at 30 fps); beyond, ticks are dropped
     image_writer_threads: int = 2  # LeRobot's asynchronous PNG writer threads
@@ -177,9 +179,11 @@ class RecorderConfig:
 
 @dataclass
 class DeploymentConfig:
-    task: str = "lift"
-    fps: int = 30
+    task: str = "lift"  # lift / stack / sort (names the layout; free text)
+    fps: int = 30  # control rate of the actuator; must match the policy's contract
+    # Camera name -> camera; names become observation.images.<name>.
     cameras: dict[str, CameraConfig] = field(default_factory=dict)
+    # Arm name -> arm; the state/action vector is the arms' joints in this order.
     arms: dict[str, ArmConfig] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     actuator: ActuatorConfig = field(default_factory=ActuatorConfig)
