@@ -1,7 +1,7 @@
 """Servo-bus benchmark: state read rate on the emulated bus, alone and with a writer sharing it.
 
     .venv/bin/python -m bench.bus_rate [--config configs/lift.yaml] [--arm main] [--seconds 10]
-                                       [--writer-hz 30] [--no-lock-demo] [--markdown docs/fragments/bench-hardware.md]
+                                       [--writer-hz 30] [--no-lock-demo] [--markdown FILE]
 
 Starts the servo emulator (``nodes.servo_emulator``) on a private pseudo-terminal, then runs each phase
 with real processes, each opening the port through ``common.feetech_bus.ArmBus`` (LeRobot's driver,

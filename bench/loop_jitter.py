@@ -1,7 +1,7 @@
 """Actuator loop timing: lateness of each control tick at the task's fps, with the pipeline running.
 
     .venv/bin/python -m bench.loop_jitter [--config configs/lift.yaml] [--seconds 30] [--checkpoint DIR]
-                                          [--baseline] [--markdown docs/fragments/bench-actuator.md]
+                                          [--baseline] [--markdown FILE]
 
 Starts the whole robot side as real processes on free ports in a temporary run directory: a servo
 emulator and a state-reader per arm, one synthetic camera node per camera, the policy node (a tiny

@@ -6,7 +6,7 @@ Backends (``cameras.<cam>.backend``): ``synthetic`` (moving test pattern), ``ope
 LeRobot's OpenCVCamera; ``device`` = index or path) and ``realsense`` (LeRobot's RealSenseCamera;
 ``serial_number``, empty = the only one). See ``common.camera_backends``.
 
-Publishes on ``cameras.<cam>.endpoint`` (docs/fragments/streams.md):
+Publishes on ``cameras.<cam>.endpoint`` (docs/architecture.md#streams):
 - ``frame``: meta ``camera``, ``source: "camera"``, ``backend``; array ``image`` uint8 (H, W, 3) RGB, raw or
   JPEG (``cameras.<cam>.encoding``); ``t`` = capture time on the monotonic clock; ``seq`` increases.
 - ``event`` ``camera_stats`` once per second: ``camera``, ``fps`` (achieved over the last second),

@@ -4,7 +4,7 @@
 
 Reads ``Present_Position`` of the arm's six servos through LeRobot's Feetech driver (``common.feetech_bus
 .ArmBus``: every transaction under the bus's OS lock, shared with the actuator) at ``arms.<arm>.read_hz``
-and publishes ``state`` messages on ``arms.<arm>.state_endpoint`` (docs/fragments/streams.md): meta
+and publishes ``state`` messages on ``arms.<arm>.state_endpoint`` (docs/architecture.md#streams): meta
 ``arm``, ``names`` (prefixed joint names), ``source: "robot"``, ``bus`` (this process's bus counters);
 array ``position`` float32 (6,) in robot units; ``t`` = when the servos were sampled (monotonic clock).
 
