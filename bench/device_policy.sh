@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The policy GPU benchmark on a bare GPU machine that has torch but not lerobot (the device machine).
 #
-# Run from the repository root, with the wheels carried in .whl/ (see docs/fragments/bench-policy.md):
+# Run from the repository root, with the wheels carried in .whl/ (see docs/benchmarks.md):
 #   bash bench/device_policy.sh [extra bench.policy_gpu arguments]
 # Results: $OUT/bench-policy.jsonl (one JSON object per measurement, written as they come),
 #          $OUT/bench-policy.md (the Markdown table), $OUT/bench-policy.log, $OUT/env.txt.
