@@ -13,6 +13,7 @@ then checks what types alone cannot, again naming the field.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,8 +313,13 @@ class NodeArgs:
     config_path: Path
 
 
-def parse_node_args(description: str, argv: list[str] | None = None, *, default_name: str = "") -> NodeArgs:
-    """The shared command line of every node: --config, --name, then any --field.path=value."""
+def parse_node_args(description: str, argv: list[str] | None = None, *, default_name: str = "",
+                    instance_of: str = "") -> NodeArgs:
+    """The shared command line of every node: --config, --name, then any --field.path=value.
+
+    ``instance_of`` ("arm" or "camera") makes ``--name`` select one of the config's arms or cameras
+    (the first when omitted). A bad config or instance exits with code 2 after logging the field.
+    """
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--config", required=True, help="deployment YAML, e.g. configs/lift.yaml")
     parser.add_argument("--name", default=default_name, help="instance name (camera or arm name)")
@@ -321,5 +327,27 @@ def parse_node_args(description: str, argv: list[str] | None = None, *, default_
     bad = [item for item in overrides if not (item.startswith("--") and "=" in item)]
     if bad:
         parser.error(f"overrides must look like --field.sub=value; got {bad}")
-    return NodeArgs(config=load_config(args.config, overrides), name=args.name,
-                    config_path=Path(args.config).resolve())
+    try:
+        config = load_config(args.config, overrides)
+        name = args.name
+        if instance_of:
+            instances = {"arm": config.arms, "camera": config.cameras}[instance_of]
+            name, _ = select_instance(instances, args.name, instance_of)
+    except ConfigError as exc:
+        # Exit code 2: a restart cannot fix a bad config, and supervisord is told not to retry it.
+        logging.getLogger("armpipe.config").error("%s", exc)
+        raise SystemExit(2) from exc
+    return NodeArgs(config=config, name=name, config_path=Path(args.config).resolve())
+
+
+def select_instance[T](instances: dict[str, T], name: str, what: str) -> tuple[str, T]:
+    """The ``--name`` instance among ``instances`` (the first when no name is given).
+
+    An unknown or missing instance is a ``ConfigError`` naming ``--name`` and the choices.
+    """
+    if not instances:
+        raise ConfigError(f"{what}s", f"expected at least one {what} in the config")
+    chosen = name or next(iter(instances))
+    if chosen not in instances:
+        raise ConfigError("--name", f"expected one of the {what}s {list(instances)}, got {chosen!r}")
+    return chosen, instances[chosen]

@@ -24,7 +24,7 @@ import threading
 import time
 
 from common.camera_backends import CameraBackend, CameraUnavailable, make_backend
-from common.config import CameraConfig, ConfigError, parse_node_args
+from common.config import CameraConfig, parse_node_args
 from common.node import Readiness, setup_logging
 from common.protocol import KIND_EVENT, KIND_FRAME, Message
 from common.transport import Publisher, SocketFactory, stop_event_on_signals
@@ -124,18 +124,10 @@ class CameraNode:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_node_args("camera: capture, stamp and publish one camera's frames", argv)
-    config = args.config
-    if not config.cameras:
-        setup_logging("camera")
-        log.error("%s", ConfigError("cameras", "expected at least one camera"))
-        return 2
-    name = args.name or next(iter(config.cameras))
+    args = parse_node_args("camera: capture, stamp and publish one camera's frames", argv, instance_of="camera")
+    config, name = args.config, args.name
     program = f"camera-{name}"
     setup_logging(program)
-    if name not in config.cameras:
-        log.error("%s", ConfigError("--name", f"expected one of the cameras {list(config.cameras)}, got {name!r}"))
-        return 2
     camera = config.cameras[name]
     readiness = Readiness(config, program)
     stop = stop_event_on_signals()

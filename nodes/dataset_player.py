@@ -311,11 +311,7 @@ class DatasetPlayer:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging(PROGRAM)
-    try:
-        args = parse_node_args(__doc__.split("\n\n")[0], argv)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    args = parse_node_args(__doc__.split("\n\n")[0], argv)
     config = args.config
     readiness = Readiness(config, PROGRAM)
     stop = stop_event_on_signals()

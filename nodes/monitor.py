@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 import cv2
 import numpy as np
 
-from common.config import ConfigError, DeploymentConfig, parse_node_args
+from common.config import DeploymentConfig, parse_node_args
 from common.images import encode_jpeg
 from common.node import Readiness, setup_logging
 from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_REQUEST, KIND_STATE, Message, ProtocolError
@@ -675,11 +675,7 @@ def run(config: DeploymentConfig, stop: threading.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging(PROGRAM)
-    try:
-        args = parse_node_args("armpipe web monitor", argv)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    args = parse_node_args("armpipe web monitor", argv)
     run(args.config, stop_event_on_signals())
     return 0
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.config import ConfigError, DeploymentConfig, parse_node_args
+from common.config import DeploymentConfig, parse_node_args
 from common.episode_writer import (
     EPISODE_METRICS,
     OUTCOME_FILE,
@@ -810,11 +810,7 @@ def run(config: DeploymentConfig, stop: threading.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging(PROGRAM)
-    try:
-        args = parse_node_args("armpipe recorder: episodes as LeRobot datasets, metrics and plots", argv)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    args = parse_node_args("armpipe recorder: episodes as LeRobot datasets, metrics and plots", argv)
     run(args.config, stop_event_on_signals())
     return 0
 

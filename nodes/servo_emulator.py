@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import SO101_JOINTS, ArmConfig, ConfigError, EmulatorConfig, parse_node_args
+from common.config import SO101_JOINTS, ArmConfig, EmulatorConfig, parse_node_args
 from common.node import Readiness, setup_logging
 from common.transport import stop_event_on_signals
 
@@ -648,14 +648,11 @@ def serve(link: PtyLink, bus: EmulatedBus, stop: threading.Event, stats_path: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_node_args("Feetech STS3215 servo emulator for one SO-101 arm (on a pseudo-terminal)", argv)
-    config = args.config
-    name = args.name or next(iter(config.arms))
+    args = parse_node_args("Feetech STS3215 servo emulator for one SO-101 arm (on a pseudo-terminal)", argv,
+                           instance_of="arm")
+    config, name = args.config, args.name
     program = f"servo_emulator-{name}"
     setup_logging(program)
-    if name not in config.arms:
-        log.error("%s", ConfigError("--name", f"expected one of the arms {list(config.arms)}, got {name!r}"))
-        return 2
     arm = config.arms[name]
     readiness = Readiness(config, program)
     stop = stop_event_on_signals()

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from common.config import ArmConfig, ConfigError, parse_node_args
+from common.config import ArmConfig, parse_node_args
 from common.feetech_bus import ArmBus, BusLockTimeout, BusTransactionError, CalibrationError
 from common.node import Readiness, setup_logging
 from common.protocol import KIND_STATE, Message
@@ -126,14 +126,10 @@ class StateReader:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_node_args("state-reader: publish one arm's joint positions", argv)
-    config = args.config
-    name = args.name or next(iter(config.arms))
+    args = parse_node_args("state-reader: publish one arm's joint positions", argv, instance_of="arm")
+    config, name = args.config, args.name
     program = f"state_reader-{name}"
     setup_logging(program)
-    if name not in config.arms:
-        log.error("%s", ConfigError("--name", f"expected one of the arms {list(config.arms)}, got {name!r}"))
-        return 2
     arm = config.arms[name]
     readiness = Readiness(config, program)
     stop = stop_event_on_signals()

@@ -83,3 +83,21 @@ def test_contract_mismatch_says_what_differs():
     assert "policy expects 6 values, config has 12" in text
     assert "action: policy returns 6 values" in text
     assert "wrist" in text  # the lift policy needs a camera 'wrist' that sort does not have
+
+
+def test_node_command_line_exits_2_naming_the_field():
+    with pytest.raises(SystemExit) as info:
+        parse_node_args("test", ["--config", str(REPO_ROOT / "configs/lift.yaml"), "--policy.device=tpu"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        parse_node_args("test", ["--config", str(REPO_ROOT / "configs/lift.yaml"), "--name", "elbow"],
+                        instance_of="arm")
+    assert info.value.code == 2
+
+
+def test_node_instance_defaults_to_the_first_and_is_checked():
+    args = parse_node_args("test", ["--config", str(REPO_ROOT / "configs/sort.yaml")], instance_of="camera")
+    assert args.name == "front"
+    args = parse_node_args("test", ["--config", str(REPO_ROOT / "configs/sort.yaml"), "--name", "right"],
+                           instance_of="arm")
+    assert args.name == "right"
