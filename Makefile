@@ -22,8 +22,7 @@ server: setup
 	@bash .ci/supervise server $(TASK)
 
 stop:
-	@if [ -f run/armpipe.env ]; then source run/armpipe.env && .venv/bin/supervisorctl -c supervisord.conf shutdown; \
-	else echo "nothing running (no run/armpipe.env)"; fi
+	@bash .ci/stop
 
 status:
 	@.venv/bin/python -m common.status --config configs/$(TASK).yaml
