@@ -33,6 +33,12 @@ DTYPES = ("fp32", "bf16")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def resolve_repo_path(path: str) -> Path:
+    """A path from the config: ``~`` expanded, relative paths taken from the repository root."""
+    candidate = Path(os.path.expanduser(path))
+    return candidate if candidate.is_absolute() else REPO_ROOT / candidate
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; ``field`` is the dotted path of the offending field."""
 
@@ -86,7 +92,7 @@ class ArmConfig:
             return self.lock_file
         # The real device, so that two spellings of one port (/dev/serial/by-id/..., /dev/ttyACM0, the
         # emulator's link to /dev/pts/N) share one lock. Resolved at connect time: the target can change.
-        device = os.path.realpath(REPO_ROOT / os.path.expanduser(self.port))
+        device = os.path.realpath(resolve_repo_path(self.port))
         return f"/tmp/armpipe-bus-{device.strip('/').replace('/', '_')}.lock"
 
 
@@ -216,8 +222,7 @@ class DeploymentConfig:
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the repository root unless absolute."""
-        candidate = Path(os.path.expanduser(path))
-        return candidate if candidate.is_absolute() else REPO_ROOT / candidate
+        return resolve_repo_path(path)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> DeploymentConfig:

@@ -39,7 +39,7 @@ from lerobot.motors import Motor, MotorCalibration, MotorNormMode
 from lerobot.motors.feetech import FeetechMotorsBus, OperatingMode, TorqueMode
 from lerobot.utils.constants import HF_LEROBOT_CALIBRATION
 
-from common.config import REPO_ROOT, SO101_JOINTS, ArmConfig
+from common.config import SO101_JOINTS, ArmConfig, resolve_repo_path
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,6 @@ class BusStats:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def resolve_repo_path(path: str) -> Path:
-    """A path from the config: ``~`` expanded, relative paths taken from the repository root."""
-    candidate = Path(os.path.expanduser(path))
-    return candidate if candidate.is_absolute() else REPO_ROOT / candidate
 
 
 def so101_motors(use_degrees: bool = True) -> dict[str, Motor]:
