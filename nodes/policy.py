@@ -53,12 +53,33 @@ def request_seq(frames: list[Any]) -> int:
         return 0
 
 
+class TimingLog:
+    """Logs the chunk times of the last ``period_s`` once per period, so a slow policy shows in its log
+    (the actuator only sees the round trip; this separates inference from the network)."""
+
+    def __init__(self, period_s: float = 10.0) -> None:
+        self.period_s = period_s
+        self.totals_ms: list[float] = []
+        self.since = time.monotonic()
+
+    def add(self, total_s: float) -> None:
+        self.totals_ms.append(total_s * 1000)
+        now = time.monotonic()
+        if now - self.since >= self.period_s:
+            ordered = sorted(self.totals_ms)
+            log.info("%d chunks in %.0f s: total ms p50 %.1f, max %.1f", len(ordered), now - self.since,
+                     ordered[len(ordered) // 2], ordered[-1])
+            self.totals_ms.clear()
+            self.since = now
+
+
 class PolicyServer:
     def __init__(self, runtime: PolicyRuntime, server: RouterServer) -> None:
         self.runtime = runtime
         self.server = server
         self.served = 0
         self.errors = 0
+        self.timing_log = TimingLog()
 
     def handle(self, frames: list[Any]) -> Message:
         try:
@@ -101,6 +122,7 @@ class PolicyServer:
             reply.meta["timings"] = result.timings
             reply.arrays["action"] = result.actions
             self.served += 1
+            self.timing_log.add(result.timings["total_s"])
         return reply
 
 

@@ -275,7 +275,10 @@ def test_control_socket_answers_bad_commands_with_the_field_and_keeps_serving(
         assert status["state"] == "refused" and status["contract_ok"] is False and status["episode_index"] == -1
         assert status["ticks"] > 0
         # Holding while the policy cannot be reached: the commanded target is the measured position.
-        held = tap.wait_action(lambda m: m.meta["hold_reason"] == "policy_unreachable")
+        # (Ticks before the first state arrives carry NaN, "no position known"; on a busy machine the
+        # state subscription may still be joining, so wait for a tick that has a position.)
+        held = tap.wait_action(lambda m: m.meta["hold_reason"] == "policy_unreachable"
+                               and bool(np.all(np.isfinite(m.arrays["action"]))))
         assert held.meta["hold"] is True and held.meta["episode_index"] == -1
         np.testing.assert_array_equal(held.arrays["action"], np.zeros(6))
         assert held.meta["names"] == config.action_names()

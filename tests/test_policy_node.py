@@ -270,7 +270,7 @@ def test_a_training_run_folder_loads_its_last_checkpoint_and_serves(tmp_path: Pa
 
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
-                    reason="lerobot-train needs `accelerate` (lerobot[training]), which this environment lacks")
+                    reason="lerobot-train needs `accelerate` (the server extra installs it)")
 def test_a_lerobot_train_cli_run_loads_and_serves(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, "lift", {"cameras": {"front": SMALL, "wrist": SMALL}}))
     _write_dataset(tmp_path / "dataset", config)
