@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from common.policy_runtime import guard_lerobot_imports
+from common.policy_checkpoint import guard_lerobot_imports
 
 guard_lerobot_imports()
 
@@ -43,7 +43,8 @@ import torch  # noqa: E402
 from common.checkpoint_maker import build_checkpoint  # noqa: E402
 from common.config import REPO_ROOT, DeploymentConfig, load_config  # noqa: E402
 from common.contract import STATE_KEY, image_key  # noqa: E402
-from common.policy_runtime import PolicyRuntime, session_seed  # noqa: E402
+from common.policy_runtime import PolicyRuntime  # noqa: E402
+from common.policy_sessions import session_seed  # noqa: E402
 from common.protocol import KIND_REQUEST, Message, decode, encode  # noqa: E402
 
 log = logging.getLogger("bench.policy_gpu")

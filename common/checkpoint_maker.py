@@ -35,7 +35,7 @@ import numpy as np
 
 from common.config import DeploymentConfig, load_config
 from common.contract import ACTION_KEY, STATE_KEY, image_key
-from common.policy_runtime import guard_lerobot_imports
+from common.policy_checkpoint import guard_lerobot_imports
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -94,7 +95,7 @@ class EventHub:
 
     @staticmethod
     def encode(event: str, data: Any) -> bytes:
-        return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=_json_default)}\n\n".encode()
+        return f"event: {event}\ndata: {json_text(data)}\n\n".encode()
 
     def subscribe(self) -> queue.Queue[bytes]:
         client: queue.Queue[bytes] = queue.Queue(maxsize=CLIENT_QUEUE)
@@ -128,6 +129,29 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
     return str(value)
+
+
+def _without_non_finite(value: Any) -> Any:
+    """``value`` with every NaN / inf replaced by None (JSON null), containers and arrays included."""
+    if isinstance(value, dict):
+        return {key: _without_non_finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_non_finite(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _without_non_finite(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def json_text(data: Any) -> str:
+    """Strict JSON for the browser. Python's json writes NaN, which JSON.parse rejects: one NaN (the
+    actuator's target before any position is known) would make the page drop a whole snapshot, so
+    non-finite numbers go out as null."""
+    try:
+        return json.dumps(data, separators=(",", ":"), default=_json_default, allow_nan=False)
+    except ValueError:  # only non-finite floats raise here; rare, so the clean-up runs only then
+        return json.dumps(_without_non_finite(data), separators=(",", ":"), default=_json_default, allow_nan=False)
 
 
 def _finite(value: Any) -> float | None:
@@ -475,7 +499,7 @@ class MonitorHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
-        self._send(status, json.dumps(payload, default=_json_default).encode(), "application/json")
+        self._send(status, json_text(payload).encode(), "application/json")
 
     # ------------------------------------------------------------------ GET
     def do_GET(self) -> None:

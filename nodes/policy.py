@@ -5,7 +5,8 @@
 Ops (meta ``op``; sessions keyed by meta ``client``): ``metadata`` (the contract), ``infer`` (one chunk),
 ``reset`` (clears this client's history), ``ping``. Every failure is an ``error`` reply naming the
 field; the node keeps serving. A checkpoint that does not fit the config is refused at start (exit 2).
-All the model work lives in ``common.policy_runtime``; this file is the loop.
+All the model work lives in ``common.policy_runtime`` and the ``common.policy_*`` modules it uses;
+this file is the loop.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import msgpack
 
 from common.config import parse_node_args
 from common.node import Readiness, setup_logging
-from common.policy_runtime import MAX_CLIENT_ID_LEN, CheckpointError, PolicyRuntime
+from common.policy_checkpoint import CheckpointError
+from common.policy_runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
 from common.protocol import (
     KIND_REPLY,
     KIND_REQUEST,

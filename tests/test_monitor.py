@@ -32,7 +32,7 @@ import yaml
 from conftest import REPO_ROOT, NodeProcess, free_port, wait_for, write_config
 
 from common.config import DeploymentConfig, load_config
-from common.protocol import KIND_FRAME, KIND_STATE, Message
+from common.protocol import KIND_ACTION, KIND_FRAME, KIND_STATE, Message
 from common.supervisor_client import SupervisorClient, UnknownProcess
 from common.transport import Publisher, SocketFactory
 
@@ -226,6 +226,56 @@ def test_commands_report_missing_peers_and_bad_requests(tmp_path: Path, node_pro
     assert monitor.proc.poll() is None
 
 
+def strict_json(text: str | bytes) -> Any:
+    """JSON as a browser's JSON.parse reads it: NaN / Infinity are errors, not numbers."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_hold_without_a_known_position_reaches_the_page_as_null(tmp_path: Path, node_processes: list) -> None:
+    # Before the first state arrives the actuator's hold target is NaN ("no position known"). The page
+    # parses with JSON.parse, which rejects NaN: one such tick must not spoil the snapshot or the stream.
+    config_path = write_config(tmp_path, "lift", {
+        "cameras": small_cameras(), "monitor": {"supervisor_url": f"http://127.0.0.1:{free_port()}/RPC2"}})
+    config = load_config(config_path)
+    monitor = NodeProcess("monitor", config_path)
+    node_processes.append(monitor)
+    monitor.start().wait_ready(60)
+    base = f"http://127.0.0.1:{config.monitor.port}"
+    events = Publisher(SocketFactory(), config.actuator.events_endpoint, "actuator")
+    target = np.array([np.nan, 1.0, np.inf, 2.0, -np.inf, 3.0], dtype=np.float32)
+
+    def shown() -> list[Any] | None:
+        events.publish(Message(kind=KIND_ACTION, meta={"role": "executed", "hold": True,
+                                                        "hold_reason": "policy_unreachable", "episode_index": -1,
+                                                        "names": config.action_names(), "lateness_s": float("nan")},
+                               arrays={"action": target}))
+        series = strict_json(urlopen_bytes(f"{base}/api/state"))["series"]["action"]
+        return series[-1]["values"] if series else None
+
+    try:
+        values = wait_for(shown, timeout_s=20, interval_s=0.1, message="the monitor never showed the action")
+    finally:
+        events.close()
+    assert values == [None, 1.0, None, 2.0, None, 3.0]
+    # The event stream's first message (the snapshot a page draws from) is strict JSON as well.
+    with urllib.request.urlopen(f"{base}/events", timeout=20) as stream:
+        lines = []
+        while not (lines and lines[-1].startswith(b"data: ")):
+            lines.append(stream.readline().rstrip(b"\n"))
+    assert lines[-2] == b"event: snapshot"
+    snapshot = strict_json(lines[-1].removeprefix(b"data: "))
+    assert snapshot["series"]["action"][-1]["values"] == [None, 1.0, None, 2.0, None, 3.0]
+    assert snapshot["config"]["task"] == "lift"
+    assert monitor.proc.poll() is None
+
+
+def urlopen_bytes(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=20) as response:
+        return response.read()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The page in Chromium over the real pipeline
 # ----------------------------------------------------------------------------------------------------
@@ -319,7 +369,9 @@ def camera_seq(page: Any, camera: str) -> int:
 
 def drive_panel(page: Any, expect: Any, supervisor: Supervisord, config: DeploymentConfig, screenshot: Path) -> None:
     expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
-    expect(page.locator("#task")).to_contain_text("lift")
+    # "live" is the stream's headers; the snapshot that fills the page follows, and on a loaded 2-core box
+    # (the policy warming up beside Chromium) it can take longer than Playwright's 5 s default.
+    expect(page.locator("#task")).to_contain_text("lift", timeout=30_000)
 
     # Camera frames update (by push), every camera.
     for camera in config.cameras:
@@ -339,7 +391,7 @@ def drive_panel(page: Any, expect: Any, supervisor: Supervisord, config: Deploym
     # Start, then stop with a label: both reach the actuator, whose events come back to the page.
     page.click("#btn-start")
     expect(page.locator("#message")).to_have_text("episode 0 started", timeout=20_000)
-    expect(page.locator("#message")).to_have_class("ok")
+    expect(page.locator("#message")).to_have_class("ok", timeout=20_000)
     expect(page.locator("#episode")).to_have_text("0 running", timeout=20_000)
     expect(page.locator("#actuator-state")).to_have_text("running", timeout=20_000)
     expect(page.locator("#timing-latest")).to_contain_text("round trip", timeout=30_000)  # chunks arrive
@@ -352,7 +404,7 @@ def drive_panel(page: Any, expect: Any, supervisor: Supervisord, config: Deploym
     actuator_pid = page.locator('#nodes tr[data-node="actuator"] td.pid').inner_text()
     page.click("#btn-stop-failure")  # nothing is running any more
     expect(page.locator("#message")).to_have_class("error", timeout=20_000)
-    expect(page.locator("#message")).to_contain_text("no episode is running")
+    expect(page.locator("#message")).to_contain_text("no episode is running", timeout=20_000)
     reply = page.evaluate("""async () => {
         const response = await fetch('/api/nodes/no-such-node/restart', {method: 'POST'});
         return {status: response.status, body: await response.json()};
@@ -360,7 +412,7 @@ def drive_panel(page: Any, expect: Any, supervisor: Supervisord, config: Deploym
     assert reply["status"] == 404 and "unknown node 'no-such-node'" in reply["body"]["message"]
     assert "actuator" in reply["body"]["message"]  # names what supervisord does run
     # The monitor cannot restart itself (it would be stopped before it could start itself again).
-    expect(page.locator('#nodes tr[data-node="monitor"] button.restart')).to_have_count(0)
+    expect(page.locator('#nodes tr[data-node="monitor"] button.restart')).to_have_count(0, timeout=20_000)
     reply = page.evaluate("""async () => {
         const response = await fetch('/api/nodes/monitor/restart', {method: 'POST'});
         return {status: response.status, body: await response.json()};

@@ -16,8 +16,8 @@ from conftest import PYTHON, NodeProcess, wait_for, write_config
 
 from common.config import load_config
 from common.contract import contract_differences
+from common.policy_checkpoint import checkpoint_identity
 from common.policy_client import PolicyClient
-from common.policy_runtime import checkpoint_identity
 from common.protocol import KIND_ERROR, KIND_REQUEST, Message, decode, encode
 from common.transport import RemoteError, RequestClient, SocketFactory
 

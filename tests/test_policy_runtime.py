@@ -11,18 +11,11 @@ from conftest import REPO_ROOT, write_config
 
 from common.checkpoint_maker import make_policy_config
 from common.config import load_config
-from common.policy_runtime import (
-    CheckpointError,
-    MatmulConv1d,
-    MatmulConvTranspose1d,
-    PolicyRuntime,
-    SessionStore,
-    layout_differences,
-    load_lerobot_policy,
-    resolve_checkpoint,
-    session_seed,
-    validate_request,
-)
+from common.policy_checkpoint import CheckpointError, layout_differences, load_lerobot_policy, resolve_checkpoint
+from common.policy_io import validate_request
+from common.policy_runtime import PolicyRuntime
+from common.policy_sessions import SessionStore, session_seed
+from common.policy_speed import MatmulConv1d, MatmulConvTranspose1d
 from common.protocol import Message, ProtocolError
 
 LIFT_CAMERAS = {"front": [480, 640, 3], "wrist": [480, 640, 3]}
@@ -319,7 +312,7 @@ def test_layout_differences_say_what_differs() -> None:
 
 
 def test_transformers_outside_lerobots_pin_is_recognised() -> None:
-    from common.policy_runtime import transformers_outside_lerobot_pin
+    from common.policy_checkpoint import transformers_outside_lerobot_pin
 
     assert transformers_outside_lerobot_pin("5.17.0")
     assert transformers_outside_lerobot_pin("4.57.1")

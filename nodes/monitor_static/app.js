@@ -224,7 +224,18 @@ function line(ctx, points, colour, { dash = [], width = 1.2 } = {}) {
   ctx.lineWidth = width;
   ctx.setLineDash(dash);
   ctx.beginPath();
-  points.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+  // A missing value (null: the sender had no finite number, e.g. a hold before any position was known)
+  // breaks the line instead of being drawn as zero.
+  let drawing = false;
+  for (const [x, y] of points) {
+    if (!Number.isFinite(y)) {
+      drawing = false;
+      continue;
+    }
+    if (drawing) ctx.lineTo(x, y);
+    else ctx.moveTo(x, y);
+    drawing = true;
+  }
   ctx.stroke();
   ctx.setLineDash([]);
 }
@@ -299,7 +310,7 @@ function drawJoints() {
       ? chunk.chunk.map((row, k) => [chunk.obs_t + k / config.fps, row[index]]) : [];
     const [lo, hi] = range([...acts, ...gts, ...sts, ...predicted].map(([, v]) => v),
       [config.lower_limits[index], config.upper_limits[index]]);
-    const y = (v) => canvas.height - ((v - lo) / (hi - lo)) * canvas.height;
+    const y = (v) => (v === null || v === undefined ? NaN : canvas.height - ((v - lo) / (hi - lo)) * canvas.height);
     shadeHolds(ctx, canvas, x, t0, colours.hold);
     line(ctx, sts.map(([t, v]) => [x(t), y(v)]), colours.state);
     line(ctx, gts.map(([t, v]) => [x(t), y(v)]), colours.gt, { dash: [4, 3] });

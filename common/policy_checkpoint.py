@@ -1,0 +1,205 @@
+"""Which checkpoint to load, whether it fits the deployment, and loading it offline.
+
+- A LeRobot ``pretrained_model/`` directory, or a ``lerobot-train`` run folder whose last checkpoint is
+  taken (``resolve_checkpoint``); its identity is a hash of the weights (``checkpoint_identity``).
+- ``layout_differences`` lists every way the checkpoint's features disagree with the deployment config
+  (cameras and their sizes, state/action sizes, joint names, fps); the node refuses to serve on any.
+- ``load_lerobot_policy`` loads weights and the pre-/post-processor pipelines (normalisation stats) from
+  the directory alone: ImageNet backbone weights are never fetched, the trained ones are in the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import DeploymentConfig
+from common.contract import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY
+
+log = logging.getLogger(__name__)
+
+
+SIDECAR_NAME = "armpipe.json"  # written by common.checkpoint_maker next to config.json
+MODEL_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be served with this deployment; the message says why."""
+
+
+# lerobot 0.6.1 pins transformers>=5.4,<5.6 (its `transformers-dep` extra) but imports transformers and peft
+# at import time whenever they are installed, whatever their version.
+LEROBOT_TRANSFORMERS_PIN = ((5, 4), (5, 6))
+
+
+def transformers_outside_lerobot_pin(version: str) -> bool:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return True
+    low, high = LEROBOT_TRANSFORMERS_PIN
+    return not low <= (int(match.group(1)), int(match.group(2))) < high
+
+
+def guard_lerobot_imports() -> None:
+    """Keep an unsupported transformers (and peft, which imports it) away from lerobot's import.
+
+    Call before the first lerobot import. DiffusionPolicy and ACT need neither package; with
+    ``sys.modules[name] = None`` lerobot's availability probe (``importlib.util.find_spec``) reports them
+    missing and lerobot takes its without-transformers branches, as in this project's own environment.
+    """
+    if "lerobot" in sys.modules:
+        return
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if transformers_outside_lerobot_pin(version):
+        for name in ("transformers", "peft"):
+            sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+        log.warning("transformers %s is outside lerobot 0.6.1's supported range %s: hidden from lerobot "
+                    "(DiffusionPolicy and ACT do not use it)", version, LEROBOT_TRANSFORMERS_PIN)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint discovery and identity
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_pretrained_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / MODEL_FILE).is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The ``pretrained_model`` directory to load for ``path``.
+
+    ``path`` may be the directory itself, a ``lerobot-train`` output folder (``<run>/checkpoints/...``),
+    its ``checkpoints`` folder, or one step folder. ``last`` wins; otherwise the highest numeric step.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"policy.checkpoint: no such file or directory: {path}")
+    if _is_pretrained_dir(path):
+        return path
+    for candidate in (path / "pretrained_model",):
+        if _is_pretrained_dir(candidate):
+            return candidate
+    checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    last = checkpoints / "last" / "pretrained_model"
+    if _is_pretrained_dir(last):
+        return last
+    steps = sorted((int(child.name), child) for child in checkpoints.iterdir()
+                   if child.is_dir() and re.fullmatch(r"\d+", child.name)
+                   and _is_pretrained_dir(child / "pretrained_model"))
+    if steps:
+        return steps[-1][1] / "pretrained_model"
+    raise CheckpointError(f"policy.checkpoint: {path} is neither a LeRobot pretrained_model directory (config.json + "
+                          f"{MODEL_FILE}) nor a lerobot-train output folder with checkpoints/<step>/pretrained_model")
+
+
+def checkpoint_identity(path: Path) -> str:
+    """First 16 hex digits of the SHA-256 of the weights file: changes whenever the weights do."""
+    digest = hashlib.sha256()
+    with (path / MODEL_FILE).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    sidecar = path / SIDECAR_NAME
+    if not sidecar.is_file():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{sidecar}: not valid JSON ({exc})") from exc
+    return data if isinstance(data, dict) else {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout check: the checkpoint against the deployment config
+# ------------------------------------------------------------------------------------------------
+
+
+def camera_name(key: str) -> str:
+    return key.removeprefix(IMAGE_KEY_PREFIX)
+
+
+def layout_differences(policy_config: Any, config: DeploymentConfig, sidecar: dict[str, Any]) -> list[str]:
+    """Every way the checkpoint's features disagree with the deployment; empty when it can be served."""
+    problems: list[str] = []
+    checkpoint_cameras = {camera_name(key): tuple(feature.shape)
+                          for key, feature in policy_config.image_features.items()}
+    config_cameras = {name: (3, cam.height, cam.width) for name, cam in config.cameras.items()}
+    for name in sorted(set(checkpoint_cameras) - set(config_cameras)):
+        problems.append(f"checkpoint needs camera '{name}' (image {list(checkpoint_cameras[name])}), which the "
+                        f"config does not have (config cameras: {sorted(config_cameras)})")
+    for name in sorted(set(config_cameras) - set(checkpoint_cameras)):
+        problems.append(f"config camera '{name}' is not an input of the checkpoint (checkpoint cameras: "
+                        f"{sorted(checkpoint_cameras)})")
+    for name in sorted(set(config_cameras) & set(checkpoint_cameras)):
+        if checkpoint_cameras[name] != config_cameras[name]:
+            channels, height, width = checkpoint_cameras[name]
+            cam = config.cameras[name]
+            problems.append(f"camera '{name}': checkpoint expects {height}x{width} images ({channels} channels), "
+                            f"config cameras.{name} produces {cam.height}x{cam.width}")
+    state_feature = policy_config.robot_state_feature
+    state_names = config.state_names()
+    if state_feature is None:
+        problems.append(f"checkpoint has no `{STATE_KEY}` input; the config provides {len(state_names)} joints")
+    elif tuple(state_feature.shape) != (len(state_names),):
+        problems.append(f"state: checkpoint expects {list(state_feature.shape)} values, config has {len(state_names)} "
+                        f"joints ({state_names})")
+    action_feature = policy_config.action_feature
+    action_names = config.action_names()
+    if action_feature is None:
+        problems.append(f"checkpoint has no `{ACTION_KEY}` output")
+    elif tuple(action_feature.shape) != (len(action_names),):
+        problems.append(f"action: checkpoint returns {list(action_feature.shape)} values, config drives "
+                        f"{len(action_names)} joints ({action_names})")
+    for key, mine in (("state_names", state_names), ("action_names", action_names)):
+        if key in sidecar and list(sidecar[key]) != mine:
+            problems.append(f"{key}: checkpoint was built for {sidecar[key]}, config has {mine}")
+    if "fps" in sidecar and int(sidecar["fps"]) != config.fps:
+        problems.append(f"fps: checkpoint was built for {sidecar['fps']} fps, config runs at {config.fps}")
+    other = [key for key, feature in policy_config.input_features.items()
+             if key != STATE_KEY and key not in policy_config.image_features and feature.type.name != "LANGUAGE"]
+    if other:
+        problems.append(f"checkpoint needs inputs armpipe does not send: {other}")
+    return problems
+
+
+def load_lerobot_policy(path: Path, device: torch.device) -> tuple[Any, Any, Any, Any]:
+    """(policy config, policy, preprocessor, postprocessor) from a local directory, without the network."""
+    guard_lerobot_imports()
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    try:
+        policy_config = PreTrainedConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # draccus / json errors: say which file
+        raise CheckpointError(f"{path / 'config.json'}: not a LeRobot policy config ({exc})") from exc
+    policy_config.device = device.type
+    if hasattr(policy_config, "pretrained_backbone_weights"):
+        # The trained weights are in model.safetensors; without this the backbone would be downloaded.
+        policy_config.pretrained_backbone_weights = None
+    if getattr(policy_config, "compile_model", False):
+        policy_config.compile_model = False  # the node compiles (or not) according to policy.compile
+    processor_files = ("policy_preprocessor.json", "policy_postprocessor.json")
+    missing = [name for name in processor_files if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: missing {missing}; the node needs the processors with the normalisation "
+                              "stats (lerobot-train and save_pretrained write them)")
+    policy = get_policy_class(policy_config.type).from_pretrained(path, config=policy_config, local_files_only=True)
+    policy.eval()
+    preprocessor, postprocessor = make_pre_post_processors(
+        policy_config, pretrained_path=str(path), preprocessor_overrides={"device_processor": {"device": device.type}})
+    return policy_config, policy, preprocessor, postprocessor

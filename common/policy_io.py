@@ -1,0 +1,257 @@
+"""The wire side of a chunk: an ``infer`` request checked field by field, its arrays on the device, and
+LeRobot's normalisation applied (and undone on the actions).
+
+- ``validate_request``: cameras present, uint8 HxWx3 of the accepted shape, raw or JPEG; state float32 of
+  the right size and finite. A bad observation raises ``ProtocolError`` naming the field; nothing is ever
+  answered with made-up actions.
+- ``InputLoader``: pinned host buffers and asynchronous uploads; JPEG decoded on the GPU (nvJPEG) or with
+  OpenCV on a CPU.
+- ``Normaliser``: the checkpoint's own stats with LeRobot's expressions, recordable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from common.contract import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY, image_key
+from common.policy_checkpoint import CheckpointError
+from common.protocol import Message, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Observation:
+    images: dict[str, np.ndarray]  # camera -> uint8 HxWx3 (raw) or 1-D JPEG bytes
+    jpeg: set[str]  # cameras whose image is still JPEG bytes
+    state: np.ndarray  # float32 (state_dim,)
+    obs_t: float
+
+
+def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int) -> Observation:
+    """Check an ``infer`` request against the contract; raises ``ProtocolError`` naming the bad field."""
+    obs_t = msg.meta.get("obs_t")
+    if obs_t is None:
+        raise ProtocolError("meta.obs_t", "the observation time in seconds (field is missing)")
+    if isinstance(obs_t, bool) or not isinstance(obs_t, (int, float)) or not math.isfinite(obs_t):
+        raise ProtocolError("meta.obs_t", "a finite number of seconds", obs_t)
+    expected_keys = {image_key(name) for name in cameras} | {STATE_KEY}
+    unknown = sorted(set(msg.arrays) - expected_keys)
+    if unknown:
+        raise ProtocolError(f"arrays[{unknown[0]}]", f"only the arrays {sorted(expected_keys)}", unknown)
+    jpeg_shapes = msg.meta.get("_jpeg_shapes", {})
+    images: dict[str, np.ndarray] = {}
+    jpeg: set[str] = set()
+    for name, shape in cameras.items():
+        key = image_key(name)
+        where = f"arrays[{key}]"
+        if key not in msg.arrays:
+            raise ProtocolError(where, f"uint8 image {list(shape)} (raw or JPEG) from camera '{name}' "
+                                "(array is missing)")
+        array = msg.arrays[key]
+        if key in msg.jpeg:
+            declared = list(jpeg_shapes.get(key, []))
+            if declared != list(shape):
+                raise ProtocolError(f"{where}.shape", f"a JPEG image of shape {list(shape)}", declared)
+            jpeg.add(name)
+        elif array.dtype != np.uint8 or list(array.shape) != list(shape):
+            raise ProtocolError(where, f"uint8 {list(shape)} RGB image", f"{array.dtype}{list(array.shape)}")
+        images[name] = array
+    if STATE_KEY not in msg.arrays:
+        raise ProtocolError(f"arrays[{STATE_KEY}]", f"float32 [{state_dim}] joint positions (array is missing)")
+    state = msg.arrays[STATE_KEY]
+    if state.dtype != np.float32 or list(state.shape) != [state_dim]:
+        raise ProtocolError(f"arrays[{STATE_KEY}]", f"float32 [{state_dim}]", f"{state.dtype}{list(state.shape)}")
+    bad = np.flatnonzero(~np.isfinite(state))
+    if bad.size:
+        raise ProtocolError(f"arrays[{STATE_KEY}]", "finite values (no NaN or inf)",
+                            f"{state[bad[0]]} at index {int(bad[0])}")
+    return Observation(images=images, jpeg=jpeg, state=state, obs_t=float(obs_t))
+
+
+class InputLoader:
+    """Wire arrays -> device tensors: images uint8 (3, H, W), state float32 (D,).
+
+    JPEG images are decoded on the GPU (nvJPEG through torchvision) when the device is cuda, else with
+    OpenCV. Raw images and the state go through pinned host buffers, so uploads are asynchronous.
+    """
+
+    def __init__(self, cameras: dict[str, list[int]], state_dim: int, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.staging = {name: torch.empty(tuple(shape), dtype=torch.uint8, pin_memory=self.cuda)
+                        for name, shape in cameras.items()}
+        self.state_staging = torch.empty(state_dim, dtype=torch.float32, pin_memory=self.cuda)
+        self.shapes = cameras
+
+    def load(self, obs: Observation) -> dict[str, Tensor]:
+        """``observation.images.<cam>`` -> uint8 (3, H, W) and ``observation.state`` -> float32 (D,)."""
+        out: dict[str, Tensor] = {}
+        jpeg_names = sorted(obs.jpeg)
+        if jpeg_names:
+            out.update(self._decode_jpeg(obs, jpeg_names))
+        for name, image in obs.images.items():
+            if name in obs.jpeg:
+                continue
+            buffer = self.staging[name]
+            # Copy through numpy: the received frame is a read-only view, which torch.from_numpy refuses.
+            # The previous request's upload from this buffer has finished: every request ends in a sync.
+            np.copyto(buffer.numpy(), image)
+            out[image_key(name)] = buffer.to(self.device, non_blocking=True).permute(2, 0, 1)
+        np.copyto(self.state_staging.numpy(), obs.state)
+        out[STATE_KEY] = self.state_staging.to(self.device, non_blocking=True)
+        if not self.cuda:
+            out[STATE_KEY] = out[STATE_KEY].clone()
+        return out
+
+    def _decode_jpeg(self, obs: Observation, names: list[str]) -> dict[str, Tensor]:
+        decoded: dict[str, Tensor] = {}
+        if self.cuda:
+            from torchvision.io import decode_jpeg
+
+            payloads = [torch.from_numpy(np.array(obs.images[name], dtype=np.uint8)) for name in names]
+            try:
+                images = decode_jpeg(payloads, device=self.device)
+            except RuntimeError:  # find out which one is corrupt, one at a time
+                images = []
+                for name, payload in zip(names, payloads, strict=True):
+                    try:
+                        images.append(decode_jpeg(payload, device=self.device))
+                    except RuntimeError as exc:
+                        raise ProtocolError(f"arrays[{image_key(name)}]", "a decodable JPEG image",
+                                            f"{payload.numel()} undecodable bytes") from exc
+            decoded = dict(zip(names, images, strict=True))
+        else:
+            from common.images import decode_jpeg as cv_decode_jpeg
+
+            for name in names:
+                decoded[name] = torch.from_numpy(cv_decode_jpeg(obs.images[name], f"arrays[{image_key(name)}]")
+                                                 ).permute(2, 0, 1)
+        for name, image in decoded.items():
+            height, width, _ = self.shapes[name]
+            if tuple(image.shape) != (3, height, width):
+                raise ProtocolError(f"arrays[{image_key(name)}].shape", f"a JPEG that decodes to {[height, width, 3]}",
+                                    [int(image.shape[1]), int(image.shape[2]), int(image.shape[0])])
+        return {image_key(name): image for name, image in decoded.items()}
+
+
+class FeatureTransform:
+    """LeRobot's (un)normalisation of one feature with its denominators computed once.
+
+    The expressions and their order are those of ``lerobot.processor.normalize_processor`` (so results
+    are bit-identical), without its per-call bookkeeping and without creating tensors per call, so it can
+    be recorded in a CUDA graph.
+    """
+
+    BOUNDS: ClassVar[dict[str, tuple[str, str]]] = {"MIN_MAX": ("min", "max"), "QUANTILES": ("q01", "q99"),
+                                                     "QUANTILE10": ("q10", "q90")}
+
+    def __init__(self, key: str, mode: str, stats: dict[str, Tensor] | None, eps: float,
+                 device: torch.device) -> None:
+        self.mode = mode if stats is not None else "IDENTITY"
+        if self.mode == "IDENTITY":
+            return
+        assert stats is not None
+        needed = ("mean", "std") if self.mode == "MEAN_STD" else self.BOUNDS.get(self.mode)
+        if needed is None:
+            raise CheckpointError(f"{key}: normalisation mode {mode} is not supported")
+        missing = [name for name in needed if name not in stats]
+        if missing:
+            raise CheckpointError(f"{key}: {mode} normalisation needs stats {list(needed)}, the checkpoint lacks "
+                                  f"{missing}")
+        values = {name: stats[name].to(device=device, dtype=torch.float32) for name in needed}
+        if self.mode == "MEAN_STD":
+            self.offset, self.scale = values["mean"], values["std"]
+            self.denom = values["std"] + eps
+        else:
+            low, high = (values[name] for name in needed)
+            denom = high - low
+            self.offset = low
+            self.denom = torch.where(denom == 0, torch.tensor(eps, device=device, dtype=denom.dtype), denom)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        if self.mode == "MEAN_STD":
+            return (x - self.offset) / self.denom
+        if self.mode == "MIN_MAX":
+            return 2 * (x - self.offset) / self.denom - 1
+        if self.mode in ("QUANTILES", "QUANTILE10"):
+            return 2.0 * (x - self.offset) / self.denom - 1.0
+        return x
+
+    def unnormalise(self, x: Tensor) -> Tensor:
+        if self.mode == "MEAN_STD":
+            return x * self.scale + self.offset
+        if self.mode == "MIN_MAX":
+            return (x + 1) / 2 * self.denom + self.offset
+        if self.mode in ("QUANTILES", "QUANTILE10"):
+            return (x + 1.0) * self.denom / 2.0 + self.offset
+        return x
+
+
+def _find_step(pipeline: Any, class_name: str) -> Any | None:
+    for step in getattr(pipeline, "steps", []):
+        if type(step).__name__ == class_name:
+            return step
+    return None
+
+
+def _feature_transform(step: Any, key: str, device: torch.device) -> FeatureTransform:
+    feature = step.features.get(key)
+    mode = step.norm_map.get(feature.type) if feature is not None else None
+    stats = step._tensor_stats.get(key) if mode is not None else None
+    return FeatureTransform(key, getattr(mode, "value", "IDENTITY"), stats, step.eps, device)
+
+
+class Normaliser:
+    """Wire-convention inputs -> the normalised batch the model takes, and normalised actions -> robot units.
+
+    With LeRobot's default pipelines (rename with an empty map, batch, device, normalise / unnormalise,
+    device) the node applies the pipelines' own stats through ``FeatureTransform`` (``direct``: same
+    arithmetic, recordable in a CUDA graph). Pipelines with any other step run as pipelines.
+    """
+
+    KNOWN_PRE: ClassVar[set[str]] = {"RenameObservationsProcessorStep", "AddBatchDimensionProcessorStep",
+                                     "DeviceProcessorStep", "NormalizerProcessorStep"}
+    KNOWN_POST: ClassVar[set[str]] = {"UnnormalizerProcessorStep", "DeviceProcessorStep"}
+
+    def __init__(self, preprocessor: Any, postprocessor: Any, input_keys: list[str], device: torch.device) -> None:
+        self.preprocessor = preprocessor
+        self.postprocessor = postprocessor
+        normalizer = _find_step(preprocessor, "NormalizerProcessorStep")
+        unnormalizer = _find_step(postprocessor, "UnnormalizerProcessorStep")
+        rename = _find_step(preprocessor, "RenameObservationsProcessorStep")
+        pre_names = {type(step).__name__ for step in preprocessor.steps}
+        post_names = {type(step).__name__ for step in postprocessor.steps}
+        self.direct = (pre_names <= self.KNOWN_PRE and post_names <= self.KNOWN_POST
+                       and normalizer is not None and unnormalizer is not None
+                       and not (rename is not None and rename.rename_map))
+        if self.direct:
+            self.inputs = {key: _feature_transform(normalizer, key, device) for key in input_keys}
+            self.action = _feature_transform(unnormalizer, ACTION_KEY, device)
+        else:
+            log.info("processor pipelines have custom steps %s / %s: running them as pipelines",
+                     sorted(pre_names - self.KNOWN_PRE), sorted(post_names - self.KNOWN_POST))
+
+    def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """uint8 (3, H, W) images and the (D,) state -> the normalised (1, ...) batch.
+
+        Images become float32 in [0, 1] first: LeRobot's convention for robot frames.
+        """
+        batch = {key: value.to(torch.float32) / 255 if key.startswith(IMAGE_KEY_PREFIX) else value
+                 for key, value in inputs.items()}
+        if not self.direct:
+            out = self.preprocessor(batch)
+            return {key: out[key] for key in inputs}
+        return {key: self.inputs[key].normalise(value.unsqueeze(0)) for key, value in batch.items()}
+
+    def unnormalise(self, actions: Tensor) -> Tensor:
+        if not self.direct:
+            return self.postprocessor(actions)
+        return self.action.unnormalise(actions)

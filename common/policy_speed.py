@@ -1,0 +1,182 @@
+"""Speed paths of the policy node that keep LeRobot's modules and weights: the speed options from the
+config, Conv1d as matrix products (batch 1), and CUDA graph recording with an eager fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from common.config import PolicyConfig
+
+log = logging.getLogger(__name__)
+
+
+class MatmulConv1d(nn.Module):
+    """An ``nn.Conv1d`` computed as one matrix product over its unfolded input windows.
+
+    At batch 1 cuDNN's Conv1d spends most of its time converting memory layouts; a GEMM on the
+    (time, kernel*in_channels) window matrix reads the weights once and little else. Same maths,
+    different summation order (not bit-identical).
+    """
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        out_channels, in_channels, kernel = conv.weight.shape
+        self.kernel = kernel
+        self.stride = int(conv.stride[0])
+        self.padding = int(conv.padding[0])  # type: ignore[index]
+        # (out, in, k) -> (out, k*in), the (k, in) order of the windows below.
+        self.weight = nn.Parameter(conv.weight.detach().permute(0, 2, 1).reshape(out_channels, kernel * in_channels)
+                                   .contiguous(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, T) -> (B, C_out, T')
+        if self.kernel == 1 and self.stride == 1 and self.padding == 0:
+            windows = x.transpose(1, 2)
+        else:
+            padded = nn.functional.pad(x, (self.padding, self.padding))
+            # unfold: (B, C_in, T', k) -> (B, T', k, C_in) -> (B, T', k*C_in)
+            windows = padded.unfold(2, self.kernel, self.stride).permute(0, 2, 3, 1).flatten(2)
+        return nn.functional.linear(windows, self.weight, self.bias).transpose(1, 2)
+
+    @staticmethod
+    def convertible(module: nn.Module) -> bool:
+        return (type(module) is nn.Conv1d and module.dilation == (1,) and module.groups == 1
+                and module.padding_mode == "zeros" and isinstance(module.padding, tuple))
+
+
+class MatmulConvTranspose1d(nn.Module):
+    """An ``nn.ConvTranspose1d``, as the equivalent stride-1 convolution of the zero-upsampled input,
+    computed as one matrix product (see ``MatmulConv1d``)."""
+
+    def __init__(self, conv: nn.ConvTranspose1d) -> None:
+        super().__init__()
+        in_channels, out_channels, kernel = conv.weight.shape
+        self.kernel = kernel
+        self.stride = int(conv.stride[0])
+        self.pad_left = kernel - 1 - int(conv.padding[0])
+        self.pad_right = self.pad_left + int(conv.output_padding[0])
+        # Equivalent convolution weight: w[o, i, j] = W[i, o, k-1-j], laid out as (out, k*in).
+        self.weight = nn.Parameter(conv.weight.detach().flip(-1).permute(1, 2, 0).reshape(out_channels,
+                                                                                            kernel * in_channels)
+                                   .contiguous(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, length = x.shape
+        upsampled = x.new_zeros(batch, channels, (length - 1) * self.stride + 1)
+        upsampled[..., :: self.stride] = x
+        padded = nn.functional.pad(upsampled, (self.pad_left, self.pad_right))
+        windows = padded.unfold(2, self.kernel, 1).permute(0, 2, 3, 1).flatten(2)
+        return nn.functional.linear(windows, self.weight, self.bias).transpose(1, 2)
+
+    @staticmethod
+    def convertible(module: nn.Module) -> bool:
+        return (type(module) is nn.ConvTranspose1d and module.dilation == (1,) and module.groups == 1
+                and module.padding_mode == "zeros" and module.kernel_size[0] - 1 >= module.padding[0])
+
+
+def convs_as_matmul(root: nn.Module) -> int:
+    """Replace every convertible Conv1d / ConvTranspose1d under ``root`` in place; returns how many."""
+    count = 0
+    for name, child in list(root.named_children()):
+        if MatmulConv1d.convertible(child):
+            setattr(root, name, MatmulConv1d(child))
+            count += 1
+        elif MatmulConvTranspose1d.convertible(child):
+            setattr(root, name, MatmulConvTranspose1d(child))
+            count += 1
+        else:
+            count += convs_as_matmul(child)
+    return count
+
+
+class CudaGraph:
+    """``fn`` recorded once as a CUDA graph on static input buffers; calling it replays the recording.
+
+    The returned tensors are the graph's static outputs: they are overwritten by the next call, so
+    callers consume or clone them first.
+    """
+
+    def __init__(self, fn: Callable[..., Any], example_inputs: list[Tensor], warmup: int = 2) -> None:
+        self.inputs = [tensor.clone() for tensor in example_inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # lets torch.compile and cuDNN settle before recording
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        for buffer, value in zip(self.inputs, inputs, strict=True):
+            buffer.copy_(value, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
+class MaybeGraphed:
+    """``fn`` run eagerly, or recorded as a CUDA graph on its first call and replayed afterwards.
+
+    If recording fails (a model doing something a capture cannot hold, e.g. a host sync) it logs why and
+    stays eager.
+    """
+
+    def __init__(self, fn: Callable[..., Any], name: str, enabled: bool) -> None:
+        self.fn = fn
+        self.name = name
+        self.enabled = enabled
+        self.graph: CudaGraph | None = None
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        if not self.enabled:
+            return self.fn(*inputs)
+        if self.graph is None:
+            try:
+                self.graph = CudaGraph(self.fn, list(inputs))
+            except RuntimeError as exc:
+                log.warning("CUDA graph of %s could not be recorded (%s); running it eagerly", self.name,
+                            str(exc).splitlines()[0])
+                self.enabled = False
+                torch.cuda.synchronize()
+                return self.fn(*inputs)
+        return self.graph(*inputs)
+
+
+@dataclass
+class SpeedOptions:
+    device: torch.device
+    dtype: torch.dtype
+    num_inference_steps: int  # 0 keeps the checkpoint's
+    noise_scheduler: str  # "" keeps the checkpoint's
+    compile: bool
+    cuda_graphs: bool
+    fast_unet: bool
+
+    def autocast(self) -> torch.autocast:
+        """bf16 runs the bf16 weights under autocast: ops LeRobot feeds fp32 tensors (timestep embeddings,
+        positional encodings) are cast, and the numerically touchy ones (norms, softmax) stay fp32."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=self.dtype == torch.bfloat16)
+
+    @property
+    def exact(self) -> bool:
+        """fp32 eager or fp32 graphs of LeRobot's own modules: the same arithmetic as LeRobot's plain path."""
+        return self.dtype == torch.float32 and not self.compile and not self.fast_unet
+
+    @classmethod
+    def from_config(cls, policy: PolicyConfig, device: torch.device) -> SpeedOptions:
+        on_cuda = device.type == "cuda"
+        if policy.cuda_graphs and not on_cuda:
+            log.warning("policy.cuda_graphs needs a CUDA device; running eagerly on %s", device)
+        return cls(device=device, dtype=torch.bfloat16 if policy.dtype == "bf16" else torch.float32,
+                   num_inference_steps=policy.num_inference_steps, noise_scheduler=policy.noise_scheduler.upper(),
+                   compile=policy.compile, cuda_graphs=policy.cuda_graphs and on_cuda, fast_unet=policy.fast_unet)
