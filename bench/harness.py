@@ -42,10 +42,10 @@ def free_endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
+            deep_merge(base[key], value)
         else:
             base[key] = value
     return base
@@ -72,7 +72,7 @@ def write_config(tmp_path: Path, task: str = "lift", overrides: dict[str, Any] |
     raw["monitor"]["port"] = free_port()
     raw["run_dir"] = str(tmp_path / "run")
     raw["recorder"]["output_dir"] = str(tmp_path / "recordings")
-    _deep_merge(raw, overrides or {})
+    deep_merge(raw, overrides or {})
     path = tmp_path / f"{task}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

@@ -17,8 +17,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from bench.harness import ActuatorWatch, Supervised, free_port, write_config
+from bench.harness import ActuatorWatch, Supervised, deep_merge, free_port, write_config
 from common.checkpoint_maker import build_checkpoint
 from common.config import REPO_ROOT, load_config
 from common.demo_data import DemoSpec, generate_demo_dataset
@@ -26,19 +27,20 @@ from common.demo_data import DemoSpec, generate_demo_dataset
 log = logging.getLogger("bench.supervisor_recovery")
 
 
-def prepare(task: str, workdir: Path) -> tuple[Path, int]:
-    """A deployment config on free ports with its own small demo dataset and tiny checkpoint."""
+def prepare(task: str, workdir: Path, overrides: dict[str, Any] | None = None) -> tuple[Path, int]:
+    """A deployment config on free ports with its own small demo dataset and tiny checkpoint; ``overrides``
+    are deep-merged last."""
     base = load_config(REPO_ROOT / "configs" / f"{task}.yaml")
     dataset = generate_demo_dataset(base, workdir / f"{task}-demo", DemoSpec(episodes=2, frames=150),
                                     repo_id=f"armpipe/{task}-demo")
     checkpoint = build_checkpoint(base, workdir / "ckpt", policy_type="diffusion", size="tiny", dataset_root=dataset,
                                   chunk=48)
     supervisor_port = free_port()
-    path = write_config(workdir, task, {
+    path = write_config(workdir, task, deep_merge({
         "player": {"dataset": str(dataset)},
         "policy": {"checkpoint": str(checkpoint), "timeout_s": 5.0},
         "monitor": {"supervisor_url": f"http://127.0.0.1:{supervisor_port}/RPC2"},
-    })
+    }, overrides or {}))
     return path, supervisor_port
 
 
