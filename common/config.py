@@ -265,6 +265,8 @@ class DeploymentConfig:
             raise ConfigError("actuator.blend_old_weight", "expected a weight in 0..1")
         if self.actuator.refill_rows < 0:
             raise ConfigError("actuator.refill_rows", "expected a non-negative row count")
+        if not -20 <= self.actuator.nice <= 19:
+            raise ConfigError("actuator.nice", f"expected a nice value in -20..19, got {self.actuator.nice}")
         return self
 
 

@@ -100,7 +100,6 @@ class BusStats:
         return asdict(self)
 
 
-
 def so101_motors(use_degrees: bool = True) -> dict[str, Motor]:
     """The SO-101 follower's motor table, as SOFollower builds it."""
     body = MotorNormMode.DEGREES if use_degrees else MotorNormMode.RANGE_M100_100

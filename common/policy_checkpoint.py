@@ -17,12 +17,13 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.config import DeploymentConfig
 from common.contract import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import numpy as np
 import zmq
 
 from common.chunk_queue import ChunkQueue, InsertResult
-from common.config import ConfigError, DeploymentConfig, parse_node_args
+from common.config import DeploymentConfig, parse_node_args
 from common.contract import PolicyContract, contract_differences
 from common.episodes import IDLE, RUNNING, STOPPING, EpisodeError, EpisodeRecord, Episodes
 from common.images import decode_jpeg
@@ -929,11 +929,10 @@ class ActuatorNode:
 
 
 def set_priority(nice: int) -> None:
-    """Apply ``actuator.nice`` (a failure to raise the priority is logged, not fatal)."""
+    """Apply ``actuator.nice`` (range-checked with the config; a failure to raise the priority is logged,
+    not fatal)."""
     if nice == 0:
         return
-    if not -20 <= nice <= 19:
-        raise ConfigError("actuator.nice", f"expected a nice value in -20..19, got {nice}")
     try:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
         log.info("running at nice %d", nice)

@@ -48,6 +48,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("--arms.main.upper_limits=[-200,100,100,100,150,100]", "arms.main.lower_limits"),
     ("--policy.device=tpu", "policy.device"),
     ("--actuator.overlap=average", "actuator.overlap"),
+    ("--actuator.nice=40", "actuator.nice"),
     ("--policy.nonexistent=1", "policy"),
 ])
 def test_bad_values_name_the_field(override, field):
