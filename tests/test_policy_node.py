@@ -323,3 +323,19 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_refused_with_the_reason(ti
     finally:
         node.stop()
 
+
+
+def test_chunk_times_are_logged_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    from nodes.policy import TimingLog
+
+    timing = TimingLog(period_s=10.0)
+    with caplog.at_level("INFO", logger="policy"):
+        for total_s in (0.1, 0.4, 0.2):
+            timing.add(total_s)
+        assert not caplog.records  # within the period: nothing yet
+        timing.since -= 10.0  # the period is over
+        timing.add(0.3)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert message.startswith("4 chunks in 10 s") and "p50 300.0" in message and "max 400.0" in message
+    assert timing.totals_ms == []  # the next period starts empty
