@@ -35,6 +35,10 @@ KIND_REPLY = "reply"
 KIND_ERROR = "error"
 KINDS = (KIND_FRAME, KIND_STATE, KIND_ACTION, KIND_EVENT, KIND_REQUEST, KIND_REPLY, KIND_ERROR)
 
+# meta.source of frames and states the dataset player publishes (a camera's is "camera"): their rows have
+# ground truth on player.gt_endpoint.
+SOURCE_DATASET = "dataset"
+
 # Policy node ops, then the actuator control socket's ops (same request/reply framing).
 POLICY_OPS = ("metadata", "infer", "reset", "ping")
 CONTROL_OPS = ("start", "stop", "label", "status")

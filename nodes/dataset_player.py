@@ -33,11 +33,10 @@ import numpy as np
 from common.config import ConfigError, DeploymentConfig, parse_node_args
 from common.dataset_source import DatasetError, DatasetSource, EpisodeData, EpisodeReader
 from common.node import Readiness, setup_logging
-from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
+from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
 from common.transport import LatestSubscriber, Publisher, SocketFactory, stop_event_on_signals
 
 PROGRAM = "dataset_player"
-SOURCE = "dataset"
 FRAME_HWM = 8  # per subscriber; consumers drain to the newest frame anyway
 GT_HWM = 1024  # ground truth and events are small and an evaluator wants every one
 EVENTS_HWM = 1024
@@ -142,7 +141,7 @@ class DatasetPlayer:
     def _publish_row(self, rows: EpisodeData, row: int, images: dict[str, np.ndarray]) -> None:
         t = time.monotonic()
         frame_index = int(rows.frame_indices[row])
-        common = {"source": SOURCE, "episode_index": rows.episode_index, "frame_index": frame_index}
+        common = {"source": SOURCE_DATASET, "episode_index": rows.episode_index, "frame_index": frame_index}
         # Ground truth first, cameras last: by the time the observation is complete, its truth is out.
         self.gt.publish(Message(kind=KIND_ACTION, t=t, meta={
             "role": "ground_truth", "names": self.action_names, "episode_index": rows.episode_index,
@@ -156,7 +155,7 @@ class DatasetPlayer:
             self._pending_seqs[name] = sent.seq
         for name, publisher in self.frames.items():
             cam = self.config.cameras[name]
-            msg = Message(kind=KIND_FRAME, t=t, meta={"camera": name, "backend": SOURCE, **common},
+            msg = Message(kind=KIND_FRAME, t=t, meta={"camera": name, "backend": SOURCE_DATASET, **common},
                           arrays={"image": images[name]}, jpeg={"image"} if cam.encoding == "jpeg" else set())
             sent = publisher.publish(msg, jpeg_quality=cam.jpeg_quality)
             self._pending_seqs[name] = sent.seq
@@ -175,7 +174,7 @@ class DatasetPlayer:
         fps = self.stats.rows_since_report / elapsed
         for name, publisher in self.frames.items():
             publisher.publish(Message(kind=KIND_EVENT, meta={
-                "event": "camera_stats", "camera": name, "source": SOURCE, "fps": round(fps, 2),
+                "event": "camera_stats", "camera": name, "source": SOURCE_DATASET, "fps": round(fps, 2),
                 "dropped": self.stats.late_rows, "errors": self.stats.decode_errors}))
         self._publish_event("player_stats", state=self.state, mode=self.player.mode,
                             episode_index=self.current_episode, frame_index=self.current_frame,
@@ -229,7 +228,7 @@ class DatasetPlayer:
         published = 0
         outcome = "complete"
         self._publish_event("episode_start", episode_index=episode, frames=rows.length, task=rows.task,
-                            mode=self.player.mode, source=SOURCE)
+                            mode=self.player.mode, source=SOURCE_DATASET)
         log.info("episode %d: %d frames, %s", episode, rows.length, self.player.mode)
         period = 1.0 / self.source.fps
         anchor = 0.0
@@ -268,7 +267,7 @@ class DatasetPlayer:
             reader.close()
         self.stats.episodes_played += 1
         self._publish_event("episode_end", episode_index=episode, frames=published, complete=outcome == "complete",
-                            reason=outcome, source=SOURCE)
+                            reason=outcome, source=SOURCE_DATASET)
         self.state = "idle"
         log.info("episode %d ended (%s) after %d of %d frames", episode, outcome, published, rows.length)
         return outcome

@@ -56,7 +56,7 @@ from common.episode_writer import (
     recover_episode,
 )
 from common.node import Readiness, setup_logging
-from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
+from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
 from common.transport import LatestSubscriber, SocketFactory, stop_event_on_signals
 
 log = logging.getLogger("recorder")
@@ -135,7 +135,6 @@ class TickAssembler:
         self.frames: dict[str, OrderedDict[int, Message]] = {name: OrderedDict() for name in config.cameras}
         self.states: dict[str, OrderedDict[int, Message]] = {name: OrderedDict() for name in config.arms}
         self.ground_truth: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self.gt_episodes: set[int] = set()
         self.pending: deque[_Pending] = deque()
         self.episode: _OpenEpisode | None = None
         self.closed: deque[int] = deque(maxlen=32)  # actuator indices already closed (no implicit reopen)
@@ -178,7 +177,6 @@ class TickAssembler:
         episode, frame_index = msg.meta.get("episode_index"), msg.meta.get("frame_index")
         if action is None or not isinstance(episode, int) or not isinstance(frame_index, int):
             return
-        self.gt_episodes.add(episode)
         self.ground_truth[(episode, frame_index)] = np.array(action, dtype=np.float32)
         while len(self.ground_truth) > GROUND_TRUTH_KEEP:
             self.ground_truth.popitem(last=False)
@@ -329,8 +327,10 @@ class TickAssembler:
         if frame_used is not None and frame_index >= 0:
             player_episode = frame_used.meta.get("episode_index")
             ground_truth = self.ground_truth.get((player_episode, frame_index))
-            if ground_truth is None and not force and player_episode in self.gt_episodes:
-                return None  # the player publishes ground truth for this episode: wait for the row
+            if ground_truth is None and not force and frame_used.meta.get("source") == SOURCE_DATASET:
+                # The player publishes every row's truth, on its own socket: it can arrive after the tick
+                # (first row of an episode included), so wait for it (bounded by input_wait_s).
+                return None
         action = msg.arrays.get("action")
         if action is None:
             return RejectItem("action")

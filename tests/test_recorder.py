@@ -261,6 +261,25 @@ def test_restart_rebuilds_the_interrupted_episode(streams: Any, node_processes: 
     assert load_dataset(output_dir / "episode_000000").num_frames == recovered.num_frames
 
 
+def test_ground_truth_arriving_after_its_tick_is_still_paired(streams: Any, node_processes: list) -> None:
+    """The player's truth travels on its own socket: even the first row's may come after the tick."""
+    config_path, pub = streams
+    output_dir = Path(load_config(config_path).recorder.output_dir)
+    start_recorder(config_path, node_processes).wait_ready(timeout_s=180)
+    pub.preroll()
+    pub.start_episode(output_dir, 0, "episode_000000")
+    for k in range(6):
+        inputs = pub.observation(k, player_episode=2)
+        pub.tick(k, 0, inputs, frame_index=k)
+        time.sleep(0.1)  # well inside recorder.input_wait_s (0.5 s)
+        pub.ground_truth(2, k, pub.action_for(k) + np.float32(0.25))
+    pub.event("episode_stop", episode_index=0, label="success", reason="stop")
+    wait_for(lambda: read_metrics(output_dir), timeout_s=90, message="no metrics")
+    error = read_metrics(output_dir)[-1]["action_error"]
+    assert error["frames_compared"] == 6  # the first row too
+    assert error["mae"] == pytest.approx(0.25, abs=1e-5)
+
+
 class Replay:
     """The real dataset player replaying a recorded episode on its own endpoints, and a subscriber to them."""
 
