@@ -17,17 +17,27 @@ A new chunk whose rows overlap rows still queued is merged by a named rule (``OV
 - ``blend``: each new row that falls in the slot of a queued row becomes
   ``blend_old_weight * old + (1 - blend_old_weight) * new``; the new chunk then replaces the queue.
 
-In both rules queued rows beyond the new chunk's last row are dropped too: they come from an older
+- ``rtc`` (real-time chunking): merged like ``replace``, but the request that produced the chunk carried
+  the rows that would still run while it was computed (``prefix``), and the policy continued them, so the
+  new chunk starts where the old one was (see docs/nodes/policy.md).
+
+In every rule queued rows beyond the new chunk's last row are dropped too: they come from an older
 prediction than the one just received.
+
+When to ask for the next chunk (``RefillPlanner``): when the rows left cover the measured round trip (a
+running p90 over a window of recent chunks), so the next chunk arrives before the queue runs dry.
 """
 
 from __future__ import annotations
 
+import collections
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-OVERLAP_RULES = ("replace", "blend")
+OVERLAP_RULES = ("replace", "blend", "rtc")
+EXECUTED_HISTORY = 64  # executed rows kept for the rtc prefix (rows of the current chunk that already ran)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,8 @@ class ChunkQueue:
         self._times = np.zeros(0, dtype=np.float64)
         self._rows = np.zeros((0, action_dim or 0), dtype=np.float32)
         self._obs_t = np.zeros(0, dtype=np.float64)  # observation time of each row's chunk
+        # (row_t, row) of the rows popped lately: what already ran, for the rtc prefix.
+        self._executed: collections.deque[tuple[float, np.ndarray]] = collections.deque(maxlen=EXECUTED_HISTORY)
         self.expired = 0  # rows that were never executed because their slot passed
 
     # ------------------------------------------------------------------ arrival
@@ -119,7 +131,34 @@ class ChunkQueue:
             return None
         row, row_t, obs_t = self._rows[0].copy(), float(self._times[0]), float(self._obs_t[0])
         self._times, self._rows, self._obs_t = self._times[1:], self._rows[1:], self._obs_t[1:]
+        self._executed.append((row_t, row))
         return row, row_t, obs_t
+
+    def prefix(self, obs_t: float, max_rows: int) -> np.ndarray:
+        """The rows meant for ``obs_t + k * period``, k = 0, 1, ... (at most ``max_rows``), as far as they are
+        known without a gap: rows that already ran (popped lately), then rows still queued.
+
+        This is what a chunk requested from the observation at ``obs_t`` should start with under ``rtc``:
+        the actions that ran, or will run, while it is being computed. A slot is matched to a row meant
+        for a time within half a period of it; the prefix stops at the first slot without one.
+        """
+        dim = self._rows.shape[1]
+        if max_rows <= 0:
+            return np.zeros((0, dim), dtype=np.float32)
+        times = np.concatenate([np.asarray([t for t, _ in self._executed], dtype=np.float64), self._times])
+        if not len(times):
+            return np.zeros((0, dim), dtype=np.float32)
+        rows = np.concatenate([np.asarray([r for _, r in self._executed], dtype=np.float32).reshape(-1, dim),
+                               self._rows])
+        order = np.argsort(times, kind="stable")  # a new chunk's row may share the slot of one that just ran
+        times, rows = times[order], rows[order]
+        slots = obs_t + np.arange(max_rows, dtype=np.float64) * self.period
+        index = np.clip(np.searchsorted(times, slots), 0, len(times) - 1)
+        previous = np.clip(index - 1, 0, len(times) - 1)
+        nearest = np.where(np.abs(times[previous] - slots) < np.abs(times[index] - slots), previous, index)
+        matched = np.abs(times[nearest] - slots) < self.period / 2
+        count = int(np.argmin(matched)) if not matched.all() else max_rows
+        return rows[nearest[:count]].copy()
 
     def depth(self, now: float | None = None) -> int:
         """Rows still to run (those meant for ``now``'s tick or later when ``now`` is given)."""
@@ -133,6 +172,7 @@ class ChunkQueue:
         self._times = self._times[:0]
         self._rows = self._rows[:0]
         self._obs_t = self._obs_t[:0]
+        self._executed.clear()
         return dropped
 
     def __len__(self) -> int:
@@ -150,3 +190,131 @@ class ChunkQueue:
         if passed:
             self.expired += passed
             self._times, self._rows, self._obs_t = self._times[passed:], self._rows[passed:], self._obs_t[passed:]
+
+
+# ==================================================================================================
+# When to ask for the next chunk
+# ==================================================================================================
+
+ROUND_TRIP_WINDOW = 20  # chunks in the running p90
+ROUND_TRIP_QUANTILE = 90.0
+
+
+@dataclass(frozen=True)
+class CoverageNotice:
+    """The round trip stopped (or started again) fitting inside a chunk: said once per change."""
+
+    covered: bool
+    round_trip_s: float  # p90, in the queue's time units (seconds; frames in lockstep)
+    inference_s: float  # p90 of the policy's own reported total (seconds), -1 when unknown
+    chunk_rows: int
+    fps: float
+    message: str
+
+
+class RefillPlanner:
+    """Asks for the next chunk when the rows left cover the measured round trip.
+
+    The round trip is the time from sending a request to having its chunk, on the actuator's own clock
+    (a running p90 over the last ``window`` chunks), so it includes the network, the policy's queue and
+    its inference. A request sent with ``r`` rows left (after this tick's row) has rows for the next ``r``
+    ticks; it must arrive before they run out, with ``margin_rows`` to spare (1 in real time: the reply
+    lands between ticks; 0 in lockstep, where the request waits for its chunk). So the threshold is
+    ``ceil(p90 / period) + margin_rows`` rows, at most ``chunk_rows - 1`` (asking at a full queue would
+    ask every tick). ``override`` (``actuator.refill_rows``) replaces the measurement.
+
+    Before the first measurement the threshold is half a chunk.
+    """
+
+    def __init__(self, period: float, fps: float, *, override: int | None = None, margin_rows: int = 1,
+                 window: int = ROUND_TRIP_WINDOW) -> None:
+        if not period > 0:
+            raise ValueError(f"period: expected a positive tick length, got {period}")
+        if override is not None and override < 0:
+            raise ValueError(f"refill_rows: expected a non-negative row count or None, got {override}")
+        self.period = float(period)
+        self.fps = float(fps)
+        self.override = override
+        self.margin_rows = margin_rows
+        self.round_trips: collections.deque[float] = collections.deque(maxlen=window)
+        self.inference: collections.deque[float] = collections.deque(maxlen=window)
+        self.chunk_rows = 0  # rows per chunk (the policy contract's chunk_length); 0 until known
+        self.covered: bool | None = None  # whether the p90 fits in a chunk (None: not judged yet)
+        self.override_clipped = False
+
+    def set_chunk_rows(self, rows: int) -> None:
+        self.chunk_rows = int(rows)
+
+    def record(self, round_trip: float, inference_s: float | None = None) -> CoverageNotice | None:
+        """Add one chunk's round trip (queue time units) and the policy's reported total (seconds).
+
+        Returns a notice when the verdict "the round trip fits in a chunk" changes (and the first time it
+        does not fit), so the caller logs and publishes it once instead of on every tick.
+        """
+        if math.isfinite(round_trip) and round_trip >= 0:
+            self.round_trips.append(float(round_trip))
+        if inference_s is not None and math.isfinite(inference_s) and inference_s >= 0:
+            self.inference.append(float(inference_s))
+        return self._judge()
+
+    def round_trip(self) -> float | None:
+        """The running p90 of the round trip, or None before the first chunk."""
+        if not self.round_trips:
+            return None
+        return float(np.percentile(np.asarray(self.round_trips), ROUND_TRIP_QUANTILE))
+
+    def inference_p90(self) -> float:
+        return float(np.percentile(np.asarray(self.inference), ROUND_TRIP_QUANTILE)) if self.inference else -1.0
+
+    def threshold(self) -> int:
+        """Ask for the next chunk when this many rows (or fewer) are left after this tick's row."""
+        top = max(self.chunk_rows - 1, 0) if self.chunk_rows else None
+        if self.override is not None:
+            rows = self.override
+        else:
+            measured = self.round_trip()
+            if measured is None:
+                rows = self.chunk_rows // 2
+            else:
+                rows = math.ceil(measured / self.period - 1e-9) + self.margin_rows
+        return min(rows, top) if top is not None else rows
+
+    def override_problem(self) -> str:
+        """A one-time complaint when ``refill_rows`` cannot be honoured with this chunk length."""
+        if self.override is None or not self.chunk_rows or self.override < self.chunk_rows or self.override_clipped:
+            return ""
+        self.override_clipped = True
+        return (f"actuator.refill_rows={self.override} is not below the policy's chunk of {self.chunk_rows} rows: "
+                f"every tick would ask for a new chunk; using {self.chunk_rows - 1} (remove refill_rows to "
+                "schedule from the measured round trip)")
+
+    def delay_rows(self, observation_age: float = 0.0) -> int:
+        """Rows of a chunk requested now that will have passed when it arrives (the frozen rtc prefix):
+        its rows ``k`` with ``obs_t + k * period`` before the arrival slot."""
+        measured = self.round_trip() or 0.0
+        return max(0, math.ceil((observation_age + measured) / self.period - 0.5 - 1e-9))
+
+    def _judge(self) -> CoverageNotice | None:
+        measured = self.round_trip()
+        if measured is None or not self.chunk_rows:
+            return None
+        chunk_s = self.chunk_rows * self.period
+        covered = measured < chunk_s
+        if covered == self.covered or (self.covered is None and covered):
+            self.covered = covered
+            return None
+        self.covered = covered
+        unit = 1.0 / self.fps / self.period  # seconds per queue time unit
+        inference = self.inference_p90()
+        split = f", of which the policy's own inference p90 {inference * 1000:.0f} ms" if inference >= 0 else ""
+        numbers = (f"chunk round trip p90 {measured * unit * 1000:.0f} ms{split}; a chunk of {self.chunk_rows} "
+                   f"rows lasts {chunk_s * unit * 1000:.0f} ms at {self.fps:g} Hz")
+        if covered:
+            message = f"round trip fits inside a chunk again: {numbers}"
+        else:
+            message = (f"the round trip is longer than a chunk lasts, so no row of a chunk is still usable when "
+                       f"it arrives and the arm holds between chunks: {numbers}. Use a faster policy device or "
+                       "fewer diffusion steps (policy.num_inference_steps), a checkpoint with more rows per "
+                       "chunk (n_action_steps), or serve the whole horizon (policy.rows: horizon)")
+        return CoverageNotice(covered=covered, round_trip_s=measured * unit, inference_s=inference,
+                              chunk_rows=self.chunk_rows, fps=self.fps, message=message)

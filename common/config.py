@@ -26,6 +26,7 @@ SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wr
 CAMERA_BACKENDS = ("synthetic", "opencv", "realsense")
 ENCODINGS = ("raw", "jpeg")
 OVERLAP_RULES = ("replace", "blend")
+POLICY_ROWS = ("n_action_steps", "horizon")
 PLAYER_MODES = ("realtime", "lockstep")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("fp32", "bf16")
@@ -115,6 +116,9 @@ class PolicyConfig:
     warmup: int = 1  # inference passes before reporting ready
     max_sessions: int = 64  # client sessions kept (least recently used dropped)
     seed: int = 0  # diffusion noise is seeded per session from this, so a replay is reproducible
+    # Rows per reply. n_action_steps: what LeRobot executes of a prediction. horizon (DiffusionPolicy): every
+    # predicted row from the newest observation on, a longer chunk that covers a longer round trip.
+    rows: str = "n_action_steps"
     timeout_s: float = 2.0  # client side: per-attempt reply timeout
     retries: int = 1  # client side: attempts before the policy counts as unreachable
 
@@ -265,6 +269,7 @@ class DeploymentConfig:
             raise ConfigError("actuator.blend_old_weight", "expected a weight in 0..1")
         if self.actuator.refill_rows < 0:
             raise ConfigError("actuator.refill_rows", "expected a non-negative row count")
+        _one_of("policy.rows", self.policy.rows, POLICY_ROWS)
         if not -20 <= self.actuator.nice <= 19:
             raise ConfigError("actuator.nice", f"expected a nice value in -20..19, got {self.actuator.nice}")
         return self

@@ -10,6 +10,10 @@ from common.config import DeploymentConfig
 IMAGE_KEY_PREFIX = "observation.images."
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
+# Real-time chunking (overlap: rtc) on an infer request: the rows the new chunk must continue, and how many
+# of them are frozen (docs/protocol.md, policy node requests).
+RTC_PREFIX_KEY = "rtc_prefix"
+RTC_DELAY_KEY = "rtc_delay_rows"
 
 
 def image_key(camera: str) -> str:

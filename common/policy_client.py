@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.contract import STATE_KEY, PolicyContract, image_key
+from common.contract import RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, PolicyContract, image_key
 from common.protocol import KIND_REQUEST, Message, ProtocolError
 from common.transport import RequestClient, SocketFactory
 
@@ -46,12 +46,22 @@ class PolicyClient:
         self._request("reset")
 
     def infer(self, images: dict[str, np.ndarray], state: np.ndarray, obs_t: float, *, jpeg: bool = False,
-              timeout_s: float | None = None) -> ChunkReply:
-        """Ask for one action chunk. ``images`` maps camera name -> uint8 HxWx3 RGB."""
+              timeout_s: float | None = None, rtc_prefix: np.ndarray | None = None,
+              rtc_delay_rows: int = 0) -> ChunkReply:
+        """Ask for one action chunk. ``images`` maps camera name -> uint8 HxWx3 RGB.
+
+        ``rtc_prefix`` (rows, action_dim), robot units: the actions meant for ``obs_t + k / fps`` that ran or
+        will run while this chunk is computed; the chunk continues them (its first ``rtc_delay_rows`` rows
+        are these rows). Only for a policy whose contract has ``extra.rtc_max_prefix_rows`` > 0.
+        """
         arrays = {image_key(name): image for name, image in images.items()}
         arrays[STATE_KEY] = np.asarray(state, dtype=np.float32)
+        meta: dict = {"obs_t": float(obs_t)}
+        if rtc_prefix is not None and len(rtc_prefix):
+            arrays[RTC_PREFIX_KEY] = np.ascontiguousarray(rtc_prefix, dtype=np.float32)
+            meta[RTC_DELAY_KEY] = int(min(max(rtc_delay_rows, 0), len(rtc_prefix)))
         start = time.monotonic()
-        reply = self._request("infer", arrays=arrays, meta={"obs_t": float(obs_t)},
+        reply = self._request("infer", arrays=arrays, meta=meta,
                               jpeg={image_key(name) for name in images} if jpeg else None, timeout_s=timeout_s)
         received = time.monotonic()
         actions = reply.arrays.get("action")

@@ -15,6 +15,14 @@ what breaks LeRobot's async server for Diffusion): each session keeps the per-fr
 their concatenation, exactly as ``DiffusionModel.generate_actions`` would on the stacked batch. The
 denoising loop mirrors diffusers' DDPM/DDIM ``step`` expression for expression, with the noise drawn up
 front from the session's generator in the order diffusers draws it, so it can be captured in a graph.
+
+Real-time chunking (``overlap: rtc``) conditions that loop on a prefix by inpainting, in normalised
+action space: after every step the prefix rows of the sample are replaced by the prefix noised to the
+level of the step just reached (``sqrt(alpha_bar) * prefix + sqrt(1 - alpha_bar) * noise``, with the
+request's initial noise), weighted per row: 1 on the frozen rows (so the chunk's first rows are the
+prefix, exactly), falling linearly over the soft rows after them, 0 beyond. The prefix and the weights
+live in fixed-size buffers (the whole horizon, weight 0 where there is no prefix), so a CUDA graph holds
+them; with every weight 0 the blend ``w * known + (1 - w) * sample`` is the sample bit for bit.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from common.policy_speed import MaybeGraphed, SpeedOptions, convs_as_matmul
 
 log = logging.getLogger(__name__)
 
+ROW_CHOICES = ("n_action_steps", "horizon")  # policy.rows: the rows of the prediction a reply carries
+
 
 @dataclass
 class _DenoiseStep:
@@ -46,6 +56,27 @@ class _DenoiseStep:
     prev_sample_coeff: Tensor  # DDPM: times the current sample; DDIM: times the predicted epsilon
     noise_std: Tensor | None  # DDPM with t > 0: variance ** 0.5; the noise is drawn up front
     noise_index: int = -1
+    # rtc inpainting: the noise level the step lands on (sqrt(alpha_bar_prev), sqrt(1 - alpha_bar_prev));
+    # (1, 0) after the last step, whose result is the clean sample.
+    keep_signal: float = 1.0
+    keep_noise: float = 0.0
+
+
+def _noise_level(scheduler: Any, t: int) -> tuple[float, float]:
+    alpha_bar = float(scheduler.alphas_cumprod[t])
+    return alpha_bar ** 0.5, (1.0 - alpha_bar) ** 0.5
+
+
+def initial_noise_level(scheduler: Any) -> tuple[float, float]:
+    """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) of the first timestep: how noisy the starting sample is."""
+    return _noise_level(scheduler, int(scheduler.timesteps[0]))
+
+
+def inpaint(sample: Tensor, prefix: Tensor, weight: Tensor, noise: Tensor, signal: Any, noise_scale: Any) -> Tensor:
+    """``weight * (signal * prefix + noise_scale * noise) + (1 - weight) * sample``: the rtc prefix at this
+    noise level. Exact where the weight is 0 (the sample) or 1 (the noised prefix)."""
+    known = signal * prefix + noise_scale * noise
+    return weight * known + (1 - weight) * sample
 
 
 def diffusers_steps(scheduler: Any, scheduler_type: str, device: torch.device) -> list[_DenoiseStep]:
@@ -82,6 +113,9 @@ def diffusers_steps(scheduler: Any, scheduler_type: str, device: torch.device) -
             step.noise_index = draws
             draws += 1
         steps.append(step)
+    for step, following in zip(steps, [*steps[1:], None], strict=True):
+        if following is not None:
+            step.keep_signal, step.keep_noise = _noise_level(scheduler, int(following.unet_t))
     return steps
 
 
@@ -97,7 +131,7 @@ class FastDenoiser:
     """
 
     def __init__(self, unet: nn.Module, steps: list[_DenoiseStep], scheduler_type: str, scheduler_config: Any,
-                 options: SpeedOptions) -> None:
+                 options: SpeedOptions, initial_level: tuple[float, float] = (0.0, 1.0)) -> None:
         self.unet = unet
         self.options = options
         replaced = convs_as_matmul(unet)
@@ -111,12 +145,13 @@ class FastDenoiser:
         ddpm = scheduler_type == "DDPM"
         rows = [[float(s.eps_coeff), float(s.x0_div), float(s.prev_x0_coeff),
                  float(s.prev_sample_coeff) if ddpm else 0.0, 0.0 if ddpm else float(s.prev_sample_coeff),
-                 0.0 if s.noise_std is None else float(s.noise_std)] for s in steps]
+                 0.0 if s.noise_std is None else float(s.noise_std), s.keep_signal, s.keep_noise] for s in steps]
         self.coeffs = torch.tensor(rows, dtype=torch.float32, device=device)
         self.step_index = [torch.tensor([i], device=device) for i in range(len(steps))]
         # Steps without noise read the zero row after the drawn ones.
         self.noise_index = [torch.tensor([s.noise_index if s.noise_std is not None else draws], device=device)
                             for s in steps]
+        self.initial_level = initial_level
         self.prediction_type = scheduler_config.prediction_type
         self.clip = scheduler_config.clip_sample
         self.clip_range = scheduler_config.clip_sample_range
@@ -158,10 +193,11 @@ class FastDenoiser:
             return [block.cond_encoder(feature) for block in self.blocks]
 
     def _step(self, sample: Tensor, films: list[Tensor], index: Tensor, step_noise: Tensor,
-              noise_index: Tensor) -> Tensor:
+              noise_index: Tensor, prefix: Tensor, weight: Tensor, noise0: Tensor) -> Tensor:
         with self.options.autocast():
             model_output = self._unet(sample, [film.index_select(0, index) for film in films]).float()
-        eps_coeff, x0_div, c_x0, c_sample, c_eps, noise_std = self.coeffs.index_select(0, index)[0].unbind()
+        (eps_coeff, x0_div, c_x0, c_sample, c_eps, noise_std, keep_signal,
+         keep_noise) = self.coeffs.index_select(0, index)[0].unbind()
         if self.prediction_type == "epsilon":
             x0 = (sample - eps_coeff * model_output) / x0_div
             eps = model_output
@@ -171,13 +207,15 @@ class FastDenoiser:
         if self.clip:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
         noise = step_noise.index_select(0, noise_index)[0]
-        return c_x0 * x0 + c_sample * sample + c_eps * eps + noise_std * noise
+        sample = c_x0 * x0 + c_sample * sample + c_eps * eps + noise_std * noise
+        return inpaint(sample, prefix, weight, noise0, keep_signal, keep_noise)
 
-    def sample(self, global_cond: Tensor, noise: Tensor, step_noise: Tensor) -> Tensor:
+    def sample(self, global_cond: Tensor, noise: Tensor, step_noise: Tensor, prefix: Tensor,
+               weight: Tensor) -> Tensor:
         films = self.films(global_cond)
-        sample = noise
+        sample = inpaint(noise, prefix, weight, noise, *self.initial_level)
         for index, noise_index in zip(self.step_index, self.noise_index, strict=True):
-            sample = self.step(sample, films, index, step_noise, noise_index)
+            sample = self.step(sample, films, index, step_noise, noise_index, prefix, weight, noise)
         return sample
 
 
@@ -185,7 +223,7 @@ class DiffusionEngine:
     """DiffusionPolicy served per session: per-frame conditioning history + a mirrored denoising loop."""
 
     def __init__(self, policy: Any, options: SpeedOptions, prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]],
-                 input_keys: list[str]) -> None:
+                 input_keys: list[str], rows: str = "n_action_steps") -> None:
         from lerobot.policies.diffusion.modeling_diffusion import _make_noise_scheduler
 
         self.options = options
@@ -210,10 +248,22 @@ class DiffusionEngine:
         self.action_dim = cfg.action_feature.shape[0]
         self.n_obs_steps = cfg.n_obs_steps
         self.n_action_steps = cfg.n_action_steps
+        # Sample row ``start`` is the action for the newest observation; LeRobot keeps n_action_steps rows
+        # from there, ``policy.rows: horizon`` serves every predicted row (a longer chunk, further ahead).
+        self.start = self.n_obs_steps - 1
+        if rows not in ROW_CHOICES:
+            raise CheckpointError(f"policy.rows: expected one of {list(ROW_CHOICES)}, got {rows!r}")
+        self.rows = rows
+        self.chunk_rows = self.horizon - self.start if rows == "horizon" else self.n_action_steps
         self.device = options.device
         self.mirrored = self._mirror_supported()
         self.steps = diffusers_steps(self.scheduler, scheduler_type, self.device) if self.mirrored else []
+        self.initial_level = initial_noise_level(self.scheduler) if self.mirrored else (0.0, 1.0)
         self.noise_draws = sum(step.noise_std is not None for step in self.steps)
+        # rtc: the prefix (normalised) and its per-row weights over the whole horizon; fixed shapes.
+        self.rtc_max_rows = self.horizon - self.start if self.mirrored else 0
+        self.rtc_prefix = torch.zeros((1, self.horizon, self.action_dim), dtype=torch.float32, device=self.device)
+        self.rtc_weight = torch.zeros((1, self.horizon, 1), dtype=torch.float32, device=self.device)
 
         if not options.exact:
             torch.backends.cudnn.benchmark = True
@@ -222,7 +272,8 @@ class DiffusionEngine:
         self.model.to(dtype=options.dtype)
         self.fast: FastDenoiser | None = None
         if options.fast_unet and self.mirrored:
-            self.fast = FastDenoiser(self.model.unet, self.steps, scheduler_type, self.scheduler.config, options)
+            self.fast = FastDenoiser(self.model.unet, self.steps, scheduler_type, self.scheduler.config, options,
+                                     self.initial_level)
         self.unet: Callable[..., Tensor] = self.model.unet
         if options.compile and self.fast is None:
             self.unet = torch.compile(self.model.unet, dynamic=False)
@@ -244,10 +295,12 @@ class DiffusionEngine:
         with self.options.autocast():
             return self.unet(sample, step.unet_t, global_cond=global_cond).float()
 
-    def _sample(self, global_cond: Tensor, noise: Tensor, step_noise: Tensor) -> Tensor:
-        """The reverse diffusion loop; diffusers' step maths with the noise passed in. Returns fp32 (1, H, A)."""
+    def _sample(self, global_cond: Tensor, noise: Tensor, step_noise: Tensor, prefix: Tensor,
+                weight: Tensor) -> Tensor:
+        """The reverse diffusion loop; diffusers' step maths with the noise passed in, inpainted with the rtc
+        prefix after every step (a no-op where the weight is 0). Returns fp32 (1, H, A)."""
         cfg = self.scheduler.config
-        sample = noise
+        sample = inpaint(noise, prefix, weight, noise, *self.initial_level)
         for step in self.steps:
             model_output = self._unet(sample, step, global_cond)
             if cfg.prediction_type == "epsilon":
@@ -265,6 +318,7 @@ class DiffusionEngine:
             else:
                 direction = step.prev_sample_coeff * pred_epsilon
                 sample = step.prev_x0_coeff * pred_original + direction
+            sample = inpaint(sample, prefix, weight, noise, step.keep_signal, step.keep_noise)
         return sample
 
     def _draw_noise(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -286,21 +340,38 @@ class DiffusionEngine:
             return self.model._prepare_global_conditioning(frame).float()
 
     # -------------------------------------------------------------- public
+    def _set_prefix(self, rtc: tuple[Tensor, Tensor] | None) -> None:
+        """Fill the fixed-size rtc buffers: prefix row k (normalised) at sample row start + k."""
+        self.rtc_prefix.zero_()
+        self.rtc_weight.zero_()
+        if rtc is None:
+            return
+        prefix, weight = rtc
+        rows = prefix.shape[0]
+        if not 1 <= rows <= self.rtc_max_rows:
+            raise ValueError(f"rtc prefix: expected 1..{self.rtc_max_rows} rows, got {rows}")
+        self.rtc_prefix[0, self.start:self.start + rows] = prefix.to(self.rtc_prefix.dtype)
+        self.rtc_weight[0, self.start:self.start + rows, 0] = weight.to(self.rtc_weight.dtype)
+
     @torch.no_grad()
-    def chunk(self, session: Session, inputs: dict[str, Tensor]) -> Tensor:
+    def chunk(self, session: Session, inputs: dict[str, Tensor], rtc: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """One chunk for the session. ``rtc``: (normalised prefix (n, A), weights (n,)) to continue."""
+        if rtc is not None and not self.mirrored:
+            raise ValueError("rtc needs the mirrored sampler (DDIM, or DDPM with fixed_small variance)")
         cond = self.encode(*(inputs[key] for key in self.input_keys)).clone()
         history = list(session.history) or [cond] * (self.n_obs_steps - 1)  # LeRobot repeats the first frame
         frames = [*history[len(history) - (self.n_obs_steps - 1):], cond] if self.n_obs_steps > 1 else [cond]
         global_cond = torch.cat(frames, dim=-1)
         if self.mirrored:
             noise, step_noise = self._draw_noise(session.generator)
-            sample = self.sample(global_cond, noise, step_noise)
+            self._set_prefix(rtc)
+            sample = self.sample(global_cond, noise, step_noise, self.rtc_prefix, self.rtc_weight)
         else:
             self.model.noise_scheduler = self.scheduler
             self.model.num_inference_steps = self.num_steps
             sample = self.model.conditional_sample(1, global_cond=global_cond, generator=session.generator).float()
-        start = self.n_obs_steps - 1
-        actions = sample[:, start:start + self.n_action_steps].clone()
+        start = self.start
+        actions = sample[:, start:start + self.chunk_rows].clone()
         # Only a successful chunk moves the history on, so a failed request leaves the session as it was.
         if not session.history:
             session.history.extend([cond] * (self.n_obs_steps - 1))
@@ -309,11 +380,12 @@ class DiffusionEngine:
 
     @property
     def chunk_length(self) -> int:
-        return self.n_action_steps
+        return self.chunk_rows
 
     def describe(self) -> dict[str, Any]:
         return {"noise_scheduler": self.scheduler_type, "num_inference_steps": self.num_steps,
-                "horizon": self.horizon, "mirrored_sampler": self.mirrored}
+                "horizon": self.horizon, "mirrored_sampler": self.mirrored, "rows": self.rows,
+                "rtc_max_prefix_rows": self.rtc_max_rows, "rtc_guidance": "linear"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,8 +429,12 @@ class ChunkEngine:
         with torch.device(self.options.device):
             return self.forward(*tensors)
 
+    rtc_max_rows = 0  # no rtc: these policies do not denoise
+
     @torch.no_grad()
-    def chunk(self, session: Session, inputs: dict[str, Tensor]) -> Tensor:
+    def chunk(self, session: Session, inputs: dict[str, Tensor], rtc: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if rtc is not None:
+            raise ValueError(f"rtc is not available for policy type '{self.config.type}'")
         return self.run(*(inputs[key] for key in self.input_keys)).clone()
 
     @property
@@ -366,4 +442,4 @@ class ChunkEngine:
         return self.n_action_steps
 
     def describe(self) -> dict[str, Any]:
-        return {}
+        return {"rows": "n_action_steps", "rtc_max_prefix_rows": 0}

@@ -20,11 +20,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.contract import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY, image_key
+from common.contract import ACTION_KEY, IMAGE_KEY_PREFIX, RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, image_key
 from common.policy_checkpoint import CheckpointError
 from common.protocol import Message, ProtocolError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RtcPrefix:
+    """What a chunk must continue: ``rows[k]`` (robot units) is meant for ``obs_t + k / fps``; the first
+    ``delay_rows`` are frozen (inpainted exactly), the rest guide the next rows with a weight that falls
+    linearly (``guidance_weights``)."""
+
+    rows: np.ndarray  # float32 (n, action_dim)
+    delay_rows: int
+
+    def weights(self) -> np.ndarray:
+        return guidance_weights(len(self.rows), self.delay_rows)
+
+
+def guidance_weights(rows: int, delay_rows: int) -> np.ndarray:
+    """Per prefix row: 1 for the frozen rows ``k < delay_rows``; for the soft rows after them
+    ``(rows - k) / (rows - delay_rows + 1)``, falling linearly towards 0 at the prefix's end."""
+    k = np.arange(rows, dtype=np.float64)
+    soft = (rows - k) / (rows - delay_rows + 1)
+    return np.where(k < delay_rows, 1.0, soft).astype(np.float32)
 
 
 @dataclass
@@ -33,16 +54,48 @@ class Observation:
     jpeg: set[str]  # cameras whose image is still JPEG bytes
     state: np.ndarray  # float32 (state_dim,)
     obs_t: float
+    rtc: RtcPrefix | None = None
 
 
-def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int) -> Observation:
-    """Check an ``infer`` request against the contract; raises ``ProtocolError`` naming the bad field."""
+def validate_rtc(msg: Message, action_dim: int, max_rows: int) -> RtcPrefix | None:
+    """The optional rtc prefix of an ``infer`` request (``max_rows`` 0: this policy cannot continue one)."""
+    has_prefix = RTC_PREFIX_KEY in msg.arrays
+    if not has_prefix and RTC_DELAY_KEY not in msg.meta:
+        return None
+    where = f"arrays[{RTC_PREFIX_KEY}]"
+    if max_rows <= 0:
+        raise ProtocolError(where, "no rtc prefix: this policy cannot continue one (rtc needs a DiffusionPolicy "
+                            "with a mirrored DDIM/DDPM sampler; contract extra.rtc_max_prefix_rows is 0)",
+                            "a prefix")
+    if not has_prefix:
+        raise ProtocolError(where, f"float32 [rows, {action_dim}] prefix rows with meta.{RTC_DELAY_KEY} "
+                            "(array is missing)")
+    prefix = msg.arrays[RTC_PREFIX_KEY]
+    if (prefix.dtype != np.float32 or prefix.ndim != 2 or prefix.shape[1] != action_dim
+            or not 1 <= prefix.shape[0] <= max_rows):
+        raise ProtocolError(where, f"float32 [1..{max_rows}, {action_dim}] (robot units)",
+                            f"{prefix.dtype}{list(prefix.shape)}")
+    bad = np.argwhere(~np.isfinite(prefix))
+    if len(bad):
+        raise ProtocolError(where, "finite values (no NaN or inf)", f"non-finite at row {int(bad[0][0])}")
+    delay = msg.meta.get(RTC_DELAY_KEY)
+    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= prefix.shape[0]:
+        raise ProtocolError(f"meta.{RTC_DELAY_KEY}", f"an integer 0..{prefix.shape[0]} (rows of the prefix "
+                            "that are frozen)", delay)
+    return RtcPrefix(rows=prefix, delay_rows=delay)
+
+
+def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int, *, action_dim: int = 0,
+                     rtc_rows: int = 0) -> Observation:
+    """Check an ``infer`` request against the contract; raises ``ProtocolError`` naming the bad field.
+
+    ``rtc_rows``: the longest rtc prefix this policy accepts (0: none)."""
     obs_t = msg.meta.get("obs_t")
     if obs_t is None:
         raise ProtocolError("meta.obs_t", "the observation time in seconds (field is missing)")
     if isinstance(obs_t, bool) or not isinstance(obs_t, (int, float)) or not math.isfinite(obs_t):
         raise ProtocolError("meta.obs_t", "a finite number of seconds", obs_t)
-    expected_keys = {image_key(name) for name in cameras} | {STATE_KEY}
+    expected_keys = {image_key(name) for name in cameras} | {STATE_KEY, RTC_PREFIX_KEY}
     unknown = sorted(set(msg.arrays) - expected_keys)
     if unknown:
         raise ProtocolError(f"arrays[{unknown[0]}]", f"only the arrays {sorted(expected_keys)}", unknown)
@@ -73,7 +126,8 @@ def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int
     if bad.size:
         raise ProtocolError(f"arrays[{STATE_KEY}]", "finite values (no NaN or inf)",
                             f"{state[bad[0]]} at index {int(bad[0])}")
-    return Observation(images=images, jpeg=jpeg, state=state, obs_t=float(obs_t))
+    rtc = validate_rtc(msg, action_dim, rtc_rows)
+    return Observation(images=images, jpeg=jpeg, state=state, obs_t=float(obs_t), rtc=rtc)
 
 
 class InputLoader:
@@ -250,6 +304,12 @@ class Normaliser:
             out = self.preprocessor(batch)
             return {key: out[key] for key in inputs}
         return {key: self.inputs[key].normalise(value.unsqueeze(0)) for key, value in batch.items()}
+
+    def normalise_action(self, actions: Tensor) -> Tensor:
+        """Robot-unit actions -> the model's normalised action space (the rtc prefix); direct pipelines only."""
+        if not self.direct:
+            raise CheckpointError("the processor pipelines have custom steps: actions cannot be normalised here")
+        return self.action.normalise(actions)
 
     def unnormalise(self, actions: Tensor) -> Tensor:
         if not self.direct:

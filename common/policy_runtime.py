@@ -78,8 +78,16 @@ class PolicyRuntime:
         self.normaliser = Normaliser(self.preprocessor, self.postprocessor, input_keys, self.device)
         # Normalisation runs inside the model call (and its CUDA graph) when it can; else beforehand.
         prepare = self.normaliser.prepare if self.normaliser.direct else _already_prepared
-        engine_type = DiffusionEngine if self.policy_config.type == "diffusion" else ChunkEngine
-        self.engine: DiffusionEngine | ChunkEngine = engine_type(self.policy, self.options, prepare, input_keys)
+        self.engine: DiffusionEngine | ChunkEngine
+        if self.policy_config.type == "diffusion":
+            self.engine = DiffusionEngine(self.policy, self.options, prepare, input_keys, rows=settings.rows)
+        else:
+            if settings.rows != "n_action_steps":
+                raise CheckpointError(f"policy.rows: {settings.rows!r} is for DiffusionPolicy (it predicts a "
+                                      f"horizon); a {self.policy_config.type} checkpoint serves n_action_steps")
+            self.engine = ChunkEngine(self.policy, self.options, prepare, input_keys)
+        # rtc prefixes are normalised with the checkpoint's action stats: only with LeRobot's plain pipelines.
+        self.rtc_max_rows = self.engine.rtc_max_rows if self.normaliser.direct else 0
         self.inputs = InputLoader(self.cameras, self.state_dim, self.device)
         history = getattr(self.policy_config, "n_obs_steps", 1)
         self.sessions = SessionStore(settings.max_sessions, settings.seed, history, self.device)
@@ -96,7 +104,8 @@ class PolicyRuntime:
             untrained=bool(self.sidecar.get("untrained", False)),
             device=str(self.device),
             extra={"dtype": settings.dtype, "compile": self.options.compile, "cuda_graphs": self.options.cuda_graphs,
-                   "fast_unet": self.options.fast_unet, "exact": self.options.exact, **self.engine.describe()},
+                   "fast_unet": self.options.fast_unet, "exact": self.options.exact, **self.engine.describe(),
+                   "rtc_max_prefix_rows": self.rtc_max_rows},
         )
 
     def _sync(self) -> None:
@@ -108,14 +117,19 @@ class PolicyRuntime:
         """One chunk for ``client``. Timings are host wall times per stage; GPU work queued in one stage
         and finished in a later one counts there (the chunk's copy to the host waits for all of it)."""
         start = time.perf_counter()
-        obs = validate_request(request, self.cameras, self.state_dim)
+        obs = validate_request(request, self.cameras, self.state_dim, action_dim=self.action_dim,
+                               rtc_rows=self.rtc_max_rows)
         inputs = self.inputs.load(obs)
         decoded = time.perf_counter()
         if not self.normaliser.direct:
             inputs = self.normaliser.prepare(inputs)
         preprocessed = time.perf_counter()
+        rtc = None
+        if obs.rtc is not None:
+            prefix = torch.from_numpy(np.array(obs.rtc.rows, dtype=np.float32)).to(self.device)
+            rtc = (self.normaliser.normalise_action(prefix), torch.from_numpy(obs.rtc.weights()).to(self.device))
         session = self.sessions.get(client)
-        actions = self.engine.chunk(session, inputs)
+        actions = self.engine.chunk(session, inputs, rtc)
         self._sync()
         inferred = time.perf_counter()
         chunk = self.normaliser.unnormalise(actions).reshape(-1, self.action_dim).to("cpu", torch.float32).numpy()
