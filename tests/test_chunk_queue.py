@@ -127,3 +127,113 @@ def test_malformed_chunks_are_refused_with_the_shape(bad: np.ndarray) -> None:
 def test_unknown_overlap_rule_names_the_field() -> None:
     with pytest.raises(ValueError, match="overlap"):
         ChunkQueue(PERIOD, "average")
+
+
+# ------------------------------------------------------------------------------------------------ rtc prefix
+
+
+def test_prefix_is_what_ran_then_what_is_queued_on_the_new_observations_grid() -> None:
+    q = ChunkQueue(PERIOD, "rtc", action_dim=2)
+    q.insert(chunk(8), 0.0, now=0.0)
+    for k in range(3):  # rows 0..2 run
+        q.pop(k * PERIOD)
+    # A request from an observation taken at tick 1 (older than now, tick 2): its row k is for tick 1 + k.
+    prefix = q.prefix(obs_t=1 * PERIOD + 0.004, max_rows=5)
+    np.testing.assert_array_equal(prefix[:, 0], [1, 2, 3, 4, 5])
+    # Asking past the queue's end stops at the first slot without a row.
+    assert len(q.prefix(obs_t=PERIOD, max_rows=20)) == 7
+    # A slot half a period off the grid matches nothing: no prefix rather than a wrong one.
+    assert len(q.prefix(obs_t=-3 * PERIOD, max_rows=5)) == 0
+    q.clear()
+    assert len(q.prefix(obs_t=PERIOD, max_rows=5)) == 0
+
+
+def test_rtc_merges_like_replace() -> None:
+    q = ChunkQueue(PERIOD, "rtc", action_dim=2)
+    q.insert(chunk(8), 0.0, now=0.0)
+    result = q.insert(chunk(8, start=100), 2 * PERIOD, now=2 * PERIOD)
+    assert (result.blended, result.replaced) == (0, 6)  # rows 0 and 1 had expired
+    assert q.pop(2 * PERIOD)[0][0] == 100
+
+
+# ------------------------------------------------------------------------------------------------ refill
+
+
+def test_refill_threshold_covers_the_measured_p90_round_trip() -> None:
+    from common.chunk_queue import RefillPlanner
+
+    planner = RefillPlanner(PERIOD, FPS)
+    planner.set_chunk_rows(8)
+    assert planner.threshold() == 4  # before any measurement: half a chunk
+    for _ in range(18):
+        assert planner.record(0.100) is None  # 100 ms: fits inside a 267 ms chunk, nothing to say
+    planner.record(0.150)
+    planner.record(0.150)
+    # p90 of 18 x 100 ms and 2 x 150 ms is 105 ms: 3.15 rows, rounded up, plus the one-row margin.
+    assert planner.round_trip() == pytest.approx(0.105)
+    assert planner.threshold() == 5
+    # The frozen rtc prefix: rows of a chunk asked for now that pass before it arrives.
+    assert planner.delay_rows(observation_age=0.0) == 3
+    assert planner.delay_rows(observation_age=0.030) == 4
+    # A round trip longer than the chunk asks at once (at most chunk - 1 rows: never on a full queue).
+    for _ in range(20):
+        planner.record(0.5)
+    assert planner.threshold() == 7
+
+
+def test_refill_timing_keeps_acting_with_a_100ms_round_trip() -> None:
+    """8-row chunks at 30 Hz, replies 100 ms after each request: every tick after the first chunk acts."""
+    from common.chunk_queue import RefillPlanner
+
+    q = ChunkQueue(PERIOD, "replace", action_dim=2)
+    planner = RefillPlanner(PERIOD, FPS)
+    planner.set_chunk_rows(8)
+    in_flight: tuple[float, float] | None = None  # (sent at, obs_t)
+    acted = 0
+    ticks = 300
+    for tick in range(ticks):
+        now = tick * PERIOD
+        if in_flight is not None and now >= in_flight[0] + 0.100 - 1e-9:
+            q.insert(chunk(8), in_flight[1], now=in_flight[0] + 0.100)
+            planner.record(0.100)
+            in_flight = None
+        acted += q.pop(now) is not None
+        if in_flight is None and q.depth(now) <= planner.threshold():
+            in_flight = (now, now)
+    assert acted >= ticks - 5  # the first chunk's wait only
+
+
+def test_a_round_trip_longer_than_the_chunk_is_reported_once_with_the_numbers() -> None:
+    from common.chunk_queue import RefillPlanner
+
+    planner = RefillPlanner(PERIOD, FPS)
+    planner.set_chunk_rows(8)
+    notices = [planner.record(0.300, inference_s=0.280) for _ in range(30)]
+    said = [n for n in notices if n is not None]
+    assert len(said) == 1
+    notice = said[0]
+    assert notice.covered is False
+    assert (notice.chunk_rows, notice.fps) == (8, FPS)
+    assert notice.round_trip_s == pytest.approx(0.300)
+    for text in ("300 ms", "8 rows", "267 ms", "30 Hz", "280 ms", "num_inference_steps", "policy.rows: horizon"):
+        assert text in notice.message
+    # Back under a chunk: said once as well, then silence.
+    back = [planner.record(0.05) for _ in range(30)]
+    assert [n.covered for n in back if n is not None] == [True]
+
+
+def test_refill_override_is_clipped_below_the_chunk_once() -> None:
+    from common.chunk_queue import RefillPlanner
+
+    planner = RefillPlanner(1.0, FPS, override=24, margin_rows=0)
+    planner.set_chunk_rows(8)
+    assert planner.threshold() == 7
+    problem = planner.override_problem()
+    assert "refill_rows=24" in problem and "8 rows" in problem and "using 7" in problem
+    assert planner.override_problem() == ""
+    # Lockstep, measured: the request waits for its chunk (round trip 0 frames), so a new chunk comes when
+    # the queue is empty: every 8 frames, the checkpoint's own chunking.
+    lockstep = RefillPlanner(1.0, FPS, margin_rows=0)
+    lockstep.set_chunk_rows(8)
+    lockstep.record(0.0)
+    assert lockstep.threshold() == 0

@@ -111,7 +111,7 @@ def test_act_refuses_an_rtc_prefix_and_horizon_rows(tiny_checkpoint, tmp_path: P
     with pytest.raises(ProtocolError) as info:
         act.infer("robot-a", observation(act.config, 1, np.zeros((2, 6), np.float32), 1))
     assert info.value.field == f"arrays[{RTC_PREFIX_KEY}]"
-    with pytest.raises(CheckpointError, match="policy.rows"):
+    with pytest.raises(CheckpointError, match=r"policy\.rows"):
         make_runtime(tmp_path / "act-horizon", checkpoint, rows="horizon")
 
 
