@@ -89,7 +89,10 @@ def bench_dataset(config: DeploymentConfig, dataset: Path, episode_count: int, g
                 count += 1
         return count
 
-    dataset_rows = source.dataset  # LeRobotDataset over the same episodes, pyav backend
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    # LeRobot's own reader over the same episodes, pyav backend (the player reads the files directly).
+    dataset_rows = LeRobotDataset(source.repo_id, root=source.root, episodes=episodes, video_backend="pyav")
     keys = [image_key(camera) for camera in source.cameras]
 
     def lerobot_getitem() -> int:

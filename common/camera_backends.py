@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from common import lerobot_lite
 from common.config import CameraConfig
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,7 @@ class OpenCVBackend(_LeRobotCameraBackend):
 
     def _make_camera(self) -> Any:
         index_or_path = self._index_or_path()
+        lerobot_lite.install()  # LeRobot's camera modules without torch
         from lerobot.cameras.configs import ColorMode
         from lerobot.cameras.opencv import OpenCVCamera, OpenCVCameraConfig
 
@@ -276,6 +278,7 @@ class RealSenseBackend(_LeRobotCameraBackend):
 
     def _make_camera(self) -> Any:
         serial = self._serial_number()
+        lerobot_lite.install()  # LeRobot's camera modules without torch
         from lerobot.cameras.configs import ColorMode
         from lerobot.cameras.realsense import RealSenseCamera, RealSenseCameraConfig
 

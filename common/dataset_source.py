@@ -1,15 +1,21 @@
 """Read a local LeRobot v3 dataset for replay: layout check, episode selection, frames and rows.
 
-Metadata and the parquet rows come through LeRobot's own classes (``LeRobotDatasetMetadata``,
-``LeRobotDataset``); nothing is downloaded (every file is checked before LeRobot gets a chance to
-fall back to the Hub). Video is decoded per episode and camera:
+The v3 files are read directly, with the libraries LeRobot itself reads them with, so the player (a
+robot-side node) never imports torch: ``meta/info.json`` (json), ``meta/episodes/*/*.parquet`` and the
+``data/`` parquet files of the selected episodes (pyarrow, only the columns replay needs), and the
+``videos/`` mp4 files (PyAV). Nothing is ever downloaded. Episode rows and video files are located as
+``LeRobotDatasetMetadata`` locates them (``data/chunk_index``, ``videos/<key>/file_index``,
+``from_timestamp`` of each episode, and the path templates of ``info.json``).
+
+Video is decoded per episode and camera:
 
 - ``video_backend: pyav`` (default): one PyAV stream decode per episode segment, frame by frame, the
   way LeRobot's pyav backend decodes but without re-opening and re-seeking the file for every frame.
   It costs ~1.5 ms of CPU per 480x640 AV1 frame, where LeRobot's per-timestamp
   ``decode_video_frames`` costs ~12 ms (see ``bench/decode_rate.py``), which is the difference
   between three cameras at 30 fps fitting on a 2-core machine or not.
-- any other backend (``torchcodec``): LeRobot's ``decode_video_frames`` on batches of timestamps.
+- any other backend (``torchcodec``): LeRobot's ``decode_video_frames`` on batches of timestamps. This
+  path imports LeRobot's dataset code and with it torch (torchcodec decodes into torch tensors).
 
 Either way each decoded frame is matched to its parquet timestamp within ``player.tolerance_s``, as
 LeRobot does, so a frame is never silently paired with the wrong row.
@@ -17,6 +23,7 @@ LeRobot does, so a frame is never silently paired with the wrong row.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -27,14 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from common.config import ConfigError, DeploymentConfig
 from common.contract import ACTION_KEY, STATE_KEY, image_key
 
-# Replay never downloads: if a local file is missing we say so instead of letting huggingface_hub try.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 log = logging.getLogger(__name__)
+
+# LeRobot v3 layout (lerobot.datasets.utils, LeRobot 0.6.1): info.json may override both path templates.
+INFO_PATH = "meta/info.json"
+EPISODES_DIR = "meta/episodes"
+DEFAULT_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+DEFAULT_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+ROW_COLUMNS = ("episode_index", "frame_index", "timestamp", STATE_KEY, ACTION_KEY)
 
 DECODE_BATCH = 30  # frames per decode_video_frames call on the non-pyav path
 
@@ -119,36 +132,26 @@ class DatasetSource:
         player = config.player
         self.config = config
         self.root = config.resolve(str(dataset if dataset is not None else player.dataset))
-        self.repo_id = repo_id or player.repo_id
+        self.repo_id = repo_id or player.repo_id  # kept for reports; a local dataset is read by its root
         self.video_backend = video_backend or player.video_backend
         self.tolerance_s = player.tolerance_s
         self.cameras = list(config.cameras)
         self._check_files_present()
-
-        from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
-
-        try:
-            self.meta = LeRobotDatasetMetadata(self.repo_id, root=self.root)
-        except Exception as exc:  # corrupt json/parquet: say which dataset and why
-            raise DatasetError("player.dataset", f"cannot read the LeRobot metadata of {self.root}: "
-                               f"{type(exc).__name__}: {exc}") from exc
-        version = str(self.meta.info.get("codebase_version", ""))
+        self.info = self._read_info()
+        version = str(self.info.get("codebase_version", ""))
         if not version.startswith("v3"):
             raise DatasetError("player.dataset", f"{self.root} is a LeRobot {version or 'unknown-version'} "
                                "dataset; the player reads v3.0 (convert it with LeRobot's "
                                "convert_dataset_v21_to_v30)")
-        differences = layout_differences(self.meta.features, self.meta.fps, config)
+        self.features: dict[str, dict[str, Any]] = dict(self.info.get("features") or {})
+        differences = layout_differences(self.features, int(self.info.get("fps", 0)), config)
         if differences:
             raise DatasetError("player.dataset", f"the dataset at {self.root} does not match the config: "
                                + "; ".join(differences), differences)
-        self.fps = int(self.meta.fps)
+        self.fps = int(self.info["fps"])
+        self.episode_meta = self._read_episode_meta()
         self.episodes = self._select_episodes(episodes if episodes is not None else list(player.episodes))
         self._check_videos_present()
-
-        from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
-        self.dataset = LeRobotDataset(self.repo_id, root=self.root, episodes=self.episodes,
-                                      video_backend=self.video_backend, tolerance_s=self.tolerance_s)
         self._rows = self._load_rows()
 
     # ------------------------------------------------------------------ checks
@@ -162,16 +165,49 @@ class DatasetSource:
                 raise DatasetError("player.dataset", f"{self.root} is not a LeRobot v3 dataset: "
                                    f"{relative} is missing")
 
+    def _read_info(self) -> dict[str, Any]:
+        path = self.root / INFO_PATH
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DatasetError("player.dataset", f"cannot read the LeRobot metadata of {self.root}: {path}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(info, dict):
+            raise DatasetError("player.dataset", f"{path}: expected a JSON object, got {type(info).__name__}")
+        return info
+
+    def _read_episode_meta(self) -> dict[int, dict[str, Any]]:
+        """``meta/episodes/*/*.parquet`` without the per-episode stats columns, by episode index."""
+        paths = sorted((self.root / EPISODES_DIR).glob("*/*.parquet"))
+        if not paths:
+            raise DatasetError("player.dataset", f"{self.root} is not a LeRobot v3 dataset: no parquet file "
+                               f"under {EPISODES_DIR}/")
+        meta: dict[int, dict[str, Any]] = {}
+        for path in paths:
+            try:
+                columns = [name for name in pq.read_schema(path).names if not name.startswith("stats/")]
+                rows = pq.read_table(path, columns=columns).to_pylist()
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise DatasetError("player.dataset", f"cannot read the LeRobot metadata of {self.root}: {path}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            for row in rows:
+                meta[int(row["episode_index"])] = row
+        return meta
+
     def _select_episodes(self, wanted: list[int]) -> list[int]:
-        total = int(self.meta.total_episodes)
+        total = int(self.info.get("total_episodes", len(self.episode_meta)))
         if total == 0:
             raise DatasetError("player.dataset", f"{self.root} has no episodes")
         if not wanted:
-            return list(range(total))
+            wanted = list(range(total))
         bad = [index for index in wanted if not 0 <= int(index) < total]
         if bad:
             raise DatasetError("player.episodes", f"episodes {bad} do not exist; the dataset has episodes "
                                f"0..{total - 1}")
+        unlisted = [int(index) for index in wanted if int(index) not in self.episode_meta]
+        if unlisted:
+            raise DatasetError("player.dataset", f"episodes {unlisted} are missing from {self.root / EPISODES_DIR} "
+                               f"(info.json says {total} episodes)")
         return [int(index) for index in wanted]
 
     def _check_videos_present(self) -> None:
@@ -183,8 +219,27 @@ class DatasetSource:
                                        f"{path} is missing")
 
     # ------------------------------------------------------------------ rows
+    def _read_data_rows(self) -> pa.Table:
+        """The selected episodes' parquet rows (only the files that hold them, only the columns used)."""
+        template = self.info.get("data_path") or DEFAULT_DATA_PATH
+        files = sorted({template.format(chunk_index=int(self.episode_meta[episode]["data/chunk_index"]),
+                                        file_index=int(self.episode_meta[episode]["data/file_index"]))
+                        for episode in self.episodes})
+        tables = []
+        for relative in files:
+            path = self.root / relative
+            if not path.is_file():
+                raise DatasetError("player.dataset", f"data file {path} is missing (episodes {self.episodes})")
+            try:
+                tables.append(pq.read_table(path, columns=list(ROW_COLUMNS),
+                                            filters=[("episode_index", "in", self.episodes)]))
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise DatasetError("player.dataset", f"cannot read the rows of {path} (columns {list(ROW_COLUMNS)}): "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        return pa.concat_tables(tables)
+
     def _load_rows(self) -> dict[int, EpisodeData]:
-        table = self.dataset.hf_dataset.data  # the selected episodes' parquet rows (memory-mapped arrow)
+        table = self._read_data_rows()
 
         def matrix(name: str) -> np.ndarray:
             column = table.column(name).combine_chunks()
@@ -201,7 +256,7 @@ class DatasetSource:
             order = selected[np.argsort(frame_column[selected], kind="stable")]
             if len(order) == 0:
                 raise DatasetError("player.dataset", f"episode {episode} has no rows in {self.root / 'data'}")
-            tasks = self.meta.episodes[episode].get("tasks") or [""]
+            tasks = self.episode_meta[episode].get("tasks") or [""]
             rows[episode] = EpisodeData(episode_index=episode, frame_indices=frame_column[order],
                                         timestamps=time_column[order], states=states[order],
                                         actions=actions[order], task=str(tasks[0]))
@@ -214,10 +269,14 @@ class DatasetSource:
 
     # ------------------------------------------------------------------ video
     def video_path(self, episode: int, camera: str) -> Path:
-        return self.root / self.meta.get_video_file_path(episode, image_key(camera))
+        key = image_key(camera)
+        entry = self.episode_meta[episode]
+        template = self.info.get("video_path") or DEFAULT_VIDEO_PATH
+        return self.root / template.format(video_key=key, chunk_index=int(entry[f"videos/{key}/chunk_index"]),
+                                           file_index=int(entry[f"videos/{key}/file_index"]))
 
     def _video_start(self, episode: int, camera: str) -> float:
-        return float(self.meta.episodes[episode][f"videos/{image_key(camera)}/from_timestamp"])
+        return float(self.episode_meta[episode][f"videos/{image_key(camera)}/from_timestamp"])
 
     def camera_frames(self, episode: int, camera: str) -> Iterator[np.ndarray]:
         """The episode's frames of one camera in row order, uint8 HxWx3 RGB."""

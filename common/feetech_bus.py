@@ -14,6 +14,9 @@ is a ``CalibrationError``. Configuration writes (``SOFollower.configure``) are d
 register actually differs, inside one lock hold, so a second process connecting to an already
 configured arm writes nothing and never drops torque under the other process's feet.
 
+LeRobot's motor modules are imported without torch (see ``common.lerobot_lite``): the state-reader
+and the actuator run on the robot computer and restart in about a second.
+
 Units are LeRobot's: degrees for the five body joints (or -100..100 with ``use_degrees: false``),
 0..100 for the gripper.
 """
@@ -35,11 +38,15 @@ from typing import Any, TypeVar
 
 import draccus
 import numpy as np
-from lerobot.motors import Motor, MotorCalibration, MotorNormMode
-from lerobot.motors.feetech import FeetechMotorsBus, OperatingMode, TorqueMode
-from lerobot.utils.constants import HF_LEROBOT_CALIBRATION
 
-from common.config import SO101_JOINTS, ArmConfig, resolve_repo_path
+from common import lerobot_lite
+
+lerobot_lite.install()  # before the first lerobot import: the robot-side nodes never load torch
+from lerobot.motors import Motor, MotorCalibration, MotorNormMode  # noqa: E402
+from lerobot.motors.feetech import FeetechMotorsBus, OperatingMode, TorqueMode  # noqa: E402
+from lerobot.utils.constants import HF_LEROBOT_CALIBRATION  # noqa: E402
+
+from common.config import SO101_JOINTS, ArmConfig, resolve_repo_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 

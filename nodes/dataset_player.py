@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config
     readiness = Readiness(config, PROGRAM)
     stop = stop_event_on_signals()
-    log.info("opening %s (importing LeRobot takes a while on a small CPU)", config.resolve(config.player.dataset))
+    log.info("opening %s", config.resolve(config.player.dataset))
     try:
         source = DatasetSource(config)
     except ConfigError as exc:  # DatasetError included: wrong path, missing video, layout mismatch
