@@ -1,6 +1,7 @@
 """Start-up and recovery times of the demo pipeline under the real supervisord.conf.
 
-    .venv/bin/python -m bench.supervisor_recovery [--task lift] [--tries 3] [--markdown FILE]
+    .venv/bin/python -m bench.supervisor_recovery [--task lift] [--tries 3] [--nodes actuator,dataset_player]
+                                                  [--markdown FILE]
 
 Measures (on the monotonic clock of this machine):
 - start to first executed action: from ``supervisord`` starting to the actuator's first non-hold tick;
@@ -69,7 +70,8 @@ def time_to_resume(watch: ActuatorWatch, start: float, timeout_s: float = 300.0,
     raise AssertionError(f"no recovery within {timeout_s}s")
 
 
-def measure(task: str, tries: int) -> tuple[float, dict[str, dict[str, list[float]]]]:
+def measure(task: str, tries: int, nodes: list[str] | None = None) -> tuple[float, dict[str, dict[str, list[float]]]]:
+    """Start-up time and per-node recovery; ``nodes`` limits the recovery tries to those programs."""
     with tempfile.TemporaryDirectory(prefix="armpipe-recovery-") as tmp:
         workdir = Path(tmp)
         config_path, supervisor_port = prepare(task, workdir)
@@ -80,8 +82,13 @@ def measure(task: str, tries: int) -> tuple[float, dict[str, dict[str, list[floa
             first_action = watch.wait_acting(since=0.0, count=1, timeout_s=600) - stack.started_at
             stack.wait_all_ready(timeout_s=300)
             results: dict[str, dict[str, list[float]]] = {}
-            for proc in stack.processes():
-                name = proc.name
+            programs = [proc.name for proc in stack.processes()]
+            unknown = sorted(set(nodes or []) - set(programs))
+            if unknown:
+                raise SystemExit(f"--nodes: no program {unknown} in this role (programs: {programs})")
+            for name in programs:
+                if nodes and name not in nodes:
+                    continue
                 results[name] = {"restart": [], "kill -9": []}
                 for attempt in range(tries):
                     watch.wait_acting(since=time.monotonic(), count=3, timeout_s=300)
@@ -126,10 +133,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="lift", choices=["lift", "stack", "sort"])
     parser.add_argument("--tries", type=int, default=3)
+    parser.add_argument("--nodes", default="", help="comma-separated programs to restart (default: every program)")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    first_action, results = measure(args.task, args.tries)
+    nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
+    first_action, results = measure(args.task, args.tries, nodes)
     table = to_markdown(args.task, args.tries, first_action, results)
     log.info("\n%s", table)
     if args.markdown:
