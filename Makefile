@@ -25,7 +25,7 @@ stop:
 	@bash .ci/stop
 
 status:
-	@.venv/bin/python -m common.status --config configs/$(TASK).yaml
+	@.venv/bin/python -m common.tools.status --config configs/$(TASK).yaml
 
 test: setup
 	@.venv/bin/ruff check .

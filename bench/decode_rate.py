@@ -33,9 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.config import REPO_ROOT, DeploymentConfig, load_config
-from common.contract import image_key
 from common.dataset_source import DatasetSource, EpisodeReader
-from common.demo_data import DemoSpec, generate_demo_dataset
+from common.tools.demo_data import DemoSpec, generate_demo_dataset
+from common.wire.contract import image_key
 
 log = logging.getLogger("bench.decode_rate")
 

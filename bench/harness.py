@@ -24,9 +24,9 @@ import yaml
 import zmq
 
 from common.config import REPO_ROOT, DeploymentConfig, load_config
-from common.protocol import KIND_ACTION, KIND_EVENT, Message
 from common.supervisor_client import ProcessStatus, SupervisorClient, SupervisorUnavailable
-from common.transport import LatestSubscriber, SocketFactory
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, Message
+from common.wire.transport import LatestSubscriber, SocketFactory
 
 log = logging.getLogger(__name__)
 BIN = Path(sys.executable).parent

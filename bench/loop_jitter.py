@@ -35,8 +35,8 @@ import numpy as np
 import yaml
 
 from common.config import REPO_ROOT, load_config
-from common.protocol import KIND_ACTION, Message
-from common.transport import LatestSubscriber, SocketFactory
+from common.wire.protocol import KIND_ACTION, Message
+from common.wire.transport import LatestSubscriber, SocketFactory
 
 log = logging.getLogger("bench.loop_jitter")
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         checkpoint = Path(args.checkpoint) if args.checkpoint else None
         if checkpoint is None:
-            from common.checkpoint_maker import build_checkpoint
+            from common.tools.checkpoint_maker import build_checkpoint
 
             log.info("building a tiny diffusion checkpoint for %s", base.task)
             checkpoint = build_checkpoint(base, work / "checkpoint", policy_type="diffusion", size="tiny")

@@ -4,13 +4,13 @@
 
 The deployment is ``configs/lift.yaml`` (2 cameras 3x480x640 + 6 state values). For each case (default
 DiffusionPolicy with DDPM-100 and with DDIM-10, default ACT) it builds an untrained checkpoint with
-``common.checkpoint_maker`` and times, per call, the FULL path: decoded uint8 arrays in, chunk in robot
+``common.tools.checkpoint_maker`` and times, per call, the FULL path: decoded uint8 arrays in, chunk in robot
 units (numpy float32) out.
 
 - ``lerobot``: LeRobot's plain path: preprocessor on the new frame (LeRobot's robot convention: float
   [0, 1], CHW), previous frame kept as LeRobot's queue does, ``predict_action_chunk`` on the stacked
   (1, n_obs_steps, ...) batch, postprocessor, ``.numpy()``. Default torch settings (no TF32 matmul).
-- node variants: ``common.policy_runtime.PolicyRuntime.infer`` with the given speed options, i.e.
+- node variants: ``nodes.policy.runtime.PolicyRuntime.infer`` with the given speed options, i.e.
   exactly what the policy node runs per request (validation, upload, normalise, model, unnormalise).
 
 Outputs are compared on the same two observations with the same noise (the node's session seed fed to
@@ -34,18 +34,18 @@ from typing import Any
 
 import numpy as np
 
-from common.policy_checkpoint import guard_lerobot_imports
+from nodes.policy.checkpoint import guard_lerobot_imports
 
 guard_lerobot_imports()
 
 import torch  # noqa: E402
 
-from common.checkpoint_maker import build_checkpoint  # noqa: E402
 from common.config import REPO_ROOT, DeploymentConfig, load_config  # noqa: E402
-from common.contract import STATE_KEY, image_key  # noqa: E402
-from common.policy_runtime import PolicyRuntime  # noqa: E402
-from common.policy_sessions import session_seed  # noqa: E402
-from common.protocol import KIND_REQUEST, Message, decode, encode  # noqa: E402
+from common.tools.checkpoint_maker import build_checkpoint  # noqa: E402
+from common.wire.contract import STATE_KEY, image_key  # noqa: E402
+from common.wire.protocol import KIND_REQUEST, Message, decode, encode  # noqa: E402
+from nodes.policy.runtime import PolicyRuntime  # noqa: E402
+from nodes.policy.sessions import session_seed  # noqa: E402
 
 log = logging.getLogger("bench.policy_gpu")
 CLIENT = "bench"

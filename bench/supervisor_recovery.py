@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import ActuatorWatch, Supervised, deep_merge, free_port, write_config
-from common.checkpoint_maker import build_checkpoint
 from common.config import REPO_ROOT, load_config
-from common.demo_data import DemoSpec, generate_demo_dataset
+from common.tools.checkpoint_maker import build_checkpoint
+from common.tools.demo_data import DemoSpec, generate_demo_dataset
 
 log = logging.getLogger("bench.supervisor_recovery")
 

@@ -31,9 +31,9 @@ import msgpack_numpy
 import numpy as np
 import zmq
 
-from common.policy_client import PolicyClient
-from common.protocol import KIND_REPLY, Message, decode
-from common.transport import RouterServer, SocketFactory
+from common.wire.policy_client import PolicyClient
+from common.wire.protocol import KIND_REPLY, Message, decode
+from common.wire.transport import RouterServer, SocketFactory
 
 log = logging.getLogger("bench.transport")
 

@@ -1,1 +1,2 @@
-"""Code that two or more armpipe nodes share: wire protocol, sockets, configuration."""
+"""What two or more armpipe programs (nodes, tools, benchmarks) use: the wire (``wire/``), configuration,
+readiness, the servo bus, the dataset reader, supervisord access and the tools (``tools/``)."""

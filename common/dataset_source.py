@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.config import ConfigError, DeploymentConfig
-from common.contract import ACTION_KEY, STATE_KEY, image_key
+from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class DatasetSource:
     def _check_files_present(self) -> None:
         if not self.root.is_dir():
             raise DatasetError("player.dataset", f"no dataset directory at {self.root}; generate a demo with "
-                               f"`python -m common.demo_data --task {self.config.task} --output {self.root}` "
+                               f"`python -m common.tools.demo_data --task {self.config.task} --output {self.root}` "
                                "or point player.dataset at a local LeRobot v3 dataset")
         for relative in ("meta/info.json", "meta/episodes", "data"):
             if not (self.root / relative).exists():

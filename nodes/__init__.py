@@ -1,1 +1,1 @@
-"""One module per armpipe node; each has a ``main()`` run as ``python -m nodes.<node>``."""
+"""One room per armpipe node: a module, or a package whose ``__main__.py`` is run as ``python -m nodes.<node>``."""

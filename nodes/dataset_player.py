@@ -33,8 +33,8 @@ import numpy as np
 from common.config import ConfigError, DeploymentConfig, parse_node_args
 from common.dataset_source import DatasetError, DatasetSource, EpisodeData, EpisodeReader
 from common.node import Readiness, setup_logging
-from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
-from common.transport import LatestSubscriber, Publisher, SocketFactory, stop_event_on_signals
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
+from common.wire.transport import LatestSubscriber, Publisher, SocketFactory, stop_event_on_signals
 
 PROGRAM = "dataset_player"
 FRAME_HWM = 8  # per subscriber; consumers drain to the newest frame anyway

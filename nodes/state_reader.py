@@ -23,8 +23,8 @@ import time
 from common.config import ArmConfig, parse_node_args
 from common.feetech_bus import ArmBus, BusLockTimeout, BusTransactionError, CalibrationError
 from common.node import Readiness, setup_logging
-from common.protocol import KIND_STATE, Message
-from common.transport import Publisher, SocketFactory, stop_event_on_signals
+from common.wire.protocol import KIND_STATE, Message
+from common.wire.transport import Publisher, SocketFactory, stop_event_on_signals
 
 log = logging.getLogger(__name__)
 

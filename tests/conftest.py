@@ -125,8 +125,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
     def get(task: str = "lift", policy_type: str = "diffusion", chunk: int = 0) -> Path:
         key = (task, policy_type, chunk)
         if key not in cache:
-            from common.checkpoint_maker import build_checkpoint
             from common.config import load_config
+            from common.tools.checkpoint_maker import build_checkpoint
 
             config = load_config(REPO_ROOT / "configs" / f"{task}.yaml")
             output = tmp_path_factory.mktemp(f"ckpt-{task}-{policy_type}-{chunk}")

@@ -10,7 +10,7 @@
 - Lockstep: row j of a chunk from frame i runs at frame i + j.
 
 Sensor streams come either from the real camera / state-reader / servo-emulator nodes or, where a test
-needs control over timestamps, from ``common.transport.Publisher``s in the test process (real producers
+needs control over timestamps, from ``common.wire.transport.Publisher``s in the test process (real producers
 on real sockets). The policy is always the real policy node with a tiny checkpoint.
 """
 
@@ -30,9 +30,9 @@ import yaml
 from conftest import NodeProcess, wait_for, write_config
 
 from common.config import DeploymentConfig, load_config
-from common.episodes import IDLE, RUNNING, STOPPING, EpisodeError, Episodes
-from common.protocol import KIND_ACTION, KIND_REQUEST, Message
-from common.transport import LatestSubscriber, Publisher, RemoteError, RequestClient, SocketFactory
+from common.wire.protocol import KIND_ACTION, KIND_REQUEST, Message
+from common.wire.transport import LatestSubscriber, Publisher, RemoteError, RequestClient, SocketFactory
+from nodes.actuator.episodes import IDLE, RUNNING, STOPPING, EpisodeError, Episodes
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
@@ -215,7 +215,7 @@ def test_episode_state_machine_and_its_errors() -> None:
 
 
 def test_stop_holds_then_moves_to_the_rest_pose_at_rest_step_and_goes_idle() -> None:
-    from nodes.actuator import ControlCore
+    from nodes.actuator.__main__ import ControlCore
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "sort.yaml")
     config.arms["right"].rest_pose = []  # this arm has no rest pose: it stays where it was
@@ -363,7 +363,7 @@ SLOW_FPS = 2
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real tiny DiffusionPolicy checkpoint (untrained) for the lift layout at SLOW_FPS."""
-    from common.checkpoint_maker import build_checkpoint
+    from common.tools.checkpoint_maker import build_checkpoint
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "lift.yaml")
     config.fps = SLOW_FPS

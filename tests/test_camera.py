@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from conftest import NodeProcess, wait_for, write_config
 
-from common.camera_backends import (
+from common.config import CameraConfig, load_config
+from common.wire.protocol import KIND_EVENT, KIND_FRAME, Message, decode_images
+from common.wire.transport import LatestSubscriber, SocketFactory
+from nodes.camera.backends import (
     OPENCV_LIST_HINT,
     CameraUnavailable,
     OpenCVBackend,
@@ -18,9 +21,6 @@ from common.camera_backends import (
     SyntheticCamera,
     synthetic_pattern,
 )
-from common.config import CameraConfig, load_config
-from common.protocol import KIND_EVENT, KIND_FRAME, Message, decode_images
-from common.transport import LatestSubscriber, SocketFactory
 
 SMALL = {"width": 160, "height": 120, "fps": 30}
 

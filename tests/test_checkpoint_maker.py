@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import PYTHON, REPO_ROOT
 
-from common.checkpoint_maker import SIDECAR_NAME, build_checkpoint, synthesised_stats
 from common.config import load_config
+from common.tools.checkpoint_maker import SIDECAR_NAME, build_checkpoint, synthesised_stats
 
 
 def _load_lerobot(path: Path):
@@ -102,7 +102,7 @@ def test_cli_uses_dataset_stats_when_given(tmp_path: Path) -> None:
     write_stats(stats, dataset)
     output = tmp_path / "ckpt"
     result = subprocess.run(
-        [PYTHON, "-m", "common.checkpoint_maker", "--config", str(REPO_ROOT / "configs" / "lift.yaml"),
+        [PYTHON, "-m", "common.tools.checkpoint_maker", "--config", str(REPO_ROOT / "configs" / "lift.yaml"),
          "--policy-type", "diffusion", "--size", "tiny", "--output", str(output), "--dataset", str(dataset)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

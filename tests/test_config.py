@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from common.config import ConfigError, load_config, parse_node_args
-from common.contract import PolicyContract, contract_differences
+from common.wire.contract import PolicyContract, contract_differences
 
 
 @pytest.mark.parametrize(("task", "cameras", "state_dim"), [

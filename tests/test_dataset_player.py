@@ -18,10 +18,10 @@ from conftest import NodeProcess, write_config
 
 from common.config import load_config
 from common.dataset_source import DatasetError, DatasetSource
-from common.demo_data import DemoSpec, generate_demo_dataset, render_camera
-from common.images import decode_jpeg
-from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
-from common.transport import Publisher, SocketFactory, recv_message
+from common.tools.demo_data import DemoSpec, generate_demo_dataset, render_camera
+from common.wire.images import decode_jpeg
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
+from common.wire.transport import Publisher, SocketFactory, recv_message
 
 WIDTH, HEIGHT = 96, 64  # small frames: the layout is what matters here, not the resolution
 EPISODES, FRAMES = 2, 24
@@ -300,7 +300,7 @@ def test_wrong_path_is_a_clear_error_and_the_node_exits(tmp_path: Path) -> None:
     assert player.proc.wait(timeout=120) == 2
     player.stop()
     log = player.log()
-    assert "player.dataset" in log and str(missing) in log and "common.demo_data" in log
+    assert "player.dataset" in log and str(missing) in log and "common.tools.demo_data" in log
 
 
 def test_missing_video_file_names_camera_and_file(datasets: dict[str, Path], tmp_path: Path) -> None:

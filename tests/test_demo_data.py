@@ -14,7 +14,7 @@ from conftest import PYTHON, REPO_ROOT
 
 from common.config import SO101_JOINTS, DeploymentConfig, load_config
 from common.dataset_source import DatasetSource, EpisodeReader
-from common.demo_data import DemoSpec, episode_trajectory, generate_demo_dataset, render_camera
+from common.tools.demo_data import DemoSpec, episode_trajectory, generate_demo_dataset, render_camera
 
 WIDTH, HEIGHT, FRAMES = 96, 64, 12
 
@@ -108,7 +108,7 @@ def test_every_joint_moves_the_picture(task: str) -> None:
 
 def test_cli_writes_a_dataset_and_refuses_to_overwrite(tmp_path: Path) -> None:
     output = tmp_path / "stack-demo"
-    command = [PYTHON, "-m", "common.demo_data", "--task", "stack", "--output", str(output), "--episodes", "1",
+    command = [PYTHON, "-m", "common.tools.demo_data", "--task", "stack", "--output", str(output), "--episodes", "1",
                "--frames", "8", "--width", "64", "--height", "64", "--codec", "h264"]
     first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-2000:]

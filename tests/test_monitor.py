@@ -32,9 +32,9 @@ import yaml
 from conftest import REPO_ROOT, NodeProcess, free_port, wait_for, write_config
 
 from common.config import DeploymentConfig, load_config
-from common.protocol import KIND_ACTION, KIND_FRAME, KIND_STATE, Message
 from common.supervisor_client import SupervisorClient, UnknownProcess
-from common.transport import Publisher, SocketFactory
+from common.wire.protocol import KIND_ACTION, KIND_FRAME, KIND_STATE, Message
+from common.wire.transport import Publisher, SocketFactory
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -284,7 +284,7 @@ def urlopen_bytes(url: str) -> bytes:
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny untrained DiffusionPolicy for the lift layout with 64x64 cameras (the checkpoint maker)."""
-    from common.checkpoint_maker import build_checkpoint
+    from common.tools.checkpoint_maker import build_checkpoint
 
     directory = tmp_path_factory.mktemp("ckpt-small")
     config = load_config(write_config(directory, "lift", {"cameras": small_cameras()}))

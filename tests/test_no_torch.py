@@ -16,8 +16,8 @@ from pathlib import Path
 from conftest import NodeProcess, wait_for, write_config
 
 from common.config import load_config
-from common.protocol import KIND_FRAME
-from common.transport import LatestSubscriber, SocketFactory
+from common.wire.protocol import KIND_FRAME
+from common.wire.transport import LatestSubscriber, SocketFactory
 
 SMALL = {"width": 96, "height": 64}  # frame size is irrelevant here; small keeps the machine free
 
@@ -77,7 +77,7 @@ def test_monitor(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
 
 
 def test_dataset_player_once_it_publishes(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
-    from common.demo_data import DemoSpec, generate_demo_dataset
+    from common.tools.demo_data import DemoSpec, generate_demo_dataset
 
     config_path = write_config(tmp_path, "lift", {"cameras": {"front": SMALL, "wrist": SMALL},
                                                   "player": {"dataset": str(tmp_path / "demo")}})

@@ -13,8 +13,8 @@ import pytest
 from conftest import PYTHON, REPO_ROOT, NodeProcess, write_config
 
 from common.config import load_config
-from common.demo_data import DemoSpec, generate_demo_dataset
-from common.offline_eval import (
+from common.tools.demo_data import DemoSpec, generate_demo_dataset
+from common.tools.offline_eval import (
     ErrorAccumulator,
     EvalReport,
     ExecutedRecorder,
@@ -67,7 +67,7 @@ def test_report_files(tmp_path: Path) -> None:
     score_chunk(accumulator, truth[:3] + 1.0, truth, frame=0)
     report = summarise("predict", [f"j{i}.pos" for i in range(6)], [accumulator.result(0, 5)], row_offset=0,
                        dataset="d", policy={"policy_type": "diffusion"})
-    from common.offline_eval import EpisodeTrace
+    from common.tools.offline_eval import EpisodeTrace
 
     paths = save_report(report, [EpisodeTrace(0, truth, truth + 1.0)], tmp_path)
     saved = json.loads(paths["json"].read_text())
@@ -119,7 +119,7 @@ def test_predict_path_gives_the_same_numbers_in_process_and_from_the_cli(policy_
 
     # A second run (another process, the CLI) resets and reseeds the session: identical numbers.
     output = tmp_path / "eval"
-    result = subprocess.run([PYTHON, "-m", "common.offline_eval", "predict", "--config", str(policy_node),
+    result = subprocess.run([PYTHON, "-m", "common.tools.offline_eval", "predict", "--config", str(policy_node),
                              "--output", str(output), "--episodes", "1"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]

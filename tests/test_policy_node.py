@@ -15,11 +15,11 @@ import zmq
 from conftest import PYTHON, NodeProcess, wait_for, write_config
 
 from common.config import load_config
-from common.contract import contract_differences
-from common.policy_checkpoint import checkpoint_identity
-from common.policy_client import PolicyClient
-from common.protocol import KIND_ERROR, KIND_REQUEST, Message, decode, encode
-from common.transport import RemoteError, RequestClient, SocketFactory
+from common.wire.contract import contract_differences
+from common.wire.policy_client import PolicyClient
+from common.wire.protocol import KIND_ERROR, KIND_REQUEST, Message, decode, encode
+from common.wire.transport import RemoteError, RequestClient, SocketFactory
+from nodes.policy.checkpoint import checkpoint_identity
 
 TIMEOUT_S = 60.0  # generous: this CPU is shared, and the first chunk of a process is the slowest
 SMALL = {"width": 64, "height": 48}
@@ -326,7 +326,7 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_refused_with_the_reason(ti
 
 
 def test_chunk_times_are_logged_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
-    from nodes.policy import TimingLog
+    from nodes.policy.__main__ import TimingLog
 
     timing = TimingLog(period_s=10.0)
     with caplog.at_level("INFO", logger="policy"):

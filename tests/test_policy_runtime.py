@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import REPO_ROOT, write_config
 
-from common.checkpoint_maker import make_policy_config
 from common.config import load_config
-from common.policy_checkpoint import CheckpointError, layout_differences, load_lerobot_policy, resolve_checkpoint
-from common.policy_io import validate_request
-from common.policy_runtime import PolicyRuntime
-from common.policy_sessions import SessionStore, session_seed
-from common.policy_speed import MatmulConv1d, MatmulConvTranspose1d
-from common.protocol import Message, ProtocolError
+from common.tools.checkpoint_maker import make_policy_config
+from common.wire.protocol import Message, ProtocolError
+from nodes.policy.checkpoint import CheckpointError, layout_differences, load_lerobot_policy, resolve_checkpoint
+from nodes.policy.io import validate_request
+from nodes.policy.runtime import PolicyRuntime
+from nodes.policy.sessions import SessionStore, session_seed
+from nodes.policy.speed import MatmulConv1d, MatmulConvTranspose1d
 
 LIFT_CAMERAS = {"front": [480, 640, 3], "wrist": [480, 640, 3]}
 
@@ -312,7 +312,7 @@ def test_layout_differences_say_what_differs() -> None:
 
 
 def test_transformers_outside_lerobots_pin_is_recognised() -> None:
-    from common.policy_checkpoint import transformers_outside_lerobot_pin
+    from nodes.policy.checkpoint import transformers_outside_lerobot_pin
 
     assert transformers_outside_lerobot_pin("5.17.0")
     assert transformers_outside_lerobot_pin("4.57.1")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common.protocol import (
+from common.wire.protocol import (
     ALLOWED_DTYPES,
     KIND_ERROR,
     KIND_FRAME,
@@ -27,7 +27,7 @@ from common.protocol import (
     encode,
     error_message,
 )
-from common.transport import SocketFactory, recv_message, send_message
+from common.wire.transport import SocketFactory, recv_message, send_message
 
 
 @pytest.fixture(scope="module")

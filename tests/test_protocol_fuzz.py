@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.protocol import KIND_FRAME, KIND_REQUEST, Message, ProtocolError, decode, encode
+from common.wire.protocol import KIND_FRAME, KIND_REQUEST, Message, ProtocolError, decode, encode
 
 SIDE_EFFECT_FILE = Path("/tmp/armpipe-fuzz-side-effect")
 

@@ -21,10 +21,10 @@ import yaml
 from conftest import REPO_ROOT, NodeProcess, wait_for, write_config
 
 from common.config import load_config
-from common.episode_writer import finished_without_metrics, load_outcome
-from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
-from common.transport import LatestSubscriber, Publisher, SocketFactory
-from nodes.recorder import Finisher
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
+from common.wire.transport import LatestSubscriber, Publisher, SocketFactory
+from nodes.recorder.__main__ import Finisher
+from nodes.recorder.writer import finished_without_metrics, load_outcome
 
 WIDTH, HEIGHT = 64, 64  # small frames: h264 needs even sizes; content still tells frames apart
 

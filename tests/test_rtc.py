@@ -13,11 +13,11 @@ import pytest
 from conftest import write_config
 
 from common.config import load_config
-from common.contract import RTC_DELAY_KEY, RTC_PREFIX_KEY
-from common.policy_checkpoint import CheckpointError
-from common.policy_io import guidance_weights
-from common.policy_runtime import PolicyRuntime
-from common.protocol import Message, ProtocolError
+from common.wire.contract import RTC_DELAY_KEY, RTC_PREFIX_KEY
+from common.wire.protocol import Message, ProtocolError
+from nodes.policy.checkpoint import CheckpointError
+from nodes.policy.io import guidance_weights
+from nodes.policy.runtime import PolicyRuntime
 
 
 def make_runtime(tmp_path: Path, checkpoint: Path, task: str = "lift", **policy: object) -> PolicyRuntime:

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from common.config import REPO_ROOT, load_config
-from common.safety import SafetyFilter
-from nodes.actuator import HOLD_BAD_ACTION, ControlCore
+from nodes.actuator.__main__ import HOLD_BAD_ACTION, ControlCore
+from nodes.actuator.safety import SafetyFilter
 
 LOWER = np.array([-110, -100, -100, -100, -150, 0], dtype=np.float32)
 UPPER = np.array([110, 100, 100, 100, 150, 100], dtype=np.float32)

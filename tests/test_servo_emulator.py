@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, NodeProcess, wait_for, write_config
 
 from common.config import EmulatorConfig, load_config
 from common.feetech_bus import SO101_MOTOR_IDS, load_calibration, resolve_repo_path, so101_motors
-from nodes.servo_emulator import (
+from nodes.servo_emulator.__main__ import (
     BROADCAST_ID,
     ERR_INSTRUCTION,
     INITIAL_CALIBRATION,

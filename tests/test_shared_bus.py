@@ -20,8 +20,8 @@ import pytest
 from conftest import PYTHON, REPO_ROOT, NodeProcess, wait_for, write_config
 
 from common.config import load_config
-from common.protocol import KIND_STATE, Message
-from common.transport import LatestSubscriber, SocketFactory
+from common.wire.protocol import KIND_STATE, Message
+from common.wire.transport import LatestSubscriber, SocketFactory
 
 log = logging.getLogger(__name__)
 SOAK_S = float(os.environ.get("ARMPIPE_BUS_SOAK_S", "8"))

@@ -11,8 +11,8 @@ import numpy as np
 from conftest import NodeProcess, wait_for, write_config
 
 from common.config import load_config
-from common.protocol import KIND_STATE, Message
-from common.transport import LatestSubscriber, SocketFactory
+from common.wire.protocol import KIND_STATE, Message
+from common.wire.transport import LatestSubscriber, SocketFactory
 
 
 def collect_states(endpoint: str, seconds: float, *, at_least: int = 1, timeout_s: float = 30.0) -> list[Message]:

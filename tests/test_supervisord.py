@@ -11,7 +11,7 @@ from conftest import REPO_ROOT, free_port, write_config
 
 from bench.harness import ActuatorWatch, Supervised
 from common.config import load_config
-from common.demo_data import DemoSpec, generate_demo_dataset
+from common.tools.demo_data import DemoSpec, generate_demo_dataset
 
 # Whole-pipeline tests: supervisord plus six node processes on a 2-core machine take minutes, not seconds.
 pytestmark = pytest.mark.timeout(1500)

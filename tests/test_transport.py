@@ -13,8 +13,8 @@ import pytest
 import zmq
 from conftest import REPO_ROOT, free_endpoint, wait_for
 
-from common.protocol import KIND_FRAME, KIND_REQUEST, Message
-from common.transport import (
+from common.wire.protocol import KIND_FRAME, KIND_REQUEST, Message
+from common.wire.transport import (
     LatestSubscriber,
     PeerUnavailable,
     Publisher,
@@ -28,8 +28,8 @@ from common.transport import (
 SERVER = textwrap.dedent(
     """
     import os, sys
-    from common.protocol import Message, decode, error_message, ProtocolError
-    from common.transport import RouterServer, SocketFactory
+    from common.wire.protocol import Message, decode, error_message, ProtocolError
+    from common.wire.transport import RouterServer, SocketFactory
     endpoint, name, die_on_first = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     server = RouterServer(SocketFactory(), endpoint)
     print("listening", flush=True)

@@ -19,8 +19,8 @@ import pytest
 from conftest import free_port, wait_for, write_config
 
 from bench.harness import ActuatorWatch, Supervised
-from common.protocol import KIND_REQUEST, Message
-from common.transport import RemoteError, RequestClient, SocketFactory
+from common.wire.protocol import KIND_REQUEST, Message
+from common.wire.transport import RemoteError, RequestClient, SocketFactory
 
 pytestmark = pytest.mark.timeout(1500)
 

@@ -19,7 +19,7 @@ Sizes:
 
 CLI::
 
-    python -m common.checkpoint_maker --config configs/lift.yaml --policy-type diffusion --size tiny \\
+    python -m common.tools.checkpoint_maker --config configs/lift.yaml --policy-type diffusion --size tiny \\
         --output checkpoints/lift-tiny [--dataset data/lift-demo] [--seed 0]
 """
 
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from common.config import DeploymentConfig, load_config
-from common.contract import ACTION_KEY, STATE_KEY, image_key
-from common.policy_checkpoint import guard_lerobot_imports
+from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
+from nodes.policy.checkpoint import guard_lerobot_imports
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ every camera shows a drawing that moves with the joints (a stick-figure arm on t
 gripper jaws and a roll-dependent horizon on wrist cameras) plus an episode progress bar, so a viewer
 can tell at a glance that a replay is live.
 
-    python -m common.demo_data --task lift --output data/lift-demo [--episodes 3 --frames 150 \
+    python -m common.tools.demo_data --task lift --output data/lift-demo [--episodes 3 --frames 150 \
         --width 640 --height 480 --codec av1]
 """
 
@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from common.config import REPO_ROOT, SO101_JOINTS, ArmConfig, ConfigError, DeploymentConfig, load_config
-from common.contract import ACTION_KEY, STATE_KEY, image_key
+from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
 
 log = logging.getLogger(__name__)
 

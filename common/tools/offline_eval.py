@@ -17,8 +17,8 @@ Two ways to get the policy's actions:
 Alignment is by frame time. The reference system compared the prediction from frame i with frame
 i+1; ``--row-offset 1`` reproduces that (compare row k with frame i+k+1) for side-by-side numbers.
 
-    python -m common.offline_eval predict --config configs/lift.yaml --output eval/lift [--episodes 0 1]
-    python -m common.offline_eval executed --config configs/lift.yaml --output eval/lift --count 2 --drive
+    python -m common.tools.offline_eval predict --config configs/lift.yaml --output eval/lift [--episodes 0 1]
+    python -m common.tools.offline_eval executed --config configs/lift.yaml --output eval/lift --count 2 --drive
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from common.config import ConfigError, DeploymentConfig, load_config
-from common.protocol import KIND_ACTION, KIND_EVENT, KIND_REQUEST, Message
-from common.transport import LatestSubscriber, PeerUnavailable, RemoteError, RequestClient, SocketFactory
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_REQUEST, Message
+from common.wire.transport import LatestSubscriber, PeerUnavailable, RemoteError, RequestClient, SocketFactory
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None
     reseeded: the same dataset, checkpoint and ``policy.seed`` give the same numbers every time.
     """
     from common.dataset_source import DatasetSource, EpisodeReader
-    from common.policy_client import PolicyClient
+    from common.wire.policy_client import PolicyClient
 
     source = DatasetSource(config, episodes=episodes)
     client = PolicyClient(factory or SocketFactory(), config.policy.endpoint, client_id=client_id,

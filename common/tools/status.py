@@ -1,4 +1,4 @@
-"""``python -m common.status --config configs/lift.yaml``: every node's supervisord state and readiness.
+"""``python -m common.tools.status --config configs/lift.yaml``: every node's supervisord state and readiness.
 
 A node is READY once its readiness file exists (sockets up, model/dataset/device loaded); supervisord
 alone only knows whether the process is running. ``--wait S`` blocks until every program is running

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from common.protocol import ProtocolError
+from common.wire.protocol import ProtocolError
 
 
 def encode_jpeg(image_rgb: np.ndarray, quality: int = 90) -> np.ndarray:

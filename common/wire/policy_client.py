@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.contract import RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, PolicyContract, image_key
-from common.protocol import KIND_REQUEST, Message, ProtocolError
-from common.transport import RequestClient, SocketFactory
+from common.wire.contract import RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, PolicyContract, image_key
+from common.wire.protocol import KIND_REQUEST, Message, ProtocolError
+from common.wire.transport import RequestClient, SocketFactory
 
 
 @dataclass

@@ -141,7 +141,7 @@ def encode(
         where = f"arrays[{name}]"
         if name in msg.jpeg:
             if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3:
-                from common.images import encode_jpeg  # lazy: cv2 is only needed for JPEG
+                from common.wire.images import encode_jpeg  # lazy: cv2 is only needed for JPEG
 
                 shape = list(array.shape)
                 payload = encode_jpeg(array, jpeg_quality)
@@ -362,7 +362,7 @@ def decode_images(msg: Message) -> Message:
     """Decode every JPEG array of ``msg`` in place on the CPU and check its declared shape."""
     if not msg.jpeg:
         return msg
-    from common.images import decode_jpeg
+    from common.wire.images import decode_jpeg
 
     shapes = msg.meta.get("_jpeg_shapes", {})
     for name in sorted(msg.jpeg):

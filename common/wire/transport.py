@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from common.protocol import (
+from common.wire.protocol import (
     KIND_ERROR,
     MAX_MESSAGE_BYTES,
     Message,

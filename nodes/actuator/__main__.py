@@ -5,8 +5,8 @@ Each tick (``config.fps`` on the monotonic clock, or once per new observation in
 1. drains the newest frame of every camera and the newest state of every arm;
 2. decides hold or act: stale or missing inputs, no episode, a refused contract, an unreachable or
    failing policy, an empty queue, stale rows or a corrupt row all mean *hold the last commanded target*;
-3. when acting, pops the queued row meant for this tick (``common.chunk_queue``) and passes it through the
-   safety filter (``common.safety``: joint limits, max step per tick);
+3. when acting, pops the queued row meant for this tick (``nodes.actuator.chunk_queue``) and passes it through the
+   safety filter (``nodes.actuator.safety``: joint limits, max step per tick);
 4. writes the target to each arm's bus (unless ``actuator.dry_run``) and publishes one ``action`` message;
 5. asks the policy for the next chunk when ``actuator.refill_rows`` or fewer rows remain, in a worker thread
    so inference overlaps execution.
@@ -32,14 +32,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common.chunk_queue import ChunkQueue, InsertResult
 from common.config import DeploymentConfig, parse_node_args
-from common.contract import PolicyContract, contract_differences
-from common.episodes import IDLE, RUNNING, STOPPING, EpisodeError, EpisodeRecord, Episodes
-from common.images import decode_jpeg
 from common.node import Readiness, setup_logging
-from common.policy_client import ChunkReply, PolicyClient
-from common.protocol import (
+from common.wire.contract import PolicyContract, contract_differences
+from common.wire.images import decode_jpeg
+from common.wire.policy_client import ChunkReply, PolicyClient
+from common.wire.protocol import (
     CONTROL_OPS,
     KIND_ACTION,
     KIND_EVENT,
@@ -52,8 +50,7 @@ from common.protocol import (
     decode,
     error_message,
 )
-from common.safety import SafetyFilter
-from common.transport import (
+from common.wire.transport import (
     LatestSubscriber,
     PeerUnavailable,
     Publisher,
@@ -62,6 +59,9 @@ from common.transport import (
     SocketFactory,
     stop_event_on_signals,
 )
+from nodes.actuator.chunk_queue import ChunkQueue, InsertResult
+from nodes.actuator.episodes import IDLE, RUNNING, STOPPING, EpisodeError, EpisodeRecord, Episodes
+from nodes.actuator.safety import SafetyFilter
 
 log = logging.getLogger("actuator")
 

@@ -4,7 +4,7 @@
 
 Backends (``cameras.<cam>.backend``): ``synthetic`` (moving test pattern), ``opencv`` (UVC/V4L2 through
 LeRobot's OpenCVCamera; ``device`` = index or path) and ``realsense`` (LeRobot's RealSenseCamera;
-``serial_number``, empty = the only one). See ``common.camera_backends``.
+``serial_number``, empty = the only one). See ``nodes.camera.backends``.
 
 Publishes on ``cameras.<cam>.endpoint`` (docs/architecture.md#streams):
 - ``frame``: meta ``camera``, ``source: "camera"``, ``backend``; array ``image`` uint8 (H, W, 3) RGB, raw or
@@ -23,11 +23,11 @@ import sys
 import threading
 import time
 
-from common.camera_backends import CameraBackend, CameraUnavailable, make_backend
 from common.config import CameraConfig, parse_node_args
 from common.node import Readiness, setup_logging
-from common.protocol import KIND_EVENT, KIND_FRAME, Message
-from common.transport import Publisher, SocketFactory, stop_event_on_signals
+from common.wire.protocol import KIND_EVENT, KIND_FRAME, Message
+from common.wire.transport import Publisher, SocketFactory, stop_event_on_signals
+from nodes.camera.backends import CameraBackend, CameraUnavailable, make_backend
 
 log = logging.getLogger(__name__)
 

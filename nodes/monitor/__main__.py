@@ -13,7 +13,7 @@ Exposure: it listens on ``monitor.host`` (127.0.0.1 by default). ``--monitor.hos
 panel, buttons included, to the network: do that only on a trusted network. Cross-site POSTs (a page
 from another origin driving the buttons through your browser) are refused either way.
 
-HTTP interface (used by ``monitor_static/app.js``; handy from curl too):
+HTTP interface (used by ``static/app.js``; handy from curl too):
 - ``GET /`` the page; ``GET /events`` the SSE stream; ``GET /api/state`` a JSON snapshot;
 - ``POST /api/episode/start`` ``{"episode_index"?: int}``; ``POST /api/episode/stop`` ``{"label"?: "success" |
   "failure"}``; ``POST /api/episode/label`` ``{"label": ..., "episode_index"?: int}``;
@@ -44,9 +44,7 @@ import cv2
 import numpy as np
 
 from common.config import DeploymentConfig, parse_node_args
-from common.images import encode_jpeg
 from common.node import Readiness, setup_logging
-from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_REQUEST, KIND_STATE, Message, ProtocolError
 from common.supervisor_client import (
     SupervisorClient,
     SupervisorError,
@@ -54,7 +52,9 @@ from common.supervisor_client import (
     UnknownProcess,
     read_readiness,
 )
-from common.transport import (
+from common.wire.images import encode_jpeg
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_REQUEST, KIND_STATE, Message, ProtocolError
+from common.wire.transport import (
     LatestSubscriber,
     PeerUnavailable,
     RemoteError,
@@ -66,7 +66,7 @@ from common.transport import (
 log = logging.getLogger("monitor")
 
 PROGRAM = "monitor"
-STATIC_DIR = Path(__file__).resolve().parent / "monitor_static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {  # the only files served: no path from the URL ever reaches the filesystem
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),

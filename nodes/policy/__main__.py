@@ -5,7 +5,7 @@
 Ops (meta ``op``; sessions keyed by meta ``client``): ``metadata`` (the contract), ``infer`` (one chunk),
 ``reset`` (clears this client's history), ``ping``. Every failure is an ``error`` reply naming the
 field; the node keeps serving. A checkpoint that does not fit the config is refused at start (exit 2).
-All the model work lives in ``common.policy_runtime`` and the ``common.policy_*`` modules it uses;
+All the model work lives in ``nodes.policy.runtime`` and the other ``nodes.policy`` modules it uses;
 this file is the loop.
 """
 
@@ -20,9 +20,7 @@ import msgpack
 
 from common.config import parse_node_args
 from common.node import Readiness, setup_logging
-from common.policy_checkpoint import CheckpointError
-from common.policy_runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
-from common.protocol import (
+from common.wire.protocol import (
     KIND_REPLY,
     KIND_REQUEST,
     MAX_HEADER_BYTES,
@@ -32,7 +30,9 @@ from common.protocol import (
     decode,
     error_message,
 )
-from common.transport import RouterServer, SocketFactory, stop_event_on_signals
+from common.wire.transport import RouterServer, SocketFactory, stop_event_on_signals
+from nodes.policy.checkpoint import CheckpointError
+from nodes.policy.runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
 
 PROGRAM = "policy"
 EXIT_REFUSED = 2  # checkpoint missing or not matching the config: restarting will not help

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import DeploymentConfig
-from common.contract import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY
+from common.wire.contract import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-SIDECAR_NAME = "armpipe.json"  # written by common.checkpoint_maker next to config.json
+SIDECAR_NAME = "armpipe.json"  # written by common.tools.checkpoint_maker next to config.json
 MODEL_FILE = "model.safetensors"
 
 

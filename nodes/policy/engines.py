@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common.contract import STATE_KEY
-from common.policy_checkpoint import CheckpointError
-from common.policy_sessions import Session
-from common.policy_speed import MaybeGraphed, SpeedOptions, convs_as_matmul
+from common.wire.contract import STATE_KEY
+from nodes.policy.checkpoint import CheckpointError
+from nodes.policy.sessions import Session
+from nodes.policy.speed import MaybeGraphed, SpeedOptions, convs_as_matmul
 
 log = logging.getLogger(__name__)
 

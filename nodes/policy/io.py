@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.contract import ACTION_KEY, IMAGE_KEY_PREFIX, RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, image_key
-from common.policy_checkpoint import CheckpointError
-from common.protocol import Message, ProtocolError
+from common.wire.contract import ACTION_KEY, IMAGE_KEY_PREFIX, RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, image_key
+from common.wire.protocol import Message, ProtocolError
+from nodes.policy.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class InputLoader:
                                             f"{payload.numel()} undecodable bytes") from exc
             decoded = dict(zip(names, images, strict=True))
         else:
-            from common.images import decode_jpeg as cv_decode_jpeg
+            from common.wire.images import decode_jpeg as cv_decode_jpeg
 
             for name in names:
                 decoded[name] = torch.from_numpy(cv_decode_jpeg(obs.images[name], f"arrays[{image_key(name)}]")

@@ -1,9 +1,9 @@
 """Everything the policy node does between a decoded request and its reply, kept out of the node loop.
 
-``PolicyRuntime`` ties the parts together: the checkpoint (``common.policy_checkpoint``: resolve, check
-against the config, load offline), the sessions (``common.policy_sessions``), the request's inputs
-(``common.policy_io``: validate, upload or decode, normalise), the speed options (``common.policy_speed``)
-and the chunk engine (``common.policy_engines``: DiffusionPolicy with per-session history, or a
+``PolicyRuntime`` ties the parts together: the checkpoint (``nodes.policy.checkpoint``: resolve, check
+against the config, load offline), the sessions (``nodes.policy.sessions``), the request's inputs
+(``nodes.policy.io``: validate, upload or decode, normalise), the speed options (``nodes.policy.speed``)
+and the chunk engine (``nodes.policy.engines``: DiffusionPolicy with per-session history, or a
 single-observation chunking policy such as ACT).
 """
 
@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from common.config import DeploymentConfig
-from common.contract import STATE_KEY, PolicyContract, image_key
-from common.policy_checkpoint import (
+from common.wire.contract import STATE_KEY, PolicyContract, image_key
+from common.wire.protocol import Message, ProtocolError
+from nodes.policy.checkpoint import (
     CheckpointError,
     camera_name,
     checkpoint_identity,
@@ -27,11 +28,10 @@ from common.policy_checkpoint import (
     read_sidecar,
     resolve_checkpoint,
 )
-from common.policy_engines import ChunkEngine, DiffusionEngine
-from common.policy_io import InputLoader, Normaliser, validate_request
-from common.policy_sessions import SessionStore
-from common.policy_speed import SpeedOptions
-from common.protocol import Message, ProtocolError
+from nodes.policy.engines import ChunkEngine, DiffusionEngine
+from nodes.policy.io import InputLoader, Normaliser, validate_request
+from nodes.policy.sessions import SessionStore
+from nodes.policy.speed import SpeedOptions
 
 MAX_CLIENT_ID_LEN = 128
 
@@ -148,7 +148,7 @@ class PolicyRuntime:
 
     def warmup_request(self) -> Message:
         """A plausible observation (mid-range state, grey images) for warm-up passes."""
-        from common.protocol import KIND_REQUEST
+        from common.wire.protocol import KIND_REQUEST
 
         lower = np.asarray(self.config.lower_limits(), dtype=np.float32)
         upper = np.asarray(self.config.upper_limits(), dtype=np.float32)

@@ -17,7 +17,7 @@ Three threads, each with one job:
   writer already records the next one.
 
 Outputs under ``recorder.output_dir``: one LeRobot dataset per episode (``episode_000000/`` ...; see
-``common.episode_writer``), ``metrics.jsonl`` (a line per episode, and a new line when an episode is
+``nodes.recorder.writer``), ``metrics.jsonl`` (a line per episode, and a new line when an episode is
 labelled later), ``summary.json`` and ``plots/summary.png``.
 """
 
@@ -39,7 +39,10 @@ import numpy as np
 import pandas as pd
 
 from common.config import DeploymentConfig, parse_node_args
-from common.episode_writer import (
+from common.node import Readiness, setup_logging
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
+from common.wire.transport import LatestSubscriber, SocketFactory, stop_event_on_signals
+from nodes.recorder.writer import (
     EPISODE_METRICS,
     OUTCOME_FILE,
     WORK_DIR,
@@ -55,9 +58,6 @@ from common.episode_writer import (
     pending_work,
     recover_episode,
 )
-from common.node import Readiness, setup_logging
-from common.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
-from common.transport import LatestSubscriber, SocketFactory, stop_event_on_signals
 
 log = logging.getLogger("recorder")
 

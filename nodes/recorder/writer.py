@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from common.config import DeploymentConfig
-from common.contract import ACTION_KEY, STATE_KEY, image_key
+from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class EpisodeWriter:
 
     def add_tick(self, tick: TickRecord) -> None:
         """Add one frame; raises ``TickRejected`` (the episode carries on) for a tick that does not fit."""
-        from common.images import decode_jpeg
+        from common.wire.images import decode_jpeg
 
         frame: dict[str, Any] = {}
         for camera in self.config.cameras:

@@ -42,7 +42,7 @@ from typing import Any
 
 from common.config import SO101_JOINTS, ArmConfig, EmulatorConfig, parse_node_args
 from common.node import Readiness, setup_logging
-from common.transport import stop_event_on_signals
+from common.wire.transport import stop_event_on_signals
 
 log = logging.getLogger(__name__)
 
