@@ -17,6 +17,11 @@ Two ways to get the policy's actions:
 Alignment is by frame time. The reference system compared the prediction from frame i with frame
 i+1; ``--row-offset 1`` reproduces that (compare row k with frame i+k+1) for side-by-side numbers.
 
+A slow policy server is waited for, not given up on at the first slow reply: every request is retried
+with a growing timeout (``policy.timeout_s``, then doubled per attempt, ``--attempts`` in all), and only
+then does the run stop with an error that names the frame, the timeouts tried and what to check. A bar on
+stderr shows the progress over episodes.
+
     python -m common.tools.offline_eval predict --config configs/lift.yaml --output eval/lift [--episodes 0 1]
     python -m common.tools.offline_eval executed --config configs/lift.yaml --output eval/lift --count 2 --drive
 """
@@ -40,6 +45,9 @@ from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_REQUEST, Message
 from common.wire.transport import LatestSubscriber, PeerUnavailable, RemoteError, RequestClient, SocketFactory
 
 log = logging.getLogger(__name__)
+
+ATTEMPTS = 4  # predict: tries per request, the timeout doubling each time (policy.timeout_s first)
+BACKOFF = 2.0
 
 ALIGNMENT = ("row k of the chunk predicted from frame i is compared with the ground-truth action of frame "
              "i+k+row_offset (executed: the tick that used frame k with frame k+row_offset)")
@@ -163,32 +171,91 @@ def summarise(mode: str, names: list[str], episodes: list[EpisodeErrors], *, row
 # --------------------------------------------------------------------------------------------------
 
 
+class PolicyTooSlow(PeerUnavailable):
+    """The policy did not answer a request even with the longest timeout; the message says where and why."""
+
+    def __init__(self, endpoint: str, what: str, timeouts: list[float], done: str) -> None:
+        self.endpoint = endpoint
+        tried = ", ".join(f"{t:g}" for t in timeouts)
+        ConnectionError.__init__(self, f"the policy at {endpoint} did not answer {what} after {len(timeouts)} "
+                                 f"attempt(s) (timeouts {tried} s); {done}. Check that the policy node is running "
+                                 "and ready (its log; <run_dir>/ready/policy.json), or allow more time with "
+                                 "--attempts or --policy.timeout_s")
+
+
+@dataclass
+class Patience:
+    """How long to wait for a slow policy: ``attempts`` tries, the timeout growing by ``backoff``."""
+
+    first_timeout_s: float
+    attempts: int = ATTEMPTS
+    backoff: float = BACKOFF
+
+    def timeouts(self) -> list[float]:
+        return [self.first_timeout_s * self.backoff ** k for k in range(max(1, self.attempts))]
+
+
+def patiently(call: Any, patience: Patience, endpoint: str, what: str, done: str = "") -> Any:
+    """``call(timeout_s)`` retried with growing timeouts; ``PolicyTooSlow`` after the last one.
+
+    A retried ``infer`` may reach the policy twice (the first request was slow, not lost): DiffusionPolicy
+    then keeps that frame twice in its history, so such a run is not bit-reproducible; it is logged.
+    """
+    timeouts = patience.timeouts()
+    for attempt, timeout in enumerate(timeouts, start=1):
+        try:
+            return call(timeout)
+        except PeerUnavailable:
+            if attempt == len(timeouts):
+                break
+            log.warning("policy at %s: no answer to %s within %.1f s (attempt %d/%d); retrying with %.1f s",
+                        endpoint, what, timeout, attempt, len(timeouts), timeouts[attempt])
+    raise PolicyTooSlow(endpoint, what, timeouts, done or "nothing was scored")
+
+
+def _progress(total: int, unit: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc="offline_eval", dynamic_ncols=True)
+
+
 def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None = None, row_offset: int = 0,
-                         max_frames: int = 0, client_id: str = "offline_eval",
-                         factory: SocketFactory | None = None) -> tuple[EvalReport, list[EpisodeTrace]]:
+                         max_frames: int = 0, client_id: str = "offline_eval", factory: SocketFactory | None = None,
+                         attempts: int = ATTEMPTS) -> tuple[EvalReport, list[EpisodeTrace]]:
     """Query the policy node at ``policy.endpoint`` with every frame of the dataset's episodes.
 
     The session id is fixed (``client_id``) and reset before each episode, so the policy's noise is
     reseeded: the same dataset, checkpoint and ``policy.seed`` give the same numbers every time.
+    Each request is tried ``attempts`` times, from ``policy.timeout_s`` doubling (``patiently``).
     """
     from common.dataset_source import DatasetSource, EpisodeReader
     from common.wire.policy_client import PolicyClient
 
     source = DatasetSource(config, episodes=episodes)
-    client = PolicyClient(factory or SocketFactory(), config.policy.endpoint, client_id=client_id,
-                          timeout_s=config.policy.timeout_s, retries=config.policy.retries)
+    endpoint = config.policy.endpoint
+    # One attempt per call: the retries (with growing timeouts) are ``patiently``'s.
+    client = PolicyClient(factory or SocketFactory(), endpoint, client_id=client_id,
+                          timeout_s=config.policy.timeout_s, retries=1)
+    patience = Patience(config.policy.timeout_s, attempts)
     names = list(config.action_names())
     results: list[EpisodeErrors] = []
     traces: list[EpisodeTrace] = []
+    lengths = {episode: source.episode(episode).length for episode in source.episodes}
+    progress = _progress(sum(n if max_frames <= 0 else min(n, max_frames) for n in lengths.values()), "frame")
+    scored = 0
     try:
-        contract = client.metadata()
+        contract = patiently(lambda timeout: client.metadata(timeout_s=timeout), patience, endpoint, "metadata")
         policy = {"policy_type": contract.policy_type, "checkpoint_id": contract.checkpoint_id,
                   "checkpoint_path": contract.checkpoint_path, "untrained": contract.untrained,
                   "chunk_length": contract.chunk_length, "seed": config.policy.seed, "client": client_id}
         for episode in source.episodes:
             rows = source.episode(episode)
             count = rows.length if max_frames <= 0 else min(rows.length, max_frames)
-            client.reset()  # fresh history and reseeded noise: episodes are independent and repeatable
+            done = f"{len(results)} of {len(lengths)} episode(s) and {scored} frame(s) were scored"
+            # Fresh history and reseeded noise: episodes are independent and repeatable.
+            patiently(lambda timeout: client.reset(timeout_s=timeout), patience, endpoint,
+                      f"reset before episode {episode}", done)
+            progress.set_postfix_str(f"episode {episode}")
             accumulator = ErrorAccumulator(len(names), contract.chunk_length)
             first_rows = np.full((rows.length, len(names)), np.nan, dtype=np.float32)
             reader = EpisodeReader(source, episode, config.player.prefetch_frames)
@@ -198,8 +265,15 @@ def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None
                     if images is None:
                         break
                     # obs_t: the frame's time in the episode; only echoed back, never compared to a clock.
-                    chunk = client.infer(images, rows.states[i], obs_t=float(rows.timestamps[i])).actions
+                    state, obs_t = rows.states[i], float(rows.timestamps[i])
+                    chunk = patiently(
+                        lambda timeout, images=images, state=state, obs_t=obs_t: client.infer(
+                            images, state, obs_t=obs_t, timeout_s=timeout).actions,
+                        patience, endpoint, f"infer for episode {episode} frame {i}",
+                        f"{len(results)} of {len(lengths)} episode(s) and {scored} frame(s) were scored")
                     score_chunk(accumulator, chunk, rows.actions[:count], i, row_offset)
+                    scored += 1
+                    progress.update(1)
                     if 0 <= i + row_offset < count:
                         first_rows[i + row_offset] = chunk[0]
             finally:
@@ -209,6 +283,7 @@ def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None
             log.info("episode %d: mean MAE %.3f over %d pairs", episode, results[-1].mean_mae,
                      results[-1].compared)
     finally:
+        progress.close()
         client.close()
     return summarise("predict", names, results, row_offset=row_offset, dataset=str(source.root),
                      policy=policy), traces
@@ -328,6 +403,7 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
     results: list[EpisodeErrors] = []
     traces: list[EpisodeTrace] = []
     deadline = time.monotonic() + timeout_s
+    progress = _progress(count, "episode")
     try:
         time.sleep(0.3)  # let the SUB connections settle before anything we must not miss is published
         while len(results) < count:
@@ -347,7 +423,9 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
             traces.append(trace)
             log.info("episode %d (run %d): mean MAE %.3f over %d frames, %d holds", result.episode_index,
                      result.run, result.mean_mae, result.compared, result.holds)
+            progress.update(1)
     finally:
+        progress.close()
         if control is not None:
             control.close()
         if own_recorder:
@@ -455,13 +533,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare with the truth this many frames later (1: the reference system's alignment)")
     parser.add_argument("--max-frames", type=int, default=0, help="predict: frames per episode (0: all)")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="executed: give up after this long")
+    parser.add_argument("--attempts", type=int, default=ATTEMPTS,
+                        help="predict: tries per policy request, the timeout doubling from policy.timeout_s")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s offline_eval: %(message)s")
     try:
         config = load_config(args.config, overrides)
         if args.mode == "predict":
             report, traces = evaluate_predictions(config, episodes=args.episodes, row_offset=args.row_offset,
-                                                  max_frames=args.max_frames)
+                                                  max_frames=args.max_frames, attempts=args.attempts)
         else:
             report, traces = evaluate_executed(config, count=args.count, drive=args.drive,
                                                row_offset=args.row_offset, timeout_s=args.timeout_s)

@@ -42,8 +42,8 @@ class PolicyClient:
         self._request("ping", timeout_s=timeout_s)
         return time.monotonic() - start
 
-    def reset(self) -> None:
-        self._request("reset")
+    def reset(self, timeout_s: float | None = None) -> None:
+        self._request("reset", timeout_s=timeout_s)
 
     def infer(self, images: dict[str, np.ndarray], state: np.ndarray, obs_t: float, *, jpeg: bool = False,
               timeout_s: float | None = None, rtc_prefix: np.ndarray | None = None,
