@@ -76,6 +76,26 @@ def test_contract_infer_reset_and_ping(lift_node) -> None:
     policy.close()
 
 
+def test_an_rtc_request_over_the_wire_continues_its_prefix(lift_node) -> None:
+    config, _ = lift_node
+    policy = client(config, "robot-rtc")
+    contract = policy.metadata()
+    assert contract.extra["rtc_max_prefix_rows"] == 15 and contract.extra["rows"] == "n_action_steps"
+    images, state = observation(config, 11)
+    first = policy.infer(images, state, obs_t=10.0).actions
+    # The next observation 2 rows later; 3 rows will run before its reply, 2 more guide it softly.
+    prefix = np.ascontiguousarray(first[2:7])
+    images, state = observation(config, 12)
+    reply = policy.infer(images, state, obs_t=10.0 + 2 / config.fps, rtc_prefix=prefix, rtc_delay_rows=3)
+    np.testing.assert_allclose(reply.actions[:3], prefix[:3], rtol=0, atol=1e-3)
+    # A prefix wider than the action is refused with the field named; the session keeps serving.
+    with pytest.raises(RemoteError) as info:
+        policy.infer(images, state, obs_t=11.0, rtc_prefix=np.zeros((3, 7), np.float32), rtc_delay_rows=1)
+    assert info.value.field == "arrays[rtc_prefix]"
+    assert policy.infer(images, state, obs_t=11.0).actions.shape == (8, 6)
+    policy.close()
+
+
 def test_two_clients_keep_separate_histories(lift_node) -> None:
     config, _ = lift_node
     first, second, other1, other2 = (observation(config, seed) for seed in (11, 12, 13, 14))
