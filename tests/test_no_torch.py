@@ -5,7 +5,7 @@ These are the nodes of the robot computer (camera, state-reader, actuator, servo
 recorder) and the dataset player that stands in for the cameras and state-reader. A node is checked
 after it used the LeRobot code that could bring torch in: the Feetech driver (state-reader, actuator
 once its bus is connected), LeRobot's OpenCV camera class, the v3 dataset files and their video
-(player, once a frame went out).
+(player, once a frame went out), the v3 writer (recorder, once an episode is saved).
 """
 
 from __future__ import annotations
@@ -74,6 +74,28 @@ def test_monitor(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
     config_path = write_config(tmp_path, "lift", {"cameras": {"front": SMALL, "wrist": SMALL}})
     monitor = start(node_processes, config_path, "monitor")
     assert_no_torch(monitor)
+
+
+def test_recorder_after_writing_an_episode(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    # The streams of tests/test_recorder.py stand in for cameras, state-reader and actuator; the recorder
+    # encodes and writes the LeRobot v3 episode, then is checked.
+    from test_recorder import Streams, read_metrics, run_episode, small_config
+
+    config_path = small_config(tmp_path)
+    output_dir = Path(load_config(config_path).recorder.output_dir)
+    streams = Streams(config_path)
+    try:
+        recorder = start(node_processes, config_path, "recorder")
+        streams.preroll()
+        streams.start_episode(output_dir, 0, "episode_000000")
+        run_episode(streams, 0, 20)
+        streams.event("episode_stop", episode_index=0, label="success", reason="stop")
+        wait_for(lambda: read_metrics(output_dir), timeout_s=90,
+                 message=f"the episode never finished:\n{recorder.log()[-3000:]}")
+    finally:
+        streams.close()
+    assert (output_dir / "episode_000000" / "meta" / "info.json").is_file()
+    assert_no_torch(recorder)
 
 
 def test_dataset_player_once_it_publishes(tmp_path: Path, node_processes: list[NodeProcess]) -> None:

@@ -774,8 +774,9 @@ def run(config: DeploymentConfig, stop: threading.Event) -> None:
     for finished in finished_without_metrics(output_dir):
         log.warning("%s was saved but its metrics were not; writing them", finished.name)
         finisher.jobs.put(finished)
-    # LeRobot's dataset writer is imported before we report ready, so the first episode does not wait.
-    import lerobot.datasets.lerobot_dataset  # noqa: F401
+    # The video encoder and the PNG writer are imported before we report ready, so the first episode does not wait.
+    import av  # noqa: F401
+    import PIL.Image  # noqa: F401
 
     work: queue.Queue[Any] = queue.Queue()
     assembler = TickAssembler(config, output_dir, work)

@@ -6,6 +6,10 @@ data file without its footer and lose *every* episode in it. Here each episode i
 work directory, finalised, and only then renamed into place (an atomic ``rename`` on one filesystem).
 A finished episode is never opened for writing again, so no later crash can damage it.
 
+The files are LeRobot 0.6.1's v3 layout, written by ``OneEpisodeDataset`` with pyarrow, PyAV and PIL
+rather than through ``LeRobotDataset`` (which imports torch: the recorder is a robot-side node and
+never loads it). ``LeRobotDataset`` opens every finished episode.
+
 Layout under ``recorder.output_dir``::
 
     episode_000000/            a complete LeRobot v3 dataset (meta/, data/, videos/) with one episode
@@ -25,13 +29,17 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from common.config import DeploymentConfig
 from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
@@ -48,6 +56,12 @@ EPISODE_PREFIX = "episode_"
 DATASET_EPISODE = 0
 # LeRobot's PNG staging path of a frame (lerobot.datasets.utils.DEFAULT_IMAGE_PATH), with our episode 0.
 _STAGING_IMAGE = "images/{image_key}/episode-{episode:06d}/frame-{frame:06d}.png"
+# LeRobot 0.6.1's v3 layout (lerobot.datasets.utils) and statistics (lerobot.datasets.compute_stats).
+V3_CODEBASE_VERSION = "v3.0"
+V3_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+V3_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+STATS_QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
+VIDEO_ENCODER_ALIASES = {"av1": "libsvtav1"}  # lerobot.configs.video.VIDEO_CODECS_ALIASES
 
 
 class TickRejected(ValueError):
@@ -135,21 +149,190 @@ def dataset_features(config: DeploymentConfig) -> dict[str, dict]:
     return features
 
 
-def _create_dataset(config: DeploymentConfig, root: Path, vcodec: str, image_writer_threads: int) -> Any:
-    from lerobot.configs.video import RGBEncoderConfig
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+class OneEpisodeDataset:
+    """The LeRobot v3 files of one episode, written without LeRobot's dataset classes.
 
-    return LeRobotDataset.create(
-        repo_id=f"armpipe/{config.task}-{root.name}",
-        fps=config.fps,
-        features=dataset_features(config),
-        root=root,
-        robot_type="bi_so101_follower" if len(config.arms) > 1 else "so101_follower",
-        use_videos=True,
-        rgb_encoder=RGBEncoderConfig(vcodec=vcodec),
-        image_writer_threads=image_writer_threads,
-        video_backend=config.player.video_backend,
-    )
+    LeRobot's ``LeRobotDataset`` imports torch (and Hugging Face ``datasets``), which a robot-side node
+    must not load; the files themselves are plain parquet, json and mp4, written here with the libraries
+    LeRobot writes them with (pyarrow/pandas, PyAV, PIL) in LeRobot 0.6.1's layout:
+    ``meta/info.json``, ``meta/stats.json``, ``meta/tasks.parquet``,
+    ``meta/episodes/chunk-000/file-000.parquet``, ``data/chunk-000/file-000.parquet`` and
+    ``videos/<camera key>/chunk-000/file-000.mp4``. ``LeRobotDataset(root=...)`` reads the result
+    (tests/test_recorder.py does). Frames are staged as PNGs at LeRobot's staging path while the episode
+    runs (a pool of writer threads, as LeRobot's image writer), so a crash leaves what
+    ``recover_episode`` rebuilds from.
+    """
+
+    def __init__(self, config: DeploymentConfig, root: Path, vcodec: str, image_writer_threads: int) -> None:
+        self.root = root
+        self.fps = int(config.fps)
+        self.features = dataset_features(config)
+        self.camera_keys = [image_key(name) for name in config.cameras]
+        self.robot_type = "bi_so101_follower" if len(config.arms) > 1 else "so101_follower"
+        self.vcodec = vcodec
+        self.video_backend = config.player.video_backend
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, image_writer_threads), thread_name_prefix="png-writer")
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._write_errors: list[str] = []
+        self.states: list[np.ndarray] = []
+        self.actions: list[np.ndarray] = []
+
+    @property
+    def frames(self) -> int:
+        return len(self.states)
+
+    def image_path(self, key: str, frame: int) -> Path:
+        return self.root / _STAGING_IMAGE.format(image_key=key, episode=DATASET_EPISODE, frame=frame)
+
+    def add_frame(self, images: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray) -> None:
+        """Queue the frame's PNGs (the arrays must not change afterwards) and keep its state and action."""
+        frame = self.frames
+        for key in self.camera_keys:
+            path = self.image_path(key, frame)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                self._pending += 1
+            self._pool.submit(self._write_png, images[key], path)
+        self.states.append(np.asarray(state, dtype=np.float32))
+        self.actions.append(np.asarray(action, dtype=np.float32))
+
+    def _write_png(self, image: np.ndarray, path: Path) -> None:
+        import PIL.Image
+
+        try:
+            PIL.Image.fromarray(image).save(path, compress_level=1)  # LeRobot's staging compression
+        except Exception as exc:  # kept and raised by save(): a missing frame must not pass silently
+            with self._lock:
+                self._write_errors.append(f"{path}: {type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def pending_images(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def close(self) -> None:
+        """Wait for the queued PNGs and stop the writer threads (the staging stays on disk)."""
+        self._pool.shutdown(wait=True)
+
+    def save(self, task: str) -> None:
+        """Encode the videos and write the parquet and json files of the finished episode."""
+        self.close()
+        if self._write_errors:
+            raise RuntimeError(f"{len(self._write_errors)} staged frame(s) could not be written, first: "
+                               f"{self._write_errors[0]}")
+        count = self.frames
+        if count == 0:
+            raise ValueError("an episode without frames cannot be saved")
+        video_info = {key: self._encode_video(key, count) for key in self.camera_keys}
+        states, actions = np.stack(self.states), np.stack(self.actions)
+        frame_index = np.arange(count, dtype=np.int64)
+        columns: dict[str, np.ndarray] = {
+            STATE_KEY: states, ACTION_KEY: actions,
+            "timestamp": (frame_index / self.fps).astype(np.float32), "frame_index": frame_index,
+            "episode_index": np.zeros(count, dtype=np.int64), "index": frame_index.copy(),
+            "task_index": np.zeros(count, dtype=np.int64),
+        }
+        data = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+                         if values.ndim == 2 else pa.array(values) for name, values in columns.items()})
+        data_path = self.root / V3_DATA_PATH.format(chunk_index=0, file_index=0)
+        data_path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(data, data_path)
+
+        stats = {name: _feature_stats(values if values.ndim == 2 else values.reshape(-1, 1))
+                 for name, values in columns.items()}
+        for key in self.camera_keys:
+            stats[key] = _image_stats([self.image_path(key, frame) for frame in _sample_frames(count)])
+        episode: dict[str, Any] = {
+            "episode_index": DATASET_EPISODE, "tasks": [task], "length": count,
+            "data/chunk_index": 0, "data/file_index": 0, "dataset_from_index": 0, "dataset_to_index": count,
+        }
+        for key in self.camera_keys:
+            episode.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
+                            f"videos/{key}/from_timestamp": 0.0, f"videos/{key}/to_timestamp": count / self.fps})
+        for name, feature_stats in stats.items():
+            episode.update({f"stats/{name}/{stat}": value for stat, value in feature_stats.items()})
+        episode.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+        episodes_path = self.root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+        episodes_path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([episode]), episodes_path)
+        pd.DataFrame({"task_index": [0]}, index=pd.Index([task], name="task")).to_parquet(
+            self.root / "meta" / "tasks.parquet")
+        (self.root / "meta" / "stats.json").write_text(json.dumps(stats, indent=4))
+
+        features: dict[str, Any] = json.loads(json.dumps(self.features))  # tuples -> lists, a private copy
+        for key, info in video_info.items():
+            features[key]["info"] = info
+        features.update({"timestamp": {"dtype": "float32", "shape": [1], "names": None},
+                         **{name: {"dtype": "int64", "shape": [1], "names": None}
+                            for name in ("frame_index", "episode_index", "index", "task_index")}})
+        info = {
+            "codebase_version": V3_CODEBASE_VERSION, "fps": self.fps, "features": features,
+            "total_episodes": 1, "total_frames": count, "total_tasks": 1, "chunks_size": 1000,
+            "data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
+            "data_path": V3_DATA_PATH, "video_path": V3_VIDEO_PATH, "robot_type": self.robot_type,
+            "splits": {"train": "0:1"},
+        }
+        (self.root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+
+    def _encode_video(self, key: str, count: int) -> dict[str, Any]:
+        """The staged PNGs of one camera as LeRobot encodes them (``encode_video_frames``: PyAV, GOP 2,
+        CRF 30, yuv420p; preset 12 for libsvtav1); returns the feature's ``info`` block."""
+        import av
+        import PIL.Image
+
+        encoder = VIDEO_ENCODER_ALIASES.get(self.vcodec, self.vcodec)
+        options = {"g": "2", "crf": "30", **({"preset": "12"} if encoder == "libsvtav1" else {})}
+        path = self.root / V3_VIDEO_PATH.format(video_key=key, chunk_index=0, file_index=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        height, width = self.features[key]["shape"][:2]
+        with av.open(str(path), "w") as output:
+            stream = output.add_stream(encoder, self.fps, options=options)
+            stream.pix_fmt, stream.width, stream.height = "yuv420p", width, height
+            for frame in range(count):
+                with PIL.Image.open(self.image_path(key, frame)) as image:
+                    output.mux(stream.encode(av.VideoFrame.from_image(image.convert("RGB"))))
+            output.mux(stream.encode())
+            codec = stream.codec_context.name
+        return {"video.height": height, "video.width": width, "video.codec": codec, "video.pix_fmt": "yuv420p",
+                "video.fps": self.fps, "video.channels": 3, "has_audio": False, "video.g": 2, "video.crf": 30,
+                "video.preset": 12 if encoder == "libsvtav1" else None, "video.fast_decode": 0,
+                "video.video_backend": self.video_backend, "video.extra_options": {}, "is_depth_map": False}
+
+
+def _feature_stats(values: np.ndarray) -> dict[str, list]:
+    """LeRobot's per-feature statistics of an (n, d) array: min, max, mean, std, count, q01..q99."""
+    data = values.astype(np.float64)
+    stats: dict[str, list] = {"min": data.min(axis=0).tolist(), "max": data.max(axis=0).tolist(),
+                              "mean": data.mean(axis=0).tolist(), "std": data.std(axis=0).tolist(),
+                              "count": [len(data)]}
+    for quantile in STATS_QUANTILES:
+        stats[f"q{round(quantile * 100):02d}"] = np.quantile(data, quantile, axis=0).tolist()
+    return stats
+
+
+def _sample_frames(count: int, most: int = 100) -> list[int]:
+    """Evenly spaced frames for image statistics (LeRobot samples a subset as well)."""
+    return sorted({round(index) for index in np.linspace(0, count - 1, min(count, most))})
+
+
+def _image_stats(paths: list[Path]) -> dict[str, list]:
+    """Per-channel statistics in [0, 1] with LeRobot's (3, 1, 1) shape, from frames downsampled to ~150 px."""
+    import PIL.Image
+
+    pixels = []
+    for path in paths:
+        with PIL.Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+        step = max(1, max(array.shape[:2]) // 150)
+        pixels.append(array[::step, ::step].reshape(-1, 3))
+    flat = np.concatenate(pixels).astype(np.float64) / 255.0
+    stats = _feature_stats(flat)
+    shaped = {name: [[[value]] for value in values] for name, values in stats.items() if name != "count"}
+    return {**shaped, "count": [len(paths)]}
 
 
 def _jsonable(value: Any) -> Any:
@@ -161,7 +344,7 @@ def _jsonable(value: Any) -> Any:
 
 
 class EpisodeWriter:
-    """Writes one episode: LeRobot ``add_frame`` per tick plus the journal; ``finish`` makes it final."""
+    """Writes one episode: a dataset frame per tick plus the journal; ``finish`` makes it final."""
 
     def __init__(self, config: DeploymentConfig, output_dir: Path, info: EpisodeInfo, *, vcodec: str = "h264",
                  image_writer_threads: int = 2) -> None:
@@ -170,7 +353,7 @@ class EpisodeWriter:
         self.info = info
         self.root = output_dir / WORK_DIR / info.name
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        self.dataset = _create_dataset(config, self.root, vcodec, image_writer_threads)
+        self.dataset = OneEpisodeDataset(config, self.root, vcodec, image_writer_threads)
         self.features = dataset_features(config)
         self.task = config.task
         self.journal = (self.root / JOURNAL).open("a", encoding="utf-8")
@@ -194,9 +377,8 @@ class EpisodeWriter:
         self.journal.flush()
 
     def pending_images(self) -> int:
-        """Images queued for LeRobot's PNG writer threads (the writer back-pressures on this)."""
-        image_writer = getattr(self.dataset.writer, "image_writer", None)
-        return image_writer.queue.qsize() if image_writer is not None else 0
+        """Images queued for the PNG writer threads (the writer back-pressures on this)."""
+        return self.dataset.pending_images()
 
     def add_tick(self, tick: TickRecord) -> None:
         """Add one frame; raises ``TickRejected`` (the episode carries on) for a tick that does not fit."""
@@ -221,8 +403,8 @@ class EpisodeWriter:
             if not np.all(np.isfinite(value)):
                 raise TickRejected(key, "expected finite values, got NaN or inf")
             frame[key] = np.asarray(value, dtype=np.float32)
-        frame["task"] = self.task
-        self.dataset.add_frame(frame)
+        self.dataset.add_frame({key: frame[key] for key in self.dataset.camera_keys}, frame[STATE_KEY],
+                               frame[ACTION_KEY])
         row = {
             "frame": self.frames, "tick": tick.tick, "t": tick.t, "obs_t": tick.obs_t, "hold": tick.hold,
             "hold_reason": tick.hold_reason, "queue_depth": tick.queue_depth, "lateness_s": tick.lateness_s,
@@ -266,14 +448,12 @@ class EpisodeWriter:
         """
         self.journal.close()
         if self.frames == 0:
-            self.dataset.writer.stop_image_writer()
+            self.dataset.close()
             shutil.rmtree(self.root, ignore_errors=True)
             log.warning("%s: no frames recorded; nothing saved", self.info.name)
             return None
         started = time.monotonic()
-        # parallel_encoding=False: LeRobot would fork a process pool from this multi-threaded process.
-        self.dataset.save_episode(parallel_encoding=False)
-        self.dataset.finalize()
+        self.dataset.save(self.task)
         log.info("%s: %d frames encoded and finalised in %.1f s", self.info.name, self.frames,
                  time.monotonic() - started)
         return _complete(self.output_dir, self.root, self.info, label=self.label, stop_reason=self.stop_reason,
@@ -284,9 +464,7 @@ class EpisodeWriter:
     def abandon(self) -> None:
         """Close files without saving (shutdown with an episode still open keeps the journal for recovery)."""
         self.journal.close()
-        if self.dataset.writer.image_writer is not None:
-            self.dataset.writer.image_writer.wait_until_done()
-            self.dataset.writer.stop_image_writer()
+        self.dataset.close()
 
 
 def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, stop_reason: str, ended_t: float,
@@ -403,7 +581,7 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
     info = EpisodeInfo(**{key: start[key] for key in EpisodeInfo.__dataclass_fields__ if key in start})
     rebuild_root = work_root.with_name(work_root.name + ".rebuild")
     shutil.rmtree(rebuild_root, ignore_errors=True)
-    dataset = _create_dataset(config, rebuild_root, start.get("vcodec", vcodec), image_writer_threads)
+    dataset = OneEpisodeDataset(config, rebuild_root, start.get("vcodec", vcodec), image_writer_threads)
     tick_rows: list[dict[str, Any]] = []
     chunk_rows: list[dict[str, Any]] = []
     hold_events: dict[str, int] = {}
@@ -424,8 +602,8 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
                 images[image_key(camera)] = image
             if not complete:
                 continue
-            dataset.add_frame({**images, STATE_KEY: np.asarray(entry["state"], dtype=np.float32),
-                               ACTION_KEY: np.asarray(entry["action"], dtype=np.float32), "task": config.task})
+            dataset.add_frame(images, np.asarray(entry["state"], dtype=np.float32),
+                              np.asarray(entry["action"], dtype=np.float32))
             entry["frame"] = len(tick_rows)
             tick_rows.append(entry)
         elif kind == "chunk":
@@ -435,7 +613,7 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
         elif kind == "stop":
             stop = entry
     if not tick_rows:
-        dataset.finalize()
+        dataset.close()
         shutil.rmtree(rebuild_root, ignore_errors=True)
         # Kept (renamed out of the way, never retried) so a person can look at what was left.
         kept = work_root.with_name(f"{work_root.name}.unrecoverable")
@@ -443,8 +621,7 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
         log.warning("%s: none of %d journaled ticks has all its frames on disk; nothing to recover (left in %s)",
                     info.name, ticks_in_journal, kept)
         return None
-    dataset.save_episode(parallel_encoding=False)
-    dataset.finalize()
+    dataset.save(config.task)
     last_t = float(tick_rows[-1]["t"])
     outcome = _complete(output_dir, rebuild_root, info, label=stop.get("label", ""),
                         stop_reason=stop.get("reason", "recorder_crashed"), ended_t=stop.get("ended_t", last_t),
