@@ -379,3 +379,35 @@ def test_metrics_for_a_replayed_episode(streams: Any, node_processes: list) -> N
     for key in ("frames", "holds", "action_error", "latency", "label", "duration_s"):
         assert redone[key] == metrics[key], key
     assert finished_without_metrics(output_dir) == []
+
+
+def test_written_episodes_are_lerobot_v3_that_lerobot_merges(tmp_path: Path) -> None:
+    # The writer does not use LeRobot's classes (they import torch): LeRobot's own reader and merger
+    # must still take its episodes, with the statistics LeRobot computes (per joint, per channel).
+    from lerobot.datasets.aggregate import aggregate_datasets
+
+    from common.contract import image_key
+    from common.episode_writer import OneEpisodeDataset
+
+    config = load_config(small_config(tmp_path))
+    lengths = (12, 7)
+    for episode, length in enumerate(lengths):
+        dataset = OneEpisodeDataset(config, tmp_path / f"episode_{episode}", "h264", 2)
+        for k in range(length):
+            state = np.arange(6, dtype=np.float32) + 100 * episode + k
+            dataset.add_frame({image_key(camera): image_for(index, k) for index, camera in enumerate(config.cameras)},
+                              state, state + 1)
+        dataset.save(config.task)
+    first = load_dataset(tmp_path / "episode_0")
+    np.testing.assert_allclose(first.meta.stats["observation.state"]["mean"], np.arange(6) + 5.5)
+    assert first.meta.stats[image_key("front")]["mean"].shape == (3, 1, 1)
+    aggregate_datasets(repo_ids=["armpipe/e0", "armpipe/e1"], aggr_repo_id="armpipe/all",
+                       roots=[tmp_path / "episode_0", tmp_path / "episode_1"], aggr_root=tmp_path / "all")
+    merged = load_dataset(tmp_path / "all")
+    assert merged.num_episodes == 2 and merged.num_frames == sum(lengths)
+    row = merged[lengths[0] + 3]  # episode 1, frame 3
+    assert int(row["episode_index"]) == 1 and int(row["frame_index"]) == 3
+    np.testing.assert_allclose(row["observation.state"].numpy(), np.arange(6) + 103)
+    image = row["observation.images.wrist"].permute(1, 2, 0).numpy()
+    assert np.abs(image - image_for(1, 3).astype(np.float32) / 255.0).mean() < 0.06
+    assert merged.meta.tasks.index.tolist() == [config.task]

@@ -327,12 +327,13 @@ def _image_stats(paths: list[Path]) -> dict[str, list]:
     for path in paths:
         with PIL.Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
-        step = max(1, max(array.shape[:2]) // 150)
+        # compute_stats.auto_downsample_height_width: frames of 300 px or more are strided to ~150 px.
+        side = max(array.shape[:2])
+        step = side // 150 if side >= 300 else 1
         pixels.append(array[::step, ::step].reshape(-1, 3))
     flat = np.concatenate(pixels).astype(np.float64) / 255.0
-    stats = _feature_stats(flat)
-    shaped = {name: [[[value]] for value in values] for name, values in stats.items() if name != "count"}
-    return {**shaped, "count": [len(paths)]}
+    stats = _feature_stats(flat)  # count: sampled pixels, as LeRobot counts them
+    return {name: values if name == "count" else [[[value]] for value in values] for name, values in stats.items()}
 
 
 def _jsonable(value: Any) -> Any:
