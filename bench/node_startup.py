@@ -31,21 +31,27 @@ from common.config import REPO_ROOT, load_config
 log = logging.getLogger("bench.node_startup")
 SMALL = {"width": 96, "height": 64}
 
-# What each node imports before it acts (its module plus the lazy imports of its start-up path).
+# What each node imports before it acts (its module plus the lazy imports of its start-up path). Names
+# of both layouts (before/after the nodes/<node>/ packages): a tree imports those it has.
 IMPORTS = {
     "servo_emulator": ["nodes.servo_emulator"],
     "state_reader": ["nodes.state_reader"],
     "actuator": ["nodes.actuator", "common.feetech_bus"],
     "camera": ["nodes.camera"],
     "monitor": ["nodes.monitor"],
-    "recorder": ["nodes.recorder", "common.episode_writer"],
+    "recorder": ["nodes.recorder", "nodes.recorder.writer", "common.episode_writer"],
     "dataset_player": ["nodes.dataset_player", "common.dataset_source", "av"],
 }
 NAMES = {"servo_emulator": "main", "state_reader": "main", "camera": "front"}
 
 
 def import_seconds(root: Path, modules: list[str]) -> tuple[float, bool]:
-    code = ("import sys, time\nstart = time.perf_counter()\n" + "".join(f"import {m}\n" for m in modules)
+    # A module this tree does not have is skipped; anything missing beneath it is an error.
+    code = ("import importlib, sys, time\n"
+            "def load(name):\n"
+            "    try:\n        importlib.import_module(name)\n"
+            "    except ModuleNotFoundError as exc:\n        if exc.name != name:\n            raise\n"
+            "start = time.perf_counter()\n" + "".join(f"load({m!r})\n" for m in modules)
             + "print(time.perf_counter() - start, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(root)}).stdout.split()
@@ -94,7 +100,7 @@ class Node:
 
 
 def measure(roots: dict[str, Path], tries: int, workdir: Path) -> dict[str, dict[str, dict[str, list]]]:
-    from common.demo_data import DemoSpec, generate_demo_dataset
+    from common.tools.demo_data import DemoSpec, generate_demo_dataset
 
     config_path = write_config(workdir, "lift", {"cameras": {"front": SMALL, "wrist": SMALL},
                                                  "actuator": {"contract_wait_s": 0.5, "dry_run": False},

@@ -386,8 +386,8 @@ def test_written_episodes_are_lerobot_v3_that_lerobot_merges(tmp_path: Path) -> 
     # must still take its episodes, with the statistics LeRobot computes (per joint, per channel).
     from lerobot.datasets.aggregate import aggregate_datasets
 
-    from common.contract import image_key
-    from common.episode_writer import OneEpisodeDataset
+    from common.wire.contract import image_key
+    from nodes.recorder.writer import OneEpisodeDataset
 
     config = load_config(small_config(tmp_path))
     lengths = (12, 7)
