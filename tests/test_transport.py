@@ -160,3 +160,74 @@ def test_latest_subscriber_drains_to_newest_and_counts_bad_messages():
         subscriber.close()
         raw.close(0)
         factory.context.term()
+
+
+def test_a_subscriber_reconnects_by_itself_after_a_frame_over_maxmsgsize_and_says_why() -> None:
+    # libzmq drops a publisher that sends a frame over MAXMSGSIZE and, unlike one that went away, never
+    # retries it: without the monitor the stream is gone until a restart (probe case D1).
+    factory = SocketFactory(zmq.Context())
+    endpoint = free_endpoint()
+    publisher = Publisher(factory, endpoint, "camera-front")
+    subscriber = LatestSubscriber(factory, [endpoint])
+    image = np.zeros((8, 8, 3), np.uint8)
+
+    def publish_and_poll() -> list[Message]:
+        publisher.publish(Message(kind=KIND_FRAME, meta={"camera": "front"}, arrays={"image": image}))
+        return subscriber.poll(0.05)
+
+    try:
+        wait_for(publish_and_poll, timeout_s=5, message="subscriber never connected")
+        oversized = bytearray(200 << 20)  # 200 MiB in one frame: over MAXMSGSIZE (128 MiB)
+        publisher.sock.send_multipart([b"\x80", oversized], copy=False)
+        del oversized
+        sent_t = time.monotonic()
+        wait_for(publish_and_poll, timeout_s=3, message="the subscriber never got the stream back")
+        assert time.monotonic() - sent_t < 1.0
+        reconnects = subscriber.take_reconnects()
+        assert [r.endpoint for r in reconnects] == [endpoint] and subscriber.reconnect_count == 1
+        assert "MAXMSGSIZE" in reconnects[0].reason
+        # A publisher that merely restarts is retried by libzmq itself: no extra reconnect from us.
+        publisher.close()
+        time.sleep(0.3)
+        publisher = Publisher(factory, endpoint, "camera-front")
+        wait_for(publish_and_poll, timeout_s=5, message="no stream after the publisher restarted")
+        assert subscriber.take_reconnects() == [] and subscriber.reconnect_count == 1
+    finally:
+        publisher.close()
+        subscriber.close()
+        factory.context.term()
+
+
+def test_a_reply_with_the_wrong_seq_is_a_protocol_error_not_a_silent_retry() -> None:
+    # A server answering with another seq is confused; retrying at once makes a request storm (probe D9).
+    from common.wire.protocol import ProtocolError
+    from common.wire.transport import RouterServer
+
+    factory = SocketFactory(zmq.Context())
+    endpoint = free_endpoint()
+    server = RouterServer(factory, endpoint.replace("127.0.0.1", "*"))
+    client = RequestClient(factory, endpoint, timeout_s=2.0, retries=3)
+    received: list[Message] = []
+
+    def serve() -> None:
+        while (request := server.receive(2.0)) is not None:
+            envelope, frames = request
+            from common.wire.protocol import decode
+
+            msg = decode(frames)
+            received.append(msg)
+            server.reply(envelope, Message(kind="reply", seq=msg.seq + 1, meta={"op": "ping"}))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProtocolError) as error:
+            client.request(_ping())
+        assert error.value.field == "seq" and len(received) == 1
+        assert time.monotonic() - started < 1.5
+    finally:
+        client.close()
+        thread.join(timeout=5)
+        server.close()
+        factory.context.term()

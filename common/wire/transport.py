@@ -13,6 +13,7 @@ Two libzmq facts shape this module:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from common.wire.protocol import (
     KIND_ERROR,
@@ -35,12 +37,32 @@ from common.wire.protocol import (
 log = logging.getLogger(__name__)
 
 
+# libzmq retries a dropped connection within its reconnect interval (100 ms) and says so at once
+# (EVENT_CONNECT_RETRIED); a drop not followed by that within this grace is one it will never retry.
+RETRY_GRACE_S = 0.1
+DROPPED_REASON = (f"the publisher was dropped by libzmq and not retried: it sent a message with a frame over "
+                  f"MAXMSGSIZE ({MAX_MESSAGE_BYTES >> 20} MiB) or broke the ZMTP protocol")
+
+DROPPED_REPLY_REASON = (f"libzmq dropped the server's connection without retrying: its reply had a frame over "
+                        f"MAXMSGSIZE ({MAX_MESSAGE_BYTES >> 20} MiB) or broke the ZMTP protocol")
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """One endpoint a subscriber reconnected by itself, and why."""
+
+    endpoint: str
+    reason: str
+
+
 class PeerUnavailable(ConnectionError):
     """The peer did not answer within the timeout after every retry."""
 
-    def __init__(self, endpoint: str, attempts: int, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, attempts: int, timeout_s: float, why: str = "") -> None:
         self.endpoint = endpoint
-        super().__init__(f"no reply from {endpoint} after {attempts} attempt(s) of {timeout_s:.2f}s each")
+        self.why = why
+        super().__init__(f"no reply from {endpoint} after {attempts} attempt(s) of {timeout_s:.2f}s each"
+                         + (f" ({why})" if why else ""))
 
 
 class RemoteError(RuntimeError):
@@ -137,19 +159,29 @@ class LatestSubscriber:
 
     Malformed messages are logged and counted in ``bad_messages``, never raised: one bad publisher
     must not take down the subscriber.
+
+    A publisher that sends one frame over ``MAXMSGSIZE`` is dropped by libzmq (``EVENT_DISCONNECTED``)
+    and, unlike a publisher that went away, never retried (no ``EVENT_CONNECT_RETRIED`` follows): the
+    stream would be gone until a restart. A socket monitor watches for exactly that and reconnects the
+    endpoint; each such recovery is kept in ``reconnects`` (for the owner's events) and counted.
     """
 
     def __init__(self, factory: SocketFactory, endpoints: Iterable[str], *, hwm: int = 4) -> None:
         self.sock = factory.socket(zmq.SUB, hwm=hwm)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.endpoints = list(endpoints)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         for endpoint in self.endpoints:
             self.sock.connect(endpoint)
         self.bad_messages = 0
         self.last_error: ProtocolError | None = None
+        self._dropped: dict[str, float] = {}  # endpoint -> when libzmq dropped it without retrying (yet)
+        self.reconnects: list[Reconnect] = []  # recoveries not yet taken by the owner (take_reconnects)
+        self.reconnect_count = 0
 
     def poll(self, timeout_s: float = 0.0, max_messages: int = 1000) -> list[Message]:
         """Wait up to ``timeout_s`` for a message, then drain everything queued, oldest first."""
+        self.maintain()
         messages: list[Message] = []
         if not self.sock.poll(int(timeout_s * 1000)):
             return messages
@@ -166,7 +198,35 @@ class LatestSubscriber:
                 log.warning("dropped malformed message: %s", exc)
         return messages
 
+    def maintain(self) -> None:
+        """Read the socket monitor and reconnect every endpoint that libzmq dropped for good."""
+        now = time.monotonic()
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            endpoint = event["endpoint"].decode(errors="replace")
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._dropped.setdefault(endpoint, now)
+            elif event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                self._dropped.pop(endpoint, None)  # an ordinary disconnect: libzmq reconnects by itself
+        for endpoint, since in list(self._dropped.items()):
+            if now - since < RETRY_GRACE_S:
+                continue
+            del self._dropped[endpoint]
+            with contextlib.suppress(zmq.ZMQError):  # libzmq may already have forgotten the endpoint
+                self.sock.disconnect(endpoint)
+            self.sock.connect(endpoint)
+            self.reconnect_count += 1
+            recovery = Reconnect(endpoint=endpoint, reason=DROPPED_REASON)
+            self.reconnects.append(recovery)
+            log.warning("reconnected to %s: %s", endpoint, recovery.reason)
+
+    def take_reconnects(self) -> list[Reconnect]:
+        taken, self.reconnects = self.reconnects, []
+        return taken
+
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close(linger=0)
 
 
@@ -181,13 +241,35 @@ class RequestClient:
         self.retries = max(1, retries)
         self.seq = 0
         self.sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self.last_failure = ""  # why the last attempt got no reply, when known
         self._connect()
 
     def _connect(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
+        self._close_socket()
         self.sock = self.factory.socket(zmq.REQ, hwm=2)
+        # Watched only to say why an attempt failed: a reply over MAXMSGSIZE makes libzmq drop the
+        # server without retrying (the rebuild after the timeout recovers either way).
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         self.sock.connect(self.endpoint)
+
+    def _dropped_for_good(self) -> bool:
+        """Whether libzmq dropped the server during this attempt and did not retry it."""
+        dropped = False
+        monitor = self._monitor
+        while monitor is not None and monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            dropped = event == zmq.EVENT_DISCONNECTED or (dropped and event != zmq.EVENT_CONNECT_RETRIED)
+        return dropped
+
+    def _close_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.disable_monitor()
+            self.sock.close(linger=0)
+            self.sock = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def request(self, msg: Message, *, timeout_s: float | None = None, retries: int | None = None,
                 **encode_options: Any) -> Message:
@@ -214,19 +296,21 @@ class RequestClient:
                     self._connect()
                     raise
                 if reply.seq != msg.seq:
-                    log.warning("discarding reply seq %s (expected %s)", reply.seq, msg.seq)
-                    break
+                    # A fresh socket per attempt cannot get a late reply to an earlier one: the server is
+                    # confused. Say so (the caller backs off) instead of retrying at once.
+                    self._connect()
+                    raise ProtocolError("seq", f"the request's seq {msg.seq}", reply.seq)
                 if reply.kind == KIND_ERROR:
                     raise RemoteError(reply)
                 return reply
-            log.info("no reply from %s (attempt %d/%d); reconnecting", self.endpoint, attempt, attempts)
+            self.last_failure = DROPPED_REPLY_REASON if self._dropped_for_good() else ""
+            log.info("no reply from %s (attempt %d/%d)%s; reconnecting", self.endpoint, attempt, attempts,
+                     f": {self.last_failure}" if self.last_failure else "")
             self._connect()
-        raise PeerUnavailable(self.endpoint, attempts, timeout)
+        raise PeerUnavailable(self.endpoint, attempts, timeout, self.last_failure)
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
-            self.sock = None
+        self._close_socket()
 
 
 class RouterServer:
