@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -34,14 +35,17 @@ class StandIn(types.ModuleType):
     """Marks the torch-free stand-in (``isinstance(sys.modules[DEVICE_UTILS], StandIn)`` while unused)."""
 
 
+_swap_lock = threading.Lock()  # two threads asking at once must not see a half-imported real module
+
+
 def real_device_utils() -> types.ModuleType:
     """LeRobot's real ``lerobot.utils.device_utils`` (imports torch), replacing the stand-in everywhere."""
-    module = sys.modules.get(DEVICE_UTILS)
-    if module is not None and not isinstance(module, StandIn):
-        return module
-    sys.modules.pop(DEVICE_UTILS, None)
-    real = importlib.import_module(DEVICE_UTILS)  # also rebinds lerobot.utils.device_utils
-    return real
+    with _swap_lock:
+        module = sys.modules.get(DEVICE_UTILS)
+        if module is not None and not isinstance(module, StandIn):
+            return module
+        sys.modules.pop(DEVICE_UTILS, None)
+        return importlib.import_module(DEVICE_UTILS)  # also rebinds lerobot.utils.device_utils
 
 
 def _forwarder(name: str) -> Callable[..., Any]:
