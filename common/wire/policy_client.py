@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from common.wire.contract import RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, PolicyContract, image_key
+from common.wire.images import JpegImage
 from common.wire.protocol import KIND_REQUEST, Message, ProtocolError
 from common.wire.transport import RequestClient, SocketFactory
 
@@ -29,10 +31,11 @@ class PolicyClient:
         self.requests = RequestClient(factory, endpoint, timeout_s=timeout_s, retries=retries)
 
     def _request(self, op: str, *, arrays: dict[str, np.ndarray] | None = None, meta: dict | None = None,
-                 jpeg: set[str] | None = None, timeout_s: float | None = None) -> Message:
+                 jpeg: set[str] | None = None, jpeg_quality: Mapping[str, int] | None = None,
+                 timeout_s: float | None = None) -> Message:
         msg = Message(kind=KIND_REQUEST, src=self.client_id, meta={"op": op, "client": self.client_id, **(meta or {})},
                       arrays=arrays or {}, jpeg=jpeg or set())
-        return self.requests.request(msg, timeout_s=timeout_s)
+        return self.requests.request(msg, timeout_s=timeout_s, jpeg_quality=jpeg_quality or {})
 
     def metadata(self, timeout_s: float | None = None) -> PolicyContract:
         return PolicyContract.from_meta(self._request("metadata", timeout_s=timeout_s).meta["contract"])
@@ -45,24 +48,44 @@ class PolicyClient:
     def reset(self, timeout_s: float | None = None) -> None:
         self._request("reset", timeout_s=timeout_s)
 
-    def infer(self, images: dict[str, np.ndarray], state: np.ndarray, obs_t: float, *, jpeg: bool = False,
-              timeout_s: float | None = None, rtc_prefix: np.ndarray | None = None,
-              rtc_delay_rows: int = 0) -> ChunkReply:
-        """Ask for one action chunk. ``images`` maps camera name -> uint8 HxWx3 RGB.
+    def infer(self, images: Mapping[str, np.ndarray | JpegImage], state: np.ndarray, obs_t: float, *,
+              jpeg: bool | Mapping[str, int] = False, timeout_s: float | None = None,
+              rtc_prefix: np.ndarray | None = None, rtc_delay_rows: int = 0) -> ChunkReply:
+        """Ask for one action chunk. ``images`` maps camera name -> uint8 HxWx3 RGB, or a ``JpegImage``.
+
+        A ``JpegImage`` goes out as the very bytes it holds (a camera's JPEG is never decoded and encoded
+        again). A raw image goes out raw, unless ``jpeg`` asks for JPEG: ``True`` for every raw image at
+        quality 90, or a mapping camera -> JPEG quality for those cameras only.
 
         ``rtc_prefix`` (rows, action_dim), robot units: the actions meant for ``obs_t + k / fps`` that ran or
         will run while this chunk is computed; the chunk continues them (its first ``rtc_delay_rows`` rows
         are these rows). Only for a policy whose contract has ``extra.rtc_max_prefix_rows`` > 0.
         """
-        arrays = {image_key(name): image for name, image in images.items()}
+        arrays: dict[str, np.ndarray] = {}
+        as_jpeg: set[str] = set()
+        qualities: dict[str, int] = {}
+        shapes: dict[str, list[int]] = {}
+        for name, image in images.items():
+            key = image_key(name)
+            if isinstance(image, JpegImage):
+                arrays[key] = image.payload
+                shapes[key] = list(image.shape)
+                as_jpeg.add(key)
+            else:
+                arrays[key] = image
+                if jpeg is True or (not isinstance(jpeg, bool) and name in jpeg):
+                    as_jpeg.add(key)
+                    qualities[key] = 90 if jpeg is True else int(jpeg[name])  # type: ignore[index]
         arrays[STATE_KEY] = np.asarray(state, dtype=np.float32)
         meta: dict = {"obs_t": float(obs_t)}
+        if shapes:
+            meta["_jpeg_shapes"] = shapes  # read by protocol.encode for the bytes passed through, not sent
         if rtc_prefix is not None and len(rtc_prefix):
             arrays[RTC_PREFIX_KEY] = np.ascontiguousarray(rtc_prefix, dtype=np.float32)
             meta[RTC_DELAY_KEY] = int(min(max(rtc_delay_rows, 0), len(rtc_prefix)))
         start = time.monotonic()
-        reply = self._request("infer", arrays=arrays, meta=meta,
-                              jpeg={image_key(name) for name in images} if jpeg else None, timeout_s=timeout_s)
+        reply = self._request("infer", arrays=arrays, meta=meta, jpeg=as_jpeg, jpeg_quality=qualities,
+                              timeout_s=timeout_s)
         received = time.monotonic()
         actions = reply.arrays.get("action")
         if actions is None or actions.ndim != 2 or actions.dtype != np.float32:

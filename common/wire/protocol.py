@@ -122,12 +122,15 @@ def encode(
     msg: Message,
     *,
     inline_max_bytes: int = MAX_INLINE_BYTES,
-    jpeg_quality: int = 90,
+    jpeg_quality: int | Mapping[str, int] = 90,
 ) -> list[Any]:
     """Turn a message into the frames for ``socket.send_multipart(frames, copy=False)``.
 
-    Arrays named in ``msg.jpeg`` must be uint8 HxWx3 and are JPEG-encoded here. Large arrays are returned as the arrays
-    themselves (no copy): the caller must not mutate them until the send completes.
+    Arrays named in ``msg.jpeg`` are either uint8 HxWx3 images, JPEG-encoded here at ``jpeg_quality`` (one
+    quality, or one per array name), or JPEG bytes already (1-D uint8, as ``decode`` leaves them, with their
+    image shape in ``msg.meta['_jpeg_shapes'][name]``), sent as they are: a frame is never encoded twice.
+    Large arrays are returned as the arrays themselves (no copy): the caller must not mutate them until the
+    send completes.
     """
     if msg.kind not in KINDS:
         raise ProtocolError("kind", f"one of {list(KINDS)}", msg.kind)
@@ -135,6 +138,12 @@ def encode(
         raise ProtocolError("arrays", f"at most {MAX_ARRAYS} arrays", len(msg.arrays))
     specs: list[dict[str, Any]] = []
     frames: list[Any] = []
+    meta = msg.meta
+    jpeg_shapes: Mapping[str, Any] = {}
+    if "_jpeg_shapes" in meta:
+        # decode's note on JPEG bytes received; the header's array specs carry the shapes on the wire.
+        jpeg_shapes = meta["_jpeg_shapes"] if isinstance(meta["_jpeg_shapes"], Mapping) else {}
+        meta = {key: value for key, value in meta.items() if key != "_jpeg_shapes"}
     for name, value in msg.arrays.items():
         _check_name(name, "arrays.name")
         array = np.asarray(value)
@@ -144,9 +153,16 @@ def encode(
                 from common.wire.images import encode_jpeg  # lazy: cv2 is only needed for JPEG
 
                 shape = list(array.shape)
-                payload = encode_jpeg(array, jpeg_quality)
+                quality = jpeg_quality if isinstance(jpeg_quality, int) else jpeg_quality.get(name, 90)
+                payload = encode_jpeg(array, quality)
+            elif array.dtype == np.uint8 and array.ndim == 1 and array.size:
+                shape = list(jpeg_shapes.get(name, []))
+                if len(shape) != 3 or shape[2] != 3:
+                    raise ProtocolError(f"meta._jpeg_shapes[{name}]", "the [H, W, 3] shape of the JPEG bytes "
+                                        "passed through", shape or None)
+                payload = array
             else:
-                raise ProtocolError(where, "a uint8 HxWx3 image for jpeg encoding",
+                raise ProtocolError(where, "a uint8 HxWx3 image for jpeg encoding, or JPEG bytes (1-D uint8)",
                                     f"{array.dtype}{array.shape}")
             specs.append({"name": name, "dtype": "uint8", "shape": shape, "enc": "jpeg",
                           "frame": len(frames) + 1})
@@ -168,7 +184,7 @@ def encode(
         "src": msg.src,
         "seq": int(msg.seq),
         "t": float(msg.t),
-        "meta": msg.meta,
+        "meta": meta,
         "arrays": specs,
     }
     try:

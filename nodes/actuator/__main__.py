@@ -35,7 +35,7 @@ import zmq
 from common.config import DeploymentConfig, parse_node_args
 from common.node import Readiness, setup_logging
 from common.wire.contract import PolicyContract, contract_differences
-from common.wire.images import decode_jpeg
+from common.wire.images import JpegImage
 from common.wire.policy_client import ChunkReply, PolicyClient
 from common.wire.protocol import (
     CONTROL_OPS,
@@ -410,8 +410,9 @@ class PolicyWorker(threading.Thread):
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.results: queue.Queue[JobResult] = queue.Queue()
         self.pending = 0  # jobs submitted whose result has not been taken yet (main thread only)
-        # Send JPEG to the policy when the cameras deliver JPEG: the link to a GPU server is the bottleneck.
-        self.jpeg = any(cam.encoding == "jpeg" for cam in config.cameras.values())
+        # Frames go to the policy as they came: a JPEG camera's bytes as received (never decoded and encoded
+        # again), a raw frame raw unless its camera asks for JPEG (then at that camera's jpeg_quality).
+        self.jpeg_quality = {name: cam.jpeg_quality for name, cam in config.cameras.items() if cam.encoding == "jpeg"}
 
     def submit(self, job: Job) -> None:
         self.pending += 1
@@ -449,11 +450,9 @@ class PolicyWorker(threading.Thread):
             return JobResult(job=job)
         observation = job.observation
         assert observation is not None
-        images = {}
-        for camera, msg in observation.frames.items():
-            image = msg.arrays["image"]
-            images[camera] = decode_jpeg(image, f"{camera}.image") if "image" in msg.jpeg else image
-        return JobResult(job=job, reply=client.infer(images, observation.state, job.obs_t, jpeg=self.jpeg))
+        images = {camera: JpegImage.of_message(msg) if "image" in msg.jpeg else msg.arrays["image"]
+                  for camera, msg in observation.frames.items()}
+        return JobResult(job=job, reply=client.infer(images, observation.state, job.obs_t, jpeg=self.jpeg_quality))
 
 
 # ==================================================================================================
