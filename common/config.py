@@ -142,6 +142,16 @@ class ActuatorConfig:
     # value lets the control loop run before other work on a busy robot computer; it needs root or
     # CAP_SYS_NICE, and without them the node logs a warning and runs at the default priority.
     nice: int = 0
+    # Capture times more than this ahead of the actuator's own clock (same host: the same monotonic clock)
+    # are refused: a future stamp would make a frame or state look fresh for as long as it lies.
+    max_future_s: float = 0.05
+    # Episode start (and restart): the step limit starts from the position the bus reports; when the
+    # subscribed state differs from it by more than this (robot units, any joint), an anchor_mismatch
+    # event says so and the arm moves at rest_step per tick until it has caught up with the policy.
+    anchor_tolerance: float = 5.0
+    # The checkpoint's dataset stats are checked against the arms' units (degrees or -100..100) and joint
+    # limits before moving; true accepts a disagreement that is intended (logged and published, not refused).
+    units_mismatch_intended: bool = False
 
 
 @dataclass
@@ -270,6 +280,12 @@ class DeploymentConfig:
         if self.actuator.refill_rows < 0:
             raise ConfigError("actuator.refill_rows", "expected a non-negative row count")
         _one_of("policy.rows", self.policy.rows, POLICY_ROWS)
+        if not self.actuator.max_future_s >= 0:
+            raise ConfigError("actuator.max_future_s",
+                              f"expected a non-negative time, got {self.actuator.max_future_s}")
+        if not self.actuator.anchor_tolerance > 0:
+            raise ConfigError("actuator.anchor_tolerance", f"expected a positive tolerance, got "
+                              f"{self.actuator.anchor_tolerance}")
         if not -20 <= self.actuator.nice <= 19:
             raise ConfigError("actuator.nice", f"expected a nice value in -20..19, got {self.actuator.nice}")
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +36,9 @@ class PolicyContract:
     untrained: bool = False  # weights never trained: shown wherever the policy is named
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    # The checkpoint's dataset statistics (its normaliser's), robot units: {"observation.state" | "action":
+    # {"min" | "max" | "mean": [one value per name]}}; empty when the checkpoint has none.
+    stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,4 +76,98 @@ def contract_differences(contract: PolicyContract, config: DeploymentConfig) -> 
         problems.append(f"fps: policy was set up for {contract.fps}, config runs at {config.fps}")
     if contract.chunk_length < 1:
         problems.append(f"chunk_length: policy returns {contract.chunk_length} rows")
+    return problems
+
+
+# ------------------------------------------------------------------ units and ranges
+STAT_KINDS = ("min", "max", "mean")
+RANGE_MODE_BOUND = 100.0  # LeRobot's RANGE_M100_100 norm mode maps the calibrated range onto -100..100
+RANGE_MODE_SLACK = 0.5  # stats computed from float32 data may overshoot the bound by rounding
+RANGE_MODE_SATURATION = 97.0  # a body joint that reached its calibrated end shows up at +-97..100 there
+LIMIT_SLACK = 1.0  # robot units a dataset's min/max may lie beyond a configured joint limit
+
+
+def _joint_stats(contract: PolicyContract, key: str, size: int) -> dict[str, list[float]] | None:
+    stats = contract.stats.get(key) if isinstance(contract.stats, dict) else None
+    if not isinstance(stats, dict):
+        return None
+    values: dict[str, list[float]] = {}
+    for kind in STAT_KINDS:
+        column = stats.get(kind)
+        if not isinstance(column, list) or len(column) != size:
+            return None
+        try:
+            values[kind] = [float(v) for v in column]
+        except (TypeError, ValueError):
+            return None
+        if not all(math.isfinite(v) for v in values[kind]):
+            return None
+    return values
+
+
+def dataset_units(names: list[str], stats: dict[str, list[float]]) -> str:
+    """Which units a dataset's body joints (everything but the gripper) were recorded in, from its stats:
+
+    ``"range"`` when every body joint lies within -100..100 and at least one reaches +-97 or beyond (LeRobot's
+    -100..100 range mode saturates at the calibrated ends), ``"degrees"`` when some body joint goes past
+    +-100, ``""`` when the stats cannot tell (every joint inside +-97: both readings are possible).
+    """
+    body = [i for i, name in enumerate(names) if not name.removesuffix(".pos").endswith("gripper")]
+    if not body:
+        return ""
+    low = [stats["min"][i] for i in body]
+    high = [stats["max"][i] for i in body]
+    bound = RANGE_MODE_BOUND + RANGE_MODE_SLACK
+    if any(v < -bound for v in low) or any(v > bound for v in high):
+        return "degrees"
+    if any(v <= -RANGE_MODE_SATURATION for v in low) or any(v >= RANGE_MODE_SATURATION for v in high):
+        return "range"
+    return ""
+
+
+def units_differences(contract: PolicyContract, config: DeploymentConfig) -> list[str]:
+    """Every way the checkpoint's dataset statistics disagree with the arms' units and joint limits.
+
+    Two checks per stats key (``observation.state``, ``action``): the dataset's units against each arm's
+    ``use_degrees`` (degrees, or LeRobot's -100..100 range mode), and each joint's dataset min/max against
+    its configured limits. Each problem names the joint and both ranges. Empty when the checkpoint carries
+    no stats (nothing to compare) or everything agrees.
+    """
+    problems: list[str] = []
+    lower, upper = config.lower_limits(), config.upper_limits()
+    for key, names in ((STATE_KEY, config.state_names()), (ACTION_KEY, config.action_names())):
+        stats = _joint_stats(contract, key, len(names))
+        if stats is None:
+            continue
+        offset = 0
+        for arm_name, arm in config.arms.items():
+            joints = arm.joint_names()
+            part = {kind: column[offset:offset + len(joints)] for kind, column in stats.items()}
+            units = dataset_units(joints, part)
+            configured = "degrees" if arm.use_degrees else "range"
+            if units and units != configured:
+                body = [i for i, name in enumerate(joints) if not name.endswith("gripper.pos")]
+                if units == "range":
+                    telling = [i for i in body if part["min"][i] <= -RANGE_MODE_SATURATION
+                               or part["max"][i] >= RANGE_MODE_SATURATION]
+                    why = "every body joint within -100..100, saturated at the ends: LeRobot's -100..100 range mode"
+                else:
+                    telling = [i for i in body if part["min"][i] < -RANGE_MODE_BOUND - RANGE_MODE_SLACK
+                               or part["max"][i] > RANGE_MODE_BOUND + RANGE_MODE_SLACK]
+                    why = "beyond +-100: degrees"
+                for i in telling:
+                    j = offset + i
+                    problems.append(
+                        f"units: {joints[i]} ({key}): the checkpoint's dataset range {part['min'][i]:.1f}.."
+                        f"{part['max'][i]:.1f} (mean {part['mean'][i]:.1f}) looks like {why}; arm '{arm_name}' is "
+                        f"configured in {'degrees' if arm.use_degrees else '-100..100 range mode'} "
+                        f"(arms.{arm_name}.use_degrees: {str(arm.use_degrees).lower()}, limits "
+                        f"{lower[j]:g}..{upper[j]:g})")
+            offset += len(joints)
+        for j, name in enumerate(names):
+            low, high = stats["min"][j], stats["max"][j]
+            if low < lower[j] - LIMIT_SLACK or high > upper[j] + LIMIT_SLACK:
+                problems.append(f"range: {name} ({key}): the checkpoint's dataset range {low:.1f}..{high:.1f} "
+                                f"(mean {stats['mean'][j]:.1f}) lies outside the configured limits "
+                                f"{lower[j]:g}..{upper[j]:g}")
     return problems

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from common.config import DeploymentConfig
-from common.wire.contract import STATE_KEY, PolicyContract, image_key
+from common.wire.contract import ACTION_KEY, STAT_KINDS, STATE_KEY, PolicyContract, image_key
 from common.wire.protocol import Message, ProtocolError
 from nodes.policy.checkpoint import (
     CheckpointError,
@@ -42,6 +43,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("policy.device: cuda was asked for but torch sees no CUDA device")
     return torch.device(name)
+
+
+def checkpoint_joint_stats(preprocessor: Any, postprocessor: Any) -> dict[str, dict[str, list[float]]]:
+    """The dataset statistics (min, max, mean) the checkpoint normalises state and action with, robot units.
+
+    They come from the checkpoint's own normaliser steps (LeRobot writes its dataset's ``meta/stats.json``
+    into them at training); the actuator compares them with the arms' units and limits before it moves.
+    """
+    found: dict[str, dict[str, list[float]]] = {}
+    for pipeline, key in ((preprocessor, STATE_KEY), (postprocessor, ACTION_KEY)):
+        for step in getattr(pipeline, "steps", []):
+            stats = getattr(step, "stats", None)
+            if isinstance(stats, dict) and isinstance(stats.get(key), dict):
+                entry = stats[key]
+                if all(kind in entry for kind in STAT_KINDS):
+                    found[key] = {kind: [float(v) for v in np.asarray(entry[kind], dtype=np.float64).reshape(-1)]
+                                  for kind in STAT_KINDS}
+                break
+    return found
 
 
 @dataclass
@@ -106,6 +126,7 @@ class PolicyRuntime:
             extra={"dtype": settings.dtype, "compile": self.options.compile, "cuda_graphs": self.options.cuda_graphs,
                    "fast_unet": self.options.fast_unet, "exact": self.options.exact, **self.engine.describe(),
                    "rtc_max_prefix_rows": self.rtc_max_rows},
+            stats=checkpoint_joint_stats(self.preprocessor, self.postprocessor),
         )
 
     def _sync(self) -> None:

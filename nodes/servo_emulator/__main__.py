@@ -244,6 +244,7 @@ class EmulatedServo:
         self.pending_goals: deque[tuple[float, int]] = deque()
         self.registered: tuple[int, bytes] | None = None  # REG_WRITE waiting for ACTION
         self.set("Goal_Position", round(self.present))
+        self.max_goal_step = 0
         self._refresh_measurements()
 
     @property
@@ -278,6 +279,7 @@ class EmulatedServo:
         self.advance(now)
         offset_before = self.get("Homing_Offset")
         torque_before = self.get("Torque_Enable")
+        goal_before = self.get("Goal_Position")
         touched = range(address, address + len(data))
         for position, value in zip(touched, data, strict=True):
             if position not in READ_ONLY:
@@ -285,6 +287,8 @@ class EmulatedServo:
         goal_address = REGISTERS["Goal_Position"][0]
         if goal_address in touched or goal_address + 1 in touched:
             self.pending_goals.append((now + self.lag_s, self.get("Goal_Position")))
+            # The largest jump between consecutive goals, in ticks: what a step limit looks like at the servo.
+            self.max_goal_step = max(self.max_goal_step, abs(self.get("Goal_Position") - goal_before))
         offset_after = self.get("Homing_Offset")
         if offset_after != offset_before:
             # The shaft does not move: Present = Actual - Homing_Offset shifts instead.
@@ -366,7 +370,7 @@ class EmulatedBus:
 
     def stats(self) -> dict[str, Any]:
         servos = {str(servo_id): {"torque": servo.get("Torque_Enable"), "goal": servo.get("Goal_Position"),
-                                  "present": round(servo.present, 1)}
+                                  "present": round(servo.present, 1), "max_goal_step": servo.max_goal_step}
                   for servo_id, servo in sorted(self.servos.items())}
         return {**self.counts, "corrupt_packets": self.corrupt_packets, "instructions": dict(self.instructions),
                 "servos": servos}
