@@ -230,7 +230,7 @@ def test_d9_replies_with_the_wrong_seq_back_off_instead_of_a_retry_storm(
     time.sleep(4.0)
     in_window = [t for t, _ in rig.policy.infers if first <= t < first + 4.0]
     # The old code re-sent at once (~30 requests a second); doubling pauses from 0.5 s give about 4.
-    assert len(in_window) <= 8, f"{len(in_window)} infer requests in 4 s: a retry storm"
+    assert len(in_window) <= 5, f"{len(in_window)} infer requests in 4 s: a retry storm"
     events = rig.tap.events("policy_error")
     assert events and "seq" in events[0].meta["message"]
     assert rig.executed() == []
@@ -384,13 +384,12 @@ def test_units_differences_name_the_joint_and_both_ranges() -> None:
     assert "elbow_flex.pos (action)" in text and "99.1" in text and "range mode" in text and "degrees" in text
     assert "wrist_flex.pos" not in text  # not saturated: not what gave the units away
     # Degrees stats on a degrees arm: fine. Degrees stats on an arm in range mode: refused.
-    degrees = {"min": [-100.0, -105.0, -95.0, -100.0, -150.0, 0.0], "max": [100.0, 90.0, 95.0, 100.0, 140.0, 90.0],
+    degrees = {"min": [-105.0, -95.0, -95.0, -100.0, -150.0, 0.0], "max": [100.0, 90.0, 95.0, 100.0, 140.0, 90.0],
                "mean": [0.0] * 6}
     assert units_differences(contract_with_stats(config, degrees), config) == []
     config.arms["main"].use_degrees = False
-    config.arms["main"].lower_limits = [-100.0, -110.0, -100.0, -100.0, -150.0, 0.0]
     range_arm = "\n".join(units_differences(contract_with_stats(config, degrees), config))
-    assert "units: shoulder_lift.pos" in range_arm and "wrist_roll.pos" in range_arm and "beyond +-100" in range_arm
+    assert "units: shoulder_pan.pos" in range_arm and "wrist_roll.pos" in range_arm and "beyond +-100" in range_arm
     # A range outside the configured limits, whatever the units.
     config.arms["main"].use_degrees = True
     config.arms["main"].upper_limits = [110.0, 100.0, 100.0, 100.0, 120.0, 100.0]

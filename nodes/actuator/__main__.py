@@ -34,7 +34,7 @@ import zmq
 
 from common.config import DeploymentConfig, parse_node_args
 from common.node import Readiness, setup_logging
-from common.wire.contract import PolicyContract, contract_differences
+from common.wire.contract import PolicyContract, contract_differences, units_differences
 from common.wire.images import JpegImage
 from common.wire.policy_client import ChunkReply, PolicyClient
 from common.wire.protocol import (
@@ -83,7 +83,8 @@ HOLD_STOPPED = "stopped"
 HOLD_BUS_ERROR = "bus_error"
 
 CONTRACT_RECHECK_S = 2.0  # how often a refused (or unchecked) contract is asked for again
-POLICY_ERROR_BACKOFF_S = 0.5  # after an error reply, wait this long before asking again
+POLICY_ERROR_BACKOFF_S = 0.5  # after an error reply, wait this long before asking again ...
+POLICY_ERROR_BACKOFF_MAX_S = 8.0  # ... doubling per error in a row up to this (a confused policy: no storm)
 BUS_RETRY_S = 1.0
 REST_REACHED_TOLERANCE = 1e-3
 JOINTS_PER_ARM = 6
@@ -105,6 +106,7 @@ class TickDecision:
     row_t: float = -1.0  # the time the executed row was meant for (-1 when holding)
     write: bool = False  # whether the target goes to the bus (an episode is running or stopping)
     detail: str = ""  # why a row was refused, a policy error's message, ...
+    clamped: list[str] = field(default_factory=list)  # joints of the executed row outside the limits
 
 
 class ControlCore:
@@ -140,12 +142,17 @@ class ControlCore:
         self.ticks = 0
         self.hold_reason: str | None = None  # the current hold reason (None while acting)
         self.holds: collections.Counter[str] = collections.Counter()
+        self.clamped_rows = 0  # executed rows with a value outside the joint limits (clamped)
+        # After an anchor far from the subscribed state: move at rest_step until the policy's target is within
+        # one max_step of the commanded one.
+        self.slow_start = False
 
     # ------------------------------------------------------------------ episodes
     def start(self, episode_index: object = None) -> EpisodeRecord:
         record = self.episodes.start(episode_index)
         self._new_generation()
         self.safety.release()  # re-anchor on the measured position: the arm may have moved between episodes
+        self.slow_start = False
         self.policy_problem = self.policy_message = ""
         return record
 
@@ -196,17 +203,22 @@ class ControlCore:
                 and self.queue.depth(now) <= self.refill_rows)
 
     # ------------------------------------------------------------------ the tick
-    def tick(self, now: float, input_problem: str, measured: np.ndarray | None, bus_problem: str = "") -> TickDecision:
+    def tick(self, now: float, input_problem: str, measured: np.ndarray | None, bus_problem: str = "", *,
+             servo_position: np.ndarray | None = None, anchor_on_servos: bool = False) -> TickDecision:
         """Decide this tick's target.
 
         ``input_problem`` is a hold reason from the inputs ("" when fresh); ``bus_problem`` is
         ``HOLD_BUS_ERROR`` while a bus cannot take writes. Then nothing advances: a target that never
         reached the servo must not become the reference for the next step.
+
+        ``anchor_on_servos``: the step limit of a new episode starts from ``servo_position`` (what the bus
+        reports), never from the subscribed ``measured`` state; until it is known the episode holds.
         """
         self.ticks += 1
         state = self.episodes.state
-        if state in (RUNNING, STOPPING) and not self.safety.anchored and measured is not None:
-            self.safety.anchor(measured)
+        anchor = servo_position if anchor_on_servos else measured
+        if state in (RUNNING, STOPPING) and not self.safety.anchored and anchor is not None:
+            self.safety.anchor(anchor)
         if state in (RUNNING, STOPPING) and bus_problem:
             decision = self._hold(bus_problem)
         elif state == STOPPING:
@@ -238,8 +250,17 @@ class ControlCore:
         problem = self.safety.check_row(row)
         if problem:
             return self._hold(HOLD_BAD_ACTION, problem)
-        target = self.safety.command(row)
-        return TickDecision(target=target, hold=False, obs_t=obs_t, row_t=row_t, write=True)
+        clamped = [self.names[i] for i in np.flatnonzero((row < self.safety.lower) | (row > self.safety.upper))]
+        if clamped:
+            self.clamped_rows += 1
+        step = None
+        if self.slow_start:
+            step = min(self.rest_step or math.inf, float(np.min(self.safety.max_step)))
+        target = self.safety.command(row, step=step)
+        if self.slow_start and np.all(np.abs(np.clip(row, self.safety.lower, self.safety.upper) - target)
+                                      <= self.safety.max_step):
+            self.slow_start = False  # caught up with the policy: normal steps from here
+        return TickDecision(target=target, hold=False, obs_t=obs_t, row_t=row_t, write=True, clamped=clamped)
 
     def _stopping_tick(self) -> TickDecision:
         if self.rest_goal is None or self.safety.last is None:
@@ -286,9 +307,26 @@ class InputBook:
         self.frames: dict[str, Message] = {}
         self.states: dict[str, Message] = {}
         self.bad_inputs = 0
+        self.refused_future = 0  # messages stamped ahead of the actuator's clock
+        self.refusals: list[dict[str, Any]] = []  # future_capture_time refusals not yet published
+        self.max_future_s = config.actuator.max_future_s
         self._last_warning: dict[str, float] = {}
 
-    def ingest(self, msg: Message) -> None:
+    def ingest(self, msg: Message, now: float | None = None) -> None:
+        """Keep ``msg`` if valid. With ``now`` (real time), a capture time more than ``max_future_s`` ahead of
+        it is refused: sensors share the actuator's monotonic clock, and a future stamp would keep a stream
+        looking fresh for as long as it lies (then the age limit holds as if it had fallen silent)."""
+        if now is not None and msg.kind in (KIND_FRAME, KIND_STATE) and msg.t > now + self.max_future_s:
+            self.refused_future += 1
+            self.bad_inputs += 1
+            stream = str(msg.meta.get("camera" if msg.kind == KIND_FRAME else "arm", "?"))
+            key = f"future:{msg.kind}:{stream}"
+            if now - self._last_warning.get(key, -math.inf) >= 1.0:
+                self.refusals.append({"reason": "future_capture_time", "kind": msg.kind, "stream": stream,
+                                      "src": msg.src, "ahead_s": msg.t - now, "count": self.refused_future})
+            self._warn(key, f"refused {msg.kind} from {msg.src or '?'} ({stream}): capture time {msg.t - now:.3f}s "
+                       f"ahead of this clock (actuator.max_future_s {self.max_future_s}s)", every_s=1.0)
+            return
         try:
             if msg.kind == KIND_FRAME:
                 self._ingest_frame(msg)
@@ -474,10 +512,25 @@ class BusWriter(threading.Thread):
         self.connected = False
         self.last_error = ""
         self.writes = 0
+        # Present_Position read through this writer's own bus for an episode (generation) that asked for it:
+        # the episode's step limit starts there, not at whatever the state stream says.
+        self._present_wanted: int | None = None
+        self._present: tuple[int, np.ndarray] | None = None
 
     @property
     def healthy(self) -> bool:
         return self.connected and not self.last_error
+
+    def request_present(self, generation: int) -> None:
+        """Read the servos' present position (before any further write) for episode ``generation``."""
+        with self._lock:
+            self._present_wanted = generation
+            self._target = None  # a target meant for the previous episode must not go out first
+        self._wake.set()
+
+    def present_for(self, generation: int) -> np.ndarray | None:
+        present = self._present
+        return present[1] if present is not None and present[0] == generation else None
 
     def submit(self, target: np.ndarray) -> None:
         with self._lock:
@@ -501,12 +554,27 @@ class BusWriter(threading.Thread):
                     self._report(f"cannot open bus {self.arm.port}: {exc}")
                     self.stop_event.wait(BUS_RETRY_S)
                     continue
+            if self._present_wanted is not None:
+                wanted = self._present_wanted
+                try:
+                    position = bus.read_positions()
+                except Exception as exc:
+                    self._report(f"read of the present position from {self.arm.port} failed: {exc}; reconnecting")
+                    self.connected = False
+                    self._close(bus)
+                    bus = None
+                    continue
+                with self._lock:
+                    if self._present_wanted == wanted:
+                        self._present_wanted = None
+                self._present = (wanted, position)
+                log.info("arm %s: present position %s (episode anchor)", self.arm_name, np.round(position, 1).tolist())
             if not self._wake.wait(timeout=0.1):
                 continue
             self._wake.clear()
             with self._lock:
                 target, self._target = self._target, None
-            if target is None:
+            if target is None or self._present_wanted is not None:
                 continue
             try:
                 bus.write_goals(target)
@@ -590,6 +658,9 @@ class ActuatorNode:
         self.stats = LoopStats()
         self.last_lockstep_t: dict[str, float] = {}
         self.lockstep_key = -1
+        self.clamping = False  # the last executed row was clamped (a clamped event per clamped stretch)
+        self.policy_errors = 0  # policy_error events, and how many came in a row (for the back-off)
+        self.policy_error_streak = 0
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
@@ -657,16 +728,24 @@ class ActuatorNode:
     def _service(self, timeout_s: float) -> None:
         ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
         if self.subscriber.sock in ready:
-            for msg in self.subscriber.poll(0.0):
-                self.inputs.ingest(msg)
+            self._ingest()
         if self.control.sock in ready:
             while (request := self.control.receive(0.0)) is not None:
                 self._handle_control(*request)
 
     # ------------------------------------------------------------------ one tick
-    def _tick(self, *, now: float, scheduled: float, lateness: float) -> None:
+    def _ingest(self) -> None:
         for msg in self.subscriber.poll(0.0):
-            self.inputs.ingest(msg)
+            # Lockstep stamps are the player's; ages are not checked there, so neither is the future.
+            self.inputs.ingest(msg, None if self.lockstep else time.monotonic())
+        for refusal in self.inputs.refusals:
+            self._publish_event("input_refused", **refusal)
+        self.inputs.refusals.clear()
+        for recovery in self.subscriber.take_reconnects():
+            self._publish_event("reconnected", endpoint=recovery.endpoint, reason=recovery.reason)
+
+    def _tick(self, *, now: float, scheduled: float, lateness: float) -> None:
+        self._ingest()
         self._take_results(now, scheduled)
         self._maybe_check_contract(now)
         if self.lockstep:
@@ -678,9 +757,18 @@ class ActuatorNode:
             self._lockstep_refill(scheduled, measured)
         previous_reason = self.core.hold_reason
         broken = [f"{w.arm_name}: {w.last_error or 'connecting'}" for w in self.writers.values() if not w.healthy]
-        decision = self.core.tick(scheduled, input_problem, measured, HOLD_BUS_ERROR if broken else "")
+        was_anchored = self.core.safety.anchored
+        servo_position = self._servo_position()
+        decision = self.core.tick(scheduled, input_problem, measured, HOLD_BUS_ERROR if broken else "",
+                                  servo_position=servo_position, anchor_on_servos=bool(self.writers))
         if decision.reason == HOLD_BUS_ERROR:
             decision.detail = "; ".join(broken)
+        if not was_anchored and self.core.safety.anchored and self.writers:
+            self._anchored_on_servos(servo_position, measured)
+        if decision.clamped and not self.clamping:
+            self._publish_event("clamped", joints=decision.clamped, count=self.core.clamped_rows)
+            log.warning("policy row outside the joint limits for %s: clamped", decision.clamped)
+        self.clamping = bool(decision.clamped)
         if decision.write and self.writers:
             self._write(decision.target)
         if decision.hold and decision.reason != previous_reason:
@@ -698,6 +786,31 @@ class ActuatorNode:
             self.worker.submit(Job("infer", self.core.generation, observation, obs_t=observation.obs_t))
         self.stats.window.append(lateness)
         self._maybe_report()
+
+    def _servo_position(self) -> np.ndarray | None:
+        """Every arm's present position as its own bus reports it, read since this episode started; None
+        until all are in (or in dry-run, where there is no bus)."""
+        if not self.writers:
+            return None
+        parts = [w.present_for(self.core.generation) for w in self.writers.values()]
+        if any(part is None for part in parts):
+            return None
+        return np.concatenate(parts).astype(np.float32)  # type: ignore[arg-type]
+
+    def _anchored_on_servos(self, servo: np.ndarray | None, measured: np.ndarray | None) -> None:
+        if servo is None or measured is None:
+            return
+        gap = np.abs(servo - measured)
+        far = np.flatnonzero(gap > self.settings.anchor_tolerance)
+        if not far.size:
+            return
+        joints = [self.core.names[i] for i in far]
+        self.core.slow_start = True
+        log.warning("episode start: the servos are away from the subscribed state by more than %g for %s; moving "
+                    "slowly (rest_step) towards the policy's first target", self.settings.anchor_tolerance,
+                    {self.core.names[i]: (float(servo[i]), float(measured[i])) for i in far})
+        self._publish_event("anchor_mismatch", joints=joints, servo=servo.tolist(), state=measured.tolist(),
+                            tolerance=self.settings.anchor_tolerance)
 
     def _write(self, target: np.ndarray) -> None:
         if not np.all(np.isfinite(target)):
@@ -772,13 +885,29 @@ class ActuatorNode:
                     f"expected {error.expected})")
         else:
             text = f"policy {job.kind} failed: {type(error).__name__}: {error}"
+        self._policy_error(job.kind, text)
+
+    def _policy_error(self, op: str, text: str) -> None:
+        """Hold (``policy_error``), publish it, and wait before asking again: twice as long per error in a row."""
         log.error(text)
         self.core.on_policy_failure(HOLD_POLICY_ERROR, text)
-        self.next_request_at = time.monotonic() + POLICY_ERROR_BACKOFF_S
-        self._publish_event("policy_error", op=job.kind, message=text)
+        backoff = min(POLICY_ERROR_BACKOFF_S * 2 ** self.policy_error_streak, POLICY_ERROR_BACKOFF_MAX_S)
+        self.policy_error_streak += 1
+        self.policy_errors += 1
+        self.next_request_at = time.monotonic() + backoff
+        self._publish_event("policy_error", op=op, message=text, count=self.policy_errors, backoff_s=backoff)
 
     def _contract_checked(self, contract: PolicyContract) -> None:
         differences = contract_differences(contract, self.config)
+        units = units_differences(contract, self.config)
+        if units and self.settings.units_mismatch_intended:
+            if contract.checkpoint_id != getattr(self.contract, "checkpoint_id", None):
+                log.warning("the checkpoint's dataset stats disagree with the arms' units/limits; accepted because "
+                            "actuator.units_mismatch_intended is true:\n  %s", "\n  ".join(units))
+                self._publish_event("units_mismatch", differences=units, intended=True,
+                                    checkpoint_id=contract.checkpoint_id)
+        else:
+            differences += units
         was_ok = self.core.episodes.contract_ok
         self.contract = contract
         self.needs_contract = bool(differences)
@@ -803,17 +932,38 @@ class ActuatorNode:
             self.contract_checked = True
             self._mark_ready()
 
+    def _chunk_problem(self, job: Job, reply: ChunkReply) -> str:
+        """Why a reply cannot be used ("" when it can): it may only say what was asked. Its rows must be
+        the contract's chunk_length of action_dim values, and its echoed obs_t the one this request sent
+        (the chunk is timed by the sent one: a lying echo must not make old rows look new)."""
+        actions = reply.actions
+        rows = self.contract.chunk_length if self.contract is not None else None
+        if actions.ndim != 2 or actions.shape[1] != self.core.dim:
+            return (f"policy chunk refused: arrays[action] has shape {list(actions.shape)}, expected "
+                    f"[rows, {self.core.dim}] ({self.core.dim} action values per row)")
+        if actions.shape[0] == 0 or (rows is not None and actions.shape[0] != rows):
+            return (f"policy chunk refused: arrays[action] has {actions.shape[0]} rows, the contract's chunk_length "
+                    f"is {rows}")
+        if not (math.isfinite(reply.obs_t) and reply.obs_t == float(job.obs_t)):
+            return (f"policy chunk refused: meta.obs_t echoed {reply.obs_t!r}, the request sent {float(job.obs_t)!r} "
+                    "(the policy must echo the observation time unchanged)")
+        return ""
+
     def _chunk_arrived(self, job: Job, reply: ChunkReply, now: float) -> None:
+        if job.generation != self.core.generation:
+            return  # an episode boundary passed: the chunk is void anyway
+        problem = self._chunk_problem(job, reply)
+        if problem:
+            self._policy_error("infer", problem)
+            return
         try:
-            result = self.core.on_chunk(reply.actions, reply.obs_t, now, job.generation)
+            result = self.core.on_chunk(reply.actions, float(job.obs_t), now, job.generation)
         except ValueError as exc:
-            text = f"policy chunk unusable: {exc}"
-            log.error(text)
-            self.core.on_policy_failure(HOLD_POLICY_ERROR, text)
-            self.next_request_at = time.monotonic() + POLICY_ERROR_BACKOFF_S
+            self._policy_error("infer", f"policy chunk unusable: {exc}")
             return
         if result is None:
             return
+        self.policy_error_streak = 0
         self._publish_event("chunk", arrays={"chunk": np.ascontiguousarray(reply.actions, dtype=np.float32)},
                             rows=result.rows, accepted=result.accepted, dropped_stale=result.dropped_stale,
                             blended=result.blended, replaced=result.replaced, obs_t=reply.obs_t, arrival_t=now,
@@ -891,6 +1041,8 @@ class ActuatorNode:
 
     def _start_episode(self, episode_index: object) -> EpisodeRecord:
         record = self.core.start(episode_index)
+        for writer in self.writers.values():
+            writer.request_present(self.core.generation)  # the new episode's step limit starts there
         # A fresh policy session per episode: DiffusionPolicy keeps observation history per client.
         self.worker.submit(Job("reset", self.core.generation))
         self._publish_episode("episode_start", record, reason="start")
@@ -924,7 +1076,9 @@ class ActuatorNode:
                             holds=dict(self.core.holds), queue_depth=len(self.core.queue),
                             state=self.core.episodes.public_state, contract_ok=self.core.episodes.contract_ok,
                             missed_ticks=self.stats.missed_ticks, bad_inputs=self.inputs.bad_inputs,
-                            hold_reason=self.core.hold_reason or "")
+                            hold_reason=self.core.hold_reason or "", clamped_rows=self.core.clamped_rows,
+                            policy_errors=self.policy_errors, refused_future=self.inputs.refused_future,
+                            reconnects=self.subscriber.reconnect_count)
 
 
 def set_priority(nice: int) -> None:

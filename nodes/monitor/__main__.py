@@ -293,6 +293,12 @@ class PanelState:
             self._note("fault", "policy contract mismatch: " + "; ".join(differences))
         elif event == "policy_error":
             self._note("fault", f"policy error ({meta.get('op', '')}): {meta.get('message', '')}")
+        elif event == "input_refused":
+            self._note("fault", f"refused {meta.get('kind')} {meta.get('stream')}: {meta.get('reason')} "
+                       f"({_finite(meta.get('ahead_s'))} s ahead)")
+        elif event in ("clamped", "anchor_mismatch", "reconnected", "units_mismatch"):
+            detail = meta.get("joints") or meta.get("reason") or meta.get("differences") or ""
+            self._note("fault", f"{event.replace('_', ' ')}: {detail}")
         elif isinstance(event, str) and event.endswith("error"):
             self._note("fault", f"{msg.src}: {event}: {meta.get('message', '')}")
 

@@ -129,6 +129,10 @@ function onLoopStats(stats) {
     ["lateness p50", fmt(stats.lateness_p50_s * 1000, 2, " ms")],
     ["lateness p99", fmt(stats.lateness_p99_s * 1000, 2, " ms")],
     ["contract", stats.contract_ok ? "ok" : "NOT ok"],
+    // Refusals of what a peer said (issue 16): counted by the actuator since it started.
+    ["policy errors", stats.policy_errors], ["clamped rows", stats.clamped_rows],
+    ["future stamps refused", stats.refused_future], ["bad inputs", stats.bad_inputs],
+    ["reconnects", stats.reconnects],
   ];
   $("#loop-stats").replaceChildren(...rows.flatMap(([key, value]) => [el("dt", {}, key), el("dd", {}, String(value ?? "—"))]));
   const holds = Object.entries(stats.holds || {}).sort((a, b) => b[1] - a[1]);
