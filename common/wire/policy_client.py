@@ -21,7 +21,8 @@ class ChunkReply:
     obs_t: float  # the observation time echoed back (client's monotonic clock)
     timings: dict[str, float] = field(default_factory=dict)  # server durations, seconds
     round_trip_s: float = 0.0
-    received_t: float = 0.0  # client's monotonic clock
+    received_t: float = 0.0  # client's monotonic clock: the reply was read (the latency chain's replied_t)
+    sent_t: float = 0.0  # client's monotonic clock just before the request was encoded and sent (the chain's sent_t)
 
 
 class PolicyClient:
@@ -93,7 +94,7 @@ class PolicyClient:
                                 None if actions is None else f"{actions.dtype}{actions.shape}")
         return ChunkReply(actions=actions, obs_t=float(reply.meta.get("obs_t", obs_t)),
                           timings=dict(reply.meta.get("timings", {})), round_trip_s=received - start,
-                          received_t=received)
+                          received_t=received, sent_t=start)
 
     def close(self) -> None:
         self.requests.close()

@@ -27,6 +27,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from common.wire.protocol import (
     KIND_ERROR,
+    KIND_FRAME,
+    KIND_STATE,
     MAX_MESSAGE_BYTES,
     Message,
     ProtocolError,
@@ -35,6 +37,9 @@ from common.wire.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+# Kinds whose publisher stamps ``meta.pub_t``: the sensor streams the latency chain starts from.
+STAMPED_KINDS = (KIND_FRAME, KIND_STATE)
 
 
 # libzmq retries a dropped connection within its reconnect interval (100 ms) and says so at once
@@ -146,6 +151,10 @@ class Publisher:
         self.seq += 1
         msg.src = msg.src or self.src
         msg.seq = self.seq
+        if msg.kind in STAMPED_KINDS:
+            # The latency chain's "published" stage (docs/protocol.md, latency): sensor data only, stamped
+            # just before encoding, so a JPEG frame's compression counts in its transport stage.
+            msg.meta["pub_t"] = time.monotonic()
         # NOBLOCK: a PUB socket never blocks anyway (it drops at the HWM), but be explicit about it.
         send_message(self.sock, msg, flags=zmq.NOBLOCK, **encode_options)
         return msg

@@ -28,6 +28,7 @@ from common.wire.protocol import (
     Message,
     ProtocolError,
     decode,
+    encode,
     error_message,
 )
 from common.wire.transport import RouterServer, SocketFactory, stop_event_on_signals
@@ -83,16 +84,20 @@ class PolicyServer:
         self.errors = 0
         self.timing_log = TimingLog()
 
-    def handle(self, frames: list[Any]) -> Message:
+    def handle(self, frames: list[Any], received_at: float | None = None) -> Message:
+        """Answer one request. ``received_at`` (``time.perf_counter()`` when its frames were read) starts
+        the reply's ``timings.server_s``."""
+        received_at = time.perf_counter() if received_at is None else received_at
         try:
             request = decode(frames)
+            unpacked_at = time.perf_counter()
         except ProtocolError as exc:
             self.errors += 1
             log.warning("undecodable request: %s", exc)
             return error_message(exc, src=PROGRAM, seq=request_seq(frames))
         op = str(request.meta.get("op", ""))
         try:
-            return self.dispatch(request, op)
+            reply = self.dispatch(request, op)
         except ProtocolError as exc:
             self.errors += 1
             log.warning("client %s op %s refused: %s", request.meta.get("client"), op, exc)
@@ -102,6 +107,11 @@ class PolicyServer:
             log.exception("client %s op %s failed", request.meta.get("client"), op)
             failure = ProtocolError("inference", "a request the policy can run", f"{type(exc).__name__}: {exc}")
             return error_message(failure, src=PROGRAM, seq=request.seq, op=op, obs_t=_obs_t(request))
+        timings = reply.meta.get("timings")
+        if isinstance(timings, dict):
+            timings["unpack_s"] = unpacked_at - received_at
+            add_encode_time(reply, received_at)
+        return reply
 
     def dispatch(self, request: Message, op: str) -> Message:
         if request.kind != KIND_REQUEST:
@@ -126,6 +136,22 @@ class PolicyServer:
             self.served += 1
             self.timing_log.add(result.timings["total_s"])
         return reply
+
+
+def add_encode_time(reply: Message, received_at: float) -> None:
+    """Fill ``timings.encode_s`` and ``timings.server_s`` of an infer reply before it is sent.
+
+    A header cannot hold the time it takes to encode itself, so the reply is encoded once here to measure
+    it (the same fields, the same sizes: msgpack floats are fixed-width) and ``server_s`` counts that
+    measured encode for the one the socket does next: request frames read -> reply handed to ZeroMQ.
+    """
+    timings = reply.meta["timings"]
+    timings["encode_s"] = timings["server_s"] = 0.0
+    start = time.perf_counter()
+    encode(reply)
+    encoded = time.perf_counter()
+    timings["encode_s"] = encoded - start
+    timings["server_s"] = encoded - received_at + timings["encode_s"]
 
 
 def _obs_t(request: Message) -> float | None:
@@ -165,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
             received = server.receive(timeout_s=0.2)
             if received is None:
                 continue
+            received_at = time.perf_counter()
             envelope, frames = received
-            reply = policy_server.handle(frames)
+            reply = policy_server.handle(frames, received_at)
             try:
                 server.reply(envelope, reply)
             except ProtocolError as exc:  # a reply we could not encode: say so instead of going silent

@@ -1,0 +1,74 @@
+"""The latency chain of one executed goal: from the camera's capture to the goal written to the bus.
+
+The actuator publishes one ``latency`` event per goal that reached the bus (docs/protocol.md, section
+"The latency chain"). Its ``stamps`` are times on the robot's monotonic clock (camera, state-reader and
+actuator share it: one machine); the policy's part is the durations it reports in its reply's
+``timings``, so the two machines' clocks never need to agree. ``stages`` turns both into consecutive
+durations whose sum is exactly ``written_t - capture_t``; the bench, the monitor and the recorder
+read them from here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+# Robot-clock stamps, in the order the goal's information passes them.
+STAMPS = ("capture_t", "published_t", "received_t", "sent_t", "replied_t", "scheduled_t", "executed_t",
+          "written_t")
+
+# Policy-side durations (reply meta ``timings``) the chain uses.
+SERVER_TIMINGS = ("unpack_s", "decode_s", "preprocess_s", "inference_s", "postprocess_s", "total_s", "encode_s",
+                  "server_s")
+
+# (stage name, what it is): consecutive, non-overlapping; their sum is written_t - capture_t.
+STAGES: tuple[tuple[str, str], ...] = (
+    ("publish", "capture -> published: the sensor node's time from capture to handing the message to ZeroMQ"),
+    ("to_actuator", "published -> received by the actuator: encoding (JPEG), transport, the actuator's poll"),
+    ("to_request", "received -> request sent: waiting for the refill decision at a tick, JPEG decode, request"),
+    ("network", "round trip minus the policy's server time: both directions on the wire and in the sockets"),
+    ("server_decode", "policy: unpack the frames, validate, decode JPEG, upload (unpack_s + decode_s)"),
+    ("inference", "policy: normalise, model, unnormalise (preprocess_s + inference_s + postprocess_s)"),
+    ("server_encode", "policy: the rest of its time, mostly encoding the reply (server_s - unpack - total)"),
+    ("to_queue", "reply received -> row scheduled: the chunk waits for the control loop to queue it"),
+    ("to_tick", "row scheduled -> row executed: the row waits for the tick it is meant for"),
+    ("bus_write", "row executed -> goal written: the bus writer's sync write of the goal positions"),
+)
+STAGE_NAMES = tuple(name for name, _ in STAGES)
+
+
+class LatencyError(ValueError):
+    """A latency record that cannot be turned into stages; names the field."""
+
+
+def _number(values: Mapping[str, Any], key: str, where: str) -> float:
+    value = values.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LatencyError(f"{where}.{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def stages(stamps: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, float]:
+    """Consecutive stage durations (seconds, in ``STAGE_NAMES`` order) of one executed goal."""
+    t = {key: _number(stamps, key, "stamps") for key in STAMPS}
+    s = {key: _number(server, key, "server") for key in ("unpack_s", "decode_s", "preprocess_s", "inference_s",
+                                                        "postprocess_s", "total_s", "server_s")}
+    round_trip = t["replied_t"] - t["sent_t"]
+    return {
+        "publish": t["published_t"] - t["capture_t"],
+        "to_actuator": t["received_t"] - t["published_t"],
+        "to_request": t["sent_t"] - t["received_t"],
+        "network": round_trip - s["server_s"],
+        "server_decode": s["unpack_s"] + s["decode_s"],
+        "inference": s["preprocess_s"] + s["inference_s"] + s["postprocess_s"],
+        "server_encode": s["server_s"] - s["unpack_s"] - s["total_s"],
+        "to_queue": t["scheduled_t"] - t["replied_t"],
+        "to_tick": t["executed_t"] - t["scheduled_t"],
+        "bus_write": t["written_t"] - t["executed_t"],
+    }
+
+
+def end_to_end(stamps: Mapping[str, Any]) -> float:
+    """capture -> goal written, seconds."""
+    return _number(stamps, "written_t", "stamps") - _number(stamps, "capture_t", "stamps")
