@@ -22,6 +22,8 @@ from typing import Any
 import draccus
 import yaml
 
+from common.wire.curve import CurveKeys, curve_keys_for, is_loopback
+
 SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 CAMERA_BACKENDS = ("synthetic", "opencv", "realsense")
 ENCODINGS = ("raw", "jpeg")
@@ -101,8 +103,10 @@ class ArmConfig:
 class PolicyConfig:
     # A pretrained_model dir, or a lerobot-train run folder (its last checkpoint).
     checkpoint: str = "checkpoints/lift-tiny/pretrained_model"
-    bind: str = "tcp://*:8000"  # the policy node binds this
-    endpoint: str = "tcp://127.0.0.1:8000"  # clients connect here
+    # The policy node binds this. Loopback keeps the link plain (the one-machine demo); anything else
+    # (tcp://*:8000, an address) turns CURVE on: see the key fields below and docs/operations.md, "Keys".
+    bind: str = "tcp://127.0.0.1:8000"
+    endpoint: str = "tcp://127.0.0.1:8000"  # clients connect here; not loopback: CURVE on
     device: str = "cpu"  # cpu | cuda | auto
     dtype: str = "fp32"  # fp32 | bf16
     num_inference_steps: int = 0  # diffusion only; 0 keeps the checkpoint's
@@ -121,6 +125,23 @@ class PolicyConfig:
     rows: str = "n_action_steps"
     timeout_s: float = 2.0  # client side: per-attempt reply timeout
     retries: int = 1  # client side: attempts before the policy counts as unreachable
+    # CURVE keys of the policy link, made with `python -m common.tools.keys --out DIR --name NAME` (a
+    # NAME.key public certificate and a NAME.key_secret secret one). Paths; relative to the repository.
+    # Server: its own secret certificate.
+    server_secret_key_file: str = ""
+    # Server: the directory of the allowed clients' public certificates (each robot's NAME.key); re-read
+    # at most every 5 s, so a robot is let in by copying its file there.
+    allowed_clients_dir: str = ""
+    server_public_key_file: str = ""  # robot (client): the server's public certificate (server.key)
+    client_secret_key_file: str = ""  # robot (client): its own secret certificate (robot.key_secret: its key pair)
+
+    def crosses_hosts(self) -> bool:
+        """Whether the policy link can leave this machine (its bind or its endpoint is not loopback)."""
+        return not (is_loopback(self.bind) and is_loopback(self.endpoint))
+
+    def curve_keys_set(self) -> bool:
+        return any((self.server_secret_key_file, self.allowed_clients_dir, self.server_public_key_file,
+                    self.client_secret_key_file))
 
 
 @dataclass
@@ -213,6 +234,9 @@ class DeploymentConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
     run_dir: str = "run"  # readiness files and sockets that are not TCP
+    # Plain TCP where CURVE would be on (the policy link off loopback), and streams bound beyond loopback;
+    # the nodes log a loud warning at start. For a closed lab network only.
+    insecure: bool = False
 
     # ------------------------------------------------------------------ derived views
     def state_names(self) -> list[str]:
@@ -237,6 +261,20 @@ class DeploymentConfig:
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the repository root unless absolute."""
         return resolve_repo_path(path)
+
+    def policy_curve(self) -> bool:
+        """Whether the policy link uses CURVE: it leaves the machine or keys are configured, and the config
+        does not say ``insecure: true``. Server and robot read the same file, so they agree."""
+        return not self.insecure and (self.policy.crosses_hosts() or self.policy.curve_keys_set())
+
+    def stream_endpoints(self) -> dict[str, str]:
+        """Field path -> endpoint of every socket other than the policy link (all plain TCP)."""
+        endpoints = {f"cameras.{name}.endpoint": cam.endpoint for name, cam in self.cameras.items()}
+        endpoints |= {f"arms.{name}.state_endpoint": arm.state_endpoint for name, arm in self.arms.items()}
+        endpoints["actuator.control_endpoint"] = self.actuator.control_endpoint
+        endpoints["actuator.events_endpoint"] = self.actuator.events_endpoint
+        endpoints["player.gt_endpoint"] = self.player.gt_endpoint
+        return endpoints
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> DeploymentConfig:
@@ -288,6 +326,11 @@ class DeploymentConfig:
                               f"{self.actuator.anchor_tolerance}")
         if not -20 <= self.actuator.nice <= 19:
             raise ConfigError("actuator.nice", f"expected a nice value in -20..19, got {self.actuator.nice}")
+        for field_path, endpoint in self.stream_endpoints().items():
+            if not self.insecure and not is_loopback(endpoint):
+                raise ConfigError(field_path, f"expected a loopback endpoint (tcp://127.0.0.1:PORT), got {endpoint!r}: "
+                                  "only the policy link is authenticated (CURVE); this socket would be plain TCP "
+                                  "on the network (set `insecure: true` to allow it anyway)")
         return self
 
 
@@ -339,14 +382,18 @@ class NodeArgs:
     config: DeploymentConfig
     name: str
     config_path: Path
+    # The policy link's CURVE keys for this node's side (``curve_side``), or None when CURVE is off.
+    curve: CurveKeys | None = None
 
 
 def parse_node_args(description: str, argv: list[str] | None = None, *, default_name: str = "",
-                    instance_of: str = "") -> NodeArgs:
+                    instance_of: str = "", curve_side: str = "") -> NodeArgs:
     """The shared command line of every node: --config, --name, then any --field.path=value.
 
     ``instance_of`` ("arm" or "camera") makes ``--name`` select one of the config's arms or cameras
-    (the first when omitted). A bad config or instance exits with code 2 after logging the field.
+    (the first when omitted). ``curve_side`` ("server" for the policy, "client" for its clients) loads
+    that side's CURVE keys of the policy link when CURVE is on. A bad config, instance or key file exits
+    with code 2 after logging the field (and the file).
     """
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--config", required=True, help="deployment YAML, e.g. configs/lift.yaml")
@@ -361,11 +408,22 @@ def parse_node_args(description: str, argv: list[str] | None = None, *, default_
         if instance_of:
             instances = {"arm": config.arms, "camera": config.cameras}[instance_of]
             name, _ = select_instance(instances, args.name, instance_of)
+        curve = curve_keys_for(config, curve_side) if curve_side else None
     except ConfigError as exc:
         # Exit code 2: a restart cannot fix a bad config, and supervisord is told not to retry it.
         logging.getLogger("armpipe.config").error("%s", exc)
         raise SystemExit(2) from exc
-    return NodeArgs(config=config, name=name, config_path=Path(args.config).resolve())
+    warn_insecure_streams(config)
+    return NodeArgs(config=config, name=name, config_path=Path(args.config).resolve(), curve=curve)
+
+
+def warn_insecure_streams(config: DeploymentConfig) -> None:
+    """The loud start-up warning for streams that ``insecure: true`` lets leave the machine in plain TCP."""
+    exposed = {path: endpoint for path, endpoint in config.stream_endpoints().items() if not is_loopback(endpoint)}
+    if exposed:
+        logging.getLogger("armpipe.config").warning(
+            "INSECURE: `insecure: true` lets these sockets take plain TCP beyond this machine, where anyone on the "
+            "network can read or inject them: %s", ", ".join(f"{path}={url}" for path, url in exposed.items()))
 
 
 def select_instance[T](instances: dict[str, T], name: str, what: str) -> tuple[str, T]:

@@ -1,2 +1,2 @@
-"""Command-line tools people run: status, offline evaluation, demo data, checkpoint maker. May import
-``common`` (and LeRobot); nodes never import a tool."""
+"""Command-line tools people run: status, offline evaluation, demo data, checkpoint maker, CURVE keys.
+May import ``common`` (and LeRobot); nodes never import a tool."""

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from common.config import ConfigError, DeploymentConfig, load_config
+from common.wire.curve import curve_keys_for
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_REQUEST, Message
 from common.wire.transport import LatestSubscriber, PeerUnavailable, RemoteError, RequestClient, SocketFactory
 
@@ -234,7 +235,9 @@ def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None
     source = DatasetSource(config, episodes=episodes)
     endpoint = config.policy.endpoint
     # One attempt per call: the retries (with growing timeouts) are ``patiently``'s.
-    client = PolicyClient(factory or SocketFactory(), endpoint, client_id=client_id,
+    # CURVE keys when the policy link needs them (a missing or bad key file: ConfigError, exit 2).
+    factory = factory or SocketFactory(curve=curve_keys_for(config, "client"))
+    client = PolicyClient(factory, endpoint, client_id=client_id,
                           timeout_s=config.policy.timeout_s, retries=1)
     patience = Patience(config.policy.timeout_s, attempts)
     names = list(config.action_names())

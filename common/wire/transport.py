@@ -1,7 +1,7 @@
 """ZeroMQ sockets for armpipe: latest-only PUB/SUB, a Lazy Pirate request client, a ROUTER server.
 
 Every socket is made by ``SocketFactory.socket`` so that options (high-water marks, linger, maximum
-message size) and, later, CURVE authentication are set in exactly one place.
+message size) and CURVE authentication (``common.wire.curve``) are set in exactly one place.
 
 Two libzmq facts shape this module:
 - ``ZMQ_CONFLATE`` aborts the process on multipart messages, so "latest only" is done with small
@@ -25,6 +25,14 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from common.wire.curve import (
+    CurveAuthenticator,
+    CurveKeys,
+    HandshakeWatch,
+    RefusalLog,
+    apply_client_curve,
+    apply_server_curve,
+)
 from common.wire.protocol import (
     KIND_ERROR,
     KIND_FRAME,
@@ -80,22 +88,21 @@ class RemoteError(RuntimeError):
         super().__init__(str(reply.meta.get("message", "remote error")))
 
 
-@dataclass(frozen=True)
-class CurveKeys:
-    """Placeholder for CURVE keys (Z85 text). Switching authentication on happens in SocketFactory."""
-
-    server_public: str = ""
-    server_secret: str = ""
-    client_public: str = ""
-    client_secret: str = ""
-
-
 class SocketFactory:
-    """The one place where sockets are created and configured."""
+    """The one place where sockets are created and configured.
+
+    With ``curve`` set, every socket it makes is CURVE-encrypted (see ``common.wire.curve``): sockets made
+    with ``server=True`` are CURVE servers whose clients pyzmq's ZAP authenticator checks against
+    ``curve.allowed_clients_dir`` (started with the first such socket; refusals go to ``refusals``),
+    and the others are CURVE clients of ``curve.server_public``. A factory is for one side of one link:
+    a node that also has loopback sockets makes those with a plain factory.
+    """
 
     def __init__(self, context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
         self.context = context or zmq.Context.instance()
         self.curve = curve
+        self.refusals = RefusalLog()
+        self.authenticator: CurveAuthenticator | None = None
 
     def socket(self, socket_type: int, *, hwm: int = 16, linger_ms: int = 0, server: bool = False) -> zmq.Socket:
         sock = self.context.socket(socket_type)
@@ -111,17 +118,22 @@ class SocketFactory:
     def _apply_curve(self, sock: zmq.Socket, *, server: bool) -> None:
         keys = self.curve
         assert keys is not None
-        if server:
-            sock.curve_server = True
-            sock.curve_secretkey = keys.server_secret.encode()
-            sock.curve_publickey = keys.server_public.encode()
-        else:
-            sock.curve_serverkey = keys.server_public.encode()
-            sock.curve_secretkey = keys.client_secret.encode()
-            sock.curve_publickey = keys.client_public.encode()
+        if not server:
+            apply_client_curve(sock, keys)
+            return
+        if self.authenticator is None:
+            # One ZAP handler per context (it binds inproc://zeromq.zap.01), before any peer can connect.
+            self.authenticator = CurveAuthenticator(self.context, keys.allowed_clients_dir, self.refusals)
+            self.authenticator.start()
+            self.authenticator.reload()
+        apply_server_curve(sock, keys)
+        HandshakeWatch(sock, self.refusals).start()
 
     def close(self) -> None:
-        """Terminate the context (only if this factory owns a non-global one)."""
+        """Stop the authenticator, and terminate the context if this factory owns a non-global one."""
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
         if self.context is not zmq.Context.instance():
             self.context.term()
 

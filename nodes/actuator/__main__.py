@@ -35,6 +35,7 @@ import zmq
 from common.config import DeploymentConfig, parse_node_args
 from common.node import Readiness, setup_logging
 from common.wire.contract import PolicyContract, contract_differences, units_differences
+from common.wire.curve import CurveKeys
 from common.wire.images import JpegImage
 from common.wire.policy_client import ChunkReply, PolicyClient
 from common.wire.protocol import (
@@ -622,7 +623,7 @@ class LoopStats:
 
 
 class ActuatorNode:
-    def __init__(self, config: DeploymentConfig, stop: threading.Event) -> None:
+    def __init__(self, config: DeploymentConfig, stop: threading.Event, curve: CurveKeys | None = None) -> None:
         self.config = config
         self.settings = config.actuator
         self.stop_event = stop
@@ -643,7 +644,9 @@ class ActuatorNode:
         self.poller.register(self.subscriber.sock, zmq.POLLIN)
         self.poller.register(self.control.sock, zmq.POLLIN)
         self.client_id = f"actuator-{config.task}-{uuid.uuid4().hex[:8]}"
-        self.worker = PolicyWorker(self.factory, config, self.client_id)
+        # The policy link may cross hosts (CURVE, common.wire.curve); every other socket here is loopback.
+        policy_factory = SocketFactory(curve=curve) if curve is not None else self.factory
+        self.worker = PolicyWorker(policy_factory, config, self.client_id)
         self.writers: dict[str, BusWriter] = {}
         if not self.settings.dry_run:
             self.writers = {name: BusWriter(name, config, stop) for name in config.arms}
@@ -1095,11 +1098,12 @@ def set_priority(nice: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_node_args("armpipe actuator: the control loop (policy chunks -> safe goal positions)", argv)
     setup_logging(PROGRAM)
+    args = parse_node_args("armpipe actuator: the control loop (policy chunks -> safe goal positions)", argv,
+                           curve_side="client")
     set_priority(args.config.actuator.nice)
     stop = stop_event_on_signals()
-    ActuatorNode(args.config, stop).run()
+    ActuatorNode(args.config, stop, args.curve).run()
 
 
 if __name__ == "__main__":

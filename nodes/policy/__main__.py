@@ -160,9 +160,10 @@ def _obs_t(request: Message) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_node_args("armpipe policy node: serves LeRobot action chunks over ZeroMQ", argv)
-    config = args.config
     setup_logging(PROGRAM)
+    # Keys are loaded here, before the model: a wrong key file exits 2 at once, naming the file.
+    args = parse_node_args("armpipe policy node: serves LeRobot action chunks over ZeroMQ", argv, curve_side="server")
+    config = args.config
     readiness = Readiness(config, PROGRAM)
     stop = stop_event_on_signals()
     try:
@@ -181,11 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     if durations:
         log.info("warm-up: %d passes, last %.1f ms", len(durations), durations[-1] * 1000)
 
-    factory = SocketFactory()
+    # With CURVE on (args.curve), only clients whose public key is in policy.allowed_clients_dir get a
+    # handshake; the others never reach this loop (common.wire.curve logs each refused peer once).
+    factory = SocketFactory(curve=args.curve)
     server = RouterServer(factory, config.policy.bind)
     policy_server = PolicyServer(runtime, server)
     readiness.ready(endpoint=config.policy.bind, checkpoint_id=contract.checkpoint_id, policy_type=contract.policy_type,
-                    untrained=contract.untrained, device=contract.device)
+                    untrained=contract.untrained, device=contract.device, curve=args.curve is not None)
     try:
         while not stop.is_set():
             received = server.receive(timeout_s=0.2)
@@ -202,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         readiness.clear()
         server.close()
-        log.info("stopped after %d chunks (%d errors)", policy_server.served, policy_server.errors)
+        factory.close()
+        log.info("stopped after %d chunks (%d errors, %d refused handshakes)", policy_server.served,
+                 policy_server.errors, factory.refusals.refused)
 
 
 if __name__ == "__main__":
