@@ -22,7 +22,14 @@ from typing import Any
 import draccus
 import yaml
 
-from common.wire.curve import CurveKeys, curve_keys_for, is_loopback
+from common.wire.curve import (
+    KEYS_COMMAND,
+    CurveKeys,
+    KeyFileError,
+    check_allowed_clients,
+    is_loopback,
+    load_certificate_file,
+)
 
 SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 CAMERA_BACKENDS = ("synthetic", "opencv", "realsense")
@@ -424,6 +431,55 @@ def warn_insecure_streams(config: DeploymentConfig) -> None:
         logging.getLogger("armpipe.config").warning(
             "INSECURE: `insecure: true` lets these sockets take plain TCP beyond this machine, where anyone on the "
             "network can read or inject them: %s", ", ".join(f"{path}={url}" for path, url in exposed.items()))
+
+
+def _key_file(path_text: str, field: str, *, secret: bool) -> tuple[bytes, bytes]:
+    if not path_text:
+        kind = "secret certificate (<name>.key_secret)" if secret else "public certificate (<name>.key)"
+        raise ConfigError(field, f"expected the path of a CURVE {kind} (CURVE is on: see docs/operations.md, "
+                                 f"'Keys'); make one with {KEYS_COMMAND}")
+    try:
+        return load_certificate_file(resolve_repo_path(path_text), secret=secret)
+    except KeyFileError as exc:
+        raise ConfigError(field, str(exc)) from exc
+
+
+def curve_keys_for(config: DeploymentConfig, side: str) -> CurveKeys | None:
+    """The CURVE keys of the policy link for ``side`` ("server": the policy node; "client": whoever asks
+    it for chunks), or None when CURVE is off. Logs which it is; a loud warning for ``insecure: true``
+    on a link that leaves the machine. A missing or unreadable key is a ``ConfigError`` naming the field
+    and the file."""
+    log = logging.getLogger("armpipe.curve")
+    policy = config.policy
+    if config.insecure:
+        if policy.crosses_hosts():
+            log.warning("INSECURE: `insecure: true` in the config: the policy link (bind %s, endpoint %s) is plain "
+                        "TCP. Anyone on the network can ask this policy for actions, fill its sessions, or pose "
+                        "as the server to the robot. Set up CURVE keys (docs/operations.md, 'Keys') and remove "
+                        "`insecure: true`.", policy.bind, policy.endpoint)
+        return None
+    if not config.policy_curve():
+        log.info("CURVE off: the policy link stays on loopback (bind %s, endpoint %s)", policy.bind, policy.endpoint)
+        return None
+    if side == "server":
+        public, secret = _key_file(policy.server_secret_key_file, "policy.server_secret_key_file", secret=True)
+        field_name = "policy.allowed_clients_dir"
+        if not policy.allowed_clients_dir:
+            raise ConfigError(field_name, "expected the directory of the allowed clients' public certificates "
+                                          "(<name>.key files); CURVE is on: see docs/operations.md, 'Keys'")
+        allowed = resolve_repo_path(policy.allowed_clients_dir)
+        try:
+            count = check_allowed_clients(allowed)
+        except KeyFileError as exc:
+            raise ConfigError(field_name, str(exc)) from exc
+        log.info("CURVE on: server key %s, allowed clients: %d certificate(s) in %s", public.decode(), count, allowed)
+        return CurveKeys(server_public=public, server_secret=secret, allowed_clients_dir=str(allowed))
+    if side == "client":
+        server_public, _ = _key_file(policy.server_public_key_file, "policy.server_public_key_file", secret=False)
+        public, secret = _key_file(policy.client_secret_key_file, "policy.client_secret_key_file", secret=True)
+        log.info("CURVE on: talking to server key %s as client key %s", server_public.decode(), public.decode())
+        return CurveKeys(server_public=server_public, client_public=public, client_secret=secret)
+    raise ValueError(f"side must be 'server' or 'client', got {side!r}")
 
 
 def select_instance[T](instances: dict[str, T], name: str, what: str) -> tuple[str, T]:

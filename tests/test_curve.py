@@ -17,10 +17,10 @@ import zmq
 from conftest import NodeProcess, free_endpoint, wait_for, write_config
 
 import common.wire.curve
-from common.config import ConfigError, load_config
+from common.config import ConfigError, curve_keys_for, load_config
 from common.tools.keys import main as keys_main
 from common.tools.keys import make_key_pair
-from common.wire.curve import CurveKeys, curve_keys_for, is_loopback
+from common.wire.curve import CurveKeys, is_loopback
 from common.wire.policy_client import PolicyClient
 from common.wire.protocol import KIND_REPLY, KIND_REQUEST, Message, decode
 from common.wire.transport import PeerUnavailable, RequestClient, RouterServer, SocketFactory
@@ -249,7 +249,8 @@ def test_policy_node_with_curve_serves_only_allowed_clients(tmp_path, keys, tiny
     stranger.close()
     assert robot.infer(images, np.zeros(6, np.float32), obs_t=2.0).actions.shape[1] == 6
     robot.close()
-    wait_for(lambda: "does not use CURVE" in node.log(), timeout_s=10, message=node.log()[-2000:])
+    wait_for(lambda: "does not use CURVE" in node.log() or "hung up during the CURVE handshake" in node.log(),
+             timeout_s=10, message=node.log()[-2000:])
     assert node.stop() == 0
     assert "refused handshakes" in node.log()
 

@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ConfigError, DeploymentConfig, load_config
-from common.wire.curve import curve_keys_for
+from common.config import ConfigError, DeploymentConfig, curve_keys_for, load_config
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_REQUEST, Message
 from common.wire.transport import LatestSubscriber, PeerUnavailable, RemoteError, RequestClient, SocketFactory
 

@@ -7,7 +7,8 @@ the server's allowed clients checked by a ``zmq.auth.thread.ThreadAuthenticator`
 
 When CURVE is on (``DeploymentConfig.policy_curve``): the policy binds anything but loopback, or
 clients connect to anything but loopback, or any key file is configured; and the config does not say
-``insecure: true``. Both machines read the same deployment file, so they agree.
+``insecure: true``. Both machines read the same deployment file, so they agree. Which keys a side uses
+comes from the config (``common.config.curve_keys_for``); this module reads the files.
 
 A client that is refused gets nothing back: libzmq drops the connection during the handshake, before
 any message reaches the policy's loop, so no reply and no session. The server logs each refused peer
@@ -28,16 +29,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
-
-if TYPE_CHECKING:
-    from common.config import DeploymentConfig
 
 log = logging.getLogger("armpipe.curve")
 
@@ -82,103 +79,55 @@ class CurveKeys:
 
 
 # ------------------------------------------------------------------------------------------ key files
-def _config_error(field: str, message: str) -> Exception:
-    from common.config import ConfigError  # late: common.config imports this module (is_loopback)
-
-    return ConfigError(field, message)
+class KeyFileError(ValueError):
+    """A certificate file or directory that cannot be used; the message names the file."""
 
 
-def _check_key(text: bytes | None, field: str, path: Path, which: str) -> bytes:
+def _check_key(text: bytes | None, path: Path, which: str) -> bytes:
     if not text:
-        raise _config_error(field, f"no {which} key in {path}; expected a certificate written by {KEYS_COMMAND}")
+        raise KeyFileError(f"no {which} key in {path}; expected a certificate written by {KEYS_COMMAND}")
     try:
         ok = len(text) == 40 and len(z85.decode(text)) == 32
     except (ValueError, KeyError, IndexError):
         ok = False
     if not ok:
-        raise _config_error(field, f"the {which} key in {path} is not a 40-character Z85 CURVE key")
+        raise KeyFileError(f"the {which} key in {path} is not a 40-character Z85 CURVE key")
     return text
 
 
-def load_certificate_file(path_text: str, field: str, *, secret: bool) -> tuple[bytes, bytes]:
-    """(public, secret) Z85 keys of a certificate file, or a ``ConfigError`` naming the field and file.
+def load_certificate_file(path: Path, *, secret: bool) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys of a pyzmq certificate file; ``KeyFileError`` naming the file otherwise.
 
     ``secret=True`` requires a secret certificate (``<name>.key_secret``); the secret comes back empty
     otherwise. A secret file others can read is used, with a warning (as ssh does for identity files).
     """
-    from common.config import resolve_repo_path
-
-    if not path_text:
-        kind = "secret certificate (<name>.key_secret)" if secret else "public certificate (<name>.key)"
-        raise _config_error(field, f"expected the path of a CURVE {kind} (CURVE is on: see docs/operations.md, "
-                                   f"'Keys'); make one with {KEYS_COMMAND}")
-    path = resolve_repo_path(path_text)
     if not path.is_file():
-        raise _config_error(field, f"no such file: {path}")
+        raise KeyFileError(f"no such file: {path}")
     try:
         public, secret_key = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise _config_error(field, f"cannot read the CURVE certificate {path}: {exc}") from exc
-    public = _check_key(public, field, path, "public")
+        raise KeyFileError(f"cannot read the CURVE certificate {path}: {exc}") from exc
+    public = _check_key(public, path, "public")
     if not secret:
         return public, b""
-    secret_key = _check_key(secret_key, field, path, "secret")
+    secret_key = _check_key(secret_key, path, "secret")
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("the secret CURVE certificate %s can be read by other users: chmod 600 it", path)
     return public, secret_key
 
 
-def load_allowed_clients(dir_text: str, field: str) -> Path:
-    """The directory of allowed client public certificates, checked: it exists and every ``*.key`` in
-    it is a readable certificate (one bad file is an error naming it, not a silently ignored client)."""
-    from common.config import resolve_repo_path
-
-    if not dir_text:
-        raise _config_error(field, "expected the directory of the allowed clients' public certificates "
-                                   "(<name>.key files); CURVE is on: see docs/operations.md, 'Keys'")
-    directory = resolve_repo_path(dir_text)
+def check_allowed_clients(directory: Path) -> int:
+    """The number of client public certificates (``*.key``) in ``directory``, each checked readable (one
+    bad file is an error naming it, not a silently ignored client); ``KeyFileError`` if there are none."""
     if not directory.is_dir():
-        raise _config_error(field, f"no such directory: {directory}")
+        raise KeyFileError(f"no such directory: {directory}")
     certificates = sorted(directory.glob("*.key"))
     if not certificates:
-        raise _config_error(field, f"no client public certificates (*.key) in {directory}: no client could "
-                                   f"connect; copy each robot's <name>.key there")
+        raise KeyFileError(f"no client public certificates (*.key) in {directory}: no client could connect; "
+                           f"copy each robot's <name>.key there")
     for certificate in certificates:
-        load_certificate_file(str(certificate), field, secret=False)
-    return directory
-
-
-def curve_keys_for(config: DeploymentConfig, side: str) -> CurveKeys | None:
-    """The CURVE keys of the policy link for ``side`` ("server": the policy node; "client": whoever asks
-    it for chunks), or None when CURVE is off. Logs which it is; a loud warning for ``insecure: true``
-    on a link that leaves the machine. Raises ``ConfigError`` naming the field and file of a missing or
-    unreadable key."""
-    policy = config.policy
-    if config.insecure:
-        if policy.crosses_hosts():
-            log.warning("INSECURE: `insecure: true` in the config: the policy link (bind %s, endpoint %s) is plain "
-                        "TCP. Anyone on the network can ask this policy for actions, fill its sessions, or pose "
-                        "as the server to the robot. Set up CURVE keys (docs/operations.md, 'Keys') and remove "
-                        "`insecure: true`.", policy.bind, policy.endpoint)
-        return None
-    if not config.policy_curve():
-        log.info("CURVE off: the policy link stays on loopback (bind %s, endpoint %s)", policy.bind, policy.endpoint)
-        return None
-    if side == "server":
-        public, secret = load_certificate_file(policy.server_secret_key_file, "policy.server_secret_key_file",
-                                               secret=True)
-        allowed = load_allowed_clients(policy.allowed_clients_dir, "policy.allowed_clients_dir")
-        log.info("CURVE on: server key %s, allowed clients: %d certificate(s) in %s", public.decode(),
-                 len(list(allowed.glob("*.key"))), allowed)
-        return CurveKeys(server_public=public, server_secret=secret, allowed_clients_dir=str(allowed))
-    if side == "client":
-        server_public, _ = load_certificate_file(policy.server_public_key_file, "policy.server_public_key_file",
-                                                 secret=False)
-        public, secret = load_certificate_file(policy.client_secret_key_file, "policy.client_secret_key_file",
-                                               secret=True)
-        log.info("CURVE on: talking to server key %s as client key %s", server_public.decode(), public.decode())
-        return CurveKeys(server_public=server_public, client_public=public, client_secret=secret)
-    raise ValueError(f"side must be 'server' or 'client', got {side!r}")
+        load_certificate_file(certificate, secret=False)
+    return len(certificates)
 
 
 # ------------------------------------------------------------------------------------------ server side
