@@ -215,7 +215,7 @@ def test_episode_state_machine_and_its_errors() -> None:
 
 
 def test_stop_holds_then_moves_to_the_rest_pose_at_rest_step_and_goes_idle() -> None:
-    from nodes.actuator.__main__ import ControlCore
+    from nodes.actuator.core import ControlCore
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "sort.yaml")
     config.arms["right"].rest_pose = []  # this arm has no rest pose: it stays where it was

@@ -2,7 +2,7 @@
 and moves at most ``max_step`` per tick from the previous one.
 
 The property tests feed adversarial chunks (NaN, inf, huge jumps, out-of-range values, odd timing)
-through the actuator's real decision code (``nodes.actuator.ControlCore``: chunk queue + safety filter
+through the actuator's real decision code (``nodes.actuator.core.ControlCore``: chunk queue + safety filter
 + hold logic + episode stop/rest moves) and check both invariants on every tick.
 """
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from common.config import REPO_ROOT, load_config
-from nodes.actuator.__main__ import HOLD_BAD_ACTION, ControlCore
+from nodes.actuator.core import HOLD_BAD_ACTION, ControlCore
 from nodes.actuator.safety import SafetyFilter
 
 LOWER = np.array([-110, -100, -100, -100, -150, 0], dtype=np.float32)

@@ -1,0 +1,211 @@
+"""The actuator's two kinds of worker thread, so the control loop never blocks on the network or a bus:
+``PolicyWorker`` (owns the REQ socket to the policy: ZeroMQ sockets are not thread-safe) and one
+``BusWriter`` per arm (bus contention never delays a tick)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.config import DeploymentConfig
+from common.wire.contract import PolicyContract
+from common.wire.images import JpegImage
+from common.wire.policy_client import ChunkReply, PolicyClient
+from common.wire.transport import SocketFactory
+from nodes.actuator.inputs import Observation
+
+log = logging.getLogger("actuator")
+
+BUS_RETRY_S = 1.0
+
+
+# ==================================================================================================
+# Policy worker (owns the REQ socket: ZeroMQ sockets are not thread-safe)
+# ==================================================================================================
+
+
+@dataclass
+class Job:
+    kind: str  # "contract" | "reset" | "infer"
+    generation: int = 0
+    observation: Observation | None = None
+    obs_t: float = 0.0  # the time sent to the policy (lockstep: the frame index)
+
+
+@dataclass
+class JobResult:
+    job: Job
+    contract: PolicyContract | None = None
+    reply: ChunkReply | None = None
+    error: Exception | None = None
+
+
+class PolicyWorker(threading.Thread):
+    """Runs policy requests one at a time so the control loop never blocks on the network."""
+
+    def __init__(self, factory: SocketFactory, config: DeploymentConfig, client_id: str) -> None:
+        super().__init__(name="policy-worker", daemon=True)
+        self.factory = factory
+        self.config = config
+        self.client_id = client_id
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.results: queue.Queue[JobResult] = queue.Queue()
+        self.pending = 0  # jobs submitted whose result has not been taken yet (main thread only)
+        # Frames go to the policy as they came: a JPEG camera's bytes as received (never decoded and encoded
+        # again), a raw frame raw unless its camera asks for JPEG (then at that camera's jpeg_quality).
+        self.jpeg_quality = {name: cam.jpeg_quality for name, cam in config.cameras.items() if cam.encoding == "jpeg"}
+
+    def submit(self, job: Job) -> None:
+        self.pending += 1
+        self.jobs.put(job)
+
+    def take(self, timeout_s: float | None = None) -> JobResult | None:
+        try:
+            result = self.results.get(timeout=timeout_s) if timeout_s else self.results.get_nowait()
+        except queue.Empty:
+            return None
+        self.pending -= 1
+        return result
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+    def run(self) -> None:
+        policy = self.config.policy
+        client = PolicyClient(self.factory, policy.endpoint, client_id=self.client_id, timeout_s=policy.timeout_s,
+                              retries=policy.retries)
+        try:
+            while (job := self.jobs.get()) is not None:
+                try:
+                    self.results.put(self._run(client, job))
+                except Exception as exc:  # reported to the loop, which holds; the worker keeps serving
+                    self.results.put(JobResult(job=job, error=exc))
+        finally:
+            client.close()
+
+    def _run(self, client: PolicyClient, job: Job) -> JobResult:
+        if job.kind == "contract":
+            return JobResult(job=job, contract=client.metadata())
+        if job.kind == "reset":
+            client.reset()
+            return JobResult(job=job)
+        observation = job.observation
+        assert observation is not None
+        images = {camera: JpegImage.of_message(msg) if "image" in msg.jpeg else msg.arrays["image"]
+                  for camera, msg in observation.frames.items()}
+        return JobResult(job=job, reply=client.infer(images, observation.state, job.obs_t, jpeg=self.jpeg_quality))
+
+
+# ==================================================================================================
+# Bus writers (one thread per arm, so bus contention never delays a tick)
+# ==================================================================================================
+
+
+class BusWriter(threading.Thread):
+    """Writes the newest target of one arm through ``common.feetech_bus.ArmBus``; reconnects on failure."""
+
+    def __init__(self, arm_name: str, config: DeploymentConfig, stop: threading.Event) -> None:
+        super().__init__(name=f"bus-{arm_name}", daemon=True)
+        self.arm_name = arm_name
+        self.arm = config.arms[arm_name]
+        self.stop_event = stop
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._target: np.ndarray | None = None
+        self.connected = False
+        self.last_error = ""
+        self.writes = 0
+        # Present_Position read through this writer's own bus for an episode (generation) that asked for it:
+        # the episode's step limit starts there, not at whatever the state stream says.
+        self._present_wanted: int | None = None
+        self._present: tuple[int, np.ndarray] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.connected and not self.last_error
+
+    def request_present(self, generation: int) -> None:
+        """Read the servos' present position (before any further write) for episode ``generation``."""
+        with self._lock:
+            self._present_wanted = generation
+            self._target = None  # a target meant for the previous episode must not go out first
+        self._wake.set()
+
+    def present_for(self, generation: int) -> np.ndarray | None:
+        present = self._present
+        return present[1] if present is not None and present[0] == generation else None
+
+    def submit(self, target: np.ndarray) -> None:
+        with self._lock:
+            self._target = np.array(target, dtype=np.float32)
+        self._wake.set()
+
+    def run(self) -> None:
+        from common.feetech_bus import ArmBus  # lazy: LeRobot's bus stack is only needed when writing
+
+        bus: Any = None
+        while not self.stop_event.is_set():
+            if bus is None:
+                try:
+                    bus = ArmBus(self.arm, name=self.arm_name)
+                    bus.connect()
+                    self.connected, self.last_error = True, ""
+                    log.info("arm %s: bus %s connected", self.arm_name, self.arm.port)
+                except Exception as exc:
+                    bus = None
+                    self.connected = False
+                    self._report(f"cannot open bus {self.arm.port}: {exc}")
+                    self.stop_event.wait(BUS_RETRY_S)
+                    continue
+            if self._present_wanted is not None:
+                wanted = self._present_wanted
+                try:
+                    position = bus.read_positions()
+                except Exception as exc:
+                    self._report(f"read of the present position from {self.arm.port} failed: {exc}; reconnecting")
+                    self.connected = False
+                    self._close(bus)
+                    bus = None
+                    continue
+                with self._lock:
+                    if self._present_wanted == wanted:
+                        self._present_wanted = None
+                self._present = (wanted, position)
+                log.info("arm %s: present position %s (episode anchor)", self.arm_name, np.round(position, 1).tolist())
+            if not self._wake.wait(timeout=0.1):
+                continue
+            self._wake.clear()
+            with self._lock:
+                target, self._target = self._target, None
+            if target is None or self._present_wanted is not None:
+                continue
+            try:
+                bus.write_goals(target)
+                self.writes += 1
+                self.last_error = ""
+            except ValueError as exc:
+                # A goal the driver cannot encode (outside the calibrated range): the bus itself is fine.
+                self._report(f"goal refused by the driver: {exc}")
+            except Exception as exc:
+                self._report(f"write to {self.arm.port} failed: {exc}; reconnecting")
+                self.connected = False
+                self._close(bus)
+                bus = None
+        if bus is not None:
+            self._close(bus)
+
+    def _report(self, text: str) -> None:
+        if text != self.last_error:
+            log.error("arm %s: %s", self.arm_name, text)
+        self.last_error = text
+
+    def _close(self, bus: Any) -> None:
+        try:
+            bus.disconnect()
+        except Exception as exc:
+            log.warning("arm %s: closing the bus: %s", self.arm_name, exc)
