@@ -1,0 +1,310 @@
+"""The recorder's receiver side: pairs each executed tick with the frames and states it used (by the
+sequence numbers in its ``inputs``), matches the player's ground truth, decides episode boundaries and
+queues work items for the writer thread."""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import DeploymentConfig
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
+from nodes.recorder.writer import ChunkRecord, EpisodeInfo, TickRecord, next_recorder_index
+
+log = logging.getLogger("recorder")
+
+# An episode whose ``episode_stop`` was missed is closed after the actuator has ticked idle this long.
+# (Silence alone never closes it: a lockstep actuator may wait a minute for a CPU diffusion chunk.)
+IDLE_CLOSE_S = 2.0
+PLAYER_SRC = "dataset_player"  # the player's ``src``: its episode events share names with the actuator's
+GROUND_TRUTH_KEEP = 20000  # ground-truth rows kept for matching (about 11 minutes at 30 fps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Work items: receiver -> writer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StartItem:
+    info: EpisodeInfo
+
+
+@dataclass
+class StopItem:
+    label: str
+    reason: str
+    ended_t: float
+    dropped_ticks: int
+
+
+@dataclass
+class LabelItem:
+    actuator_episode: int
+    label: str
+
+
+@dataclass
+class RejectItem:
+    field: str
+
+
+@dataclass
+class HoldItem:
+    reason: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Receiver: pairing ticks with their inputs and deciding episode boundaries
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    msg: Message
+    received: float
+
+
+@dataclass
+class _OpenEpisode:
+    info: EpisodeInfo
+    dropped: int = 0
+    idle_since: float | None = None  # first idle tick (episode_index -1) seen while this episode is open
+
+
+class TickAssembler:
+    """Turns the raw streams into ordered writer items. Single-threaded (the receiver thread)."""
+
+    def __init__(self, config: DeploymentConfig, output_dir: Path, work: queue.Queue[Any]) -> None:
+        self.config = config
+        self.output_dir = output_dir
+        self.work = work
+        self.frame_buffer = max(2, config.recorder.frame_buffer)
+        self.input_wait_s = config.recorder.input_wait_s
+        self.frames: dict[str, OrderedDict[int, Message]] = {name: OrderedDict() for name in config.cameras}
+        self.states: dict[str, OrderedDict[int, Message]] = {name: OrderedDict() for name in config.arms}
+        self.ground_truth: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.pending: deque[_Pending] = deque()
+        self.episode: _OpenEpisode | None = None
+        self.closed: deque[int] = deque(maxlen=32)  # actuator indices already closed (no implicit reopen)
+        self.next_index = next_recorder_index(output_dir)
+        self.ticks_waiting = 0  # ticks queued for the writer (shared with it; guarded by the GIL's atomic +=)
+        self.lock = threading.Lock()
+        self.counters = {"ticks": 0, "dropped": 0, "unmatched": 0}
+
+    # ------------------------------------------------------------------ input
+    def on_message(self, msg: Message, now: float) -> None:
+        if msg.kind == KIND_FRAME:
+            self._remember(self.frames.get(str(msg.meta.get("camera"))), msg)
+        elif msg.kind == KIND_STATE:
+            self._remember(self.states.get(str(msg.meta.get("arm"))), msg)
+        elif msg.kind == KIND_ACTION and msg.meta.get("role") == "ground_truth":
+            self._remember_ground_truth(msg)
+        elif msg.kind == KIND_EVENT and msg.src.startswith(PLAYER_SRC):
+            # The player's own episode_start/episode_end (its dataset's episodes): not the actuator's episodes.
+            if msg.meta.get("event") == "episode_start":
+                log.debug("player started dataset episode %s", msg.meta.get("episode_index"))
+        elif (msg.kind == KIND_ACTION and msg.meta.get("role") == "executed") or (
+                msg.kind == KIND_EVENT and msg.meta.get("event") in ("episode_start", "episode_stop", "episode_label",
+                                                                     "chunk", "hold")):
+            self.pending.append(_Pending(msg, now))
+        elif msg.kind == KIND_EVENT and msg.meta.get("event") == "contract_mismatch":
+            log.warning("actuator reports a contract mismatch: %s", msg.meta.get("differences"))
+        self.process(now)
+
+    def _remember(self, buffer: OrderedDict[int, Message] | None, msg: Message) -> None:
+        if buffer is None:
+            return
+        if buffer and msg.seq <= next(reversed(buffer)):
+            buffer.clear()  # the publisher restarted: its sequence numbers start again
+        buffer[msg.seq] = msg
+        while len(buffer) > self.frame_buffer:
+            buffer.popitem(last=False)
+
+    def _remember_ground_truth(self, msg: Message) -> None:
+        action = msg.arrays.get("action")
+        episode, frame_index = msg.meta.get("episode_index"), msg.meta.get("frame_index")
+        if action is None or not isinstance(episode, int) or not isinstance(frame_index, int):
+            return
+        self.ground_truth[(episode, frame_index)] = np.array(action, dtype=np.float32)
+        while len(self.ground_truth) > GROUND_TRUTH_KEEP:
+            self.ground_truth.popitem(last=False)
+
+    # ------------------------------------------------------------------ ordered processing
+    def process(self, now: float) -> None:
+        """Handle actuator messages in arrival order; a tick waits (bounded) for the inputs it names."""
+        while self.pending:
+            head = self.pending[0]
+            if head.msg.kind == KIND_ACTION:
+                force = now - head.received >= self.input_wait_s
+                if not self._on_tick(head.msg, force, now):
+                    break  # still waiting for its frames/states
+            else:
+                self._on_event(head.msg, now)
+            self.pending.popleft()
+
+    def _put(self, item: Any) -> None:
+        self.work.put(item)
+
+    def _start(self, actuator_episode: int, t: float, *, implicit: bool) -> None:
+        if self.episode is not None:
+            self._stop("", "superseded", t)
+        info = EpisodeInfo(name=f"episode_{self.next_index:06d}", recorder_index=self.next_index,
+                           actuator_episode=actuator_episode, started_wall=time.time(), started_t=t,
+                           implicit_start=implicit)
+        self.next_index += 1
+        self.episode = _OpenEpisode(info)
+        log.info("episode %d started -> %s%s", actuator_episode, info.name, " (start event missed)" if implicit else "")
+        self._put(StartItem(info))
+
+    def _stop(self, label: str, reason: str, t: float) -> None:
+        assert self.episode is not None
+        self._put(StopItem(label=label, reason=reason, ended_t=t, dropped_ticks=self.episode.dropped))
+        log.info("episode %d stopped (%s, label %r) -> %s", self.episode.info.actuator_episode, reason, label,
+                 self.episode.info.name)
+        self.closed.append(self.episode.info.actuator_episode)
+        self.episode = None
+
+    def _on_event(self, msg: Message, now: float) -> None:
+        event = msg.meta.get("event")
+        index = msg.meta.get("episode_index")
+        if event == "episode_start" and isinstance(index, int):
+            if self.episode is not None and self.episode.info.actuator_episode == index:
+                return  # a repeated start of the episode already open
+            self._start(index, msg.t, implicit=False)
+        elif event == "episode_stop":
+            if self.episode is None or (isinstance(index, int) and index != self.episode.info.actuator_episode):
+                log.info("episode_stop for episode %s, which is not being recorded", index)
+                return
+            self._stop(str(msg.meta.get("label") or ""), str(msg.meta.get("reason") or "stop"), msg.t)
+        elif event == "episode_label" and isinstance(index, int):
+            self._put(LabelItem(index, str(msg.meta.get("label") or "")))
+        elif event == "chunk" and self.episode is not None:
+            chunk = msg.arrays.get("chunk")
+            timings = msg.meta.get("timings") if isinstance(msg.meta.get("timings"), dict) else {}
+            self._put(ChunkRecord(
+                t=msg.t, obs_t=_float(msg.meta.get("obs_t")), rows=_int(msg.meta.get("rows")),
+                dropped_stale=_int(msg.meta.get("dropped_stale")), round_trip_s=_float(msg.meta.get("round_trip_s")),
+                queue_depth=_int(msg.meta.get("queue_depth")),
+                timings={str(k): _float(v) for k, v in timings.items() if isinstance(v, (int, float))},
+                chunk=None if chunk is None else np.array(chunk, dtype=np.float32)))
+        elif event == "hold" and self.episode is not None:
+            self._put(HoldItem(str(msg.meta.get("reason", ""))))
+
+    def _on_tick(self, msg: Message, force: bool, now: float) -> bool:
+        """False while the tick should wait for inputs it names that have not arrived yet."""
+        index = msg.meta.get("episode_index")
+        index = index if isinstance(index, int) else -1
+        if self.episode is not None and index != self.episode.info.actuator_episode:
+            if index < 0:
+                # An idle actuator with this episode still open here: its stop event was lost.
+                if self.episode.idle_since is None:
+                    self.episode.idle_since = now
+                elif now - self.episode.idle_since > IDLE_CLOSE_S:
+                    self._stop("", "stop_event_missed", msg.t)
+                return True
+            self._stop("", "superseded", msg.t)
+        if self.episode is None:
+            if index < 0 or index in self.closed:
+                return True
+            self._start(index, msg.t, implicit=True)
+        assert self.episode is not None
+        tick = self._assemble(msg, force)
+        if tick is None:
+            return False
+        self.episode.idle_since = None
+        self.counters["ticks"] += 1
+        if isinstance(tick, RejectItem):
+            self._put(tick)
+            return True
+        if not tick.inputs_matched:
+            self.counters["unmatched"] += 1
+        with self.lock:
+            full = self.ticks_waiting >= self.config.recorder.queue_ticks
+            if not full:
+                self.ticks_waiting += 1
+        if full:
+            self.episode.dropped += 1
+            self.counters["dropped"] += 1
+            if self.episode.dropped == 1 or self.episode.dropped % 100 == 0:
+                log.warning("writer is behind: %d tick(s) of %s dropped (recorder.queue_ticks=%d)",
+                            self.episode.dropped, self.episode.info.name, self.config.recorder.queue_ticks)
+            return True
+        self._put(tick)
+        return True
+
+    def _pick(self, buffer: OrderedDict[int, Message], seq: Any, force: bool) -> tuple[Message | None, bool, bool]:
+        """(message, matched, wait): the message with ``seq``, else the newest once waiting is pointless."""
+        if isinstance(seq, int) and seq in buffer:
+            return buffer[seq], True, False
+        newest = next(reversed(buffer)) if buffer else None
+        if not force and isinstance(seq, int) and (newest is None or seq > newest):
+            return None, False, True  # named input not here yet
+        return (buffer[newest] if newest is not None else None), not isinstance(seq, int), False
+
+    def _assemble(self, msg: Message, force: bool) -> TickRecord | RejectItem | None:
+        inputs = msg.meta.get("inputs") if isinstance(msg.meta.get("inputs"), dict) else {}
+        matched = True
+        images: dict[str, np.ndarray] = {}
+        jpeg: set[str] = set()
+        frame_used: Message | None = None
+        for camera, buffer in self.frames.items():
+            frame, ok, wait = self._pick(buffer, inputs.get(camera), force)
+            if wait:
+                return None
+            if frame is None:
+                return RejectItem(f"images.{camera}")
+            matched &= ok
+            image = frame.arrays.get("image")
+            if image is None:
+                return RejectItem(f"images.{camera}")
+            images[camera] = image
+            if "image" in frame.jpeg:
+                jpeg.add(camera)
+            frame_used = frame_used or frame
+        parts = []
+        for arm, buffer in self.states.items():
+            state, ok, wait = self._pick(buffer, inputs.get(arm), force)
+            if wait:
+                return None
+            if state is None or state.arrays.get("position") is None:
+                return RejectItem(f"state.{arm}")
+            matched &= ok
+            parts.append(np.asarray(state.arrays["position"], dtype=np.float32).reshape(-1))
+        frame_index = _int(msg.meta.get("frame_index"), -1)
+        ground_truth = None
+        if frame_used is not None and frame_index >= 0:
+            player_episode = frame_used.meta.get("episode_index")
+            ground_truth = self.ground_truth.get((player_episode, frame_index))
+            if ground_truth is None and not force and frame_used.meta.get("source") == SOURCE_DATASET:
+                # The player publishes every row's truth, on its own socket: it can arrive after the tick
+                # (first row of an episode included), so wait for it (bounded by input_wait_s).
+                return None
+        action = msg.arrays.get("action")
+        if action is None:
+            return RejectItem("action")
+        return TickRecord(
+            tick=_int(msg.meta.get("tick")), t=msg.t, obs_t=_float(msg.meta.get("obs_t")),
+            hold=bool(msg.meta.get("hold")), hold_reason=str(msg.meta.get("hold_reason") or ""),
+            queue_depth=_int(msg.meta.get("queue_depth")), lateness_s=_float(msg.meta.get("lateness_s")),
+            frame_index=frame_index, actuator_episode=self.episode.info.actuator_episode if self.episode else -1,
+            action=np.array(action, dtype=np.float32).reshape(-1), state=np.concatenate(parts) if parts else
+            np.zeros(0, np.float32), images=images, jpeg=jpeg, ground_truth=ground_truth,
+            inputs={str(k): v for k, v in inputs.items() if isinstance(v, int)}, inputs_matched=matched)
+
+
+def _float(value: Any, default: float = math.nan) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
