@@ -14,7 +14,8 @@ from conftest import REPO_ROOT, NodeProcess, wait_for, write_config
 
 from common.config import EmulatorConfig, load_config
 from common.feetech_bus import SO101_MOTOR_IDS, load_calibration, resolve_repo_path, so101_motors
-from nodes.servo_emulator.__main__ import (
+from nodes.servo_emulator.bus import EmulatedBus, build_arm
+from nodes.servo_emulator.sts3215 import (
     BROADCAST_ID,
     ERR_INSTRUCTION,
     INITIAL_CALIBRATION,
@@ -23,10 +24,8 @@ from nodes.servo_emulator.__main__ import (
     INST_SYNC_READ,
     INST_WRITE,
     REGISTERS,
-    EmulatedBus,
     EmulatedServo,
     ServoCalibration,
-    build_arm,
     instruction_packet,
     status_packet,
 )
