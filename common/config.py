@@ -39,6 +39,7 @@ POLICY_ROWS = ("n_action_steps", "horizon")
 PLAYER_MODES = ("realtime", "lockstep")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("fp32", "bf16")
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,7 +222,7 @@ class RecorderConfig:
     output_dir: str = "recordings"  # one LeRobot dataset per episode, plus metrics.jsonl, summary.json, plots/
     vcodec: str = "h264"  # LeRobot video codec of recorded cameras: h264 (fast to encode) | libsvtav1 | hevc
     queue_ticks: int = 300  # ticks waiting for the writer at most (10 s at 30 fps); beyond, ticks are dropped
-    image_writer_threads: int = 2  # LeRobot's asynchronous PNG writer threads
+    video_preset: str = "ultrafast"  # h264/hevc speed preset of the encoders that run during the episode
     frame_buffer: int = 60  # recent frames kept per camera to match each tick's inputs by sequence number
     input_wait_s: float = 0.5  # how long a tick waits for the frames and states it names before using the newest
 
@@ -320,6 +321,7 @@ class DeploymentConfig:
         _one_of("policy.dtype", self.policy.dtype, DTYPES)
         _one_of("actuator.overlap", self.actuator.overlap, OVERLAP_RULES)
         _one_of("player.mode", self.player.mode, PLAYER_MODES)
+        _one_of("recorder.video_preset", self.recorder.video_preset, X264_PRESETS)
         if not 0.0 <= self.actuator.blend_old_weight <= 1.0:
             raise ConfigError("actuator.blend_old_weight", "expected a weight in 0..1")
         if self.actuator.refill_rows < 0:

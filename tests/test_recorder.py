@@ -24,6 +24,7 @@ from common.config import load_config
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
 from common.wire.transport import LatestSubscriber, Publisher, SocketFactory
 from nodes.recorder.__main__ import Finisher
+from nodes.recorder.video import readable_frames
 from nodes.recorder.writer import finished_without_metrics, load_outcome
 
 WIDTH, HEIGHT = 64, 64  # small frames: h264 needs even sizes; content still tells frames apart
@@ -172,14 +173,13 @@ def kill_mid_episode(pub: Streams, recorder: NodeProcess, output_dir: Path, epis
                                  kwargs={"first_k": first_k, "running": running})
     publisher.start()
     journal = output_dir / ".work" / name / "journal.jsonl"
-    # LeRobot's staging PNGs of frame 12 exist: its image threads (2, first in first out) have finished
-    # every image of frames 0..9 (written after their journal lines).
-    staged = [output_dir / ".work" / name / "images" / f"observation.images.{camera}" / "episode-000000" /
-              "frame-000012.png" for camera in pub.config.cameras]
+    # Every camera's fragmented MP4 (encoded as the episode runs) already holds 10 frames a reader can get.
+    streams = [output_dir / ".work" / name / "stream" / f"observation.images.{camera}.mp4"
+               for camera in pub.config.cameras]
     try:
         wait_for(lambda: journal.exists() and journal.read_text().count('"type":"tick"') >= 13
-                 and all(path.exists() for path in staged), timeout_s=60,
-                 message=f"{name} never reached the journal")
+                 and all(path.exists() and readable_frames(path) >= 10 for path in streams), timeout_s=60,
+                 interval_s=0.2, message=f"{name} never reached the journal")
         recorder.kill(signal.SIGKILL)  # mid-episode: ticks are still being published
         assert publisher.is_alive()
     finally:
@@ -241,7 +241,7 @@ def test_restart_rebuilds_the_interrupted_episode(streams: Any, node_processes: 
              message=f"episode not rebuilt:\n{restarted.log()[-3000:]}")
     assert not (output_dir / ".work" / "episode_000000").exists()
     recovered = load_dataset(output_dir / "episode_000000")
-    # Every frame complete on disk before the kill survives; ticks whose images were still queued are lost.
+    # Every frame complete on disk before the kill survives; the tail still in the encoders is lost, and counted.
     assert 10 <= recovered.num_frames <= journaled
     for index in (0, recovered.num_frames - 1):
         np.testing.assert_allclose(recovered.hf_dataset[index]["observation.state"].numpy(), pub.state_for(100 + index))
@@ -392,7 +392,7 @@ def test_written_episodes_are_lerobot_v3_that_lerobot_merges(tmp_path: Path) -> 
     config = load_config(small_config(tmp_path))
     lengths = (12, 7)
     for episode, length in enumerate(lengths):
-        dataset = OneEpisodeDataset(config, tmp_path / f"episode_{episode}", "h264", 2)
+        dataset = OneEpisodeDataset(config, tmp_path / f"episode_{episode}", "h264", "ultrafast")
         for k in range(length):
             state = np.arange(6, dtype=np.float32) + 100 * episode + k
             dataset.add_frame({image_key(camera): image_for(index, k) for index, camera in enumerate(config.cameras)},

@@ -8,13 +8,15 @@ Inputs (all subscribed, never requested, so the recorder cannot slow the control
 running episode becomes one dataset frame: the images and states the actuator used for that tick (found
 by the sequence numbers in its ``inputs``) and the action it commanded.
 
-Three threads, each with one job:
+Threads, each with one job:
 - receiver: drains the sockets, pairs ticks with their frames/states, decides episode boundaries and
   queues work. Ticks beyond ``recorder.queue_ticks`` waiting are dropped and counted, never buffered
   without bound;
-- writer: LeRobot ``add_frame`` (PNG staging on LeRobot's writer threads) and the crash journal;
-- finisher: video encoding, ``finalize``, side files, metrics and plots of a stopped episode, while the
-  writer already records the next one.
+- writer: hands each tick's frames to the camera encoders, writes the crash journal, and saves a stopped
+  episode (the videos are already encoded: a flush and a copy);
+- one encoder per camera (``video.CameraVideo``), encoding as the episode runs;
+- finisher: metrics and plots of a saved episode (and rebuilds after a crash), while the writer already
+  records the next one.
 
 Outputs under ``recorder.output_dir``: one LeRobot dataset per episode (``episode_000000/`` ...; see
 ``nodes.recorder.writer``), ``metrics.jsonl`` (a line per episode, and a new line when an episode is
@@ -68,6 +70,9 @@ from nodes.recorder.writer import (
 log = logging.getLogger("recorder")
 
 PROGRAM = "recorder"
+# Seconds a stopping recorder spends saving the open episode, then metrics: under the recorder program's
+# stopwaitsecs (30) in configs/supervisor, so supervisord never has to SIGKILL it.
+SHUTDOWN_BUDGET_S = 25.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,7 +81,7 @@ PROGRAM = "recorder"
 
 
 class Finisher(threading.Thread):
-    """Encodes, finalises and measures stopped episodes one at a time, off the writer's thread."""
+    """Metrics and plots of saved episodes, and rebuilds of crashed ones, one at a time, off the writer's thread."""
 
     def __init__(self, config: DeploymentConfig, output_dir: Path) -> None:
         super().__init__(name="finisher", daemon=True)
@@ -91,11 +96,7 @@ class Finisher(threading.Thread):
             try:
                 if job is None:
                     return
-                if isinstance(job, EpisodeWriter):
-                    outcome = job.finish()
-                    if outcome is not None:
-                        self.publish(outcome)
-                elif isinstance(job, EpisodeOutcome):
+                if isinstance(job, EpisodeOutcome):
                     self.publish(job)
                 elif isinstance(job, LabelItem):
                     self.relabel(job)
@@ -136,14 +137,14 @@ class Finisher(threading.Thread):
 
     def recover(self, work_root: Path) -> None:
         """Rebuild an episode a previous recorder left unfinished (crash); see ``recover_episode``."""
-        outcome = recover_episode(self.config, self.output_dir, work_root, vcodec=self.config.recorder.vcodec,
-                                  image_writer_threads=self.config.recorder.image_writer_threads)
+        outcome = recover_episode(self.config, self.output_dir, work_root, vcodec=self.config.recorder.vcodec)
         if outcome is not None:
             self.publish(outcome)
 
     def relabel(self, item: LabelItem) -> None:
         for entry in reversed(read_metrics(self.output_dir)):
-            if entry.get("actuator_episode") == item.actuator_episode:
+            if (entry.get("episode_id") == item.episode_id if item.episode_id
+                    else entry.get("actuator_episode") == item.actuator_episode):
                 entry = {**entry, "label": item.label, "relabelled_wall": time.time()}
                 side = Path(entry["dataset"]) / "armpipe"
                 if side.is_dir():
@@ -159,7 +160,8 @@ class Finisher(threading.Thread):
 
 
 class Writer(threading.Thread):
-    """Feeds the open episode's LeRobot writer; hands stopped episodes to the finisher."""
+    """Feeds the open episode's writer (camera encoders and journal); saves stopped episodes, then hands
+    them to the finisher for metrics and plots."""
 
     def __init__(self, config: DeploymentConfig, output_dir: Path, work: queue.Queue[Any],
                  assembler: TickAssembler, finisher: Finisher) -> None:
@@ -170,15 +172,12 @@ class Writer(threading.Thread):
         self.assembler = assembler
         self.finisher = finisher
         self.current: EpisodeWriter | None = None
-        # Images waiting for LeRobot's PNG threads are held in memory: cap them at about one second.
-        self.max_pending_images = max(8, config.fps * max(1, len(config.cameras)))
 
     def run(self) -> None:
         while True:
             item = self.work.get()
             if item is None:
-                if self.current is not None:
-                    # Leave the journal and PNGs: the next start rebuilds this episode (see recover_episode).
+                if self.current is not None:  # not expected: the receiver stops the open episode first
                     self.current.abandon()
                     log.warning("%s left for recovery at the next start", self.current.info.name)
                 return
@@ -193,9 +192,8 @@ class Writer(threading.Thread):
                 self.assembler.ticks_waiting -= 1
             if self.current is None:
                 return
-            while self.current.pending_images() > self.max_pending_images:
-                time.sleep(0.005)  # back-pressure: the bounded tick queue absorbs (or drops) meanwhile
             try:
+                # Blocks while a camera's encoder is a second behind: the bounded tick queue absorbs (or drops).
                 self.current.add_tick(item)
             except TickRejected as exc:
                 self.current.reject(exc.field)
@@ -204,7 +202,7 @@ class Writer(threading.Thread):
             if self.current is not None:
                 self.current.abandon()
             self.current = EpisodeWriter(self.config, self.output_dir, item.info, vcodec=self.config.recorder.vcodec,
-                                         image_writer_threads=self.config.recorder.image_writer_threads)
+                                         video_preset=self.config.recorder.video_preset)
         elif isinstance(item, ChunkRecord) and self.current is not None:
             self.current.add_chunk(item)
         elif isinstance(item, HoldItem) and self.current is not None:
@@ -212,9 +210,18 @@ class Writer(threading.Thread):
         elif isinstance(item, RejectItem) and self.current is not None:
             self.current.reject(item.field)
         elif isinstance(item, StopItem) and self.current is not None:
-            self.current.stop(item.label, item.reason, item.ended_t, item.dropped_ticks)
-            self.finisher.jobs.put(self.current)
-            self.current = None
+            episode, self.current = self.current, None
+            episode.stop(item.label, item.reason, item.ended_t, item.dropped, item.backlog_max_ticks)
+            # Saved here, at once: the videos are already encoded, what is left is a flush and a copy (about a
+            # second), so a stop (or the recorder's own SIGTERM) finds the dataset complete. Metrics and plots
+            # (slower) follow in the finisher thread, beside the next episode's recording.
+            try:
+                outcome = episode.finish()
+            except Exception:
+                log.exception("saving %s failed; its work directory is left for recovery", episode.info.name)
+                return
+            if outcome is not None:
+                self.finisher.jobs.put(outcome)
         elif isinstance(item, LabelItem):
             self.finisher.jobs.put(item)
 
@@ -270,12 +277,23 @@ def run(config: DeploymentConfig, stop: threading.Event) -> None:
                 last_report = now
                 log.info("ticks %(ticks)d, dropped %(dropped)d, unmatched inputs %(unmatched)d", assembler.counters)
     finally:
+        # supervisord waits stopwaitsecs (30 s for the recorder) before SIGKILL: the open episode is stopped
+        # and saved first (seconds), metrics and plots follow while time is left; metrics a kill cut short
+        # are written at the next start (finished_without_metrics).
+        deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         readiness.clear()
         subscriber.close()
+        assembler.process(time.monotonic() + config.recorder.input_wait_s)  # ticks still waiting for inputs
+        assembler.shutdown()
         work.put(None)
-        writer.join(timeout=30)
+        writer.join(timeout=max(1.0, deadline - time.monotonic()))
+        if writer.is_alive():
+            log.error("the open episode could not be saved within %.0f s; it is left for recovery at the next "
+                      "start", SHUTDOWN_BUDGET_S)
         finisher.jobs.put(None)
-        finisher.join(timeout=120)  # finish what has stopped; anything open stays for recovery
+        finisher.join(timeout=max(0.0, deadline - time.monotonic()))
+        if finisher.is_alive():
+            log.warning("metrics and plots not finished before stopping; they are written at the next start")
 
 
 def main(argv: list[str] | None = None) -> int:

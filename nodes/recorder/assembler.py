@@ -10,15 +10,24 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.config import DeploymentConfig
+from common.wire.images import JpegImage
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
-from nodes.recorder.writer import ChunkRecord, EpisodeInfo, TickRecord, next_recorder_index
+from nodes.recorder.writer import (
+    DROP_BEFORE_RECORDER,
+    DROP_LOST,
+    DROP_WRITER_BEHIND,
+    ChunkRecord,
+    EpisodeInfo,
+    TickRecord,
+    next_recorder_index,
+)
 
 log = logging.getLogger("recorder")
 
@@ -44,13 +53,15 @@ class StopItem:
     label: str
     reason: str
     ended_t: float
-    dropped_ticks: int
+    dropped: dict[str, int]  # ticks of the episode not recorded, by why (writer.DROP_*)
+    backlog_max_ticks: int = 0  # the most ticks that waited for the writer during the episode
 
 
 @dataclass
 class LabelItem:
     actuator_episode: int
     label: str
+    episode_id: str = ""
 
 
 @dataclass
@@ -77,8 +88,24 @@ class _Pending:
 @dataclass
 class _OpenEpisode:
     info: EpisodeInfo
-    dropped: int = 0
+    key: str  # the actuator's episode_id (a uuid), or its index from an actuator without ids
+    dropped: dict[str, int] = field(default_factory=dict)
     idle_since: float | None = None  # first idle tick (episode_index -1) seen while this episode is open
+    last_episode_tick: int = -1  # the actuator's episode_tick of the last tick seen
+    backlog_max_ticks: int = 0
+
+    def drop(self, reason: str, count: int = 1) -> int:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+        return self.dropped[reason]
+
+
+def episode_key(meta: dict[str, Any]) -> str:
+    """Which actuator episode a message belongs to: its ``episode_id`` (a uuid that survives actuator
+    restarts, where the index starts again at 0), else its index (an actuator without ids); "" when idle."""
+    episode_id, index = meta.get("episode_id"), meta.get("episode_index")
+    if isinstance(episode_id, str) and episode_id:
+        return episode_id
+    return f"index-{index}" if isinstance(index, int) and not isinstance(index, bool) and index >= 0 else ""
 
 
 class TickAssembler:
@@ -95,11 +122,12 @@ class TickAssembler:
         self.ground_truth: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.pending: deque[_Pending] = deque()
         self.episode: _OpenEpisode | None = None
-        self.closed: deque[int] = deque(maxlen=32)  # actuator indices already closed (no implicit reopen)
+        self.closed: deque[str] = deque(maxlen=64)  # episode keys already closed (never reopened implicitly)
         self.next_index = next_recorder_index(output_dir)
         self.ticks_waiting = 0  # ticks queued for the writer (shared with it; guarded by the GIL's atomic +=)
         self.lock = threading.Lock()
         self.counters = {"ticks": 0, "dropped": 0, "unmatched": 0}
+        self.last_tick_t = 0.0  # the actuator's time of the last tick of the open episode
 
     # ------------------------------------------------------------------ input
     def on_message(self, msg: Message, now: float) -> None:
@@ -155,39 +183,50 @@ class TickAssembler:
     def _put(self, item: Any) -> None:
         self.work.put(item)
 
-    def _start(self, actuator_episode: int, t: float, *, implicit: bool) -> None:
+    def _start(self, actuator_episode: int, key: str, t: float, *, implicit: bool) -> None:
         if self.episode is not None:
             self._stop("", "superseded", t)
         info = EpisodeInfo(name=f"episode_{self.next_index:06d}", recorder_index=self.next_index,
                            actuator_episode=actuator_episode, started_wall=time.time(), started_t=t,
-                           implicit_start=implicit)
+                           implicit_start=implicit, episode_id=key if not key.startswith("index-") else "")
         self.next_index += 1
-        self.episode = _OpenEpisode(info)
-        log.info("episode %d started -> %s%s", actuator_episode, info.name, " (start event missed)" if implicit else "")
+        self.episode = _OpenEpisode(info, key)
+        log.info("episode %d (%s) started -> %s%s", actuator_episode, key, info.name,
+                 " (start event missed)" if implicit else "")
         self._put(StartItem(info))
 
     def _stop(self, label: str, reason: str, t: float) -> None:
         assert self.episode is not None
-        self._put(StopItem(label=label, reason=reason, ended_t=t, dropped_ticks=self.episode.dropped))
-        log.info("episode %d stopped (%s, label %r) -> %s", self.episode.info.actuator_episode, reason, label,
-                 self.episode.info.name)
-        self.closed.append(self.episode.info.actuator_episode)
+        episode = self.episode
+        self._put(StopItem(label=label, reason=reason, ended_t=t, dropped=dict(episode.dropped),
+                           backlog_max_ticks=episode.backlog_max_ticks))
+        log.info("episode %d stopped (%s, label %r) -> %s%s", episode.info.actuator_episode, reason, label,
+                 episode.info.name, f"; ticks not recorded: {episode.dropped}" if episode.dropped else "")
+        self.closed.append(episode.key)
         self.episode = None
+
+    def shutdown(self) -> None:
+        """The recorder is stopping: end the open episode here, so it is saved complete (not left for recovery)."""
+        if self.episode is not None:
+            self._stop("", "recorder_stopped", self.last_tick_t)
 
     def _on_event(self, msg: Message, now: float) -> None:
         event = msg.meta.get("event")
         index = msg.meta.get("episode_index")
-        if event == "episode_start" and isinstance(index, int):
-            if self.episode is not None and self.episode.info.actuator_episode == index:
+        key = episode_key(msg.meta)
+        if event == "episode_start" and isinstance(index, int) and key:
+            if self.episode is not None and self.episode.key == key:
                 return  # a repeated start of the episode already open
-            self._start(index, msg.t, implicit=False)
+            self._start(index, key, msg.t, implicit=False)
         elif event == "episode_stop":
-            if self.episode is None or (isinstance(index, int) and index != self.episode.info.actuator_episode):
-                log.info("episode_stop for episode %s, which is not being recorded", index)
+            if self.episode is None or (key and key != self.episode.key):
+                log.info("episode_stop for episode %s (%s), which is not being recorded", index, key)
                 return
             self._stop(str(msg.meta.get("label") or ""), str(msg.meta.get("reason") or "stop"), msg.t)
         elif event == "episode_label" and isinstance(index, int):
-            self._put(LabelItem(index, str(msg.meta.get("label") or "")))
+            episode_id = msg.meta.get("episode_id")
+            self._put(LabelItem(index, str(msg.meta.get("label") or ""),
+                                episode_id if isinstance(episode_id, str) else ""))
         elif event == "chunk" and self.episode is not None:
             chunk = msg.arrays.get("chunk")
             timings = msg.meta.get("timings") if isinstance(msg.meta.get("timings"), dict) else {}
@@ -204,8 +243,9 @@ class TickAssembler:
         """False while the tick should wait for inputs it names that have not arrived yet."""
         index = msg.meta.get("episode_index")
         index = index if isinstance(index, int) else -1
-        if self.episode is not None and index != self.episode.info.actuator_episode:
-            if index < 0:
+        key = episode_key(msg.meta)
+        if self.episode is not None and key != self.episode.key:
+            if not key:
                 # An idle actuator with this episode still open here: its stop event was lost.
                 if self.episode.idle_since is None:
                     self.episode.idle_since = now
@@ -214,15 +254,28 @@ class TickAssembler:
                 return True
             self._stop("", "superseded", msg.t)
         if self.episode is None:
-            if index < 0 or index in self.closed:
+            if not key or key in self.closed:
                 return True
-            self._start(index, msg.t, implicit=True)
+            self._start(index, key, msg.t, implicit=True)
         assert self.episode is not None
         tick = self._assemble(msg, force)
         if tick is None:
             return False
-        self.episode.idle_since = None
+        episode = self.episode
+        episode.idle_since = None
+        self.last_tick_t = msg.t
         self.counters["ticks"] += 1
+        # The actuator numbers an episode's ticks from 0: ticks before the first one seen ran before the
+        # recorder saw the episode, gaps are messages it never got. Both are counted, never silent.
+        if tick.episode_tick >= 0:
+            missed = tick.episode_tick - episode.last_episode_tick - 1
+            if missed > 0:
+                reason = DROP_BEFORE_RECORDER if episode.last_episode_tick < 0 else DROP_LOST
+                episode.drop(reason, missed)
+                self.counters["dropped"] += missed
+                log.warning("%s: %d tick(s) of episode %d not received (%s)", episode.info.name, missed,
+                            episode.info.actuator_episode, reason)
+            episode.last_episode_tick = max(episode.last_episode_tick, tick.episode_tick)
         if isinstance(tick, RejectItem):
             self._put(tick)
             return True
@@ -233,12 +286,13 @@ class TickAssembler:
             if not full:
                 self.ticks_waiting += 1
         if full:
-            self.episode.dropped += 1
+            dropped = episode.drop(DROP_WRITER_BEHIND)
             self.counters["dropped"] += 1
-            if self.episode.dropped == 1 or self.episode.dropped % 100 == 0:
+            if dropped == 1 or dropped % 100 == 0:
                 log.warning("writer is behind: %d tick(s) of %s dropped (recorder.queue_ticks=%d)",
-                            self.episode.dropped, self.episode.info.name, self.config.recorder.queue_ticks)
+                            dropped, episode.info.name, self.config.recorder.queue_ticks)
             return True
+        episode.backlog_max_ticks = max(episode.backlog_max_ticks, self.ticks_waiting)
         self._put(tick)
         return True
 
@@ -254,8 +308,7 @@ class TickAssembler:
     def _assemble(self, msg: Message, force: bool) -> TickRecord | RejectItem | None:
         inputs = msg.meta.get("inputs") if isinstance(msg.meta.get("inputs"), dict) else {}
         matched = True
-        images: dict[str, np.ndarray] = {}
-        jpeg: set[str] = set()
+        images: dict[str, np.ndarray | JpegImage] = {}
         frame_used: Message | None = None
         for camera, buffer in self.frames.items():
             frame, ok, wait = self._pick(buffer, inputs.get(camera), force)
@@ -267,9 +320,8 @@ class TickAssembler:
             image = frame.arrays.get("image")
             if image is None:
                 return RejectItem(f"images.{camera}")
-            images[camera] = image
-            if "image" in frame.jpeg:
-                jpeg.add(camera)
+            # A JPEG camera's frame stays the bytes it came in: its encoder thread decodes it once.
+            images[camera] = JpegImage.of_message(frame) if "image" in frame.jpeg else image
             frame_used = frame_used or frame
         parts = []
         for arm, buffer in self.states.items():
@@ -298,8 +350,9 @@ class TickAssembler:
             queue_depth=_int(msg.meta.get("queue_depth")), lateness_s=_float(msg.meta.get("lateness_s")),
             frame_index=frame_index, actuator_episode=self.episode.info.actuator_episode if self.episode else -1,
             action=np.array(action, dtype=np.float32).reshape(-1), state=np.concatenate(parts) if parts else
-            np.zeros(0, np.float32), images=images, jpeg=jpeg, ground_truth=ground_truth,
-            inputs={str(k): v for k, v in inputs.items() if isinstance(v, int)}, inputs_matched=matched)
+            np.zeros(0, np.float32), images=images, ground_truth=ground_truth,
+            inputs={str(k): v for k, v in inputs.items() if isinstance(v, int)}, inputs_matched=matched,
+            episode_tick=_int(msg.meta.get("episode_tick"), -1))
 
 
 def _float(value: Any, default: float = math.nan) -> float:

@@ -46,6 +46,14 @@ def action_error(ticks: pd.DataFrame, names: list[str]) -> dict[str, Any] | None
             "per_joint_mae": {name: float(v) for name, v in zip(names, per_joint, strict=False)}}
 
 
+def _episode_ticks(ticks: pd.DataFrame) -> dict[str, int] | None:
+    """The actuator's tick numbers within the episode that were recorded: first, last, and how many."""
+    if ticks.empty or "episode_tick" not in ticks or (ticks["episode_tick"] < 0).all():
+        return None
+    numbers = ticks["episode_tick"]
+    return {"first": int(numbers.min()), "last": int(numbers.max()), "recorded": int((numbers >= 0).sum())}
+
+
 def episode_metrics(outcome: EpisodeOutcome, names: list[str]) -> dict[str, Any]:
     ticks, chunks, info = outcome.ticks, outcome.chunks, outcome.info
     duration = outcome.ended_t - info.started_t
@@ -81,6 +89,10 @@ def episode_metrics(outcome: EpisodeOutcome, names: list[str]) -> dict[str, Any]
         "dropped_stale_rows": int(chunks["dropped_stale"].sum()) if not chunks.empty else 0,
         "action_error": action_error(ticks, names),
         "dropped_ticks": outcome.dropped_ticks,
+        "dropped_ticks_by_reason": dict(outcome.dropped),
+        "episode_id": info.episode_id,
+        "episode_ticks": _episode_ticks(ticks),
+        "writer_backlog_max_ticks": outcome.backlog_max_ticks,
         "rejected_ticks": dict(outcome.rejected_ticks),
         "inputs_matched_fraction": float(ticks["inputs_matched"].mean()) if not ticks.empty else None,
         "implicit_start": info.implicit_start,

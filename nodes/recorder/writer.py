@@ -6,7 +6,7 @@ data file without its footer and lose *every* episode in it. Here each episode i
 work directory, finalised, and only then renamed into place (an atomic ``rename`` on one filesystem).
 A finished episode is never opened for writing again, so no later crash can damage it.
 
-The files are LeRobot 0.6.1's v3 layout, written by ``OneEpisodeDataset`` with pyarrow, PyAV and PIL
+The files are LeRobot 0.6.1's v3 layout, written by ``OneEpisodeDataset`` with pyarrow and PyAV
 rather than through ``LeRobotDataset`` (which imports torch: the recorder is a robot-side node and
 never loads it). ``LeRobotDataset`` opens every finished episode.
 
@@ -17,11 +17,12 @@ Layout under ``recorder.output_dir``::
         armpipe/chunks.parquet one row per chunk the actuator received: rows, round trip, policy timings
         armpipe/episode.json   the episode's metrics (also a line of ../metrics.jsonl)
         armpipe/plots/*.png
-    .work/episode_000001/      the episode being recorded: LeRobot's PNG staging images + journal.jsonl
+    .work/episode_000001/      the episode being recorded: stream/<camera>.mp4 (fragmented, encoded as the
+                               episode runs; nodes.recorder.video) + journal.jsonl
 
 The journal (``journal.jsonl``: start, every tick's state/action/metadata, chunks, stop) is appended as
 the episode runs. If the recorder dies, the next start rebuilds the episode from the journal and the
-PNGs that are complete on disk (``recover_episode``): only the unfinished tail is lost.
+frames every camera's stream has on disk (``recover_episode``): only the unfinished tail is lost.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,15 @@ import pyarrow.parquet as pq
 
 from common.config import DeploymentConfig
 from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
+from common.wire.images import JpegImage
+from nodes.recorder.video import (
+    VIDEO_ENCODER_ALIASES,
+    CameraVideo,
+    VideoResult,
+    decoded_samples,
+    readable_frames,
+    remux,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +62,18 @@ JOURNAL = "journal.jsonl"
 EPISODE_PREFIX = "episode_"
 # The LeRobot episode index inside each one-episode dataset.
 DATASET_EPISODE = 0
-# LeRobot's PNG staging path of a frame (lerobot.datasets.utils.DEFAULT_IMAGE_PATH), with our episode 0.
-_STAGING_IMAGE = "images/{image_key}/episode-{episode:06d}/frame-{frame:06d}.png"
+# Each camera's fragmented MP4 while the episode is open (nodes.recorder.video).
+STREAM_DIR = "stream"
+# Why ticks of an episode were not recorded (``EpisodeOutcome.dropped``; the metrics' dropped_ticks_by_reason).
+DROP_WRITER_BEHIND = "writer_behind"  # more than recorder.queue_ticks waited for the writer
+DROP_BEFORE_RECORDER = "before_recorder"  # the episode's first ticks ran before the recorder saw it
+DROP_LOST = "lost_in_transit"  # gaps in the episode's tick numbers (messages the recorder never got)
+DROP_RECORDER_CRASHED = "recorder_crashed"  # the unfinished tail of an episode cut by a crash
 # LeRobot 0.6.1's v3 layout (lerobot.datasets.utils) and statistics (lerobot.datasets.compute_stats).
 V3_CODEBASE_VERSION = "v3.0"
 V3_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 V3_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 STATS_QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
-VIDEO_ENCODER_ALIASES = {"av1": "libsvtav1"}  # lerobot.configs.video.VIDEO_CODECS_ALIASES
 
 
 class TickRejected(ValueError):
@@ -80,6 +92,7 @@ class EpisodeInfo:
     started_wall: float  # time.time() at episode_start
     started_t: float  # robot monotonic time of episode_start
     implicit_start: bool = False  # opened from executed ticks because the episode_start event was missed
+    episode_id: str = ""  # the actuator's identity of the episode (a uuid; survives actuator restarts)
 
 
 @dataclass
@@ -97,11 +110,11 @@ class TickRecord:
     actuator_episode: int
     action: np.ndarray  # float32 (action_dim,): the target actually commanded
     state: np.ndarray  # float32 (state_dim,): every arm's state used for this tick, config order
-    images: dict[str, np.ndarray]  # camera -> uint8 HxWx3 RGB, or JPEG bytes when camera in jpeg
-    jpeg: set[str] = field(default_factory=set)
+    images: dict[str, np.ndarray | JpegImage]  # camera -> uint8 HxWx3 RGB, or the JPEG as the camera sent it
     ground_truth: np.ndarray | None = None  # the dataset's action for frame_index when replaying
     inputs: dict[str, int] = field(default_factory=dict)
     inputs_matched: bool = True  # every frame/state named in ``inputs`` was found (else the newest was used)
+    episode_tick: int = -1  # the actuator's tick number within the episode (0 = its first tick)
 
 
 @dataclass
@@ -130,9 +143,14 @@ class EpisodeOutcome:
     chunks: pd.DataFrame
     hold_events: dict[str, int]
     rejected_ticks: dict[str, int]
-    dropped_ticks: int
+    dropped: dict[str, int]  # ticks of the episode not recorded, by why (DROP_*)
     recovered: bool
     path: Path
+    backlog_max_ticks: int = 0  # the most ticks that waited for the writer during the episode
+
+    @property
+    def dropped_ticks(self) -> int:
+        return int(sum(self.dropped.values()))
 
 
 def dataset_features(config: DeploymentConfig) -> dict[str, dict]:
@@ -154,16 +172,17 @@ class OneEpisodeDataset:
 
     LeRobot's ``LeRobotDataset`` imports torch (and Hugging Face ``datasets``), which a robot-side node
     must not load; the files themselves are plain parquet, json and mp4, written here with the libraries
-    LeRobot writes them with (pyarrow/pandas, PyAV, PIL) in LeRobot 0.6.1's layout:
+    LeRobot writes them with (pyarrow/pandas, PyAV) in LeRobot 0.6.1's layout:
     ``meta/info.json``, ``meta/stats.json``, ``meta/tasks.parquet``,
     ``meta/episodes/chunk-000/file-000.parquet``, ``data/chunk-000/file-000.parquet`` and
     ``videos/<camera key>/chunk-000/file-000.mp4``. ``LeRobotDataset(root=...)`` reads the result
-    (tests/test_recorder.py does). Frames are staged as PNGs at LeRobot's staging path while the episode
-    runs (a pool of writer threads, as LeRobot's image writer), so a crash leaves what
-    ``recover_episode`` rebuilds from.
+    (tests/test_recorder.py does). Each camera's video is encoded while the episode runs
+    (``nodes.recorder.video.CameraVideo``) into ``stream/<camera key>.mp4``, a fragmented MP4 that a
+    crash leaves readable for ``recover_episode``; ``save`` copies it into LeRobot's plain MP4.
     """
 
-    def __init__(self, config: DeploymentConfig, root: Path, vcodec: str, image_writer_threads: int) -> None:
+    def __init__(self, config: DeploymentConfig, root: Path, vcodec: str, video_preset: str = "ultrafast", *,
+                 encode: bool = True) -> None:
         self.root = root
         self.fps = int(config.fps)
         self.features = dataset_features(config)
@@ -172,62 +191,65 @@ class OneEpisodeDataset:
         self.vcodec = vcodec
         self.video_backend = config.player.video_backend
         self.root.mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, image_writer_threads), thread_name_prefix="png-writer")
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._write_errors: list[str] = []
         self.states: list[np.ndarray] = []
         self.actions: list[np.ndarray] = []
+        self.videos: dict[str, CameraVideo] = {}
+        if encode:
+            for key in self.camera_keys:
+                height, width = self.features[key]["shape"][:2]
+                # About a second of frames waits per camera at most (the writer blocks on it).
+                self.videos[key] = CameraVideo(key, self.stream_path(key), width=width, height=height, fps=self.fps,
+                                               vcodec=vcodec, preset=video_preset, max_pending=self.fps)
 
     @property
     def frames(self) -> int:
         return len(self.states)
 
-    def image_path(self, key: str, frame: int) -> Path:
-        return self.root / _STAGING_IMAGE.format(image_key=key, episode=DATASET_EPISODE, frame=frame)
+    def stream_path(self, key: str) -> Path:
+        return self.root / STREAM_DIR / f"{key}.mp4"
 
-    def add_frame(self, images: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray) -> None:
-        """Queue the frame's PNGs (the arrays must not change afterwards) and keep its state and action."""
-        frame = self.frames
+    def add_frame(self, images: dict[str, np.ndarray | JpegImage], state: np.ndarray, action: np.ndarray) -> None:
+        """Hand the frame's images to the camera encoders (the arrays must not change afterwards; blocks
+        while a camera's encoder is a second behind) and keep its state and action."""
         for key in self.camera_keys:
-            path = self.image_path(key, frame)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with self._lock:
-                self._pending += 1
-            self._pool.submit(self._write_png, images[key], path)
+            self.videos[key].put(images[key])
         self.states.append(np.asarray(state, dtype=np.float32))
         self.actions.append(np.asarray(action, dtype=np.float32))
 
-    def _write_png(self, image: np.ndarray, path: Path) -> None:
-        import PIL.Image
-
-        try:
-            PIL.Image.fromarray(image).save(path, compress_level=1)  # LeRobot's staging compression
-        except Exception as exc:  # kept and raised by save(): a missing frame must not pass silently
-            with self._lock:
-                self._write_errors.append(f"{path}: {type(exc).__name__}: {exc}")
-        finally:
-            with self._lock:
-                self._pending -= 1
-
     def pending_images(self) -> int:
-        with self._lock:
-            return self._pending
+        return sum(video.pending() for video in self.videos.values())
 
-    def close(self) -> None:
-        """Wait for the queued PNGs and stop the writer threads (the staging stays on disk)."""
-        self._pool.shutdown(wait=True)
+    def close(self) -> dict[str, VideoResult]:
+        """Encode what is queued and close every camera's stream (it stays in the work directory)."""
+        results: dict[str, VideoResult] = {}
+        errors: list[str] = []
+        for key, video in self.videos.items():
+            try:
+                results[key] = video.close()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        self.videos = {}
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return results
 
-    def save(self, task: str) -> None:
-        """Encode the videos and write the parquet and json files of the finished episode."""
-        self.close()
-        if self._write_errors:
-            raise RuntimeError(f"{len(self._write_errors)} staged frame(s) could not be written, first: "
-                               f"{self._write_errors[0]}")
+    def save(self, task: str, videos: dict[str, VideoResult] | None = None) -> None:
+        """Write the videos, parquet and json files of the finished episode.
+
+        ``videos``: the camera streams already closed (recovery passes what it read back); by default the
+        encoders of this episode are closed here."""
+        if videos is None:
+            videos = self.close()
         count = self.frames
         if count == 0:
             raise ValueError("an episode without frames cannot be saved")
-        video_info = {key: self._encode_video(key, count) for key in self.camera_keys}
+        video_info: dict[str, dict[str, Any]] = {}
+        for key in self.camera_keys:
+            target = self.root / V3_VIDEO_PATH.format(video_key=key, chunk_index=0, file_index=0)
+            copied, codec = remux(self.stream_path(key), target, count)
+            if copied != count:
+                raise RuntimeError(f"{key}: the video has {copied} frames, the episode {count}")
+            video_info[key] = self._video_info(key, codec)
         states, actions = np.stack(self.states), np.stack(self.actions)
         frame_index = np.arange(count, dtype=np.int64)
         columns: dict[str, np.ndarray] = {
@@ -245,7 +267,7 @@ class OneEpisodeDataset:
         stats = {name: _feature_stats(values if values.ndim == 2 else values.reshape(-1, 1))
                  for name, values in columns.items()}
         for key in self.camera_keys:
-            stats[key] = _image_stats([self.image_path(key, frame) for frame in _sample_frames(count)])
+            stats[key] = _image_stats(videos[key].samples)
         episode: dict[str, Any] = {
             "episode_index": DATASET_EPISODE, "tasks": [task], "length": count,
             "data/chunk_index": 0, "data/file_index": 0, "dataset_from_index": 0, "dataset_to_index": count,
@@ -277,26 +299,12 @@ class OneEpisodeDataset:
             "splits": {"train": "0:1"},
         }
         (self.root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+        shutil.rmtree(self.root / STREAM_DIR, ignore_errors=True)
 
-    def _encode_video(self, key: str, count: int) -> dict[str, Any]:
-        """The staged PNGs of one camera as LeRobot encodes them (``encode_video_frames``: PyAV, GOP 2,
-        CRF 30, yuv420p; preset 12 for libsvtav1); returns the feature's ``info`` block."""
-        import av
-        import PIL.Image
-
-        encoder = VIDEO_ENCODER_ALIASES.get(self.vcodec, self.vcodec)
-        options = {"g": "2", "crf": "30", **({"preset": "12"} if encoder == "libsvtav1" else {})}
-        path = self.root / V3_VIDEO_PATH.format(video_key=key, chunk_index=0, file_index=0)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _video_info(self, key: str, codec: str) -> dict[str, Any]:
+        """The feature's ``info`` block, as LeRobot writes it for its encoder settings."""
         height, width = self.features[key]["shape"][:2]
-        with av.open(str(path), "w") as output:
-            stream = output.add_stream(encoder, self.fps, options=options)
-            stream.pix_fmt, stream.width, stream.height = "yuv420p", width, height
-            for frame in range(count):
-                with PIL.Image.open(self.image_path(key, frame)) as image:
-                    output.mux(stream.encode(av.VideoFrame.from_image(image.convert("RGB"))))
-            output.mux(stream.encode())
-            codec = stream.codec_context.name
+        encoder = VIDEO_ENCODER_ALIASES.get(self.vcodec, self.vcodec)
         return {"video.height": height, "video.width": width, "video.codec": codec, "video.pix_fmt": "yuv420p",
                 "video.fps": self.fps, "video.channels": 3, "has_audio": False, "video.g": 2, "video.crf": 30,
                 "video.preset": 12 if encoder == "libsvtav1" else None, "video.fast_decode": 0,
@@ -314,24 +322,10 @@ def _feature_stats(values: np.ndarray) -> dict[str, list]:
     return stats
 
 
-def _sample_frames(count: int, most: int = 100) -> list[int]:
-    """Evenly spaced frames for image statistics (LeRobot samples a subset as well)."""
-    return sorted({round(index) for index in np.linspace(0, count - 1, min(count, most))})
-
-
-def _image_stats(paths: list[Path]) -> dict[str, list]:
-    """Per-channel statistics in [0, 1] with LeRobot's (3, 1, 1) shape, from frames downsampled to ~150 px."""
-    import PIL.Image
-
-    pixels = []
-    for path in paths:
-        with PIL.Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-        # compute_stats.auto_downsample_height_width: frames of 300 px or more are strided to ~150 px.
-        side = max(array.shape[:2])
-        step = side // 150 if side >= 300 else 1
-        pixels.append(array[::step, ::step].reshape(-1, 3))
-    flat = np.concatenate(pixels).astype(np.float64) / 255.0
+def _image_stats(samples: list[np.ndarray]) -> dict[str, list]:
+    """Per-channel statistics in [0, 1] with LeRobot's (3, 1, 1) shape, from evenly spaced frames strided to
+    ~150 px (``video.StatsSampler``, ``video.stats_sample``: LeRobot samples and downsamples as well)."""
+    flat = np.concatenate([sample.reshape(-1, 3) for sample in samples]).astype(np.float64) / 255.0
     stats = _feature_stats(flat)  # count: sampled pixels, as LeRobot counts them
     return {name: values if name == "count" else [[[value]] for value in values] for name, values in stats.items()}
 
@@ -348,13 +342,13 @@ class EpisodeWriter:
     """Writes one episode: a dataset frame per tick plus the journal; ``finish`` makes it final."""
 
     def __init__(self, config: DeploymentConfig, output_dir: Path, info: EpisodeInfo, *, vcodec: str = "h264",
-                 image_writer_threads: int = 2) -> None:
+                 video_preset: str = "ultrafast") -> None:
         self.config = config
         self.output_dir = output_dir
         self.info = info
         self.root = output_dir / WORK_DIR / info.name
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        self.dataset = OneEpisodeDataset(config, self.root, vcodec, image_writer_threads)
+        self.dataset = OneEpisodeDataset(config, self.root, vcodec, video_preset)
         self.features = dataset_features(config)
         self.task = config.task
         self.journal = (self.root / JOURNAL).open("a", encoding="utf-8")
@@ -363,7 +357,8 @@ class EpisodeWriter:
         self.chunk_rows: list[dict[str, Any]] = []
         self.hold_events: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
-        self.dropped_ticks = 0
+        self.dropped: dict[str, int] = {}
+        self.backlog_max_ticks = 0
         self.label = ""
         self.stop_reason = ""
         self.ended_t = 0.0
@@ -378,22 +373,22 @@ class EpisodeWriter:
         self.journal.flush()
 
     def pending_images(self) -> int:
-        """Images queued for the PNG writer threads (the writer back-pressures on this)."""
+        """Frames queued for the camera encoders."""
         return self.dataset.pending_images()
 
     def add_tick(self, tick: TickRecord) -> None:
         """Add one frame; raises ``TickRejected`` (the episode carries on) for a tick that does not fit."""
-        from common.wire.images import decode_jpeg
-
         frame: dict[str, Any] = {}
         for camera in self.config.cameras:
             image = tick.images.get(camera)
             if image is None:
                 raise TickRejected(f"images.{camera}", "no frame of this camera was received")
-            if camera in tick.jpeg:
-                image = decode_jpeg(image, f"images.{camera}")
             expected = tuple(self.features[image_key(camera)]["shape"])
-            if image.shape != expected or image.dtype != np.uint8:
+            if isinstance(image, JpegImage):  # decoded by the camera's encoder thread, never here
+                if image.shape != expected:
+                    raise TickRejected(f"images.{camera}", f"expected a JPEG of {list(expected)} as configured in "
+                                       f"cameras.{camera}, got one of {list(image.shape)}")
+            elif image.shape != expected or image.dtype != np.uint8:
                 raise TickRejected(f"images.{camera}", f"expected uint8 {list(expected)} as configured in "
                                    f"cameras.{camera}, got {image.dtype}{list(image.shape)}")
             frame[image_key(camera)] = image
@@ -410,6 +405,7 @@ class EpisodeWriter:
             "frame": self.frames, "tick": tick.tick, "t": tick.t, "obs_t": tick.obs_t, "hold": tick.hold,
             "hold_reason": tick.hold_reason, "queue_depth": tick.queue_depth, "lateness_s": tick.lateness_s,
             "frame_index": tick.frame_index, "actuator_episode": tick.actuator_episode,
+            "episode_tick": tick.episode_tick,
             "action": tick.action.astype(np.float32).tolist(), "state": tick.state.astype(np.float32).tolist(),
             "ground_truth": None if tick.ground_truth is None else tick.ground_truth.astype(np.float32).tolist(),
             "inputs": tick.inputs, "inputs_matched": tick.inputs_matched,
@@ -433,13 +429,16 @@ class EpisodeWriter:
         self.hold_events[reason] = self.hold_events.get(reason, 0) + 1
         self._write_journal({"type": "hold", "reason": reason})
 
-    def stop(self, label: str, reason: str, ended_t: float, dropped_ticks: int) -> None:
+    def stop(self, label: str, reason: str, ended_t: float, dropped: dict[str, int],
+             backlog_max_ticks: int = 0) -> None:
+        """``dropped``: ticks of this episode not recorded, by why (``DROP_*``)."""
         self.label, self.stop_reason, self.ended_t = label, reason, ended_t
         self.ended_wall = time.time()
-        self.dropped_ticks = dropped_ticks
+        self.dropped = dict(dropped)
+        self.backlog_max_ticks = backlog_max_ticks
         self._write_journal({"type": "stop", "label": label, "reason": reason, "ended_t": ended_t,
-                             "ended_wall": self.ended_wall, "dropped_ticks": dropped_ticks,
-                             "rejected": self.rejected})
+                             "ended_wall": self.ended_wall, "dropped": self.dropped, "rejected": self.rejected,
+                             "backlog_max_ticks": backlog_max_ticks})
 
     # ------------------------------------------------------------------ finishing
     def finish(self) -> EpisodeOutcome | None:
@@ -455,23 +454,19 @@ class EpisodeWriter:
             return None
         started = time.monotonic()
         self.dataset.save(self.task)
-        log.info("%s: %d frames encoded and finalised in %.1f s", self.info.name, self.frames,
-                 time.monotonic() - started)
+        log.info("%s: %d frames saved in %.1f s (videos were encoded as the episode ran)", self.info.name,
+                 self.frames, time.monotonic() - started)
         return _complete(self.output_dir, self.root, self.info, label=self.label, stop_reason=self.stop_reason,
                          ended_t=self.ended_t, ended_wall=self.ended_wall, frames=self.frames,
                          tick_rows=self.tick_rows, chunk_rows=self.chunk_rows, hold_events=self.hold_events,
-                         rejected=self.rejected, dropped_ticks=self.dropped_ticks, recovered=False)
-
-    def abandon(self) -> None:
-        """Close files without saving (shutdown with an episode still open keeps the journal for recovery)."""
-        self.journal.close()
-        self.dataset.close()
+                         rejected=self.rejected, dropped=self.dropped, recovered=False,
+                         backlog_max_ticks=self.backlog_max_ticks)
 
 
 def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, stop_reason: str, ended_t: float,
               ended_wall: float, frames: int, tick_rows: list[dict[str, Any]], chunk_rows: list[dict[str, Any]],
-              hold_events: dict[str, int], rejected: dict[str, int], dropped_ticks: int,
-              recovered: bool) -> EpisodeOutcome:
+              hold_events: dict[str, int], rejected: dict[str, int], dropped: dict[str, int],
+              recovered: bool, backlog_max_ticks: int = 0) -> EpisodeOutcome:
     """Write the side files into a finalised dataset root and rename it into ``output_dir``."""
     side = root / SIDE_DIR
     side.mkdir(exist_ok=True)
@@ -485,8 +480,8 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
     (side / OUTCOME_FILE).write_text(json.dumps({
         "info": asdict(info), "label": label, "stop_reason": stop_reason, "ended_t": ended_t,
         "ended_wall": ended_wall, "frames": frames, "hold_events": hold_events, "rejected": rejected,
-        "dropped_ticks": dropped_ticks, "recovered": recovered}))
-    shutil.rmtree(root / "images", ignore_errors=True)  # LeRobot's PNG staging, now encoded into videos
+        "dropped": dropped, "recovered": recovered, "backlog_max_ticks": backlog_max_ticks}))
+    shutil.rmtree(root / STREAM_DIR, ignore_errors=True)  # the camera streams, now copied into videos/
     (root / JOURNAL).unlink(missing_ok=True)
     final = output_dir / info.name
     if final.exists():  # a finished episode is never overwritten; keep both
@@ -494,7 +489,8 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
     root.rename(final)
     return EpisodeOutcome(info=info, label=label, stop_reason=stop_reason, ended_t=ended_t, ended_wall=ended_wall,
                           frames=frames, ticks=ticks, chunks=chunks, hold_events=hold_events,
-                          rejected_ticks=rejected, dropped_ticks=dropped_ticks, recovered=recovered, path=final)
+                          rejected_ticks=rejected, dropped=dropped, recovered=recovered, path=final,
+                          backlog_max_ticks=backlog_max_ticks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -520,7 +516,8 @@ def load_outcome(path: Path) -> EpisodeOutcome:
                           ticks=pd.read_parquet(path / SIDE_DIR / "ticks.parquet"),
                           chunks=pd.read_parquet(path / SIDE_DIR / "chunks.parquet"),
                           hold_events=saved["hold_events"], rejected_ticks=saved["rejected"],
-                          dropped_ticks=saved["dropped_ticks"], recovered=saved["recovered"], path=path)
+                          dropped=saved.get("dropped", {}), recovered=saved["recovered"], path=path,
+                          backlog_max_ticks=int(saved.get("backlog_max_ticks", 0)))
 
 
 def pending_work(output_dir: Path) -> list[Path]:
@@ -546,25 +543,14 @@ def next_recorder_index(output_dir: Path) -> int:
     return highest + 1
 
 
-def _read_png(path: Path) -> np.ndarray | None:
-    """The PNG as uint8 RGB, or None when it is missing or was cut short by the crash."""
-    import PIL.Image
+def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path, *,
+                    vcodec: str = "h264") -> EpisodeOutcome | None:
+    """Rebuild a finished LeRobot dataset from a dead recorder's work directory, in place.
 
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()  # raises on a truncated file (LOAD_TRUNCATED_IMAGES is off by default)
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError):
-        return None
-
-
-def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path, *, vcodec: str = "h264",
-                    image_writer_threads: int = 2) -> EpisodeOutcome | None:
-    """Rebuild a finished LeRobot dataset from a dead recorder's work directory.
-
-    Frames are taken in order while the journal has the tick and every camera's PNG is complete; the
-    first incomplete tick ends the episode (the unfinished tail). The work directory is removed after
-    the rebuilt episode is in place; without a single complete frame it is removed with a warning.
+    Frames are taken in order while the journal has the tick and every camera's stream has the frame
+    (a cut fragmented MP4 is readable up to its last complete fragment); the rest is the unfinished tail,
+    counted in ``dropped`` as ``recorder_crashed``. The work directory becomes the episode; without a
+    single complete frame it is renamed ``.unrecoverable`` and left for a person to look at.
     """
     journal_path = work_root / JOURNAL
     entries: list[dict[str, Any]] = []
@@ -580,32 +566,26 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
         shutil.rmtree(work_root, ignore_errors=True)
         return None
     info = EpisodeInfo(**{key: start[key] for key in EpisodeInfo.__dataclass_fields__ if key in start})
-    rebuild_root = work_root.with_name(work_root.name + ".rebuild")
-    shutil.rmtree(rebuild_root, ignore_errors=True)
-    dataset = OneEpisodeDataset(config, rebuild_root, start.get("vcodec", vcodec), image_writer_threads)
+    dataset = OneEpisodeDataset(config, work_root, start.get("vcodec", vcodec), encode=False)
+    ticks = [entry for entry in entries if entry.get("type") == "tick"]
+    readable = {key: readable_frames(dataset.stream_path(key)) for key in dataset.camera_keys}
+    frames = min([len(ticks), *readable.values()])
+    if frames == 0:
+        # Kept (renamed out of the way, never retried) so a person can look at what was left.
+        kept = work_root.with_name(f"{work_root.name}.unrecoverable")
+        work_root.rename(kept)
+        log.warning("%s: none of %d journaled ticks has every camera's frame on disk (%s); nothing to recover "
+                    "(left in %s)", info.name, len(ticks), readable, kept)
+        return None
     tick_rows: list[dict[str, Any]] = []
     chunk_rows: list[dict[str, Any]] = []
     hold_events: dict[str, int] = {}
     stop: dict[str, Any] = {}
-    ticks_in_journal = sum(1 for entry in entries if entry.get("type") == "tick")
-    complete = True
     for entry in entries:
         kind = entry.pop("type", "")
-        if kind == "tick" and complete:
-            images = {}
-            for camera in config.cameras:
-                path = work_root / _STAGING_IMAGE.format(image_key=image_key(camera), episode=DATASET_EPISODE,
-                                                         frame=entry["frame"])
-                image = _read_png(path)
-                if image is None:
-                    complete = False
-                    break
-                images[image_key(camera)] = image
-            if not complete:
-                continue
-            dataset.add_frame(images, np.asarray(entry["state"], dtype=np.float32),
-                              np.asarray(entry["action"], dtype=np.float32))
-            entry["frame"] = len(tick_rows)
+        if kind == "tick" and len(tick_rows) < frames:
+            dataset.states.append(np.asarray(entry["state"], dtype=np.float32))
+            dataset.actions.append(np.asarray(entry["action"], dtype=np.float32))
             tick_rows.append(entry)
         elif kind == "chunk":
             chunk_rows.append(entry)
@@ -613,24 +593,18 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
             hold_events[entry["reason"]] = hold_events.get(entry["reason"], 0) + 1
         elif kind == "stop":
             stop = entry
-    if not tick_rows:
-        dataset.close()
-        shutil.rmtree(rebuild_root, ignore_errors=True)
-        # Kept (renamed out of the way, never retried) so a person can look at what was left.
-        kept = work_root.with_name(f"{work_root.name}.unrecoverable")
-        work_root.rename(kept)
-        log.warning("%s: none of %d journaled ticks has all its frames on disk; nothing to recover (left in %s)",
-                    info.name, ticks_in_journal, kept)
-        return None
-    dataset.save(config.task)
+    videos = {key: VideoResult(frames=frames, codec="", samples=decoded_samples(dataset.stream_path(key), frames))
+              for key in dataset.camera_keys}
+    dataset.save(config.task, videos)
+    dropped = {str(k): int(v) for k, v in (stop.get("dropped") or {}).items()}
+    if len(ticks) > frames:
+        dropped[DROP_RECORDER_CRASHED] = dropped.get(DROP_RECORDER_CRASHED, 0) + len(ticks) - frames
     last_t = float(tick_rows[-1]["t"])
-    outcome = _complete(output_dir, rebuild_root, info, label=stop.get("label", ""),
+    outcome = _complete(output_dir, work_root, info, label=stop.get("label", ""),
                         stop_reason=stop.get("reason", "recorder_crashed"), ended_t=stop.get("ended_t", last_t),
-                        ended_wall=stop.get("ended_wall", time.time()), frames=len(tick_rows), tick_rows=tick_rows,
+                        ended_wall=stop.get("ended_wall", time.time()), frames=frames, tick_rows=tick_rows,
                         chunk_rows=chunk_rows, hold_events=hold_events, rejected=stop.get("rejected", {}),
-                        dropped_ticks=int(stop.get("dropped_ticks", 0)) + ticks_in_journal - len(tick_rows),
-                        recovered=True)
-    shutil.rmtree(work_root, ignore_errors=True)
-    log.warning("%s: recovered %d of %d journaled frames after a recorder crash", info.name, len(tick_rows),
-                ticks_in_journal)
+                        dropped=dropped, recovered=True,
+                        backlog_max_ticks=int(stop.get("backlog_max_ticks", 0)))
+    log.warning("%s: recovered %d of %d journaled frames after a recorder crash", info.name, frames, len(ticks))
     return outcome
