@@ -318,3 +318,20 @@ def test_transformers_outside_lerobots_pin_is_recognised() -> None:
     assert transformers_outside_lerobot_pin("4.57.1")
     assert not transformers_outside_lerobot_pin("5.4.0")
     assert not transformers_outside_lerobot_pin("5.5.2")
+
+
+def test_the_contract_carries_the_checkpoints_dataset_stats_in_robot_units(lift_diffusion: PolicyRuntime) -> None:
+    # The tiny checkpoint's stats are synthesised from the config's joint limits (checkpoint maker): the
+    # contract must carry exactly those, per joint, for the actuator's units check (issue 16).
+    runtime = lift_diffusion
+    config = runtime.config
+    stats = runtime.contract.to_meta()["stats"]
+    assert set(stats) == {"observation.state", "action"}
+    for key in stats:
+        np.testing.assert_allclose(stats[key]["min"], config.lower_limits())
+        np.testing.assert_allclose(stats[key]["max"], config.upper_limits())
+        np.testing.assert_allclose(stats[key]["mean"], (np.asarray(config.lower_limits())
+                                                        + np.asarray(config.upper_limits())) / 2)
+    from common.wire.contract import PolicyContract, units_differences
+
+    assert units_differences(PolicyContract.from_meta(runtime.contract.to_meta()), config) == []
