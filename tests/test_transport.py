@@ -231,3 +231,39 @@ def test_a_reply_with_the_wrong_seq_is_a_protocol_error_not_a_silent_retry() -> 
         thread.join(timeout=5)
         server.close()
         factory.context.term()
+
+
+def test_a_request_client_recovers_from_a_reply_over_maxmsgsize_and_says_why() -> None:
+    from common.wire.protocol import decode, encode
+    from common.wire.transport import RouterServer
+
+    factory = SocketFactory(zmq.Context())
+    endpoint = free_endpoint()
+    server = RouterServer(factory, endpoint.replace("127.0.0.1", "*"))
+    client = RequestClient(factory, endpoint, timeout_s=1.0, retries=1)
+    served: list[int] = []
+
+    def serve() -> None:
+        while (request := server.receive(3.0)) is not None:
+            envelope, frames = request
+            msg = decode(frames)
+            served.append(msg.seq)
+            reply = encode(Message(kind="reply", seq=msg.seq, meta={"op": "ping"}))
+            if len(served) == 1:  # the first reply carries a 200 MiB frame: over MAXMSGSIZE
+                server.sock.send_multipart([*envelope, *reply, bytearray(200 << 20)], copy=False)
+            else:
+                server.sock.send_multipart([*envelope, *reply], copy=False)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(PeerUnavailable, match="MAXMSGSIZE"):
+            client.request(_ping())
+        started = time.monotonic()
+        assert client.request(_ping()).meta["op"] == "ping"  # the rebuilt socket works at once
+        assert time.monotonic() - started < 1.0 and len(served) == 2
+    finally:
+        client.close()
+        thread.join(timeout=5)
+        server.close()
+        factory.context.term()
