@@ -143,8 +143,9 @@ class LockstepLoop(ActuatorNode):
         core = self.core
         if core.episodes.state != RUNNING or not core.episodes.contract_ok:
             return
-        if not core.safety.anchored and measured is not None:
-            core.safety.anchor(measured)
+        anchor = self._servo_position() if self.writers else measured  # the servos, as in real time
+        if not core.safety.anchored and anchor is not None:
+            core.safety.anchor(anchor)
         if not core.wants_chunk(key):
             return
         observation = self.inputs.observation()

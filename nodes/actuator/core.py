@@ -190,6 +190,14 @@ class ControlCore:
                 return self._hold(self.policy_problem, self.policy_message)
             return self._hold(HOLD_ALL_ROWS_STALE if self.last_chunk_all_stale else HOLD_QUEUE_EMPTY)
         row, row_t, obs_t = popped
+        if now - obs_t > self.max_chunk_age:
+            # Open loop for longer than max_chunk_age_s since the observation: whatever the chunk's length
+            # (a policy may advertise any chunk_length), no row runs that long after what it was predicted from.
+            # The rest of the queue is older still: drop it, so the next chunk is asked for at once.
+            self.queue.clear()
+            self.last_chunk_all_stale = True
+            return self._hold(HOLD_ALL_ROWS_STALE, f"row from an observation {now - obs_t:.2f}s old "
+                              f"(actuator.max_chunk_age_s {self.max_chunk_age:g})")
         problem = self.safety.check_row(row)
         if problem:
             return self._hold(HOLD_BAD_ACTION, problem)
