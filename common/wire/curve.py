@@ -1,4 +1,4 @@
-"""CURVE on the policy link: keys from the config, the server's authenticator, and the refusal log.
+"""CURVE on the policy link: certificate files, the server's authenticator, and the refusal log.
 
 Everything cryptographic is libzmq's CURVE (ZMTP 3 with CurveZMQ) set up through pyzmq's ``zmq.auth``:
 certificates written by ``zmq.auth.create_certificates`` and read by ``zmq.auth.load_certificate``;
