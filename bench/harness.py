@@ -25,6 +25,7 @@ import zmq
 
 from common.config import REPO_ROOT, DeploymentConfig, load_config
 from common.supervisor_client import ProcessStatus, SupervisorClient, SupervisorUnavailable
+from common.tools.supervisor_programs import PROGRAMS_FILE, write_programs
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, Message
 from common.wire.transport import LatestSubscriber, SocketFactory
 
@@ -109,6 +110,7 @@ class Supervised:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Supervised:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        write_programs(self.role, self.config_path, self.run_dir / PROGRAMS_FILE)  # what .ci/supervise does
         self.started_at = time.monotonic()
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         subprocess.run([*prefix, str(BIN / "supervisord"), "-c", str(REPO_ROOT / "supervisord.conf")],
