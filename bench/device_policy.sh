@@ -20,7 +20,7 @@ export PYTHONPATH="/tmp/site:$PWD"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 - <<'EOF'
 import importlib.metadata as md
-from nodes.policy.checkpoint import guard_lerobot_imports
+from common.lerobot_guard import guard_lerobot_imports
 guard_lerobot_imports()
 import sys, torch, lerobot
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,

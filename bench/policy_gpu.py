@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from nodes.policy.checkpoint import guard_lerobot_imports
+from common.lerobot_guard import guard_lerobot_imports
 
 guard_lerobot_imports()
 

@@ -312,7 +312,7 @@ def test_layout_differences_say_what_differs() -> None:
 
 
 def test_transformers_outside_lerobots_pin_is_recognised() -> None:
-    from nodes.policy.checkpoint import transformers_outside_lerobot_pin
+    from common.lerobot_guard import transformers_outside_lerobot_pin
 
     assert transformers_outside_lerobot_pin("5.17.0")
     assert transformers_outside_lerobot_pin("4.57.1")

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from common.config import DeploymentConfig, load_config
+from common.lerobot_guard import guard_lerobot_imports
 from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
-from nodes.policy.checkpoint import guard_lerobot_imports
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,14 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import DeploymentConfig
+from common.lerobot_guard import guard_lerobot_imports
 from common.wire.contract import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY
 
 if TYPE_CHECKING:
@@ -34,39 +33,6 @@ MODEL_FILE = "model.safetensors"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be served with this deployment; the message says why."""
-
-
-# lerobot 0.6.1 pins transformers>=5.4,<5.6 (its `transformers-dep` extra) but imports transformers and peft
-# at import time whenever they are installed, whatever their version.
-LEROBOT_TRANSFORMERS_PIN = ((5, 4), (5, 6))
-
-
-def transformers_outside_lerobot_pin(version: str) -> bool:
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None:
-        return True
-    low, high = LEROBOT_TRANSFORMERS_PIN
-    return not low <= (int(match.group(1)), int(match.group(2))) < high
-
-
-def guard_lerobot_imports() -> None:
-    """Keep an unsupported transformers (and peft, which imports it) away from lerobot's import.
-
-    Call before the first lerobot import. DiffusionPolicy and ACT need neither package; with
-    ``sys.modules[name] = None`` lerobot's availability probe (``importlib.util.find_spec``) reports them
-    missing and lerobot takes its without-transformers branches, as in this project's own environment.
-    """
-    if "lerobot" in sys.modules:
-        return
-    try:
-        version = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if transformers_outside_lerobot_pin(version):
-        for name in ("transformers", "peft"):
-            sys.modules.setdefault(name, None)  # type: ignore[arg-type]
-        log.warning("transformers %s is outside lerobot 0.6.1's supported range %s: hidden from lerobot "
-                    "(DiffusionPolicy and ACT do not use it)", version, LEROBOT_TRANSFORMERS_PIN)
 
 
 # ------------------------------------------------------------------------------------------------
