@@ -71,7 +71,7 @@ log = logging.getLogger("recorder")
 
 PROGRAM = "recorder"
 # Seconds a stopping recorder spends saving the open episode, then metrics: under the recorder program's
-# stopwaitsecs (30) in configs/supervisor, so supervisord never has to SIGKILL it.
+# stopwaitsecs (30, NODE_OPTIONS in common/tools/supervisor_programs.py), so supervisord never has to SIGKILL it.
 SHUTDOWN_BUDGET_S = 25.0
 
 
