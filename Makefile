@@ -29,10 +29,12 @@ status:
 
 test: setup
 	@.venv/bin/ruff check .
+	@.venv/bin/mypy
 	@.venv/bin/python -m pytest -q
 
 lint: setup
 	@.venv/bin/ruff check .
+	@.venv/bin/mypy
 
 bench-transport: setup
 	@.venv/bin/python -m bench.transport --markdown /tmp/bench-transport.md

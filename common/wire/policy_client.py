@@ -76,7 +76,7 @@ class PolicyClient:
                 arrays[key] = image
                 if jpeg is True or (not isinstance(jpeg, bool) and name in jpeg):
                     as_jpeg.add(key)
-                    qualities[key] = 90 if jpeg is True else int(jpeg[name])  # type: ignore[index]
+                    qualities[key] = 90 if jpeg is True else int(jpeg[name])
         arrays[STATE_KEY] = np.asarray(state, dtype=np.float32)
         meta: dict = {"obs_t": float(obs_t)}
         if shapes:

@@ -115,7 +115,7 @@ def _wire_dtype(array: np.ndarray, where: str) -> str:
     name = array.dtype.name
     if name not in ALLOWED_DTYPES:
         raise ProtocolError(f"{where}.dtype", f"one of {sorted(ALLOWED_DTYPES)}", name)
-    return name
+    return str(name)
 
 
 def encode(
