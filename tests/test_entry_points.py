@@ -1,0 +1,26 @@
+"""The ``[project.scripts]`` commands in pyproject.toml: each names a module and function that exist and
+answers ``--help`` as a console script would call it (``sys.exit(main())``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from conftest import REPO_ROOT
+
+SCRIPTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def test_the_commands_people_type_are_declared() -> None:
+    assert {"armpipe-status", "armpipe-eval", "armpipe-keys"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_each_entry_point_runs_and_answers_help(name: str) -> None:
+    module, function = SCRIPTS[name].split(":")
+    code = f"import sys; from {module} import {function}; sys.argv = [{name!r}, '--help']; sys.exit({function}())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {name}")
