@@ -1,2 +1,4 @@
-"""The actuator room: the control loop (``__main__``) and its private parts (chunk queue, safety filter,
-episodes). May import ``common`` and its own modules; no other node imports it."""
+"""The actuator room: the two control loops (``__main__``), the decisions and hold reasons (``core``), the
+validated inputs (``inputs``), the policy worker and bus writers (``workers``), what both loops share
+(``node``), and the chunk queue, safety filter and episodes. May import ``common`` and its own modules;
+no other node imports it."""
