@@ -34,7 +34,7 @@ from common.wire.curve import (
 SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 CAMERA_BACKENDS = ("synthetic", "opencv", "realsense")
 ENCODINGS = ("raw", "jpeg")
-OVERLAP_RULES = ("replace", "blend")
+OVERLAP_RULES = ("replace", "blend", "rtc")
 POLICY_ROWS = ("n_action_steps", "horizon")
 PLAYER_MODES = ("realtime", "lockstep")
 DEVICES = ("cpu", "cuda", "auto")
@@ -157,9 +157,13 @@ class ActuatorConfig:
     control_endpoint: str = "tcp://127.0.0.1:5571"  # start / stop / label commands (REQ -> ROUTER)
     events_endpoint: str = "tcp://127.0.0.1:5570"  # executed actions, events, loop stats (PUB)
     dry_run: bool = False  # publish commands but never write them to the bus
-    refill_rows: int = 6  # request the next chunk when this many rows remain queued
-    overlap: str = "blend"  # replace | blend
+    # Ask for the next chunk when this many rows remain queued; None (the default): when the rows left cover
+    # the measured round trip (running p90), which is what a hand-set count approximates.
+    refill_rows: int | None = None
+    overlap: str = "blend"  # replace | blend | rtc
     blend_old_weight: float = 0.5  # blend: weight of the already queued row on overlapping ticks
+    # rtc: queued rows sent after the frozen ones as soft guidance (their weight falls linearly to 0)
+    rtc_soft_rows: int = 4
     max_chunk_age_s: float = 1.0  # chunk older than this on arrival (from its observation) is dropped
     auto_start: bool = False  # start an episode as soon as the contract checks out
     rest_step: float = 1.0  # stop with rest_pose: max move per tick towards it
@@ -324,8 +328,12 @@ class DeploymentConfig:
         _one_of("recorder.video_preset", self.recorder.video_preset, X264_PRESETS)
         if not 0.0 <= self.actuator.blend_old_weight <= 1.0:
             raise ConfigError("actuator.blend_old_weight", "expected a weight in 0..1")
-        if self.actuator.refill_rows < 0:
-            raise ConfigError("actuator.refill_rows", "expected a non-negative row count")
+        if self.actuator.refill_rows is not None and self.actuator.refill_rows < 0:
+            raise ConfigError("actuator.refill_rows", "expected a non-negative row count, or null to schedule "
+                              "from the measured round trip")
+        if self.actuator.rtc_soft_rows < 0:
+            raise ConfigError("actuator.rtc_soft_rows", f"expected a non-negative row count, got "
+                              f"{self.actuator.rtc_soft_rows}")
         _one_of("policy.rows", self.policy.rows, POLICY_ROWS)
         if not self.actuator.max_future_s >= 0:
             raise ConfigError("actuator.max_future_s",

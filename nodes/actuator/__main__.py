@@ -8,7 +8,9 @@ Each tick (``config.fps`` on the monotonic clock, or once per new observation in
 3. when acting, pops the queued row meant for this tick (``nodes.actuator.chunk_queue``) and passes it through the
    safety filter (``nodes.actuator.safety``: joint limits, max step per tick);
 4. writes the target to each arm's bus (unless ``actuator.dry_run``) and publishes one ``action`` message;
-5. asks the policy for the next chunk when ``actuator.refill_rows`` or fewer rows remain, in a worker thread
+5. asks the policy for the next chunk when the rows left cover the measured round trip (a running p90;
+   ``actuator.refill_rows`` overrides it; with ``overlap: rtc`` the request carries the rows that will
+   still run meanwhile), in a worker thread
    so inference overlaps execution.
 
 The room: ``core`` (``ControlCore``, the decisions and hold reasons: pure logic, no sockets, the property
@@ -78,7 +80,7 @@ class RealtimeLoop(ActuatorNode):
         if (not input_problem and not self.needs_contract and self.worker.pending == 0
                 and now >= self.next_request_at and self.core.wants_chunk(scheduled)):
             observation = self.inputs.observation()
-            self.worker.submit(Job("infer", self.core.generation, observation, obs_t=observation.obs_t))
+            self.submit_infer(observation, observation.obs_t, age=now - observation.obs_t)
         self.stats.window.append(lateness)
         self.maybe_report()
 
@@ -104,7 +106,7 @@ class LockstepLoop(ActuatorNode):
     """
 
     def __init__(self, config: DeploymentConfig, stop: threading.Event, curve: CurveKeys | None = None) -> None:
-        super().__init__(config, stop, ControlCore(config, period=1.0, max_chunk_age=math.inf), curve)
+        super().__init__(config, stop, ControlCore(config, period=1.0, max_chunk_age=math.inf, lockstep=True), curve)
         self.last_t: dict[str, float] = {}  # per camera and arm: the capture time used at the last tick
         self.key = -1  # the current tick's frame index
 
@@ -148,8 +150,7 @@ class LockstepLoop(ActuatorNode):
             core.safety.anchor(anchor)
         if not core.wants_chunk(key):
             return
-        observation = self.inputs.observation()
-        self.worker.submit(Job("infer", core.generation, observation, obs_t=key))
+        self.submit_infer(self.inputs.observation(), key, age=0.0)
         deadline = time.monotonic() + self.config.policy.timeout_s * max(1, self.config.policy.retries) + 1.0
         while self.worker.pending and time.monotonic() < deadline and not self.stop_event.is_set():
             result = self.worker.take(timeout_s=0.05)

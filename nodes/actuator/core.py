@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.config import DeploymentConfig
-from nodes.actuator.chunk_queue import ChunkQueue, InsertResult
+from nodes.actuator.chunk_queue import ChunkQueue, CoverageNotice, InsertResult, RefillPlanner
 from nodes.actuator.episodes import RUNNING, STOPPING, EpisodeRecord, Episodes
 from nodes.actuator.safety import SafetyFilter
 
@@ -60,7 +60,7 @@ class ControlCore:
     """
 
     def __init__(self, config: DeploymentConfig, *, period: float | None = None,
-                 max_chunk_age: float | None = None) -> None:
+                 max_chunk_age: float | None = None, lockstep: bool = False) -> None:
         settings = config.actuator
         self.names = config.action_names()
         self.dim = len(self.names)
@@ -68,7 +68,13 @@ class ControlCore:
         self.queue = ChunkQueue(self.period, settings.overlap, settings.blend_old_weight, action_dim=self.dim)
         self.safety = SafetyFilter(config.lower_limits(), config.upper_limits(), config.max_step(), self.names)
         self.episodes = Episodes()
-        self.refill_rows = settings.refill_rows
+        # When to ask for the next chunk: rows left covering the measured round trip (lockstep: the request
+        # waits for its chunk, so no margin row), or actuator.refill_rows.
+        self.refill = RefillPlanner(self.period, config.fps, override=settings.refill_rows,
+                                    margin_rows=0 if lockstep else 1)
+        self.overlap = settings.overlap
+        self.rtc_soft_rows = settings.rtc_soft_rows
+        self.rtc_max_rows = 0  # from the contract: the longest prefix the policy continues
         # A non-positive rest_step would never arrive: then the rest move uses the joints' max_step.
         self.rest_step: float | None = float(settings.rest_step) if settings.rest_step > 0 else None
         self.max_chunk_age = settings.max_chunk_age_s if max_chunk_age is None else max_chunk_age
@@ -143,7 +149,29 @@ class ControlCore:
     def wants_chunk(self, now: float) -> bool:
         """Whether the next chunk should be requested now (an episode runs and the queue runs low)."""
         return (self.episodes.state == RUNNING and self.episodes.contract_ok and self.safety.anchored
-                and self.queue.depth(now) <= self.refill_rows)
+                and self.queue.depth(now) <= self.refill.threshold())
+
+    def set_chunk_rows(self, rows: int, rtc_max_rows: int) -> str:
+        """The policy's chunk length and rtc prefix limit (from its contract); returns a one-time complaint
+        when ``refill_rows`` cannot be honoured with that chunk."""
+        self.refill.set_chunk_rows(rows)
+        self.rtc_max_rows = rtc_max_rows
+        # rtc asks rtc_soft_rows earlier, so each request carries that many queued rows to continue softly.
+        self.refill.overlap_rows = self.rtc_soft_rows if self.overlap == "rtc" and rtc_max_rows > 0 else 0
+        return self.refill.override_problem()
+
+    def on_round_trip(self, round_trip: float, inference_s: float | None) -> CoverageNotice | None:
+        """A chunk's measured round trip (request sent to chunk in hand, queue time units)."""
+        return self.refill.record(round_trip, inference_s)
+
+    def rtc_prefix(self, obs_t: float, observation_age: float) -> tuple[np.ndarray | None, int]:
+        """(prefix rows, frozen rows) for a request from the observation at ``obs_t`` under ``overlap: rtc``:
+        the rows that ran or will run from ``obs_t`` on, the first ``delay`` of them before the reply is taken."""
+        if self.overlap != "rtc" or self.rtc_max_rows <= 0:
+            return None, 0
+        delay = self.refill.delay_rows(observation_age)
+        prefix = self.queue.prefix(obs_t, min(delay + self.rtc_soft_rows, self.rtc_max_rows))
+        return (prefix, min(delay, len(prefix))) if len(prefix) else (None, 0)
 
     # ------------------------------------------------------------------ the tick
     def tick(self, now: float, input_problem: str, measured: np.ndarray | None, bus_problem: str = "", *,

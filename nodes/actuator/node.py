@@ -36,6 +36,7 @@ from common.wire.protocol import (
     error_message,
 )
 from common.wire.transport import LatestSubscriber, PeerUnavailable, Publisher, RemoteError, RouterServer, SocketFactory
+from nodes.actuator.chunk_queue import CoverageNotice
 from nodes.actuator.core import (
     HOLD_BAD_ACTION,
     HOLD_BUS_ERROR,
@@ -47,7 +48,7 @@ from nodes.actuator.core import (
     TickDecision,
 )
 from nodes.actuator.episodes import IDLE, EpisodeError, EpisodeRecord
-from nodes.actuator.inputs import InputBook
+from nodes.actuator.inputs import InputBook, Observation
 from nodes.actuator.workers import BusWriter, Job, JobResult, PolicyWorker
 
 log = logging.getLogger("actuator")
@@ -131,11 +132,13 @@ class ActuatorNode:
         self.worker.start()
         for writer in self.writers.values():
             writer.start()
-        log.info("actuator up: %d camera(s), %d arm(s), %s, %s, overlap=%s, refill_rows=%d, events %s, "
+        log.info("actuator up: %d camera(s), %d arm(s), %s, %s, overlap=%s, refill %s, events %s, "
                  "control %s", len(self.config.cameras), len(self.config.arms),
                  "dry-run" if self.settings.dry_run else "writing to the bus",
                  self.timing(), self.settings.overlap,
-                 self.settings.refill_rows, self.settings.events_endpoint, self.settings.control_endpoint)
+                 "from the measured round trip" if self.settings.refill_rows is None
+                 else f"at {self.settings.refill_rows} rows left", self.settings.events_endpoint,
+                 self.settings.control_endpoint)
         try:
             self.loop()
         finally:
@@ -297,15 +300,48 @@ class ActuatorNode:
             self._publish_event("contract_mismatch", differences=differences, checkpoint_id=contract.checkpoint_id)
             if ended is not None:
                 self._publish_episode("episode_stop", ended, reason="contract_mismatch")
-        elif not was_ok:
-            log.info("policy contract matches (%s %s, chunk %d, checkpoint %s%s)", contract.policy_type,
-                     contract.device, contract.chunk_length, contract.checkpoint_id,
-                     ", UNTRAINED" if contract.untrained else "")
-            if self.auto_start_armed and self.core.episodes.state == IDLE:
-                self._start_episode(None)
+        else:
+            self._chunking_known(contract)
+            if not was_ok:
+                log.info("policy contract matches (%s %s, chunk %d, checkpoint %s%s)", contract.policy_type,
+                         contract.device, contract.chunk_length, contract.checkpoint_id,
+                         ", UNTRAINED" if contract.untrained else "")
+                if self.auto_start_armed and self.core.episodes.state == IDLE:
+                    self._start_episode(None)
         if not self.contract_checked:
             self.contract_checked = True
             self._mark_ready()
+
+    def submit_infer(self, observation: Observation, obs_t: float, age: float) -> None:
+        """Ask for the next chunk; under ``overlap: rtc`` with the rows that ran or will run meanwhile."""
+        prefix, delay = self.core.rtc_prefix(obs_t, age)
+        self.worker.submit(Job("infer", self.core.generation, observation, obs_t=obs_t, sent_at=time.monotonic(),
+                               rtc_prefix=prefix, rtc_delay_rows=delay))
+
+    def _chunking_known(self, contract: PolicyContract) -> None:
+        """The contract's chunk length drives the refill; a refill_rows it cannot honour is said once."""
+        rtc_rows = int(contract.extra.get("rtc_max_prefix_rows", 0) or 0)
+        problem = self.core.set_chunk_rows(contract.chunk_length, rtc_rows)
+        if problem:
+            log.warning("%s", problem)
+            self._publish_event("schedule", covered=True, round_trip_p90_s=-1.0, inference_p90_s=-1.0,
+                                chunk_rows=contract.chunk_length, fps=float(self.config.fps), message=problem)
+
+    def _round_trip_p90_s(self) -> float:
+        measured = self.core.refill.round_trip()
+        if measured is None:
+            return -1.0
+        return 0.0 if self.settings.lockstep else measured  # lockstep: frame time, the request is waited for
+
+    def _schedule_notice(self, notice: CoverageNotice) -> None:
+        """Said once per change: the round trip stopped (or started again) fitting inside a chunk."""
+        if notice.covered:
+            log.info("%s", notice.message)
+        else:
+            log.warning("%s", notice.message)
+        self._publish_event("schedule", covered=notice.covered, round_trip_p90_s=notice.round_trip_s,
+                            inference_p90_s=notice.inference_s, chunk_rows=notice.chunk_rows, fps=notice.fps,
+                            message=notice.message)
 
     def _chunk_problem(self, job: Job, reply: ChunkReply) -> str:
         """Why a reply cannot be used ("" when it can): it may only say what was asked. Its rows must be
@@ -331,6 +367,11 @@ class ActuatorNode:
         if problem:
             self._policy_error("infer", problem)
             return
+        # Lockstep waits for the chunk before the tick: in frame time its round trip is 0.
+        round_trip = 0.0 if self.settings.lockstep else time.monotonic() - job.sent_at
+        notice = self.core.on_round_trip(round_trip, reply.timings.get("total_s"))
+        if notice is not None:
+            self._schedule_notice(notice)
         try:
             result = self.core.on_chunk(reply.actions, float(job.obs_t), now, job.generation)
         except ValueError as exc:
@@ -343,7 +384,9 @@ class ActuatorNode:
                             rows=result.rows, accepted=result.accepted, dropped_stale=result.dropped_stale,
                             blended=result.blended, replaced=result.replaced, obs_t=reply.obs_t, arrival_t=now,
                             round_trip_s=reply.round_trip_s, timings=reply.timings,
-                            queue_depth=self.core.queue.depth(now))
+                            queue_depth=self.core.queue.depth(now), refill_rows=self.core.refill.threshold(),
+                            round_trip_p90_s=self._round_trip_p90_s(), rtc_delay_rows=job.rtc_delay_rows,
+                            rtc_prefix_rows=0 if job.rtc_prefix is None else len(job.rtc_prefix))
 
     def maybe_check_contract(self, now: float) -> None:
         if self.needs_contract and self.worker.pending == 0 and now >= self.next_contract_check:
@@ -454,4 +497,5 @@ class ActuatorNode:
                             missed_ticks=self.stats.missed_ticks, bad_inputs=self.inputs.bad_inputs,
                             hold_reason=self.core.hold_reason or "", clamped_rows=self.core.clamped_rows,
                             policy_errors=self.policy_errors, refused_future=self.inputs.refused_future,
-                            reconnects=self.subscriber.reconnect_count)
+                            reconnects=self.subscriber.reconnect_count, refill_rows=self.core.refill.threshold(),
+                            round_trip_p90_s=self._round_trip_p90_s())

@@ -35,6 +35,9 @@ class Job:
     generation: int = 0
     observation: Observation | None = None
     obs_t: float = 0.0  # the time sent to the policy (lockstep: the frame index)
+    sent_at: float = 0.0  # monotonic time of the submit: the round trip is measured from here
+    rtc_prefix: np.ndarray | None = None  # overlap rtc: rows the chunk must continue (robot units)
+    rtc_delay_rows: int = 0
 
 
 @dataclass
@@ -98,7 +101,8 @@ class PolicyWorker(threading.Thread):
         assert observation is not None
         images = {camera: JpegImage.of_message(msg) if "image" in msg.jpeg else msg.arrays["image"]
                   for camera, msg in observation.frames.items()}
-        return JobResult(job=job, reply=client.infer(images, observation.state, job.obs_t, jpeg=self.jpeg_quality))
+        return JobResult(job=job, reply=client.infer(images, observation.state, job.obs_t, jpeg=self.jpeg_quality,
+                                                     rtc_prefix=job.rtc_prefix, rtc_delay_rows=job.rtc_delay_rows))
 
 
 # ==================================================================================================

@@ -239,6 +239,9 @@ class PanelState:
             with self.lock:
                 self.contract = {"ok": False, "differences": differences}
             self._note("fault", "policy contract mismatch: " + "; ".join(differences))
+        elif event == "schedule":
+            # The actuator's chunk scheduling verdict (the round trip vs the chunk), sent once per change.
+            self._note("info" if meta.get("covered") else "warn", f"schedule: {meta.get('message', '')}")
         elif event == "policy_error":
             self._note("fault", f"policy error ({meta.get('op', '')}): {meta.get('message', '')}")
         elif event == "input_refused":
