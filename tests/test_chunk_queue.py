@@ -172,9 +172,12 @@ def test_refill_threshold_covers_the_measured_p90_round_trip() -> None:
     # p90 of 18 x 100 ms and 2 x 150 ms is 105 ms: 3.15 rows, rounded up, plus the one-row margin.
     assert planner.round_trip() == pytest.approx(0.105)
     assert planner.threshold() == 5
-    # The frozen rtc prefix: rows of a chunk asked for now that pass before it arrives.
-    assert planner.delay_rows(observation_age=0.0) == 3
-    assert planner.delay_rows(observation_age=0.030) == 4
+    # The frozen rtc prefix: rows of a chunk asked for now that will not run from it. Sent after this tick's
+    # row, it is taken 4 ticks on (105 ms > 3 ticks); an observation 30 ms old starts its rows a row earlier.
+    assert planner.delay_rows(observation_age=0.0) == 4
+    assert planner.delay_rows(observation_age=0.030) == 5
+    fresh = RefillPlanner(PERIOD, FPS)
+    assert fresh.delay_rows() == 1  # nothing measured: the reply can be taken at the next tick at the earliest
     # A round trip longer than the chunk asks at once (at most chunk - 1 rows: never on a full queue).
     for _ in range(20):
         planner.record(0.5)

@@ -51,6 +51,8 @@ def test_rtc_request_carries_what_ran_and_what_will_run() -> None:
     core.set_chunk_rows(8, 15)
     for _ in range(5):
         core.on_round_trip(0.100, None)
+    # rtc asks rtc_soft_rows (2) rows earlier than replace would (4 rows for 100 ms): at 6 rows left.
+    assert core.refill.threshold() == 6
     core.on_chunk(ramp(8), obs_t=0.0, now=0.0, generation=core.generation)
     for tick in range(4):
         core.tick(tick * PERIOD, "", np.zeros(6, np.float32))

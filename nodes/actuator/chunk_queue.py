@@ -222,12 +222,14 @@ class RefillPlanner:
     lands between ticks; 0 in lockstep, where the request waits for its chunk). So the threshold is
     ``ceil(p90 / period) + margin_rows`` rows, at most ``chunk_rows - 1`` (asking at a full queue would
     ask every tick). ``override`` (``actuator.refill_rows``) replaces the measurement.
+    ``overlap_rows`` (rtc: the soft rows) asks that much earlier, so a request carries queued rows beyond
+    the frozen ones for the policy to continue.
 
     Before the first measurement the threshold is half a chunk.
     """
 
     def __init__(self, period: float, fps: float, *, override: int | None = None, margin_rows: int = 1,
-                 window: int = ROUND_TRIP_WINDOW) -> None:
+                 window: int = ROUND_TRIP_WINDOW, overlap_rows: int = 0) -> None:
         if not period > 0:
             raise ValueError(f"period: expected a positive tick length, got {period}")
         if override is not None and override < 0:
@@ -236,6 +238,8 @@ class RefillPlanner:
         self.fps = float(fps)
         self.override = override
         self.margin_rows = margin_rows
+        # rtc: ask this many rows earlier still, so the request has that many queued rows to continue softly.
+        self.overlap_rows = overlap_rows
         self.round_trips: collections.deque[float] = collections.deque(maxlen=window)
         self.inference: collections.deque[float] = collections.deque(maxlen=window)
         self.chunk_rows = 0  # rows per chunk (the policy contract's chunk_length); 0 until known
@@ -276,7 +280,7 @@ class RefillPlanner:
             if measured is None:
                 rows = self.chunk_rows // 2
             else:
-                rows = math.ceil(measured / self.period - 1e-9) + self.margin_rows
+                rows = math.ceil(measured / self.period - 1e-9) + self.margin_rows + self.overlap_rows
         return min(rows, top) if top is not None else rows
 
     def override_problem(self) -> str:
@@ -289,10 +293,12 @@ class RefillPlanner:
                 "schedule from the measured round trip)")
 
     def delay_rows(self, observation_age: float = 0.0) -> int:
-        """Rows of a chunk requested now that will have passed when it arrives (the frozen rtc prefix):
-        its rows ``k`` with ``obs_t + k * period`` before the arrival slot."""
+        """Rows of a chunk requested now (after this tick's row ran) that will not run from it: the frozen rtc
+        prefix. The reply is taken at the first tick after it lands, ``ceil(p90 / period)`` ticks on (at least
+        ``margin_rows``: the next tick), and the chunk's rows start ``observation_age`` before now."""
         measured = self.round_trip() or 0.0
-        return max(0, math.ceil((observation_age + measured) / self.period - 0.5 - 1e-9))
+        ticks = max(self.margin_rows, math.ceil(measured / self.period - 1e-9))
+        return max(0, ticks + round(observation_age / self.period))
 
     def _judge(self) -> CoverageNotice | None:
         measured = self.round_trip()
