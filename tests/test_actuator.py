@@ -30,8 +30,9 @@ import yaml
 from conftest import NodeProcess, wait_for, write_config
 
 from common.config import DeploymentConfig, load_config
-from common.wire.protocol import KIND_ACTION, KIND_REQUEST, Message
-from common.wire.transport import LatestSubscriber, Publisher, RemoteError, RequestClient, SocketFactory
+from common.wire.actuator_client import ActuatorClient
+from common.wire.protocol import KIND_ACTION, Message
+from common.wire.transport import LatestSubscriber, Publisher, RemoteError, SocketFactory
 from nodes.actuator.episodes import IDLE, RUNNING, STOPPING, EpisodeError, Episodes
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,9 +141,9 @@ class SensorFeed:
 
 
 def control(config: DeploymentConfig, op: str, **meta: Any) -> Message:
-    client = RequestClient(SocketFactory(), config.actuator.control_endpoint, timeout_s=3.0, retries=1)
+    client = ActuatorClient(SocketFactory(), config.actuator.control_endpoint, client="test", timeout_s=3.0, retries=1)
     try:
-        return client.request(Message(kind=KIND_REQUEST, meta={"op": op, "client": "test", **meta}))
+        return client.send(op, **meta)
     finally:
         client.close()
 

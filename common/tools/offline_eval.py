@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from common.config import ConfigError, DeploymentConfig, curve_keys_for, load_config
-from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_REQUEST, Message
-from common.wire.transport import LatestSubscriber, PeerUnavailable, RemoteError, RequestClient, SocketFactory
+from common.wire.actuator_client import ActuatorClient
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, Message
+from common.wire.transport import LatestSubscriber, PeerUnavailable, RemoteError, SocketFactory
 
 log = logging.getLogger(__name__)
 
@@ -385,10 +386,6 @@ def executed_errors(episode: _LiveEpisode, dim: int, row_offset: int = 0) -> tup
             EpisodeTrace(episode.episode_index, truth, executed, episode.holds, episode.run))
 
 
-def _control(client: RequestClient, op: str, **meta: Any) -> Message:
-    return client.request(Message(kind=KIND_REQUEST, meta={"op": op, "client": "offline_eval", **meta}))
-
-
 def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = False, row_offset: int = 0,
                       timeout_s: float = 600.0, factory: SocketFactory | None = None,
                       recorder: ExecutedRecorder | None = None) -> tuple[EvalReport, list[EpisodeTrace]]:
@@ -400,7 +397,8 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
     factory = factory or SocketFactory()
     own_recorder = recorder is None
     recorder = recorder or ExecutedRecorder(config, factory)
-    control = RequestClient(factory, config.actuator.control_endpoint, timeout_s=2.0, retries=3) if drive else None
+    control = (ActuatorClient(factory, config.actuator.control_endpoint, client="offline_eval", timeout_s=2.0,
+                              retries=3) if drive else None)
     names = recorder.names
     results: list[EpisodeErrors] = []
     traces: list[EpisodeTrace] = []
@@ -416,7 +414,7 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
                     raise TimeoutError(f"recorded {len(results)} of {count} episodes within {timeout_s}s")
                 recorder.pump(0.05)
             if control is not None:
-                _control(control, "stop")
+                control.send("stop")
             if not episode.complete:
                 log.warning("episode %d ended early; scoring the %d frames played", episode.episode_index,
                             len(episode.truth))
@@ -436,11 +434,11 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
                      policy={"endpoint": config.policy.endpoint, "seed": config.policy.seed}), traces
 
 
-def _start_when_ready(control: RequestClient, recorder: ExecutedRecorder, deadline: float) -> None:
+def _start_when_ready(control: ActuatorClient, recorder: ExecutedRecorder, deadline: float) -> None:
     """Start an actuator episode, retrying while it is still checking the policy's contract."""
     while True:
         try:
-            _control(control, "start")
+            control.send("start")
             return
         except RemoteError as exc:
             if time.monotonic() > deadline:

@@ -17,11 +17,11 @@ from common.supervisor_client import (
     UnknownProcess,
     read_readiness,
 )
-from common.wire.protocol import KIND_REQUEST, Message, ProtocolError
+from common.wire.actuator_client import ActuatorClient
+from common.wire.protocol import ProtocolError
 from common.wire.transport import (
     PeerUnavailable,
     RemoteError,
-    RequestClient,
     SocketFactory,
 )
 from nodes.monitor.panel import PanelState
@@ -44,20 +44,19 @@ class Commands:
         self.panel = panel
         self.factory = factory
         self.control_lock = threading.Lock()  # one REQ socket, one request at a time
-        self.control: RequestClient | None = None
+        self.control: ActuatorClient | None = None
         self.supervisor = SupervisorClient(config.monitor.supervisor_url,
                                            ready_dir=config.resolve(config.run_dir) / "ready")
 
     def actuator(self, op: str, meta: dict[str, Any]) -> dict[str, Any]:
         """Send one control op; returns the reply's meta. Errors become ``CommandError`` with the reason."""
-        request = Message(kind=KIND_REQUEST, src=PROGRAM, meta={"op": op, "client": PROGRAM, **meta})
         endpoint = self.config.actuator.control_endpoint
         with self.control_lock:
             if self.control is None:
-                self.control = RequestClient(self.factory, endpoint, timeout_s=self.config.monitor.control_timeout_s,
-                                             retries=1)
+                self.control = ActuatorClient(self.factory, endpoint, client=PROGRAM,
+                                              timeout_s=self.config.monitor.control_timeout_s, retries=1)
             try:
-                reply = self.control.request(request)
+                reply = self.control.send(op, **meta)
             except RemoteError as exc:
                 raise CommandError(HTTPStatus.CONFLICT, f"actuator refused {op}: {exc}", field=exc.field,
                                    expected=exc.expected) from exc
