@@ -68,6 +68,15 @@ def test_an_rtc_chunk_starts_with_the_frozen_prefix(scheduler: str, tiny_checkpo
     assert np.all(np.isfinite(continued))
 
 
+def test_the_fast_unet_path_continues_the_prefix_too(tiny_checkpoint, tmp_path: Path) -> None:
+    """policy.fast_unet (its compiled step carries the same inpainting): frozen rows equal the prefix."""
+    fast = make_runtime(tmp_path, tiny_checkpoint("lift", "diffusion"), fast_unet=True)
+    first = fast.infer("robot-a", observation(fast.config, 1)).actions
+    prefix = np.ascontiguousarray(first[2:7])
+    continued = fast.infer("robot-a", observation(fast.config, 2, prefix, 3)).actions
+    np.testing.assert_allclose(continued[:3], prefix[:3], rtol=0, atol=1e-3)
+
+
 def test_a_request_without_prefix_is_unchanged_by_the_rtc_buffers(runtime: PolicyRuntime) -> None:
     runtime.reset("robot-c")
     plain = runtime.infer("robot-c", observation(runtime.config, 7)).actions
