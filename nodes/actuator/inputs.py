@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,9 @@ class Observation:
     obs_t: float
     inputs: dict[str, int]
     frame_index: int
+    # The latency chain's first stamps (docs/protocol.md, section 8), from the oldest part:
+    # capture_t, published_t, received_t on this machine's monotonic clock.
+    stamps: dict[str, float] = field(default_factory=dict)
 
 
 class InputBook:
@@ -36,6 +39,7 @@ class InputBook:
         self.config = config
         self.frames: dict[str, Message] = {}
         self.states: dict[str, Message] = {}
+        self.received: dict[str, float] = {}  # "camera:<name>" / "arm:<name>" -> when its newest message came
         self.bad_inputs = 0
         self.refused_future = 0  # messages stamped ahead of the actuator's clock
         self.refusals: list[dict[str, Any]] = []  # future_capture_time refusals not yet published
@@ -83,6 +87,7 @@ class InputBook:
             raise ProtocolError("arrays[image]", f"uint8 {expected} (cameras.{camera}.height/width)",
                                 f"{image.dtype}{list(image.shape)}")
         self.frames[camera] = msg
+        self.received[f"camera:{camera}"] = time.monotonic()
 
     def _ingest_state(self, msg: Message) -> None:
         arm_name = msg.meta["arm"]
@@ -98,6 +103,7 @@ class InputBook:
         if not np.all(np.isfinite(position)):
             raise ProtocolError("arrays[position]", "finite joint positions", position.tolist())
         self.states[arm_name] = msg
+        self.received[f"arm:{arm_name}"] = time.monotonic()
 
     def _warn(self, key: str, text: str, every_s: float = 5.0) -> None:
         now = time.monotonic()
@@ -141,6 +147,13 @@ class InputBook:
     def observation(self) -> Observation:
         measured = self.measured()
         assert measured is not None and self.complete()
-        parts = [*self.frames.values(), *self.states.values()]
-        return Observation(frames=dict(self.frames), state=measured, obs_t=min(msg.t for msg in parts),
-                           inputs=self.input_seqs(), frame_index=self.frame_index())
+        parts = {**{f"camera:{name}": msg for name, msg in self.frames.items()},
+                 **{f"arm:{name}": msg for name, msg in self.states.items()}}
+        oldest_key, oldest = min(parts.items(), key=lambda item: item[1].t)
+        pub_t = oldest.meta.get("pub_t")
+        stamps = {"capture_t": oldest.t,
+                  "published_t": float(pub_t) if isinstance(pub_t, (int, float)) and not isinstance(pub_t, bool)
+                  else oldest.t,
+                  "received_t": self.received.get(oldest_key, oldest.t)}
+        return Observation(frames=dict(self.frames), state=measured, obs_t=oldest.t,
+                           inputs=self.input_seqs(), frame_index=self.frame_index(), stamps=stamps)

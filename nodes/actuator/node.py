@@ -49,6 +49,7 @@ from nodes.actuator.core import (
 )
 from nodes.actuator.episodes import IDLE, EpisodeError, EpisodeRecord
 from nodes.actuator.inputs import InputBook, Observation
+from nodes.actuator.latency import LatencyTracker
 from nodes.actuator.workers import BusWriter, Job, JobResult, PolicyWorker
 
 log = logging.getLogger("actuator")
@@ -113,6 +114,7 @@ class ActuatorNode:
         self.clamping = False  # the last executed row was clamped (a clamped event per clamped stretch)
         self.policy_errors = 0  # policy_error events, and how many came in a row (for the back-off)
         self.policy_error_streak = 0
+        self.latency = LatencyTracker(1.0 if self.settings.lockstep else config.fps, list(self.writers))
 
     # ------------------------------------------------------------------ lifecycle
     def timing(self) -> str:
@@ -154,6 +156,7 @@ class ActuatorNode:
     def service(self, timeout_s: float) -> None:
         """Take inputs and answer control requests for up to ``timeout_s``."""
         ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
+        self._publish_latency()
         if self.subscriber.sock in ready:
             self.ingest_inputs()
         if self.control.sock in ready:
@@ -189,7 +192,9 @@ class ActuatorNode:
             log.warning("policy row outside the joint limits for %s: clamped", decision.clamped)
         self.clamping = bool(decision.clamped)
         if decision.write and self.writers:
-            self._write(decision.target)
+            executed = not decision.hold and self.latency.executed(
+                self.core.ticks, decision.obs_t, decision.row_t, time.monotonic(), self.core.episodes.episode_index)
+            self._write(decision.target, tag=self.core.ticks if executed else None)
         if decision.hold and decision.reason != previous_reason:
             self.core.holds[decision.reason] += 1
             self._publish_event("hold", reason=decision.reason, count=self.core.holds[decision.reason],
@@ -225,11 +230,20 @@ class ActuatorNode:
         self._publish_event("anchor_mismatch", joints=joints, servo=servo.tolist(), state=measured.tolist(),
                             tolerance=self.settings.anchor_tolerance)
 
-    def _write(self, target: np.ndarray) -> None:
+    def _write(self, target: np.ndarray, tag: int | None = None) -> None:
         if not np.all(np.isfinite(target)):
             return
         for index, writer in enumerate(self.writers.values()):
-            writer.submit(target[index * JOINTS_PER_ARM:(index + 1) * JOINTS_PER_ARM])
+            writer.submit(target[index * JOINTS_PER_ARM:(index + 1) * JOINTS_PER_ARM], tag)
+
+    def _publish_latency(self) -> None:
+        """A ``latency`` event for every executed goal whose write returned on every arm."""
+        for name, writer in self.writers.items():
+            while writer.written:
+                tick, written_t = writer.written.popleft()
+                meta = self.latency.written(tick, name, written_t)
+                if meta is not None:
+                    self.events.publish(Message(kind=KIND_EVENT, meta=meta))
 
     # ------------------------------------------------------------------ policy results
     def take_results(self, now: float) -> None:
@@ -379,6 +393,9 @@ class ActuatorNode:
             return
         if result is None:
             return
+        if job.observation is not None and result.accepted:
+            self.latency.chunk_queued(float(job.obs_t), job.observation.stamps, reply.sent_t, reply.received_t,
+                                      time.monotonic(), reply.timings)
         self.policy_error_streak = 0
         self._publish_event("chunk", arrays={"chunk": np.ascontiguousarray(reply.actions, dtype=np.float32)},
                             rows=result.rows, accepted=result.accepted, dropped_stale=result.dropped_stale,

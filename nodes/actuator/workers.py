@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +123,10 @@ class BusWriter(threading.Thread):
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._target: np.ndarray | None = None
+        self._tag: int | None = None
+        # (tick, monotonic time) of every tagged goal whose write returned; the loop drains it (deque
+        # append/popleft are atomic, so no lock is needed between the two threads).
+        self.written: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
         self.connected = False
         self.last_error = ""
         self.writes = 0
@@ -144,9 +150,11 @@ class BusWriter(threading.Thread):
         present = self._present
         return present[1] if present is not None and present[0] == generation else None
 
-    def submit(self, target: np.ndarray) -> None:
+    def submit(self, target: np.ndarray, tag: int | None = None) -> None:
+        """The newest goal (replaces one not yet written); ``tag`` (the tick) comes back in ``written``."""
         with self._lock:
             self._target = np.array(target, dtype=np.float32)
+            self._tag = tag
         self._wake.set()
 
     def run(self) -> None:
@@ -186,10 +194,13 @@ class BusWriter(threading.Thread):
             self._wake.clear()
             with self._lock:
                 target, self._target = self._target, None
+                tag, self._tag = self._tag, None
             if target is None or self._present_wanted is not None:
                 continue
             try:
                 bus.write_goals(target)
+                if tag is not None:
+                    self.written.append((tag, time.monotonic()))
                 self.writes += 1
                 self.last_error = ""
             except ValueError as exc:
