@@ -393,6 +393,10 @@ def run_grpc_client(config_path: Path, port: int, policy_type: str, checkpoint: 
     is empty), actions received in a thread and aggregated by timestep, one action per tick."""
     import grpc
     import torch  # noqa: F401  (the pickled actions are torch tensors)
+
+    from nodes.policy.checkpoint import guard_lerobot_imports
+
+    guard_lerobot_imports()
     from lerobot.async_inference.helpers import RemotePolicyConfig, TimedObservation
     from lerobot.transport import services_pb2, services_pb2_grpc
     from lerobot.transport.utils import grpc_channel_options, send_bytes_in_chunks
@@ -534,13 +538,23 @@ def stop_child(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
 
 
-def run_client(args_list: list[str], out: Path, work: Path, name: str, timeout_s: float) -> VariantResult:
+def run_client(args_list: list[str], out: Path, work: Path, name: str, timeout_s: float,
+               failed: Any = None) -> VariantResult:
+    """Run a baseline client to its end; ``failed()`` (a reason, or "") stops it early once its server
+    has shown that it cannot serve."""
     log_file = work / f"{name}-client.log"
     proc = child(args_list, log_file)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        stop_child(proc)
+    deadline = time.monotonic() + timeout_s
+    reason = ""
+    while proc.poll() is None and time.monotonic() < deadline:
+        reason = failed() if failed is not None else ""
+        if reason:
+            time.sleep(3.0)  # let it write what it has
+            break
+        time.sleep(0.5)
+    stop_child(proc)
+    if reason:
+        return VariantResult(name, error=reason)
     result = VariantResult(name)
     if not out.exists():
         result.error = f"client failed: {log_file.read_text(errors='replace')[-600:].strip()}"
@@ -560,6 +574,9 @@ GRPC_FAILURE = "LeRobot policy server inference failed:"
 def serve_grpc(argv: list[str]) -> None:
     """LeRobot's own ``policy_server`` (its draccus CLI), unchanged except that an inference failure is
     also logged with its exception: the server logs only ``str(exc)``, which is empty for a KeyError."""
+    from nodes.policy.checkpoint import guard_lerobot_imports
+
+    guard_lerobot_imports()  # an out-of-range transformers (the GPU machine's) must not break lerobot's import
     from lerobot.async_inference import policy_server
 
     predict = policy_server.PolicyServer._predict_action_chunk
@@ -574,6 +591,10 @@ def serve_grpc(argv: list[str]) -> None:
     policy_server.PolicyServer._predict_action_chunk = logged
     sys.argv = ["policy_server", *argv]
     policy_server.serve()
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def grpc_server_error(log_file: Path) -> str:
@@ -602,7 +623,8 @@ def run_grpc(name: str, config_path: Path, checkpoint: Path, policy_type: str, a
         result = run_client(["grpc-client", "--config", str(config_path), "--port", str(port), "--policy-type",
                              policy_type, "--checkpoint", str(checkpoint), "--device", args.device,
                              "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--out", str(out)],
-                            out, work, name, args.seconds + args.warmup + 240)
+                            out, work, name, args.seconds + args.warmup + 240,
+                            failed=lambda: grpc_server_error(log_file) if GRPC_FAILURE in _read(log_file) else "")
         if not result.records:
             result.error = result.error or grpc_server_error(log_file) or "no action chunk came back"
         return result
