@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import pickle  # nosec: the LeRobot gRPC baseline speaks pickle; only its own server's bytes are unpickled
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -322,7 +323,7 @@ def serve_openpi(config_path: Path, port: int, ready_file: Path) -> None:
             packer.pack(reply)  # measured once, as the policy node does (a header cannot time itself)
             encoded = time.perf_counter()
             timings["encode_s"] = encoded - start
-            timings["server_s"] = encoded - received + timings["encode_s"]
+            timings["server_s"] = encoded - received
             await websocket.send(packer.pack(reply))
 
     async def main() -> None:
@@ -543,6 +544,7 @@ def run_client(args_list: list[str], out: Path, work: Path, name: str, timeout_s
     """Run a baseline client to its end; ``failed()`` (a reason, or "") stops it early once its server
     has shown that it cannot serve."""
     log_file = work / f"{name}-client.log"
+    out.unlink(missing_ok=True)  # a reused --work directory must not hand back an earlier run's records
     proc = child(args_list, log_file)
     deadline = time.monotonic() + timeout_s
     reason = ""
@@ -617,8 +619,14 @@ def run_grpc(name: str, config_path: Path, checkpoint: Path, policy_type: str, a
     server = subprocess.Popen([sys.executable, "-m", "bench.latency", "serve-grpc", "--host=127.0.0.1",
                                f"--port={port}", "--fps=30", "--inference_latency=0", "--obs_queue_timeout=2"],
                               cwd=work, stdout=log_file.open("ab"), stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                   "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])})
     try:
+        deadline = time.monotonic() + 300
+        while "PolicyServer started" not in _read(log_file):  # its imports take a minute on a busy CPU
+            if server.poll() is not None or time.monotonic() > deadline:
+                return VariantResult(name, error=f"LeRobot's policy server did not start: {_read(log_file)[-300:]}")
+            time.sleep(0.2)
         out = work / f"{name}.json"
         result = run_client(["grpc-client", "--config", str(config_path), "--port", str(port), "--policy-type",
                              policy_type, "--checkpoint", str(checkpoint), "--device", args.device,
@@ -637,6 +645,7 @@ def run_openpi(config_path: Path, args: argparse.Namespace, work: Path) -> Varia
 
     port = free_port()
     ready = work / "openpi.ready"
+    ready.unlink(missing_ok=True)
     log_file = work / "openpi-server.log"
     server = child(["serve-openpi", "--config", str(config_path), "--port", str(port), "--ready", str(ready)],
                    log_file)
@@ -673,6 +682,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="armpipe-latency-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work / "run", ignore_errors=True)  # readiness files of an earlier run in a reused --work
         checkpoint, act_checkpoint = build_checkpoints(base, args, work)
         raw_path = bench_config(source, work, checkpoint, args, jpeg=False)
         jpeg_path = same_endpoints(raw_path, bench_config(source, work, checkpoint, args, jpeg=True))

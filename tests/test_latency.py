@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NodeProcess, wait_for
+from conftest import NodeProcess, free_port, wait_for, write_config
 from test_actuator import EventTap, slow_checkpoint, slow_config, start_actuator, start_policy  # noqa: F401
 
 from common.config import load_config
 from common.wire.latency import STAGE_NAMES, STAMPS, LatencyError, end_to_end, stages
+from common.wire.protocol import KIND_EVENT, Message
+from common.wire.transport import Publisher, SocketFactory
 from nodes.actuator.latency import LatencyTracker
 
 SERVER = {"unpack_s": 0.001, "decode_s": 0.002, "preprocess_s": 0.0005, "inference_s": 0.010,
@@ -109,3 +112,31 @@ def test_pipeline_stamps_are_ordered_and_end_at_the_bus_write(
         assert np.isfinite([e.meta["end_to_end_s"] for e in events]).all()
     finally:
         tap.close()
+
+
+def test_the_monitor_keeps_latency_events_for_the_panel(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    config_path = write_config(tmp_path, "lift", {"monitor": {"supervisor_url": f"http://127.0.0.1:{free_port()}/RPC2"}})
+    config = load_config(config_path)
+    monitor = NodeProcess("monitor", config_path)
+    node_processes.append(monitor)
+    monitor.start().wait_ready(60)
+    events = Publisher(SocketFactory(), config.actuator.events_endpoint, "actuator")
+    tracker = LatencyTracker(fps=30, arms=["main"])
+    tracker.chunk_queued(1.0, {"capture_t": 1.0, "published_t": 1.001, "received_t": 1.002}, sent_t=1.01,
+                         replied_t=1.03, scheduled_t=1.034, server=SERVER)
+    tracker.executed(3, obs_t=1.0, row_t=1.0 + 1 / 30, executed_t=1.04, episode_index=0)
+    meta = tracker.written(3, "main", 1.0415)
+    assert meta is not None
+
+    def shown() -> list | None:
+        events.publish(Message(kind=KIND_EVENT, meta=meta))
+        url = f"http://127.0.0.1:{config.monitor.port}/api/state"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read()).get("latency") or None
+
+    try:
+        latency = wait_for(shown, timeout_s=20, interval_s=0.2, message="the monitor never kept a latency event")
+    finally:
+        events.close()
+    assert latency[-1]["tick"] == 3 and latency[-1]["end_to_end_s"] == pytest.approx(0.0415)
+    assert list(latency[-1]["stages"]) == list(STAGE_NAMES)

@@ -135,6 +135,7 @@ class PanelState:
         self.action_history: deque[dict[str, Any]] = deque(maxlen=history)
         self.gt_history: deque[dict[str, Any]] = deque(maxlen=history)
         self.chunk_history: deque[dict[str, Any]] = deque(maxlen=200)
+        self.latency_history: deque[dict[str, Any]] = deque(maxlen=300)  # the actuator's latency events
         self.pending_series: dict[str, list[dict[str, Any]]] = {"state": [], "action": [], "gt": []}
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_KEEP)
         self.loop_stats: dict[str, Any] | None = None
@@ -210,6 +211,14 @@ class PanelState:
             with self.lock:
                 self.chunk_history.append({k: v for k, v in sample.items() if k != "chunk"})
             self.hub.publish("chunk", sample)
+        elif event == "latency":
+            stages = meta.get("stages") if isinstance(meta.get("stages"), dict) else {}
+            sample = {"t": msg.t, "tick": meta.get("tick"), "first_row": bool(meta.get("first_row")),
+                      "end_to_end_s": _finite(meta.get("end_to_end_s")),
+                      "stages": {str(k): _finite(v) for k, v in stages.items()}}
+            with self.lock:
+                self.latency_history.append(sample)
+            self.hub.publish("latency", sample)
         elif event == "loop_stats":
             stats = {key: value for key, value in meta.items() if key != "event"}
             stats["t"] = msg.t
@@ -315,6 +324,7 @@ class PanelState:
                 "series": {"state": list(self.state_history), "action": list(self.action_history),
                            "gt": list(self.gt_history), "now": time.monotonic()},
                 "chunks": list(self.chunk_history),
+                "latency": list(self.latency_history),
                 "loop_stats": self.loop_stats,
                 "episode": self.episode,
                 "player": self.player,

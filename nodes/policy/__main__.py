@@ -142,8 +142,10 @@ def add_encode_time(reply: Message, received_at: float) -> None:
     """Fill ``timings.encode_s`` and ``timings.server_s`` of an infer reply before it is sent.
 
     A header cannot hold the time it takes to encode itself, so the reply is encoded once here to measure
-    it (the same fields, the same sizes: msgpack floats are fixed-width) and ``server_s`` counts that
-    measured encode for the one the socket does next: request frames read -> reply handed to ZeroMQ.
+    it (the same fields, the same sizes: msgpack floats are fixed-width). ``server_s`` runs from the
+    request's frames read to the end of that encode, which stands in for the one the socket does next;
+    the real one falls in the client's ``network`` stage. Every part of ``server_s`` lies inside the
+    client's round trip, so ``round trip - server_s`` is never negative, however the machine schedules us.
     """
     timings = reply.meta["timings"]
     timings["encode_s"] = timings["server_s"] = 0.0
@@ -151,7 +153,7 @@ def add_encode_time(reply: Message, received_at: float) -> None:
     encode(reply)
     encoded = time.perf_counter()
     timings["encode_s"] = encoded - start
-    timings["server_s"] = encoded - received_at + timings["encode_s"]
+    timings["server_s"] = encoded - received_at
 
 
 def _obs_t(request: Message) -> float | None:

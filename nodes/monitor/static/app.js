@@ -7,6 +7,7 @@ const state = {
   actions: [],        // executed ticks {t, values, hold, hold_reason, queue_depth, ...}
   states: [],         // {t, arm, names, values}
   gt: [],             // ground truth {t, values}
+  latency: [],        // latency events {t, tick, first_row, end_to_end_s, stages}
   chunks: [],         // chunk events {t, obs_t, round_trip_s, timings, queue_depth, chunk?}
   lastChunk: null,
   serverNow: 0,       // robot monotonic clock (s) at lastLocal
@@ -68,6 +69,8 @@ function onSnapshot(snapshot) {
   state.states = snapshot.series.state;
   state.gt = snapshot.series.gt;
   state.chunks = snapshot.chunks;
+  state.latency = snapshot.latency || [];
+  showLatency();
   setNow(snapshot.series.now);
   snapshot.frames.forEach(onFrame);
   if (snapshot.loop_stats) onLoopStats(snapshot.loop_stats);
@@ -110,6 +113,30 @@ function onSeries(batch) {
   const last = batch.action[batch.action.length - 1];
   if (last) $("#queue-latest").textContent = `${last.queue_depth} rows`;
   state.dirty = true;
+}
+
+// Capture -> goal written over the last goals (docs/protocol.md, section 8), and the three largest stages.
+function onLatency(sample) {
+  state.latency.push(sample);
+  if (state.latency.length > 300) state.latency.shift();
+  showLatency();
+}
+
+function showLatency() {
+  const samples = state.latency.filter((s) => s.end_to_end_s !== null);
+  if (!samples.length) return;
+  const sorted = samples.map((s) => s.end_to_end_s * 1000).sort((a, b) => a - b);
+  const at = (p) => sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))];
+  const means = {};
+  for (const s of samples) {
+    for (const [name, value] of Object.entries(s.stages || {})) {
+      if (value !== null) means[name] = (means[name] || 0) + (value * 1000) / samples.length;
+    }
+  }
+  const largest = Object.entries(means).sort((a, b) => b[1] - a[1]).slice(0, 3)
+    .map(([name, value]) => `${name} ${fmt(value, 1, " ms")}`).join(", ");
+  $("#latency-latest").textContent = `p50 ${fmt(at(0.5), 1, " ms")} · p99 ${fmt(at(0.99), 1, " ms")} ` +
+    `over ${samples.length} goals · mean ${largest}`;
 }
 
 function onChunk(chunk) {
@@ -378,7 +405,7 @@ function connect() {
   source.onopen = () => { badge.textContent = "live"; badge.className = "badge ok"; };
   source.onerror = () => { badge.textContent = "reconnecting…"; badge.className = "badge bad"; };
   const handlers = {
-    snapshot: onSnapshot, frame: onFrame, series: onSeries, chunk: onChunk, loop_stats: onLoopStats,
+    snapshot: onSnapshot, frame: onFrame, series: onSeries, chunk: onChunk, latency: onLatency, loop_stats: onLoopStats,
     episode: onEpisode, player: onPlayer, nodes: onNodes, log: onLog,
   };
   for (const [event, handler] of Object.entries(handlers)) {
