@@ -387,7 +387,7 @@ def test_written_episodes_are_lerobot_v3_that_lerobot_merges(tmp_path: Path) -> 
     from lerobot.datasets.aggregate import aggregate_datasets
 
     from common.wire.contract import image_key
-    from nodes.recorder.writer import OneEpisodeDataset
+    from nodes.recorder.lerobot_v3 import OneEpisodeDataset
 
     config = load_config(small_config(tmp_path))
     lengths = (12, 7)

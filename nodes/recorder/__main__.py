@@ -22,9 +22,10 @@ Outputs under ``recorder.output_dir``: one LeRobot dataset per episode (``episod
 ``nodes.recorder.writer``), ``metrics.jsonl`` (a line per episode, and a new line when an episode is
 labelled later), ``summary.json`` and ``plots/summary.png``.
 
-The room: ``assembler`` (the receiver's pairing and episode boundaries), ``writer`` (the LeRobot v3
-episode writer and crash journal), ``metrics`` (metrics, summary and plots); this module holds the writer
-and finisher threads and the node. It may import ``common`` and its own room.
+The room: ``assembler`` (the receiver's pairing and episode boundaries), ``writer`` (the episode writer,
+crash journal and recovery), ``lerobot_v3`` (one episode's LeRobot v3 files), ``video`` (each camera's
+encoder), ``metrics`` (metrics, summary and plots); this module holds the writer and finisher threads
+and the node. It may import ``common`` and its own room.
 """
 
 from __future__ import annotations
