@@ -119,3 +119,22 @@ def test_common_never_imports_a_node_and_no_node_imports_another_nodes_room() ->
                  or (module.startswith("nodes.") and dep.startswith("nodes.")
                      and module.split(".")[1] != dep.split(".")[1])]
     assert not crossings
+
+
+def test_dataset_features_are_the_ones_lerobot_builds_from_the_hardware() -> None:
+    from lerobot.utils.feature_utils import hw_to_dataset_features
+
+    from common.config import load_config
+    from common.layout import dataset_features
+
+    for task in ("lift", "sort"):
+        config = load_config(REPO_ROOT / "configs" / f"{task}.yaml")
+        joints = dict.fromkeys(config.state_names(), float)
+        cameras = {name: (cam.height, cam.width, 3) for name, cam in config.cameras.items()}
+        lerobot = {**hw_to_dataset_features({**joints, **cameras}, "observation"),
+                   **hw_to_dataset_features(dict.fromkeys(config.action_names(), float), "action")}
+        for feature in lerobot.values():
+            feature.pop("info", None)  # LeRobot 0.6.1 marks depth maps; the writers add their video info
+        ours = dataset_features(config)
+        assert ours == lerobot
+        assert dataset_features(config, (48, 64))["observation.images.front"]["shape"] == (48, 64, 3)

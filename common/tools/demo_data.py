@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from common.config import REPO_ROOT, SO101_JOINTS, ArmConfig, ConfigError, DeploymentConfig, load_config
+from common.layout import dataset_features
 from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
 
 log = logging.getLogger(__name__)
@@ -212,18 +213,6 @@ class Texture:
 # --------------------------------------------------------------------------------------------------
 
 
-def demo_features(config: DeploymentConfig, width: int, height: int) -> dict[str, dict]:
-    """LeRobot feature specs of a demo dataset: one video per config camera, state and action."""
-    names = config.state_names()
-    features: dict[str, dict] = {
-        image_key(camera): {"dtype": "video", "shape": (height, width, 3), "names": ["height", "width", "channels"]}
-        for camera in config.cameras
-    }
-    features[STATE_KEY] = {"dtype": "float32", "shape": (len(names),), "names": names}
-    features[ACTION_KEY] = {"dtype": "float32", "shape": (len(names),), "names": list(config.action_names())}
-    return features
-
-
 def generate_demo_dataset(config: DeploymentConfig, output: Path, spec: DemoSpec | None = None, *,
                           repo_id: str = "", overwrite: bool = False) -> Path:
     """Write a demo LeRobot v3 dataset at ``output`` and return its root."""
@@ -256,7 +245,7 @@ def generate_demo_dataset(config: DeploymentConfig, output: Path, spec: DemoSpec
     dataset = LeRobotDataset.create(
         repo_id=repo_id or f"armpipe/{config.task}-demo",
         fps=config.fps,
-        features=demo_features(config, width, height),
+        features=dataset_features(config, (height, width)),
         root=output,
         robot_type=robot_type,
         use_videos=True,

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.config import DeploymentConfig
+from common.layout import dataset_features
 from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
 from common.wire.images import JpegImage
 from nodes.recorder.video import (
@@ -35,20 +36,6 @@ STATS_QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 DATASET_EPISODE = 0
 # Each camera's fragmented MP4 while the episode is open (nodes.recorder.video).
 STREAM_DIR = "stream"
-
-
-def dataset_features(config: DeploymentConfig) -> dict[str, dict]:
-    """LeRobot features of a recording: each camera at its configured size, state and executed action."""
-    names = config.state_names()
-    features: dict[str, dict] = {
-        image_key(name): {"dtype": "video", "shape": (cam.height, cam.width, 3),
-                          "names": ["height", "width", "channels"]}
-        for name, cam in config.cameras.items()
-    }
-    features[STATE_KEY] = {"dtype": "float32", "shape": (len(names),), "names": names}
-    features[ACTION_KEY] = {"dtype": "float32", "shape": (len(config.action_names()),),
-                            "names": config.action_names()}
-    return features
 
 
 class OneEpisodeDataset:

@@ -39,9 +39,10 @@ import numpy as np
 import pandas as pd
 
 from common.config import DeploymentConfig
+from common.layout import dataset_features
 from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
 from common.wire.images import JpegImage
-from nodes.recorder.lerobot_v3 import STREAM_DIR, OneEpisodeDataset, dataset_features
+from nodes.recorder.lerobot_v3 import STREAM_DIR, OneEpisodeDataset
 from nodes.recorder.video import (
     VideoResult,
     decoded_samples,
