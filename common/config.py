@@ -126,6 +126,9 @@ class PolicyConfig:
     fast_unet: bool = False
     cpu_threads: int = 0  # torch intra-op threads on a cpu device; 0 keeps torch's default (one per core)
     warmup: int = 1  # inference passes before reporting ready
+    # torch.compile's on-disk caches (Inductor's FX graph and AOTAutograd caches, Triton kernels), so a restarted
+    # node with policy.compile reuses what an earlier start compiled; "" = <run_dir>/compile-cache
+    compile_cache: str = ""
     max_sessions: int = 64  # client sessions kept (least recently used dropped)
     seed: int = 0  # diffusion noise is seeded per session from this, so a replay is reproducible
     # Rows per reply. n_action_steps: what LeRobot executes of a prediction. horizon (DiffusionPolicy): every
@@ -427,9 +430,11 @@ def parse_node_args(description: str, argv: list[str] | None = None, *, default_
             name, _ = select_instance(instances, args.name, instance_of)
         curve = curve_keys_for(config, curve_side) if curve_side else None
     except ConfigError as exc:
-        # Exit code 2: a restart cannot fix a bad config, and supervisord is told not to retry it.
-        logging.getLogger("armpipe.config").error("%s", exc)
-        raise SystemExit(2) from exc
+        # Exit code 2, once: a restart cannot fix a bad config (common.refusal says how supervisord is kept
+        # from retrying it). The config did not load, so its run_dir is read from the raw YAML if it can be.
+        from common.refusal import refuse
+
+        refuse(str(exc), run_dir=raw_run_dir(args.config))
     warn_insecure_streams(config)
     return NodeArgs(config=config, name=name, config_path=Path(args.config).resolve(), curve=curve)
 
@@ -490,6 +495,17 @@ def curve_keys_for(config: DeploymentConfig, side: str) -> CurveKeys | None:
         log.info("CURVE on: talking to server key %s as client key %s", server_public.decode(), public.decode())
         return CurveKeys(server_public=server_public, client_public=public, client_secret=secret)
     raise ValueError(f"side must be 'server' or 'client', got {side!r}")
+
+
+def raw_run_dir(path: str | os.PathLike[str]) -> Path | None:
+    """The ``run_dir`` a deployment YAML names, read without validating the rest (for a config that does
+    not load: where its nodes record their refusal and the status tool looks for it); None if unreadable."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    run_dir = raw.get("run_dir", DeploymentConfig.run_dir) if isinstance(raw, dict) else None
+    return resolve_repo_path(run_dir) if isinstance(run_dir, str) and run_dir else None
 
 
 def select_instance[T](instances: dict[str, T], name: str, what: str) -> tuple[str, T]:

@@ -32,7 +32,7 @@ from nodes.policy.checkpoint import (
 from nodes.policy.engines import ChunkEngine, DiffusionEngine
 from nodes.policy.io import InputLoader, Normaliser, validate_request
 from nodes.policy.sessions import SessionStore
-from nodes.policy.speed import SpeedOptions
+from nodes.policy.speed import SpeedOptions, use_compile_cache
 
 MAX_CLIENT_ID_LEN = 128
 
@@ -90,6 +90,11 @@ class PolicyRuntime:
         self.options = SpeedOptions.from_config(settings, self.device)
         if not self.options.exact:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls: the fast paths are not exact anyway
+        # Set before the engines call torch.compile: a restart then reuses the generated code and kernels.
+        self.compile_cache = ""
+        if self.options.compile:
+            cache_dir = settings.compile_cache or str(config.resolve(config.run_dir) / "compile-cache")
+            self.compile_cache = use_compile_cache(config.resolve(cache_dir))
         self.cameras = {camera_name(key): [int(feature.shape[1]), int(feature.shape[2]), 3]
                         for key, feature in self.policy_config.image_features.items()}
         self.state_dim = len(config.state_names())

@@ -1,12 +1,15 @@
 """Speed paths of the policy node that keep LeRobot's modules and weights: the speed options from the
-config, Conv1d as matrix products (batch 1), and CUDA graph recording with an eager fallback.
+config, Conv1d as matrix products (batch 1), CUDA graph recording with an eager fallback, and the
+persistent compile cache that lets a restarted node skip most of torch.compile's work.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -180,3 +183,37 @@ class SpeedOptions:
         return cls(device=device, dtype=torch.bfloat16 if policy.dtype == "bf16" else torch.float32,
                    num_inference_steps=policy.num_inference_steps, noise_scheduler=policy.noise_scheduler.upper(),
                    compile=policy.compile, cuda_graphs=policy.cuda_graphs and on_cuda, fast_unet=policy.fast_unet)
+
+
+def use_compile_cache(directory: Path) -> str:
+    """Keep torch.compile's caches in ``directory`` (``policy.compile_cache``), across restarts and reboots.
+
+    Why: a restarted node with ``policy.compile`` would otherwise pay Inductor's code generation and
+    Triton's kernel compilation again (tens of seconds on the GPU). With the FX graph cache and the
+    AOTAutograd cache on, the second start still traces the model with Dynamo but loads the generated
+    code and the compiled kernels from disk. torch's default place is ``/tmp/torchinductor_<user>``,
+    which a reboot or a tmp cleaner empties; ``run/compile-cache`` stays with the deployment. Triton's
+    kernels go under the same directory unless ``TRITON_CACHE_DIR`` is set. An operator's own
+    ``TORCHINDUCTOR_CACHE_DIR`` wins over the config. Returns a one-line description for the log.
+    """
+    import torch._functorch.config
+    import torch._inductor.config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    from torch._inductor.utils import clear_caches
+
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    # torch itself writes its default into the variable the first time it asks (LeRobot's imports may have):
+    # only a different value is an operator's choice.
+    operator = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    if operator and operator != default_cache_dir():
+        log.info("TORCHINDUCTOR_CACHE_DIR=%s is set; using it instead of policy.compile_cache (%s)", operator,
+                 directory)
+        path = Path(operator)
+    else:
+        path = Path(directory)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+        clear_caches()  # as torch's own temporary_cache_dir() does: nothing keeps a path to the old directory
+    path.mkdir(parents=True, exist_ok=True)
+    entries = sum(1 for item in path.rglob("*") if item.is_file())
+    return f"{path} ({'warm: ' + str(entries) + ' files' if entries else 'cold: empty, this start fills it'})"
