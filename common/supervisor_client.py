@@ -1,9 +1,12 @@
 """Status and restart of armpipe's processes through supervisord's XML-RPC interface.
 
 supervisord (``supervisord.conf``) runs every node; its ``[inet_http_server]`` (or ``[unix_http_server]``)
-exposes ``supervisor.getAllProcessInfo``, ``stopProcess`` and ``startProcess``. This module wraps exactly
-those three calls with a timeout, so a hung or absent supervisord never hangs the monitor, and merges in
-the nodes' own readiness files (``<run_dir>/ready/<program>.json``, see ``common.node.Readiness``).
+exposes ``supervisor.getAllProcessInfo``, ``stopProcess``, ``startProcess`` and ``tailProcessStdoutLog``.
+This module wraps exactly those calls with a timeout, so a hung or absent supervisord never hangs the
+monitor, and merges in the nodes' own files: readiness (``<run_dir>/ready/<program>.json``, see
+``common.node.Readiness``) and the reason a node refused to run (``<run_dir>/refused/<program>.json``,
+see ``common.refusal``). A program that is down without a recorded refusal (a crash: BACKOFF, FATAL, an
+unexpected exit) gets the last error line of its log as its reason.
 
 URLs: ``http://[user:password@]host:port/RPC2`` or ``unix:///path/to/supervisor.sock``.
 """
@@ -14,6 +17,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import socket
 import time
 import xmlrpc.client
@@ -21,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+from common.refusal import REFUSED_DIR, read_refusals
 
 # supervisor.xmlrpc.Faults values (not imported so this module needs only the standard library).
 FAULT_BAD_NAME = 10
@@ -61,6 +67,9 @@ class ProcessStatus:
     uptime_s: float
     description: str  # supervisord's one-line description ("pid 123, uptime 0:00:05" or the error)
     ready: bool | None = None  # readiness file present with a live pid; None: no readiness information
+    exit_status: int = 0  # the last exit code supervisord saw (0 while it never exited)
+    reason: str = ""  # why it is not running: its refusal, or the last error line of its log after a crash
+    refused: bool = False  # it stopped on purpose (exit 2: config, checkpoint or dataset); no restart will help
 
     @property
     def full_name(self) -> str:
@@ -113,13 +122,16 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 class SupervisorClient:
     """Thread-safe (a fresh connection per call) client for the calls the monitor needs."""
 
-    def __init__(self, url: str, *, timeout_s: float = 3.0, ready_dir: Path | None = None) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 3.0, ready_dir: Path | None = None,
+                 refused_dir: Path | None = None) -> None:
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "unix"):
             raise ValueError(f"supervisor url {url!r}: expected http://host:port/RPC2 or unix:///path.sock")
         self.url = url
         self.timeout_s = timeout_s
         self.ready_dir = ready_dir
+        # Both live in the run directory: <run_dir>/ready and <run_dir>/refused.
+        self.refused_dir = refused_dir or (ready_dir.parent / REFUSED_DIR if ready_dir is not None else None)
 
     def _proxy(self, timeout_s: float | None = None) -> xmlrpc.client.ServerProxy:
         # ServerProxy needs an http URL even for the UNIX transport; the host part is ignored there.
@@ -149,9 +161,18 @@ class SupervisorClient:
                 pid=int(info.get("pid") or 0),
                 uptime_s=float(info["now"] - info["start"]) if info.get("pid") else 0.0,
                 description=str(info.get("description", "")),
+                exit_status=int(info.get("exitstatus") or 0),
             )
             for info in infos
         ]
+        refusals = read_refusals(self.refused_dir) if self.refused_dir is not None else {}
+        for status, info in zip(statuses, infos, strict=True):
+            entry = refusals.get(status.name)
+            # Only a refusal of the latest spawn counts (supervisord's start time; 1 s of slack for rounding).
+            if entry and float(entry.get("since", 0)) >= float(info.get("start") or 0) - 1.0:
+                status.reason, status.refused = entry["reason"], True
+            elif status.state in ("BACKOFF", "FATAL") or (status.state == "EXITED" and status.exit_status):
+                status.reason, status.refused = self._reason_from_log(status.full_name)
         if self.ready_dir is not None:
             ready = read_readiness(self.ready_dir)
             for status in statuses:
@@ -162,6 +183,14 @@ class SupervisorClient:
                 status.ready = bool(entry and entry.get("alive") and status.pid
                                     and _descends_from(int(entry["pid"]), status.pid))
         return statuses
+
+    def _reason_from_log(self, full_name: str) -> tuple[str, bool]:
+        """(the last error line of the program's log, whether it is a refusal); ("", False) if none."""
+        try:
+            text = self._call("tailProcessStdoutLog", full_name, 0, LOG_TAIL_BYTES)[0]
+        except (xmlrpc.client.Fault, SupervisorUnavailable):
+            return "", False
+        return last_error_line(str(text))
 
     def _resolve(self, name: str) -> ProcessStatus:
         statuses = self.processes()
@@ -190,6 +219,25 @@ class SupervisorClient:
             if fault.faultCode != FAULT_ALREADY_STARTED:
                 raise SupervisorError(f"starting {status.name}: {fault.faultString}") from fault
         return self._resolve(status.full_name)
+
+
+LOG_TAIL_BYTES = 4096  # enough for a traceback's last lines
+MAX_REASON_CHARS = 300
+# "2026-12-02 00:10:07,233 ERROR policy armpipe.refusal: " (common.node.setup_logging's format)
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ \S+ \S+: ")
+ERROR_LINE = re.compile(r"^\d{4}-\d\d-\d\d \S+ (ERROR|CRITICAL) |^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
+
+
+def last_error_line(log_text: str) -> tuple[str, bool]:
+    """The newest refusal (``REFUSED: ...``) or error line (a logged ERROR/CRITICAL, a traceback's final
+    ``SomeError: ...`` line) of a log tail, without its time stamp; and whether it is a refusal."""
+    for line in reversed(log_text.splitlines()):
+        line = line.strip()
+        if "REFUSED: " in line:
+            return line.split("REFUSED: ", 1)[1][:MAX_REASON_CHARS], True
+        if ERROR_LINE.search(line):
+            return LOG_PREFIX.sub("", line)[:MAX_REASON_CHARS], False
+    return "", False
 
 
 def read_readiness(ready_dir: Path) -> dict[str, dict[str, Any]]:

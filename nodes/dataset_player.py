@@ -33,6 +33,7 @@ import numpy as np
 from common.config import ConfigError, DeploymentConfig, parse_node_args
 from common.dataset_source import DatasetError, DatasetSource, EpisodeData, EpisodeReader
 from common.node import Readiness, setup_logging
+from common.refusal import refuse
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
 from common.wire.transport import LatestSubscriber, Publisher, SocketFactory, stop_event_on_signals
 
@@ -318,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = DatasetSource(config)
     except ConfigError as exc:  # DatasetError included: wrong path, missing video, layout mismatch
-        log.error("%s", exc)
-        return 2
+        refuse(str(exc), program=PROGRAM, run_dir=config.resolve(config.run_dir))
     factory = SocketFactory()
     player = DatasetPlayer(config, source, factory, stop)
     readiness.ready(dataset=str(source.root), episodes=source.episodes, mode=config.player.mode,

@@ -4,15 +4,14 @@
 
 Ops (meta ``op``; sessions keyed by meta ``client``): ``metadata`` (the contract), ``infer`` (one chunk),
 ``reset`` (clears this client's history), ``ping``. Every failure is an ``error`` reply naming the
-field; the node keeps serving. A checkpoint that does not fit the config is refused at start (exit 2).
-All the model work lives in ``nodes.policy.runtime`` and the other ``nodes.policy`` modules it uses;
-this file is the loop.
+field; the node keeps serving. A checkpoint that does not fit the config is refused at start (exit 2,
+started once: ``common.refusal``). All the model work lives in ``nodes.policy.runtime`` and the other
+``nodes.policy`` modules it uses; this file is the loop.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import msgpack
 
 from common.config import parse_node_args
 from common.node import Readiness, setup_logging
+from common.refusal import process_age_s, refuse
 from common.wire.protocol import (
     KIND_REPLY,
     KIND_REQUEST,
@@ -36,7 +36,6 @@ from nodes.policy.checkpoint import CheckpointError
 from nodes.policy.runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
 
 PROGRAM = "policy"
-EXIT_REFUSED = 2  # checkpoint missing or not matching the config: restarting will not help
 
 log = logging.getLogger(PROGRAM)
 
@@ -168,11 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     config = args.config
     readiness = Readiness(config, PROGRAM)
     stop = stop_event_on_signals()
+    imported_s = process_age_s()  # interpreter, torch and this node's modules (LeRobot's come next)
+    loading = time.perf_counter()
     try:
         runtime = PolicyRuntime(config)
-    except CheckpointError as exc:
-        log.error("checkpoint refused: %s", exc)
-        sys.exit(EXIT_REFUSED)
+    except CheckpointError as exc:  # missing, unreadable or not matching the config: exit code 2, once
+        refuse(f"checkpoint refused: {exc}", program=PROGRAM, run_dir=config.resolve(config.run_dir))
+    loaded_s = time.perf_counter() - loading
     contract = runtime.contract
     log.info("serving %s%s checkpoint %s (id %s) on %s: cameras %s, %d state -> %d x %d actions, %s",
              contract.policy_type, " UNTRAINED" if contract.untrained else "", contract.checkpoint_path,
@@ -180,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
              contract.chunk_length, len(contract.action_names), contract.extra)
     if contract.untrained:
         log.warning("the checkpoint's weights are UNTRAINED (armpipe.json): its actions are meaningless")
+    warming = time.perf_counter()
     durations = runtime.warmup(config.policy.warmup)
+    warmup_s = time.perf_counter() - warming
     if durations:
         log.info("warm-up: %d passes, last %.1f ms", len(durations), durations[-1] * 1000)
 
@@ -191,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     policy_server = PolicyServer(runtime, server)
     readiness.ready(endpoint=config.policy.bind, checkpoint_id=contract.checkpoint_id, policy_type=contract.policy_type,
                     untrained=contract.untrained, device=contract.device, curve=args.curve is not None)
+    # One line a restart can be judged by (bench/policy_restart.py reads it): where the start-up went.
+    log.info("start-up: %.1f s to ready (imports %.1f s, LeRobot + checkpoint %.1f s, warm-up %.1f s)%s",
+             process_age_s(), imported_s, loaded_s, warmup_s,
+             f"; compile cache {runtime.compile_cache}" if runtime.compile_cache else "")
     try:
         while not stop.is_set():
             received = server.receive(timeout_s=0.2)

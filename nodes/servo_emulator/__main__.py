@@ -38,6 +38,7 @@ from typing import Any
 
 from common.config import parse_node_args
 from common.node import Readiness, setup_logging
+from common.refusal import refuse
 from common.wire.transport import stop_event_on_signals
 from nodes.servo_emulator.bus import EmulatedBus, build_arm
 from nodes.servo_emulator.pty import PtyLink
@@ -84,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     stats_dir.mkdir(parents=True, exist_ok=True)
     try:
         link = PtyLink(config.resolve(arm.port))
-    except OSError as exc:
-        log.error("arm %s: cannot create the emulated port: %s", name, exc)
-        return 2
+    except OSError as exc:  # e.g. a real serial device at the configured port: not ours to replace
+        refuse(f"arm {name}: cannot create the emulated port: {exc}", program=program,
+               run_dir=config.resolve(config.run_dir))
     bus = EmulatedBus(build_arm(arm, config.emulator, time.monotonic()), line_baud=link.line_baud)
     try:
         # Real servos answer within microseconds whatever the host is doing; on a busy machine a raised

@@ -188,7 +188,7 @@ function onPlayer(player) {
 
 function onNodes(nodes) {
   $("#nodes-error").textContent = nodes.error || "";
-  const rows = nodes.programs.map((program) => {
+  const rows = nodes.programs.flatMap((program) => {
     const ready = program.ready === null || program.ready === undefined ? "—" : program.ready ? "yes" : "no";
     // No button for the monitor itself: it cannot stop and then start its own process.
     const button = program.self ? "this page" : el("button", { type: "button", class: "restart",
@@ -196,11 +196,17 @@ function onNodes(nodes) {
     if (!program.self) {
       button.addEventListener("click", () => command(`/api/nodes/${encodeURIComponent(program.name)}/restart`, {}, button));
     }
-    return el("tr", { "data-node": program.name, title: program.description },
+    const row = el("tr", { "data-node": program.name, title: program.description },
       el("td", {}, program.name), el("td", { class: `state state-${program.state}` }, program.state),
       el("td", { class: "pid" }, program.pid ? String(program.pid) : "—"),
       el("td", {}, program.pid ? fmt(program.uptime_s, 0, " s") : "—"),
       el("td", { class: `ready ready-${ready}` }, ready), el("td", {}, button));
+    if (!program.reason) return [row];
+    // Why it is down, under its row: a refusal (exit 2, stays down until the config, checkpoint or dataset
+    // is fixed) or, after a crash, the last error line of its log.
+    const why = program.refused ? "refused" : "last error in its log";
+    return [row, el("tr", { "data-why": program.name, class: program.refused ? "why refused" : "why crashed" },
+      el("td", { colSpan: 6 }, `${why}: ${program.reason}`))];
   });
   for (const node of nodes.unsupervised || []) {
     rows.push(el("tr", { "data-node": node.name, title: "ready file without a supervisord program" },
