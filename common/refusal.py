@@ -8,12 +8,14 @@ after 1, 2, 3 ... s, up to ``startretries`` times (``supervisorctl start`` answe
 Only a process that outlived ``startsecs`` (RUNNING) is judged by its code: EXITED, and with
 ``autorestart=unexpected`` an expected code is left alone.
 
-So ``refuse()`` keeps the process alive until it is older than ``startsecs`` (read from
-``ARMPIPE_STARTSECS``, which the generated supervisor programs set to the same value as their
-``startsecs``), then exits 2: supervisord spawns it exactly once and leaves it EXITED. Everything else
-about supervision stays as supervisord does it: a crash in the first ``startsecs`` (exit 1, an
-unhandled exception, kill -9) backs off and retries; a crash later restarts at once. Run by hand
-(no ``ARMPIPE_STARTSECS``) a refusal exits at once.
+So ``refuse()`` keeps the process alive until it is older than its program's ``startsecs``, then
+exits 2: supervisord spawns it exactly once and leaves it EXITED. The node asks supervisord itself for
+the value (``getAllConfigInfo`` at ``SUPERVISOR_SERVER_URL``, both set for every child), so it cannot
+drift from the program's settings; ``ARMPIPE_STARTSECS`` overrides that, and when supervisord does not
+answer the node waits ``FALLBACK_STARTSECS``. Run by hand (not under supervisord) a refusal exits at
+once. Everything else about supervision stays as supervisord does it: a crash in the first
+``startsecs`` (exit 1, an unhandled exception, kill -9) backs off (1, 2, 3 ... s) and retries; a crash
+later restarts at once, and backs off if the new process fails again within ``startsecs``.
 
 Why a node-side wait and not ``startsecs=0``: with ``startsecs=0`` every process is RUNNING at once,
 so a node crashing at start would be restarted immediately and forever, with no back-off at all. An
@@ -34,7 +36,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_REFUSED = 2  # configuration, checkpoint or dataset error: restarting will not help
-STARTSECS_ENV = "ARMPIPE_STARTSECS"  # the program's startsecs, set by the generated supervisor programs
+STARTSECS_ENV = "ARMPIPE_STARTSECS"  # overrides the startsecs supervisord reports for this program
+FALLBACK_STARTSECS = 5.0  # under supervisord, when it does not say: longer than any startsecs armpipe uses
 LINGER_MARGIN_S = 0.5  # beyond startsecs: the age below is measured from fork, supervisord's from just before
 REFUSED_DIR = "refused"
 
@@ -54,16 +57,33 @@ def process_age_s() -> float:
         return time.monotonic() - _IMPORTED_AT
 
 
+def program_startsecs() -> float:
+    """This program's ``startsecs``: ``ARMPIPE_STARTSECS``, else supervisord's own setting; 0 when not supervised."""
+    text = os.environ.get(STARTSECS_ENV, "").strip()
+    if text:
+        try:
+            return max(0.0, float(text))
+        except ValueError:
+            log.warning("%s=%r is not a number of seconds; asking supervisord", STARTSECS_ENV, text)
+    name, url = os.environ.get("SUPERVISOR_PROCESS_NAME", ""), os.environ.get("SUPERVISOR_SERVER_URL", "")
+    if not os.environ.get("SUPERVISOR_ENABLED") or not name:
+        return 0.0
+    group = os.environ.get("SUPERVISOR_GROUP_NAME", name)
+    try:
+        from common.supervisor_client import SupervisorClient
+
+        for info in SupervisorClient(url, timeout_s=2.0).config_info():
+            if info.get("name") == name and info.get("group") == group:
+                return max(0.0, float(info["startsecs"]))
+        log.warning("supervisord at %s does not list %s:%s", url, group, name)
+    except Exception as exc:  # any failure to ask: wait the fallback rather than crash-loop
+        log.warning("cannot ask supervisord at %s for startsecs (%s: %s)", url or "(no URL)", type(exc).__name__, exc)
+    return FALLBACK_STARTSECS
+
+
 def linger_s() -> float:
     """How long a refusing process still has to live so that supervisord counts it as started."""
-    text = os.environ.get(STARTSECS_ENV, "").strip()
-    if not text:
-        return 0.0
-    try:
-        startsecs = float(text)
-    except ValueError:
-        log.warning("%s=%r is not a number of seconds; exiting without waiting", STARTSECS_ENV, text)
-        return 0.0
+    startsecs = program_startsecs()
     return max(0.0, startsecs + LINGER_MARGIN_S - process_age_s()) if startsecs > 0 else 0.0
 
 

@@ -1,7 +1,8 @@
 """Status and restart of armpipe's processes through supervisord's XML-RPC interface.
 
 supervisord (``supervisord.conf``) runs every node; its ``[inet_http_server]`` (or ``[unix_http_server]``)
-exposes ``supervisor.getAllProcessInfo``, ``stopProcess``, ``startProcess`` and ``tailProcessStdoutLog``.
+exposes ``supervisor.getAllProcessInfo``, ``stopProcess``, ``startProcess``, ``tailProcessStdoutLog`` and
+``getAllConfigInfo``.
 This module wraps exactly those calls with a timeout, so a hung or absent supervisord never hangs the
 monitor, and merges in the nodes' own files: readiness (``<run_dir>/ready/<program>.json``, see
 ``common.node.Readiness``) and the reason a node refused to run (``<run_dir>/refused/<program>.json``,
@@ -183,6 +184,10 @@ class SupervisorClient:
                 status.ready = bool(entry and entry.get("alive") and status.pid
                                     and _descends_from(int(entry["pid"]), status.pid))
         return statuses
+
+    def config_info(self) -> list[dict[str, Any]]:
+        """supervisord's settings of every program (``getAllConfigInfo``: name, group, startsecs, exitcodes, ...)."""
+        return list(self._call("getAllConfigInfo"))
 
     def _reason_from_log(self, full_name: str) -> tuple[str, bool]:
         """(the last error line of the program's log, whether it is a refusal); ("", False) if none."""

@@ -1,0 +1,186 @@
+"""Refusals and crashes under the real supervisord.conf (role robot-sim: every node torch-free).
+
+- A typo in the deployment YAML (``cameras.front.backend: kinect``): every program that reads it refuses,
+  is spawned exactly once (counted in supervisord.log), stays EXITED with exit code 2, and ``make
+  status`` (``common.tools.status``) names the field; ``supervisorctl start`` does not answer
+  ``spawn error``. camera-front, whose command line overrides that field, runs.
+- A good config with one refusing node and one crashing node: the servo emulator refuses a port that
+  is a regular file (one spawn, EXITED, the reason in status and on the web panel's node list); a camera
+  whose endpoint is taken crashes with exit 1 and is retried with growing back-off (BACKOFF, the crash's
+  error line as the reason), and runs as soon as the endpoint is free; kill -9 of a running node still
+  brings it back at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, free_port, wait_for, write_config
+
+from bench.harness import Supervised
+from common.supervisor_client import ProcessStatus
+
+pytestmark = pytest.mark.timeout(900)
+
+PROGRAMS = ["servo_emulator-main", "camera-front", "camera-wrist", "state_reader-main", "actuator", "recorder",
+            "monitor"]
+SPAWNED = re.compile(r"^(\S+ \S+) INFO spawned: '([^']+)' with pid (\d+)")
+EXITED = re.compile(r"^(\S+ \S+) \w+ exited: (\S+) \((.*)\)")
+
+
+def log_events(stack: Supervised, pattern: re.Pattern[str]) -> list[tuple[float, str, str]]:
+    """(time, program, detail) for every supervisord.log line matching ``pattern``."""
+    events = []
+    for line in (stack.run_dir / "logs" / "supervisord.log").read_text().splitlines():
+        match = pattern.match(line)
+        if match:
+            stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            events.append((stamp, match[2], match[3]))
+    return events
+
+
+def spawn_counts(stack: Supervised) -> dict[str, int]:
+    counts = dict.fromkeys(PROGRAMS, 0)
+    for _, program, _ in log_events(stack, SPAWNED):
+        counts[program] = counts.get(program, 0) + 1
+    return counts
+
+
+def status_table(stack: Supervised) -> subprocess.CompletedProcess[str]:
+    """``make status`` for this stack: the status tool with its config, over supervisord's socket."""
+    return subprocess.run([sys.executable, "-m", "common.tools.status", "--config", str(stack.config_path),
+                           "--supervisor-url", stack.client.url], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def supervised(tmp_path: Path, overrides: dict, raw_edit: dict | None = None) -> Supervised:
+    port = free_port()
+    config_path = write_config(tmp_path, "lift", {"monitor": {"supervisor_url": f"http://127.0.0.1:{port}/RPC2"},
+                                                  **overrides})
+    stack = Supervised("robot-sim", "lift", config_path, tmp_path / "run", port)  # reads the config as written
+    if raw_edit:  # then the edit, which may break the config: every node reads it again when supervisord starts
+        raw = yaml.safe_load(config_path.read_text())
+        for dotted, value in raw_edit.items():
+            node = raw
+            *parents, key = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[key] = value
+        config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return stack
+
+
+def test_a_config_typo_starts_each_program_once_and_says_why(tmp_path: Path) -> None:
+    stack = supervised(tmp_path, {}, raw_edit={"cameras.front.backend": "kinect"})
+    refusing = [name for name in PROGRAMS if name != "camera-front"]
+    try:
+        stack.start()
+
+        def settled() -> dict[str, ProcessStatus] | None:
+            procs = {p.name: p for p in stack.processes()}
+            done = all(procs.get(name) and procs[name].state == "EXITED" for name in refusing)
+            return procs if done else None
+
+        procs = wait_for(settled, timeout_s=180, interval_s=0.5,
+                         message=f"not every program refused: {stack.log_tails()}")
+        time.sleep(6)  # a crash loop would have respawned them by now (back-off 1 s, then 2 s)
+        procs = {p.name: p for p in stack.processes()}
+        counts = spawn_counts(stack)
+        for name in refusing:
+            assert counts[name] == 1, f"{name} spawned {counts[name]} times\n{stack.log_tails([name])}"
+            proc = procs[name]
+            assert proc.state == "EXITED" and proc.exit_status == 2, (name, proc)
+            assert proc.refused and "cameras.front.backend" in proc.reason and "kinect" in proc.reason, proc
+        exits = [(program, detail) for _, program, detail in log_events(stack, EXITED)]
+        assert all(detail == "exit status 2; expected" for program, detail in exits if program in refusing), exits
+        # The program whose command line overrides the bad field is not affected.
+        assert procs["camera-front"].state == "RUNNING" and counts["camera-front"] == 1
+
+        status = status_table(stack)
+        assert status.returncode == 1  # not everything is up
+        assert "does not load" in status.stdout and "cameras.front.backend" in status.stdout, status.stdout
+        for name in refusing:
+            line = next(line for line in status.stdout.splitlines() if f":{name} " in line)
+            assert "EXITED" in line and "exit 2; refused:" in line and "kinect" in line, line
+
+        # Starting it again by hand: one more spawn, the same refusal, not supervisord's "spawn error".
+        again = stack.ctl("start", stack.full_name("recorder"))
+        assert "spawn error" not in again.stdout + again.stderr, again
+        wait_for(lambda: stack.process("recorder").state == "EXITED", timeout_s=60, interval_s=0.5)
+        time.sleep(4)
+        assert spawn_counts(stack)["recorder"] == 2 and stack.process("recorder").refused
+    finally:
+        stack.shutdown()
+
+
+def test_refusal_crash_backoff_and_kill9_with_reasons_on_the_panel(tmp_path: Path) -> None:
+    stack = supervised(tmp_path, {"cameras": {"front": {"backend": "synthetic"}, "wrist": {"backend": "synthetic"}}})
+    config = stack.config
+    # The servo emulator refuses to replace a regular file at its port (it could be a real device).
+    Path(config.arms["main"].port).write_text("not a pty\n")
+    # camera-front cannot bind its endpoint while this socket holds it: an exit 1 crash, a restart could fix.
+    port = int(config.cameras["front"].endpoint.rsplit(":", 1)[1])
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        stack.start()
+        stack.wait_ready("camera-wrist", timeout_s=180)
+        stack.wait_ready("monitor", timeout_s=180)
+
+        # The crash is retried, each time after a longer back-off, and says why.
+        crashing = wait_for(lambda: (p := stack.process("camera-front")).state == "BACKOFF" and p.reason and p,
+                            timeout_s=120, interval_s=0.2, message="camera-front never in BACKOFF with a reason")
+        assert "Address already in use" in crashing.reason and not crashing.refused, crashing
+        wait_for(lambda: spawn_counts(stack)["camera-front"] >= 5, timeout_s=120, interval_s=0.5,
+                 message="camera-front was not retried")
+        exits = [t for t, program, detail in log_events(stack, EXITED)
+                 if program == "camera-front" and detail == "exit status 1; not expected"]
+        spawns = [t for t, program, _ in log_events(stack, SPAWNED) if program == "camera-front"]
+        # supervisord waits 1, 2, 3 ... s (checked once a second) between a quick crash and the next spawn.
+        delays = [next(s for s in spawns if s > t) - t for t in exits if any(s > t for s in spawns)]
+        assert len(delays) >= 4 and max(delays) >= delays[0] + 1.5, delays
+
+        # The refusal: one spawn, EXITED with code 2, the reason in status and on the panel.
+        emulator = wait_for(lambda: (p := stack.process("servo_emulator-main")).state == "EXITED" and p,
+                            timeout_s=60, interval_s=0.2)
+        assert emulator.exit_status == 2 and emulator.refused and "not a symlink" in emulator.reason, emulator
+        status = status_table(stack)
+        line = next(line for line in status.stdout.splitlines() if ":servo_emulator-main " in line)
+        assert "EXITED" in line and "refused: arm main: cannot create the emulated port" in line, status.stdout
+        line = next(line for line in status.stdout.splitlines() if ":camera-front " in line)
+        assert "last error in its log:" in line and "Address already in use" in line, status.stdout
+        panel_url = f"http://127.0.0.1:{config.monitor.port}/api/state"
+
+        def panel_programs() -> dict[str, dict]:
+            with urllib.request.urlopen(panel_url, timeout=10) as response:
+                return {p["name"]: p for p in json.loads(response.read())["nodes"]["programs"]}
+
+        shown = wait_for(lambda: (p := panel_programs()).get("servo_emulator-main", {}).get("refused") and p,
+                         timeout_s=30, interval_s=0.5, message="the panel does not show the refusal")
+        assert "not a symlink" in shown["servo_emulator-main"]["reason"]
+        assert spawn_counts(stack)["servo_emulator-main"] == 1
+
+        # Once the endpoint is free the next retry runs.
+        blocker.close()
+        stack.wait_ready("camera-front", timeout_s=120)
+        assert not stack.process("camera-front").reason
+
+        # kill -9 of a running node: back at once, as a new process.
+        killed = stack.kill9("camera-wrist")
+        back = stack.wait_ready("camera-wrist", other_pid=killed, timeout_s=60)
+        assert back.pid != killed and not back.reason
+        assert spawn_counts(stack)["servo_emulator-main"] == 1  # still not retried
+    finally:
+        blocker.close()
+        stack.shutdown()
