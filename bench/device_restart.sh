@@ -33,7 +33,7 @@ fi
 timeout "${BENCH_TIMEOUT_S:-540}" python3 -m bench.policy_restart --device "${DEVICE:-cuda}" --size "${SIZE:-default}" \
   --options "${OPTIONS:-dtype=bf16,compile=true,cuda_graphs=true,fast_unet=true}" \
   --out "$OUT/restart.json" --markdown "$OUT/restart.md" "$@" 2>&1 | tee "$OUT/restart.log" \
-  | grep -E "RESULT|Error|error|Traceback|^\||cold / warm" | cut -c1-400
+  | grep -E "RESULT|Error|error|Traceback" | cut -c1-400
 status=${PIPESTATUS[0]}
 [ -f "$OUT/restart.md" ] && cat "$OUT/restart.md"
 exit "$status"

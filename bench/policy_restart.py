@@ -150,9 +150,11 @@ def to_markdown(summary: dict[str, Any]) -> str:
             return f"{value:.1f}" if isinstance(value, float) else "-"
         lines.append(f"| {start['kind']} | {cell('first_chunk_s')} | {cell('imports_s')} | {cell('load_s')} | "
                      f"{cell('warmup_s')} | {start.get('compile_cache', '') or '-'} |")
-    if summary.get("cold_over_warm"):
-        lines += ["", f"cold / warm (first chunk): **{summary['cold_over_warm']:.1f}x**; caches off / warm: "
-                      f"**{summary.get('nocache_over_warm') or 0:.1f}x**"]
+    ratios = [f"{label}: **{summary[key]:.1f}x**" for key, label in (("cold_over_warm", "cold / warm"),
+                                                                     ("nocache_over_warm", "caches off / warm"))
+              if summary.get(key)]
+    if ratios:
+        lines += ["", "First chunk, " + "; ".join(ratios)]
     return "\n".join(lines)
 
 

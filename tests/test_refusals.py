@@ -1,9 +1,10 @@
 """Refusals and crashes under the real supervisord.conf (role robot-sim: every node torch-free).
 
-- A typo in the deployment YAML (``cameras.front.backend: kinect``): every program that reads it refuses,
-  is spawned exactly once (counted in supervisord.log), stays EXITED with exit code 2, and ``make
-  status`` (``common.tools.status``) names the field; ``supervisorctl start`` does not answer
-  ``spawn error``. camera-front, whose command line overrides that field, runs.
+- A typo written into the running deployment's YAML (``cameras.front.backend: kinect``), then
+  ``supervisorctl restart all``: every program that reads it refuses, is spawned exactly once
+  (counted in supervisord.log), stays EXITED with exit code 2, and ``make status``
+  (``common.tools.status``) names the field; ``supervisorctl`` never answers ``spawn error``.
+  camera-front, whose command line overrides that field, runs.
 - A good config with one refusing node and one crashing node: the servo emulator refuses a port that
   is a regular file (one spawn, EXITED, the reason in status and on the web panel's node list); a camera
   whose endpoint is taken crashes with exit 1 and is retried with growing back-off (BACKOFF, the crash's
@@ -28,7 +29,6 @@ import yaml
 from conftest import REPO_ROOT, free_port, wait_for, write_config
 
 from bench.harness import Supervised
-from common.supervisor_client import ProcessStatus
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -63,62 +63,73 @@ def status_table(stack: Supervised) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
-def supervised(tmp_path: Path, overrides: dict, raw_edit: dict | None = None) -> Supervised:
+def supervised(tmp_path: Path, overrides: dict) -> Supervised:
     port = free_port()
     config_path = write_config(tmp_path, "lift", {"monitor": {"supervisor_url": f"http://127.0.0.1:{port}/RPC2"},
                                                   **overrides})
-    stack = Supervised("robot-sim", "lift", config_path, tmp_path / "run", port)  # reads the config as written
-    if raw_edit:  # then the edit, which may break the config: every node reads it again when supervisord starts
-        raw = yaml.safe_load(config_path.read_text())
-        for dotted, value in raw_edit.items():
-            node = raw
-            *parents, key = dotted.split(".")
-            for part in parents:
-                node = node[part]
-            node[key] = value
-        config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return stack
+    return Supervised("robot-sim", "lift", config_path, tmp_path / "run", port)
+
+
+def break_config(path: Path, dotted: str, value: object) -> None:
+    """Edit one field of the YAML in place, as an operator would (no validation)."""
+    raw = yaml.safe_load(path.read_text())
+    node = raw
+    *parents, key = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[key] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def test_a_config_typo_starts_each_program_once_and_says_why(tmp_path: Path) -> None:
-    stack = supervised(tmp_path, {}, raw_edit={"cameras.front.backend": "kinect"})
+    stack = supervised(tmp_path, {})
     refusing = [name for name in PROGRAMS if name != "camera-front"]
     try:
         stack.start()
+        for name in PROGRAMS:  # the actuator of robot-sim is never ready: it has no policy to check against
+            stack.wait_ready(name, timeout_s=240) if name != "actuator" else None
+        before = spawn_counts(stack)
+        # The operator edits the running deployment's YAML with a typo, then restarts one node. Alone it
+        # refuses within a second of its spawn, well inside startsecs: the case that used to loop.
+        break_config(stack.config_path, "cameras.front.backend", "kinect")
+        restart = stack.ctl("restart", stack.full_name("recorder"))
+        assert "spawn error" not in restart.stdout + restart.stderr, restart
+        wait_for(lambda: stack.process("recorder").state == "EXITED", timeout_s=60, interval_s=0.2,
+                 message=f"the recorder did not refuse: {stack.log_tails(['recorder'])}")
+        time.sleep(6)  # a crash loop would have respawned it by now (back-off 1 s, then 2 s)
+        assert spawn_counts(stack)["recorder"] - before["recorder"] == 1, stack.log_tails(["recorder"])
+        recorder = stack.process("recorder")
+        assert recorder.state == "EXITED" and recorder.exit_status == 2 and recorder.refused, recorder
 
-        def settled() -> dict[str, ProcessStatus] | None:
+        # Then everything: each program that reads the bad field refuses once.
+        restart = stack.ctl("restart", "all")
+        assert "spawn error" not in restart.stdout + restart.stderr, restart
+
+        def settled() -> bool:
             procs = {p.name: p for p in stack.processes()}
-            done = all(procs.get(name) and procs[name].state == "EXITED" for name in refusing)
-            return procs if done else None
+            return all(procs.get(name) and procs[name].state == "EXITED" for name in refusing)
 
-        procs = wait_for(settled, timeout_s=180, interval_s=0.5,
-                         message=f"not every program refused: {stack.log_tails()}")
-        time.sleep(6)  # a crash loop would have respawned them by now (back-off 1 s, then 2 s)
+        wait_for(settled, timeout_s=180, interval_s=0.5, message=f"not every program refused: {stack.log_tails()}")
+        time.sleep(6)
         procs = {p.name: p for p in stack.processes()}
         counts = spawn_counts(stack)
         for name in refusing:
-            assert counts[name] == 1, f"{name} spawned {counts[name]} times\n{stack.log_tails([name])}"
+            spawned = counts[name] - before[name] - (1 if name == "recorder" else 0)
+            assert spawned == 1, f"{name} spawned {spawned} times after the restart\n{stack.log_tails([name])}"
             proc = procs[name]
             assert proc.state == "EXITED" and proc.exit_status == 2, (name, proc)
             assert proc.refused and "cameras.front.backend" in proc.reason and "kinect" in proc.reason, proc
         exits = [(program, detail) for _, program, detail in log_events(stack, EXITED)]
         assert all(detail == "exit status 2; expected" for program, detail in exits if program in refusing), exits
         # The program whose command line overrides the bad field is not affected.
-        assert procs["camera-front"].state == "RUNNING" and counts["camera-front"] == 1
+        assert procs["camera-front"].state == "RUNNING" and counts["camera-front"] - before["camera-front"] == 1
 
         status = status_table(stack)
         assert status.returncode == 1  # not everything is up
-        assert "does not load" in status.stdout and "cameras.front.backend" in status.stdout, status.stdout
+        assert "does not load" in status.stdout + status.stderr and "cameras.front.backend" in status.stdout, status
         for name in refusing:
             line = next(line for line in status.stdout.splitlines() if f":{name} " in line)
             assert "EXITED" in line and "exit 2; refused:" in line and "kinect" in line, line
-
-        # Starting it again by hand: one more spawn, the same refusal, not supervisord's "spawn error".
-        again = stack.ctl("start", stack.full_name("recorder"))
-        assert "spawn error" not in again.stdout + again.stderr, again
-        wait_for(lambda: stack.process("recorder").state == "EXITED", timeout_s=60, interval_s=0.5)
-        time.sleep(4)
-        assert spawn_counts(stack)["recorder"] == 2 and stack.process("recorder").refused
     finally:
         stack.shutdown()
 
