@@ -38,7 +38,10 @@ class RoleError(ValueError):
 @dataclass(frozen=True)
 class ProgramOptions:
     """How supervisord runs one node. Exit code 2 is a configuration, checkpoint or dataset error that a
-    restart cannot fix, so it counts as expected and the program stays EXITED with its reason logged."""
+    restart cannot fix, so it counts as expected and the program stays EXITED with its reason logged.
+    That holds only for a process that outlived ``startsecs`` (an earlier exit is a failed start, retried
+    with back-off whatever its code): a refusing node asks supervisord for its ``startsecs`` and lives
+    that long first (``common.refusal``), so any value here works for both refusals and crashes."""
 
     priority: int  # start order (low first); stop order is the reverse
     nice: int = 0  # run under ``nice -n`` (work that must never take CPU from the control loop)
