@@ -169,6 +169,9 @@ class ActuatorConfig:
     rtc_soft_rows: int = 4
     max_chunk_age_s: float = 1.0  # chunk older than this on arrival (from its observation) is dropped
     auto_start: bool = False  # start an episode as soon as the contract checks out
+    # ... and once these programs are ready (only those supervisord runs here), at most auto_start_wait_s
+    auto_start_after: list[str] = field(default_factory=lambda: ["recorder"])
+    auto_start_wait_s: float = 60.0
     rest_step: float = 1.0  # stop with rest_pose: max move per tick towards it
     contract_wait_s: float = 0.0  # 0: wait for the policy forever (retrying) before the first episode
     # Lockstep (offline evaluation with the dataset player): tick once per new observation instead of
@@ -344,6 +347,9 @@ class DeploymentConfig:
         if not self.actuator.anchor_tolerance > 0:
             raise ConfigError("actuator.anchor_tolerance", f"expected a positive tolerance, got "
                               f"{self.actuator.anchor_tolerance}")
+        if self.actuator.auto_start_wait_s < 0:
+            raise ConfigError("actuator.auto_start_wait_s",
+                              f"expected seconds >= 0, got {self.actuator.auto_start_wait_s}")
         if not -20 <= self.actuator.nice <= 19:
             raise ConfigError("actuator.nice", f"expected a nice value in -20..19, got {self.actuator.nice}")
         for field_path, endpoint in self.stream_endpoints().items():

@@ -7,6 +7,7 @@ start, and a running one is ended. Commands that make no sense in the current st
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 IDLE = "idle"
@@ -30,6 +31,10 @@ class EpisodeRecord:
     index: int
     label: str = ""
     stop_reason: str = ""
+    # The episode's identity in every event and tick: the index starts again at 0 when the actuator restarts,
+    # this does not (the recorder keys episodes by it).
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ticks: int = 0  # ticks published during the episode (their episode_tick numbers are 0..ticks-1)
 
 
 @dataclass
@@ -48,6 +53,11 @@ class Episodes:
     def episode_index(self) -> int:
         """The running (or stopping) episode's index, -1 when none."""
         return self.current.index if self.current is not None and self.state in (RUNNING, STOPPING) else -1
+
+    @property
+    def active(self) -> EpisodeRecord | None:
+        """The running (or stopping) episode's record, None when none."""
+        return self.current if self.state in (RUNNING, STOPPING) else None
 
     @property
     def public_state(self) -> str:

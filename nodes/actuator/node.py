@@ -36,6 +36,7 @@ from common.wire.protocol import (
     error_message,
 )
 from common.wire.transport import LatestSubscriber, PeerUnavailable, Publisher, RemoteError, RouterServer, SocketFactory
+from nodes.actuator.autostart import AutoStartWait
 from nodes.actuator.chunk_queue import CoverageNotice
 from nodes.actuator.core import (
     HOLD_BAD_ACTION,
@@ -47,7 +48,7 @@ from nodes.actuator.core import (
     ControlCore,
     TickDecision,
 )
-from nodes.actuator.episodes import IDLE, EpisodeError, EpisodeRecord
+from nodes.actuator.episodes import IDLE, RUNNING, EpisodeError, EpisodeRecord
 from nodes.actuator.inputs import InputBook, Observation
 from nodes.actuator.latency import LatencyTracker
 from nodes.actuator.workers import BusWriter, Job, JobResult, PolicyWorker
@@ -110,6 +111,8 @@ class ActuatorNode:
         self.next_contract_check = 0.0
         self.next_request_at = 0.0
         self.auto_start_armed = self.settings.auto_start
+        self.auto_start_due = False
+        self.auto_start_waits = AutoStartWait(config) if self.settings.auto_start else None
         self.stats = LoopStats()
         self.clamping = False  # the last executed row was clamped (a clamped event per clamped stretch)
         self.policy_errors = 0  # policy_error events, and how many came in a row (for the back-off)
@@ -144,6 +147,11 @@ class ActuatorNode:
         try:
             self.loop()
         finally:
+            if self.core.episodes.state == RUNNING:
+                # A clean stop ends the episode on the record: the recorder saves it complete.
+                record = self.core.stop("", reason="actuator_stopped")
+                self._publish_episode("episode_stop", record, reason="actuator_stopped")
+                time.sleep(0.1)  # let the event leave before the socket closes (linger 0)
             self.readiness.clear()
             self.worker.close()
             for writer in self.writers.values():
@@ -321,7 +329,7 @@ class ActuatorNode:
                          contract.device, contract.chunk_length, contract.checkpoint_id,
                          ", UNTRAINED" if contract.untrained else "")
                 if self.auto_start_armed and self.core.episodes.state == IDLE:
-                    self._start_episode(None)
+                    self.auto_start_due = True  # started by maybe_auto_start once the programs it waits for are up
         if not self.contract_checked:
             self.contract_checked = True
             self._mark_ready()
@@ -405,6 +413,17 @@ class ActuatorNode:
                             round_trip_p90_s=self._round_trip_p90_s(), rtc_delay_rows=job.rtc_delay_rows,
                             rtc_prefix_rows=0 if job.rtc_prefix is None else len(job.rtc_prefix))
 
+    def maybe_auto_start(self, now: float) -> None:
+        """Start the auto-start episode once the contract matched and the programs it waits for are ready."""
+        if not self.auto_start_due or self.core.episodes.state != IDLE or not self.core.episodes.contract_ok:
+            return
+        if not self.inputs.complete():
+            return  # every camera and arm first: a tick without them holds and cannot become a recorded frame
+        if self.auto_start_waits is not None and not self.auto_start_waits.done(now):
+            return
+        self.auto_start_due = False
+        self._start_episode(None)
+
     def maybe_check_contract(self, now: float) -> None:
         if self.needs_contract and self.worker.pending == 0 and now >= self.next_contract_check:
             self.next_contract_check = now + CONTRACT_RECHECK_S
@@ -414,6 +433,7 @@ class ActuatorNode:
             log.warning("no contract from the policy at %s after %.1fs; ready, but refusing to start until it "
                         "answers", self.config.policy.endpoint, wait)
             self._mark_ready()
+        self.maybe_auto_start(now)
 
     def _mark_ready(self) -> None:
         contract = "ok" if self.core.episodes.contract_ok else "mismatch" if self.contract_checked else "unchecked"
@@ -493,13 +513,19 @@ class ActuatorNode:
                 "inputs": self.inputs.input_seqs(),
                 "frame_index": frame_index,
                 "queue_depth": len(self.core.queue), "lateness_s": lateness, "dry_run": self.settings.dry_run}
+        record = self.core.episodes.active
+        if record is not None:
+            # The recorder keys episodes by episode_id and counts the episode_tick numbers it never saw.
+            meta.update(episode_id=record.uid, episode_tick=record.ticks)
+            record.ticks += 1
         self.events.publish(Message(kind=KIND_ACTION, t=now, meta=meta, arrays={"action": decision.target}))
 
     def _publish_event(self, event: str, arrays: dict[str, np.ndarray] | None = None, **meta: Any) -> None:
         self.events.publish(Message(kind=KIND_EVENT, meta={"event": event, **meta}, arrays=arrays or {}))
 
     def _publish_episode(self, event: str, record: EpisodeRecord, reason: str) -> None:
-        self._publish_event(event, episode_index=record.index, label=record.label, reason=reason)
+        self._publish_event(event, episode_index=record.index, episode_id=record.uid, label=record.label,
+                            reason=reason, ticks=record.ticks)
 
     def maybe_report(self) -> None:
         now = time.monotonic()

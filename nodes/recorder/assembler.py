@@ -267,15 +267,16 @@ class TickAssembler:
         self.counters["ticks"] += 1
         # The actuator numbers an episode's ticks from 0: ticks before the first one seen ran before the
         # recorder saw the episode, gaps are messages it never got. Both are counted, never silent.
-        if tick.episode_tick >= 0:
-            missed = tick.episode_tick - episode.last_episode_tick - 1
+        episode_tick = _int(msg.meta.get("episode_tick"), -1)
+        if episode_tick >= 0:
+            missed = episode_tick - episode.last_episode_tick - 1
             if missed > 0:
                 reason = DROP_BEFORE_RECORDER if episode.last_episode_tick < 0 else DROP_LOST
                 episode.drop(reason, missed)
                 self.counters["dropped"] += missed
                 log.warning("%s: %d tick(s) of episode %d not received (%s)", episode.info.name, missed,
                             episode.info.actuator_episode, reason)
-            episode.last_episode_tick = max(episode.last_episode_tick, tick.episode_tick)
+            episode.last_episode_tick = max(episode.last_episode_tick, episode_tick)
         if isinstance(tick, RejectItem):
             self._put(tick)
             return True

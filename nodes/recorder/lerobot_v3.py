@@ -21,6 +21,7 @@ from common.wire.images import JpegImage
 from nodes.recorder.video import (
     VIDEO_ENCODER_ALIASES,
     CameraVideo,
+    PixelHistogram,
     VideoResult,
     remux,
 )
@@ -138,7 +139,7 @@ class OneEpisodeDataset:
         stats = {name: _feature_stats(values if values.ndim == 2 else values.reshape(-1, 1))
                  for name, values in columns.items()}
         for key in self.camera_keys:
-            stats[key] = _image_stats(videos[key].samples)
+            stats[key] = _image_stats(videos[key].histogram)
         episode: dict[str, Any] = {
             "episode_index": DATASET_EPISODE, "tasks": [task], "length": count,
             "data/chunk_index": 0, "data/file_index": 0, "dataset_from_index": 0, "dataset_to_index": count,
@@ -193,9 +194,29 @@ def _feature_stats(values: np.ndarray) -> dict[str, list]:
     return stats
 
 
-def _image_stats(samples: list[np.ndarray]) -> dict[str, list]:
-    """Per-channel statistics in [0, 1] with LeRobot's (3, 1, 1) shape, from evenly spaced frames strided to
-    ~150 px (``video.StatsSampler``, ``video.stats_sample``: LeRobot samples and downsamples as well)."""
-    flat = np.concatenate([sample.reshape(-1, 3) for sample in samples]).astype(np.float64) / 255.0
-    stats = _feature_stats(flat)  # count: sampled pixels, as LeRobot counts them
-    return {name: values if name == "count" else [[[value]] for value in values] for name, values in stats.items()}
+def _image_stats(histogram: PixelHistogram) -> dict[str, list]:
+    """Per-channel statistics in [0, 1] with LeRobot's (3, 1, 1) shape, from the pixel histogram of the
+    episode's frames strided to ~150 px (``video.stats_sample``, as LeRobot downsamples). Exactly what
+    ``_feature_stats`` gives on those pixels (quantiles with numpy's linear interpolation), from 256 counts
+    instead of sorting millions of float pixels (seconds per episode on a small CPU)."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    stats: dict[str, list] = {name: [] for name in ("min", "max", "mean", "std",
+                                                     *(f"q{round(q * 100):02d}" for q in STATS_QUANTILES))}
+    total = int(histogram.counts[0].sum())
+    for counts in histogram.counts:
+        present = np.flatnonzero(counts)
+        mean = float((counts * values).sum() / total)
+        stats["min"].append(float(values[present[0]]))
+        stats["max"].append(float(values[present[-1]]))
+        stats["mean"].append(mean)
+        stats["std"].append(float(np.sqrt((counts * (values - mean) ** 2).sum() / total)))
+        cumulative = np.cumsum(counts)
+        for quantile in STATS_QUANTILES:
+            position = (total - 1) * quantile  # numpy's "linear" method on the sorted pixels
+            below = int(np.floor(position))
+            low = values[np.searchsorted(cumulative, below, side="right")]
+            high = values[np.searchsorted(cumulative, min(below + 1, total - 1), side="right")]
+            stats[f"q{round(quantile * 100):02d}"].append(float(low + (position - below) * (high - low)))
+    result: dict[str, list] = {name: [[[value]] for value in column] for name, column in stats.items()}
+    result["count"] = [total]  # pixels counted, as LeRobot counts them
+    return result

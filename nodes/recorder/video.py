@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 VIDEO_ENCODER_ALIASES = {"av1": "libsvtav1"}  # lerobot.configs.video.VIDEO_CODECS_ALIASES
 _X26X = ("h264", "libx264", "hevc", "libx265")
 FRAGMENTED_MP4 = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
-# Frames kept for the image statistics: between STATS_FRAMES and 2 x STATS_FRAMES, evenly spaced.
-STATS_FRAMES = 100
 
 
 def encoder_settings(vcodec: str, preset: str) -> tuple[str, dict[str, str]]:
@@ -60,30 +58,25 @@ def stats_sample(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[::step, ::step])
 
 
-class StatsSampler:
-    """Evenly spaced frames of a stream of unknown length, in bounded memory: keep every ``stride``-th
-    frame; when 2 x ``most`` are kept, drop every other one and double the stride."""
+class PixelHistogram:
+    """Per-channel counts of the 256 pixel values of every frame (strided as LeRobot strides for its
+    statistics): the image statistics (min, max, mean, std, quantiles) follow exactly from it at the
+    stop, in microseconds, instead of sorting millions of float pixels (seconds on a small CPU)."""
 
-    def __init__(self, most: int = STATS_FRAMES) -> None:
-        self.most = most
-        self.stride = 1
-        self.samples: list[np.ndarray] = []
+    def __init__(self) -> None:
+        self.counts = np.zeros((3, 256), dtype=np.int64)
 
-    def wants(self, index: int) -> bool:
-        return index % self.stride == 0
-
-    def add(self, sample: np.ndarray) -> None:
-        self.samples.append(sample)
-        if len(self.samples) >= 2 * self.most:
-            self.samples = self.samples[::2]
-            self.stride *= 2
+    def add(self, image: np.ndarray) -> None:
+        sample = stats_sample(image)
+        for channel in range(3):
+            self.counts[channel] += np.bincount(sample[..., channel].ravel(), minlength=256)
 
 
 @dataclass
 class VideoResult:
     frames: int  # frames in the stream
     codec: str  # the encoder's codec name (e.g. "h264")
-    samples: list[np.ndarray] = field(default_factory=list)  # strided RGB frames for the statistics
+    histogram: PixelHistogram = field(default_factory=PixelHistogram)  # for the image statistics
     substituted: int = 0  # undecodable JPEG frames replaced by the previous frame (counted, logged)
 
 
@@ -124,7 +117,7 @@ class CameraVideo(threading.Thread):
         import av
 
         try:
-            sampler = StatsSampler()
+            histogram = PixelHistogram()
             substituted = 0
             decoder = av.CodecContext.create("mjpeg", "r")
             with av.open(str(self.path), "w", format="mp4", options=FRAGMENTED_MP4) as output:
@@ -141,16 +134,14 @@ class CameraVideo(threading.Thread):
                                                                format="rgb24")
                         else:
                             frame = previous
-                    if sampler.wants(index):
-                        rgb = image if isinstance(image, np.ndarray) else frame.to_ndarray(format="rgb24")
-                        sampler.add(stats_sample(rgb))
+                    histogram.add(image if isinstance(image, np.ndarray) else frame.to_ndarray(format="rgb24"))
                     frame.pts = index
                     output.mux(stream.encode(frame))
                     previous = frame
                     index += 1
                 output.mux(stream.encode())
                 codec = stream.codec_context.name
-            self.result = VideoResult(frames=index, codec=codec, samples=sampler.samples, substituted=substituted)
+            self.result = VideoResult(frames=index, codec=codec, histogram=histogram, substituted=substituted)
         except BaseException as exc:  # reported by put/close, which the writer thread calls
             log.exception("%s: video encoding failed", self.key)
             self.error = exc
@@ -224,15 +215,14 @@ def remux(source: Path, target: Path, frames: int) -> tuple[int, str]:
     return copied, codec
 
 
-def decoded_samples(path: Path, frames: int) -> list[np.ndarray]:
-    """Strided RGB samples of the first ``frames`` frames (for a recovered episode's statistics)."""
+def decoded_histogram(path: Path, frames: int) -> PixelHistogram:
+    """The pixel histogram of the first ``frames`` frames of a video (a recovered episode's statistics)."""
     import av
 
-    sampler = StatsSampler()
+    histogram = PixelHistogram()
     with av.open(str(path)) as container:
         for index, frame in enumerate(container.decode(video=0)):
             if index >= frames:
                 break
-            if sampler.wants(index):
-                sampler.add(stats_sample(frame.to_ndarray(format="rgb24")))
-    return sampler.samples
+            histogram.add(frame.to_ndarray(format="rgb24"))
+    return histogram

@@ -45,7 +45,7 @@ from common.wire.images import JpegImage
 from nodes.recorder.lerobot_v3 import STREAM_DIR, OneEpisodeDataset
 from nodes.recorder.video import (
     VideoResult,
-    decoded_samples,
+    decoded_histogram,
     readable_frames,
 )
 
@@ -203,7 +203,14 @@ class EpisodeWriter:
                 raise TickRejected(f"images.{camera}", f"expected uint8 {list(expected)} as configured in "
                                    f"cameras.{camera}, got {image.dtype}{list(image.shape)}")
             frame[image_key(camera)] = image
-        for key, value in ((STATE_KEY, tick.state), (ACTION_KEY, tick.action)):
+        action = tick.action
+        # A hold before the actuator knows where the arm is (start of an episode, before its bus writer read
+        # the servos) commands nothing: its target is NaN. The arm stays where it is, so the frame's action is
+        # the measured state, and the tick is marked ``commanded: false`` in ticks.parquet.
+        commanded = bool(np.all(np.isfinite(action)))
+        if not commanded and tick.hold and action.shape == tick.state.shape:
+            action = tick.state
+        for key, value in ((STATE_KEY, tick.state), (ACTION_KEY, action)):
             expected_dim = self.features[key]["shape"][0]
             if value.shape != (expected_dim,):
                 raise TickRejected(key, f"expected {expected_dim} values, got shape {list(value.shape)}")
@@ -217,7 +224,8 @@ class EpisodeWriter:
             "hold_reason": tick.hold_reason, "queue_depth": tick.queue_depth, "lateness_s": tick.lateness_s,
             "frame_index": tick.frame_index, "actuator_episode": tick.actuator_episode,
             "episode_tick": tick.episode_tick,
-            "action": tick.action.astype(np.float32).tolist(), "state": tick.state.astype(np.float32).tolist(),
+            "action": action.astype(np.float32).tolist(), "state": tick.state.astype(np.float32).tolist(),
+            "commanded": commanded,
             "ground_truth": None if tick.ground_truth is None else tick.ground_truth.astype(np.float32).tolist(),
             "inputs": tick.inputs, "inputs_matched": tick.inputs_matched,
         }
@@ -404,7 +412,7 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
             hold_events[entry["reason"]] = hold_events.get(entry["reason"], 0) + 1
         elif kind == "stop":
             stop = entry
-    videos = {key: VideoResult(frames=frames, codec="", samples=decoded_samples(dataset.stream_path(key), frames))
+    videos = {key: VideoResult(frames=frames, codec="", histogram=decoded_histogram(dataset.stream_path(key), frames))
               for key in dataset.camera_keys}
     dataset.save(config.task, videos)
     dropped = {str(k): int(v) for k, v in (stop.get("dropped") or {}).items()}
