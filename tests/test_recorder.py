@@ -139,8 +139,13 @@ def run_episode(streams: Streams, episode_index: int, frames: int, *, first_k: i
             streams.ground_truth(player_episode, k, streams.action_for(k) + np.float32(gt_offset))
         if k % 8 == 0:
             streams.chunk(0.010 + 0.001 * (k % 3))
-        streams.tick(k, episode_index, inputs, hold_reason=(holds or {}).get(k, ""),
+        hold_reason = (holds or {}).get(k, "")
+        streams.tick(k, episode_index, inputs, hold_reason=hold_reason,
                      frame_index=k if player_episode is not None else -1)
+        if not hold_reason:  # the goal went to the bus: its latency chain follows (docs/protocol.md section 8)
+            streams.event("latency", tick=streams.tick_count, episode_index=episode_index, row=k % 8,
+                          first_row=k % 8 == 0, end_to_end_s=0.05 + 0.001 * k,
+                          stages={"inference": 0.01, "to_tick": 0.04 + 0.001 * k})
         time.sleep(1.0 / 60)  # 60 Hz: faster than the task's 30 fps but paced like a real loop
 
 
@@ -358,6 +363,9 @@ def test_metrics_for_a_replayed_episode(streams: Any, node_processes: list) -> N
     assert list(ticks["frame_index"]) == list(range(30))
     assert ticks["hold"].sum() == 3 and ticks["inputs_matched"].all()
     chunks = pd.read_parquet(root / "armpipe" / "chunks.parquet")
+    latency = pd.read_parquet(root / "armpipe" / "latency.parquet")
+    assert len(latency) == 27 and latency["first_row"].sum() == 4  # one row per goal written, not per hold
+    np.testing.assert_allclose(latency["end_to_end_s"], latency["stage_inference_s"] + latency["stage_to_tick_s"])
     assert len(chunks) == 4 and np.asarray(chunks["chunk"].iloc[0].tolist()).shape == (8, len(pub.names))
     for plot in ("joints.png", "timing.png"):
         assert (root / "armpipe" / "plots" / plot).stat().st_size > 10_000

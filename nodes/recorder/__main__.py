@@ -60,6 +60,7 @@ from nodes.recorder.writer import (
     ChunkRecord,
     EpisodeOutcome,
     EpisodeWriter,
+    LatencyRecord,
     TickRecord,
     TickRejected,
     finished_without_metrics,
@@ -206,6 +207,8 @@ class Writer(threading.Thread):
                                          video_preset=self.config.recorder.video_preset)
         elif isinstance(item, ChunkRecord) and self.current is not None:
             self.current.add_chunk(item)
+        elif isinstance(item, LatencyRecord) and self.current is not None:
+            self.current.add_latency(item)
         elif isinstance(item, HoldItem) and self.current is not None:
             self.current.add_hold_event(item.reason)
         elif isinstance(item, RejectItem) and self.current is not None:

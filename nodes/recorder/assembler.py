@@ -25,6 +25,7 @@ from nodes.recorder.writer import (
     DROP_WRITER_BEHIND,
     ChunkRecord,
     EpisodeInfo,
+    LatencyRecord,
     TickRecord,
     next_recorder_index,
 )
@@ -143,7 +144,7 @@ class TickAssembler:
                 log.debug("player started dataset episode %s", msg.meta.get("episode_index"))
         elif (msg.kind == KIND_ACTION and msg.meta.get("role") == "executed") or (
                 msg.kind == KIND_EVENT and msg.meta.get("event") in ("episode_start", "episode_stop", "episode_label",
-                                                                     "chunk", "hold")):
+                                                                     "chunk", "hold", "latency")):
             self.pending.append(_Pending(msg, now))
         elif msg.kind == KIND_EVENT and msg.meta.get("event") == "contract_mismatch":
             log.warning("actuator reports a contract mismatch: %s", msg.meta.get("differences"))
@@ -236,6 +237,12 @@ class TickAssembler:
                 queue_depth=_int(msg.meta.get("queue_depth")),
                 timings={str(k): _float(v) for k, v in timings.items() if isinstance(v, (int, float))},
                 chunk=None if chunk is None else np.array(chunk, dtype=np.float32)))
+        elif event == "latency" and self.episode is not None:
+            stages = msg.meta.get("stages") if isinstance(msg.meta.get("stages"), dict) else {}
+            self._put(LatencyRecord(
+                t=msg.t, tick=_int(msg.meta.get("tick")), row=_int(msg.meta.get("row")),
+                first_row=bool(msg.meta.get("first_row")), end_to_end_s=_float(msg.meta.get("end_to_end_s")),
+                stages={str(k): _float(v) for k, v in stages.items() if isinstance(v, (int, float))}))
         elif event == "hold" and self.episode is not None:
             self._put(HoldItem(str(msg.meta.get("reason", ""))))
 

@@ -15,6 +15,8 @@ Layout under ``recorder.output_dir``::
     episode_000000/            a complete LeRobot v3 dataset (meta/, data/, videos/) with one episode
         armpipe/ticks.parquet  one row per recorded tick: hold, lateness, queue depth, ground truth, ...
         armpipe/chunks.parquet one row per chunk the actuator received: rows, round trip, policy timings
+        armpipe/latency.parquet one row per goal the actuator wrote to the bus: tick, row, capture -> written
+                               and every stage (the actuator's ``latency`` events, docs/protocol.md section 8)
         armpipe/episode.json   the episode's metrics (also a line of ../metrics.jsonl)
         armpipe/plots/*.png
     .work/episode_000001/      the episode being recorded: stream/<camera>.mp4 (fragmented, encoded as the
@@ -118,6 +120,18 @@ class ChunkRecord:
 
 
 @dataclass
+class LatencyRecord:
+    """One ``latency`` event: a goal written to the bus, and how long each stage took."""
+
+    t: float
+    tick: int
+    row: int
+    first_row: bool
+    end_to_end_s: float
+    stages: dict[str, float]
+
+
+@dataclass
 class EpisodeOutcome:
     """What the finished episode looks like, for metrics."""
 
@@ -166,6 +180,7 @@ class EpisodeWriter:
         self.frames = 0
         self.tick_rows: list[dict[str, Any]] = []
         self.chunk_rows: list[dict[str, Any]] = []
+        self.latency_rows: list[dict[str, Any]] = []
         self.hold_events: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
@@ -244,6 +259,13 @@ class EpisodeWriter:
         self.chunk_rows.append(row)
         self._write_journal({"type": "chunk", **row})
 
+    def add_latency(self, latency: LatencyRecord) -> None:
+        row = {"t": latency.t, "tick": latency.tick, "row": latency.row, "first_row": latency.first_row,
+               "end_to_end_s": latency.end_to_end_s,
+               **{f"stage_{name}_s": float(value) for name, value in latency.stages.items()}}
+        self.latency_rows.append(row)
+        self._write_journal({"type": "latency", **row})
+
     def add_hold_event(self, reason: str) -> None:
         self.hold_events[reason] = self.hold_events.get(reason, 0) + 1
         self._write_journal({"type": "hold", "reason": reason})
@@ -277,7 +299,8 @@ class EpisodeWriter:
                  self.frames, time.monotonic() - started)
         return _complete(self.output_dir, self.root, self.info, label=self.label, stop_reason=self.stop_reason,
                          ended_t=self.ended_t, ended_wall=self.ended_wall, frames=self.frames,
-                         tick_rows=self.tick_rows, chunk_rows=self.chunk_rows, hold_events=self.hold_events,
+                         tick_rows=self.tick_rows, chunk_rows=self.chunk_rows, latency_rows=self.latency_rows,
+                         hold_events=self.hold_events,
                          rejected=self.rejected, dropped=self.dropped, recovered=False,
                          backlog_max_ticks=self.backlog_max_ticks)
 
@@ -285,7 +308,8 @@ class EpisodeWriter:
 def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, stop_reason: str, ended_t: float,
               ended_wall: float, frames: int, tick_rows: list[dict[str, Any]], chunk_rows: list[dict[str, Any]],
               hold_events: dict[str, int], rejected: dict[str, int], dropped: dict[str, int],
-              recovered: bool, backlog_max_ticks: int = 0) -> EpisodeOutcome:
+              recovered: bool, backlog_max_ticks: int = 0,
+              latency_rows: list[dict[str, Any]] | None = None) -> EpisodeOutcome:
     """Write the side files into a finalised dataset root and rename it into ``output_dir``."""
     side = root / SIDE_DIR
     side.mkdir(exist_ok=True)
@@ -295,6 +319,8 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
     chunks = pd.DataFrame(chunk_rows)
     ticks.to_parquet(side / "ticks.parquet")
     chunks.to_parquet(side / "chunks.parquet")
+    pd.DataFrame(latency_rows or [], columns=None if latency_rows else ["tick", "end_to_end_s"]).to_parquet(
+        side / "latency.parquet")
     # Enough to redo the metrics if the process dies between the rename below and writing them.
     (side / OUTCOME_FILE).write_text(json.dumps({
         "info": asdict(info), "label": label, "stop_reason": stop_reason, "ended_t": ended_t,
@@ -398,6 +424,7 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
         return None
     tick_rows: list[dict[str, Any]] = []
     chunk_rows: list[dict[str, Any]] = []
+    latency_rows: list[dict[str, Any]] = []
     hold_events: dict[str, int] = {}
     stop: dict[str, Any] = {}
     for entry in entries:
@@ -408,6 +435,8 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
             tick_rows.append(entry)
         elif kind == "chunk":
             chunk_rows.append(entry)
+        elif kind == "latency":
+            latency_rows.append(entry)
         elif kind == "hold":
             hold_events[entry["reason"]] = hold_events.get(entry["reason"], 0) + 1
         elif kind == "stop":
@@ -422,7 +451,8 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
     outcome = _complete(output_dir, work_root, info, label=stop.get("label", ""),
                         stop_reason=stop.get("reason", "recorder_crashed"), ended_t=stop.get("ended_t", last_t),
                         ended_wall=stop.get("ended_wall", time.time()), frames=frames, tick_rows=tick_rows,
-                        chunk_rows=chunk_rows, hold_events=hold_events, rejected=stop.get("rejected", {}),
+                        chunk_rows=chunk_rows, latency_rows=latency_rows, hold_events=hold_events,
+                        rejected=stop.get("rejected", {}),
                         dropped=dropped, recovered=True,
                         backlog_max_ticks=int(stop.get("backlog_max_ticks", 0)))
     log.warning("%s: recovered %d of %d journaled frames after a recorder crash", info.name, frames, len(ticks))
