@@ -9,7 +9,7 @@
   is a regular file (one spawn, EXITED, the reason in status and on the web panel's node list); a camera
   whose endpoint is taken crashes with exit 1 and is retried with growing back-off (BACKOFF, the crash's
   error line as the reason), and runs as soon as the endpoint is free; kill -9 of a running node still
-  brings it back at once.
+  brings it back at once. The panel's page (headless Chromium, where installed) shows the refusal.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO_ROOT, free_port, wait_for, write_config
+from test_monitor import CHROMIUM, CHROMIUM_ARGS
 
 from bench.harness import Supervised
 
@@ -181,6 +182,21 @@ def test_refusal_crash_backoff_and_kill9_with_reasons_on_the_panel(tmp_path: Pat
                          timeout_s=30, interval_s=0.5, message="the panel does not show the refusal")
         assert "not a symlink" in shown["servo_emulator-main"]["reason"]
         assert spawn_counts(stack)["servo_emulator-main"] == 1
+        if CHROMIUM.exists():  # the page itself: the reason row under the program's row
+            from playwright.sync_api import expect, sync_playwright
+
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+                try:
+                    page = browser.new_page()
+                    page.goto(f"http://127.0.0.1:{config.monitor.port}/")
+                    why = page.locator('#nodes tr[data-why="servo_emulator-main"]')
+                    expect(why).to_contain_text("refused: arm main: cannot create the emulated port", timeout=60_000)
+                    expect(why).to_contain_text("not a symlink")
+                    expect(page.locator('#nodes tr[data-node="servo_emulator-main"] td.state')).to_have_text("EXITED")
+                    expect(page.locator('#nodes tr[data-why="camera-wrist"]')).to_have_count(0)  # running: no row
+                finally:
+                    browser.close()
 
         # Once the endpoint is free the next retry runs.
         blocker.close()
