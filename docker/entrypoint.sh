@@ -40,10 +40,35 @@ unreadable="$(find "$MODEL_PATH" ! -readable -print -quit 2>/dev/null || true)"
 [ -z "$unreadable" ] || fail "MODEL_PATH: $unreadable is not readable by uid $(id -u) (the image's user): \
 on the host, chmod -R a+rX the checkpoint, or run the container with --user $(stat -c %u "$unreadable")"
 
-set -- --config "$CONFIG" \
+# CURVE (docs/operations.md, "Keys"): binding anything but loopback turns it on, and then the node needs
+# its secret certificate and the allowed clients' directory, or it exits 2 naming the missing field.
+readable_by_me() {  # readable_by_me VAR PATH: the key file or directory must be readable by this user
+  [ -e "$2" ] || fail "$1: no such file or directory: $2 (mount the key directory, e.g. -v \$PWD/keys:/keys:ro)"
+  [ -r "$2" ] || fail "$1: $2 is not readable by uid $(id -u) (the image's user): on the host, \
+chown $(id -u) the key files (keep the secret ones mode 0600), or run the container with --user $(stat -c %u "$2")"
+}
+[ -z "${CURVE_SECRET_KEY:-}" ] || readable_by_me CURVE_SECRET_KEY "$CURVE_SECRET_KEY"
+[ -z "${CURVE_CLIENTS_DIR:-}" ] || readable_by_me CURVE_CLIENTS_DIR "$CURVE_CLIENTS_DIR"
+[ -z "${CURVE_HEALTHCHECK_KEY:-}" ] || readable_by_me CURVE_HEALTHCHECK_KEY "$CURVE_HEALTHCHECK_KEY"
+case "${INSECURE:-}" in
+  ''|0|false|1|true) ;;
+  *) fail "INSECURE: expected 1/true or 0/false (or unset), got '$INSECURE'" ;;
+esac
+
+# The mapped overrides go first and the caller's arguments last, so that those win (the node applies
+# overrides in order). POSIX sh has one array, "$@": append to it, then rotate the caller's to the end.
+caller_args=$#
+set -- "$@" --config "$CONFIG" \
   "--policy.checkpoint=$(yaml_str "$MODEL_PATH")" \
   "--policy.bind=$(yaml_str "tcp://$HOST:$PORT")" \
-  "--policy.device=$DEVICE" \
-  "$@"
+  "--policy.device=$DEVICE"
+[ -z "${CURVE_SECRET_KEY:-}" ] || set -- "$@" "--policy.server_secret_key_file=$(yaml_str "$CURVE_SECRET_KEY")"
+[ -z "${CURVE_CLIENTS_DIR:-}" ] || set -- "$@" "--policy.allowed_clients_dir=$(yaml_str "$CURVE_CLIENTS_DIR")"
+case "${INSECURE:-}" in 1|true) set -- "$@" --insecure=true ;; esac
+while [ "$caller_args" -gt 0 ]; do
+  set -- "$@" "$1"
+  shift
+  caller_args=$((caller_args - 1))
+done
 
 exec python -m nodes.policy "$@"

@@ -2,27 +2,68 @@
 
 Docker runs it inside the container (``HEALTHCHECK`` in docker/Dockerfile); exit 0 means the node answered
 (it binds its socket only after loading and warming up the model), 1 that it did not within the timeout.
-The endpoint is the container's own port: ``tcp://127.0.0.1:$PORT``, or ``HEALTHCHECK_ENDPOINT``.
+The endpoint is the container's own port, ``tcp://127.0.0.1:$PORT``, or ``HEALTHCHECK_ENDPOINT``.
+
+With CURVE on (``CURVE_SECRET_KEY`` set) the ping is a CURVE client like any robot: it needs a key pair of
+its own whose public half is in the allowed-clients directory, ``CURVE_HEALTHCHECK_KEY`` (its secret
+certificate); the server's public key is read from the server's own certificate. Without that key the
+node cannot be pinged (it answers no unknown client), so the check falls back to the node's readiness
+file (written once the model is loaded, removed when it stops) and its process being alive.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
-from common.policy_client import PolicyClient
-from common.protocol import ProtocolError
-from common.transport import PeerUnavailable, RemoteError, SocketFactory
+from common.config import REPO_ROOT
+from common.wire.curve import CurveKeys, KeyFileError, load_certificate_file
+from common.wire.policy_client import PolicyClient
+from common.wire.protocol import ProtocolError
+from common.wire.transport import PeerUnavailable, RemoteError, SocketFactory
 
 log = logging.getLogger("healthcheck")
+
+READINESS_FILE = REPO_ROOT / "run" / "ready" / "policy.json"
+
+
+def curve_keys() -> CurveKeys | None:
+    server_certificate = os.environ.get("CURVE_SECRET_KEY", "")
+    own_certificate = os.environ.get("CURVE_HEALTHCHECK_KEY", "")
+    if not server_certificate or not own_certificate:
+        return None
+    server_public, _ = load_certificate_file(Path(server_certificate), secret=False)
+    public, secret = load_certificate_file(Path(own_certificate), secret=True)
+    return CurveKeys(server_public=server_public, client_public=public, client_secret=secret)
+
+
+def readiness_alive() -> bool:
+    try:
+        pid = int(json.loads(READINESS_FILE.read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("policy not ready: %s (%s)", READINESS_FILE, exc)
+        return False
+    log.info("policy ready (pid %d, %s); CURVE is on and CURVE_HEALTHCHECK_KEY is not set, so no ping", pid,
+             READINESS_FILE)
+    return True
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="healthcheck: %(message)s")
     endpoint = os.environ.get("HEALTHCHECK_ENDPOINT") or f"tcp://127.0.0.1:{os.environ.get('PORT', '8000')}"
     timeout_s = float(os.environ.get("HEALTHCHECK_TIMEOUT_S", "5"))
-    client = PolicyClient(SocketFactory(), endpoint, client_id="healthcheck", timeout_s=timeout_s, retries=1)
+    try:
+        keys = curve_keys()
+    except KeyFileError as exc:
+        log.error("CURVE key of the health check: %s", exc)
+        return 1
+    if keys is None and os.environ.get("CURVE_SECRET_KEY"):
+        return 0 if readiness_alive() else 1
+    client = PolicyClient(SocketFactory(curve=keys), endpoint, client_id="healthcheck", timeout_s=timeout_s, retries=1)
     try:
         round_trip_s = client.ping()
     except (PeerUnavailable, RemoteError, ProtocolError) as exc:
@@ -30,7 +71,7 @@ def main() -> int:
         return 1
     finally:
         client.close()
-    log.info("policy at %s answered ping in %.1f ms", endpoint, round_trip_s * 1000)
+    log.info("policy at %s answered ping in %.1f ms%s", endpoint, round_trip_s * 1000, " (CURVE)" if keys else "")
     return 0
 
 

@@ -22,12 +22,15 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, free_port
 
-from common.policy_client import PolicyClient
-from common.transport import PeerUnavailable, SocketFactory
+from common.tools.keys import make_key_pair
+from common.wire.curve import CurveKeys, load_certificate_file
+from common.wire.policy_client import PolicyClient
+from common.wire.transport import PeerUnavailable, SocketFactory
 
 log = logging.getLogger(__name__)
 
 IMAGE = "localhost/armpipe-policy:test"
+IMAGE_UID = 10001  # the image's user (docker/Dockerfile, APP_UID)
 WORK = Path(os.environ.get("ARMPIPE_DOCKER_WORK", "/var/tmp/armpipe-docker"))
 
 pytestmark = [
@@ -36,6 +39,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap, podman's chroot build and chroot need root"),
     pytest.mark.skipif(not (shutil.which("podman") and shutil.which("debootstrap")),
                        reason="needs podman and debootstrap (apt-get install podman debootstrap)"),
+    pytest.mark.timeout(3600),  # the first build downloads and installs several GB
 ]
 
 
@@ -68,13 +72,42 @@ def run_exported(image: str, checkpoint: Path, env: dict[str, str], *extra: str,
                             env={**os.environ, **env}, **popen)
 
 
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A key directory as docs/operations.md lays it out for the image: the server's pair, the allowed
+    clients (a robot and the health check), the health check's secret; owned by the image's user."""
+    directory = tmp_path_factory.mktemp("docker-keys")
+    allowed = directory / "allowed_clients"
+    allowed.mkdir()
+    make_key_pair(directory, "server")
+    for name in ("robot-1", "healthcheck"):
+        public, _ = make_key_pair(directory, name)
+        shutil.copy(public, allowed / public.name)
+    for path in [directory, *directory.rglob("*")]:
+        os.chown(path, IMAGE_UID, IMAGE_UID)
+    directory.parent.chmod(0o755)
+    return directory
+
+
+def client_keys(keys: Path, name: str) -> CurveKeys:
+    server_public, _ = load_certificate_file(keys / "server.key", secret=False)
+    public, secret = load_certificate_file(keys / f"{name}.key_secret", secret=True)
+    return CurveKeys(server_public=server_public, client_public=public, client_secret=secret)
+
+
+CURVE_ENV = {"CURVE_SECRET_KEY": "/keys/server.key_secret", "CURVE_CLIENTS_DIR": "/keys/allowed_clients",
+             "CURVE_HEALTHCHECK_KEY": "/keys/healthcheck.key_secret"}
+
+
 @pytest.fixture
-def server(image: str, readable_checkpoint: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+def server(image: str, readable_checkpoint: Path, keys: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+    """The image's entrypoint as compose starts it: every interface (so CURVE on), keys under /keys."""
     port = free_port()
-    env = {"TASK": "lift", "MODEL_PATH": "/checkpoint", "HOST": "127.0.0.1", "PORT": str(port), "DEVICE": "cpu"}
-    proc = run_exported(image, readable_checkpoint, env)
+    env = {"TASK": "lift", "MODEL_PATH": "/checkpoint", "HOST": "0.0.0.0", "PORT": str(port), "DEVICE": "cpu",
+           **CURVE_ENV}
+    proc = run_exported(image, readable_checkpoint, env, "--mount", f"{keys}:/keys")
     try:
-        yield f"tcp://127.0.0.1:{port}", proc
+        yield port, proc
     finally:
         proc.send_signal(signal.SIGTERM)  # what `docker stop` sends; the script forwards it and unmounts
         try:
@@ -84,35 +117,45 @@ def server(image: str, readable_checkpoint: Path) -> Iterator[tuple[str, subproc
             proc.wait()
 
 
-def test_policy_in_the_image_answers_a_chunk_to_a_client_outside(server, image, readable_checkpoint) -> None:
-    endpoint, proc = server
-    client = PolicyClient(SocketFactory(), endpoint, client_id="outside", timeout_s=2.0)
+def test_policy_in_the_image_answers_a_chunk_to_a_client_outside(server, image, readable_checkpoint,
+                                                                 keys) -> None:
+    port, proc = server
+    endpoint = f"tcp://127.0.0.1:{port}"
+    robot = PolicyClient(SocketFactory(curve=client_keys(keys, "robot-1")), endpoint, client_id="robot-1",
+                         timeout_s=2.0)
+    stranger = PolicyClient(SocketFactory(), endpoint, client_id="stranger", timeout_s=2.0)
     try:
         # Exporting the image (first run only) and loading torch take a while: wait for the first ping.
         deadline = time.monotonic() + 600
         while True:
             assert proc.poll() is None, f"the entrypoint exited with {proc.returncode} before serving"
             try:
-                client.ping()
+                robot.ping()
                 break
             except PeerUnavailable:
                 assert time.monotonic() < deadline, "the policy in the image never answered ping"
-        contract = client.metadata()
+        contract = robot.metadata()
         assert contract.checkpoint_path == "/checkpoint"  # MODEL_PATH reached --policy.checkpoint
         assert contract.device == "cpu"  # DEVICE reached --policy.device
         images = {name: np.full(shape, 128, np.uint8) for name, shape in contract.cameras.items()}
-        reply = client.infer(images, np.zeros(len(contract.state_names), np.float32), obs_t=time.monotonic())
+        reply = robot.infer(images, np.zeros(len(contract.state_names), np.float32), obs_t=time.monotonic())
         assert reply.actions.shape == (contract.chunk_length, len(contract.action_names))
         assert np.isfinite(reply.actions).all()
+        # CURVE is on (HOST is every interface and the key paths reached the node): no key, no answer.
+        with pytest.raises(PeerUnavailable):
+            stranger.ping()
+        robot.ping()
     finally:
-        client.close()
+        robot.close()
+        stranger.close()
 
-    # The image's own HEALTHCHECK command, run inside it, passes against the serving node ...
-    port = endpoint.rsplit(":", 1)[1]
-    healthy = run_exported(image, readable_checkpoint, {"PORT": port}, "--healthcheck")
+    # The image's own HEALTHCHECK command, run inside it, pings the serving node with its CURVE key ...
+    healthy = run_exported(image, readable_checkpoint, {"PORT": str(port), **CURVE_ENV}, "--mount",
+                           f"{keys}:/keys", "--healthcheck")
     assert healthy.wait(timeout=120) == 0
     # ... and fails where nothing listens.
-    unhealthy = run_exported(image, readable_checkpoint, {"PORT": str(free_port())}, "--healthcheck")
+    unhealthy = run_exported(image, readable_checkpoint, {"PORT": str(free_port()), **CURVE_ENV}, "--mount",
+                             f"{keys}:/keys", "--healthcheck")
     assert unhealthy.wait(timeout=120) == 1
 
 
@@ -121,6 +164,10 @@ def test_policy_in_the_image_answers_a_chunk_to_a_client_outside(server, image, 
     ({"DEVICE": "gpu"}, 0o644, "DEVICE: expected one of cpu, cuda, auto, got 'gpu'"),
     ({"TASK": "juggle"}, 0o644, "no deployment file /app/configs/juggle.yaml"),
     ({}, 0o600, "is not readable by uid 10001"),  # a checkpoint copied as safetensors wrote it
+    ({"INSECURE": "maybe"}, 0o644, "INSECURE: expected 1/true or 0/false"),
+    ({"CURVE_SECRET_KEY": "/keys/server.key_secret"}, 0o644, "CURVE_SECRET_KEY: no such file or directory"),
+    # CURVE on (every interface) without keys: the node itself refuses, naming the field.
+    ({"HOST": "0.0.0.0"}, 0o644, "policy.server_secret_key_file"),
 ])
 def test_entrypoint_refuses_bad_settings_with_exit_2_naming_them(image, readable_checkpoint, tmp_path, env,
                                                                  checkpoint_mode, message) -> None:
