@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 from conftest import REPO_ROOT, free_port
 
 from common.tools.keys import make_key_pair
 from common.wire.curve import CurveKeys, load_certificate_file
 from common.wire.policy_client import PolicyClient
-from common.wire.transport import PeerUnavailable, SocketFactory
+from common.wire.protocol import KIND_REQUEST, Message
+from common.wire.transport import PeerUnavailable, SocketFactory, recv_message, send_message
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,23 @@ def client_keys(keys: Path, name: str) -> CurveKeys:
     return CurveKeys(server_public=server_public, client_public=public, client_secret=secret)
 
 
+def answers_without_keys(endpoint: str) -> bool:
+    """Whether a plain (CURVE-less) client gets any reply to a ping within 2 s. A raw socket with send and
+    receive timeouts: the handshake never completes, so a REQ socket's send can block too."""
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.linger = 0
+    sock.sndtimeo = sock.rcvtimeo = 2000
+    sock.connect(endpoint)
+    try:
+        send_message(sock, Message(kind=KIND_REQUEST, src="stranger", meta={"op": "ping", "client": "stranger"}))
+        recv_message(sock)
+    except zmq.Again:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
 CURVE_ENV = {"CURVE_SECRET_KEY": "/keys/server.key_secret", "CURVE_CLIENTS_DIR": "/keys/allowed_clients",
              "CURVE_HEALTHCHECK_KEY": "/keys/healthcheck.key_secret"}
 
@@ -123,7 +142,6 @@ def test_policy_in_the_image_answers_a_chunk_to_a_client_outside(server, image, 
     endpoint = f"tcp://127.0.0.1:{port}"
     robot = PolicyClient(SocketFactory(curve=client_keys(keys, "robot-1")), endpoint, client_id="robot-1",
                          timeout_s=2.0)
-    stranger = PolicyClient(SocketFactory(), endpoint, client_id="stranger", timeout_s=2.0)
     try:
         # Exporting the image (first run only) and loading torch take a while: wait for the first ping.
         deadline = time.monotonic() + 600
@@ -142,12 +160,10 @@ def test_policy_in_the_image_answers_a_chunk_to_a_client_outside(server, image, 
         assert reply.actions.shape == (contract.chunk_length, len(contract.action_names))
         assert np.isfinite(reply.actions).all()
         # CURVE is on (HOST is every interface and the key paths reached the node): no key, no answer.
-        with pytest.raises(PeerUnavailable):
-            stranger.ping()
+        assert not answers_without_keys(endpoint)
         robot.ping()
     finally:
         robot.close()
-        stranger.close()
 
     # The image's own HEALTHCHECK command, run inside it, pings the serving node with its CURVE key ...
     healthy = run_exported(image, readable_checkpoint, {"PORT": str(port), **CURVE_ENV}, "--mount",
