@@ -5,16 +5,17 @@
 # working directory, with the image's environment plus the caller's TASK, MODEL_PATH, HOST, PORT, DEVICE,
 # CONFIG, INSECURE, CURVE_* and ARMPIPE_LOG_LEVEL, and the host's network (no namespace of its own).
 #
-#   sudo docker/run-exported.sh IMAGE ROOT [--checkpoint DIR] [--healthcheck] [-- ARGS...]
+#   sudo docker/run-exported.sh IMAGE ROOT [--checkpoint DIR] [--mount SRC:DST ...] [--healthcheck] [-- ARGS...]
 #
 # --checkpoint DIR   bind-mounted read-only at /checkpoint (the image's volume)
 # --mount SRC:DST    another read-only bind mount (key files, a deployment file)
-# --healthcheck      run the image's HEALTHCHECK command instead of its entrypoint
+# --healthcheck      run the image's HEALTHCHECK command inside a running entrypoint's ROOT (as `docker
+#                    exec` would); it mounts nothing itself
 # ARGS               appended to the entrypoint, as after `docker run IMAGE`
 set -euo pipefail
 
 log() { printf '[run-exported] %s\n' "$*" >&2; }
-usage() { sed -n '8,14p' "$0" >&2; exit 1; }
+usage() { sed -n '8,15p' "$0" >&2; exit 1; }
 
 [ $# -ge 2 ] || usage
 image="$1" root="$2"
@@ -73,8 +74,17 @@ for name in TASK MODEL_PATH HOST PORT DEVICE CONFIG INSECURE ARMPIPE_LOG_LEVEL H
   [ -n "${!name+set}" ] && environment+=("$name=${!name}")
 done
 
-# Mounts this run adds (and removes again); a second run on the same ROOT (the health check next to the
-# server) reuses those already there.
+# Mounts this run adds and removes again. The entrypoint run owns ROOT while it runs; a health check run
+# joins it (like `docker exec`) and mounts nothing, using the running one's /proc, /dev and volumes.
+if [ "$healthcheck" = 1 ]; then
+  mountpoint -q "$root/proc" || { log "no run of $image in $root to check: start the entrypoint first"; exit 1; }
+  exec chroot --userspec="$uid_gid" "$root" /usr/bin/env -i "${environment[@]}" \
+    /bin/sh -c 'cd "$0" && exec "$@"' "${workdir:-/}" "${command[@]}"
+fi
+if mountpoint -q "$root/proc"; then
+  log "$root is in use by another run (its /proc is mounted): stop that one first, or use another ROOT"
+  exit 1
+fi
 mounted=()
 cleanup() {
   local index
@@ -83,12 +93,12 @@ cleanup() {
 trap cleanup EXIT
 bind() {  # bind SRC DST [ro]
   mkdir -p "$2"
-  mountpoint -q "$2" && return 0
   mount --rbind "$1" "$2"
   [ "${3:-}" = ro ] && mount -o remount,bind,ro "$2"
   mounted+=("$2")
 }
-if ! mountpoint -q "$root/proc"; then mount -t proc proc "$root/proc"; mounted+=("$root/proc"); fi
+mount -t proc proc "$root/proc"
+mounted+=("$root/proc")
 bind /dev "$root/dev"
 [ -n "$checkpoint" ] && bind "$(realpath "$checkpoint")" "$root/checkpoint" ro
 for spec in "${mounts[@]}"; do bind "$(realpath "${spec%%:*}")" "$root/${spec#*:}" ro; done

@@ -194,6 +194,11 @@ def test_entrypoint_refuses_bad_settings_with_exit_2_naming_them(image, readable
     settings = {"TASK": "lift", "MODEL_PATH": "/checkpoint", "HOST": "127.0.0.1", "PORT": "8000",
                 "DEVICE": "cpu", **env}
     proc = run_exported(image, checkpoint, settings, stderr=subprocess.PIPE, text=True)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the script stops the node and unmounts
+        proc.communicate(timeout=60)
+        pytest.fail(f"the entrypoint accepted {env} and kept running")
     assert proc.returncode == 2, stderr
     assert message in stderr
