@@ -8,6 +8,7 @@ import logging
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,6 +228,28 @@ def test_a_key_copied_into_the_allowed_directory_is_let_in(echo, keys, monkeypat
     monkeypatch.setattr(common.wire.curve, "RELOAD_ALLOWED_S", 0.0)
     shutil.copy(keys["intruder.key"], keys["allowed"])
     assert _ping(intruder, endpoint, "intruder", timeout_s=1.0, retries=5)
+
+
+def test_a_keyless_client_gives_up_in_its_timeout_instead_of_blocking_in_send(echo) -> None:
+    """Between refused handshakes libzmq has no pipe to the server, and a REQ send would block forever."""
+    _, endpoint = echo
+    requests = RequestClient(SocketFactory(zmq.Context()), endpoint, timeout_s=0.3, retries=2)
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        for _ in range(8):
+            time.sleep(0.3)  # let the server refuse the handshake and libzmq drop the pipe
+            try:
+                requests.request(Message(kind=KIND_REQUEST, meta={"op": "ping", "client": "no-key"}))
+            except BaseException as exc:
+                outcome.append(exc)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(25.0)
+    assert not asker.is_alive(), "a request blocked in send"
+    assert len(outcome) == 8 and all(isinstance(exc, PeerUnavailable) for exc in outcome)
+    requests.close()
 
 
 # ------------------------------------------------------------------------------------------ the policy node

@@ -58,6 +58,8 @@ DROPPED_REASON = (f"the publisher was dropped by libzmq and not retried: it sent
 
 DROPPED_REPLY_REASON = (f"libzmq dropped the server's connection without retrying: its reply had a frame over "
                         f"MAXMSGSIZE ({MAX_MESSAGE_BYTES >> 20} MiB) or broke the ZMTP protocol")
+UNSENT_REASON = ("the request could not be sent: no connection to the server completed its handshake "
+                 "(server down, or the two sides disagree on CURVE keys)")
 
 
 @dataclass(frozen=True)
@@ -305,8 +307,16 @@ class RequestClient:
             self.seq += 1
             msg.seq = self.seq
             assert self.sock is not None
-            send_message(self.sock, msg, **encode_options)
+            self.last_failure = ""
             deadline = time.monotonic() + timeout
+            # A REQ send blocks while no connection to the server has completed its handshake (a client
+            # without the server's CURVE key never completes one): wait for it within the attempt's
+            # time, never forever.
+            if self.sock.poll(int(timeout * 1000) + 1, zmq.POLLOUT):
+                send_message(self.sock, msg, **encode_options)
+            else:
+                deadline = 0.0
+                self.last_failure = UNSENT_REASON
             while (remaining := deadline - time.monotonic()) > 0:
                 if not self.sock.poll(int(remaining * 1000) + 1):
                     continue
@@ -324,7 +334,8 @@ class RequestClient:
                 if reply.kind == KIND_ERROR:
                     raise RemoteError(reply)
                 return reply
-            self.last_failure = DROPPED_REPLY_REASON if self._dropped_for_good() else ""
+            if not self.last_failure:
+                self.last_failure = DROPPED_REPLY_REASON if self._dropped_for_good() else ""
             log.info("no reply from %s (attempt %d/%d)%s; reconnecting", self.endpoint, attempt, attempts,
                      f": {self.last_failure}" if self.last_failure else "")
             self._connect()
