@@ -417,8 +417,11 @@ class ActuatorNode:
         """Start the auto-start episode once the contract matched and the programs it waits for are ready."""
         if not self.auto_start_due or self.core.episodes.state != IDLE or not self.core.episodes.contract_ok:
             return
-        if not self.inputs.complete():
-            return  # every camera and arm first: a tick without them holds and cannot become a recorded frame
+        # Real time: every camera and arm first, since a tick without them holds and cannot become a recorded
+        # frame. Lockstep ticks only on a delivered observation, so there is nothing to lose by starting, and
+        # a lockstep feeder (the player, offline evaluation) may wait for the episode before its first frame.
+        if not self.settings.lockstep and not self.inputs.complete():
+            return
         if self.auto_start_waits is not None and not self.auto_start_waits.done(now):
             return
         self.auto_start_due = False
