@@ -35,9 +35,10 @@ from common.config import DeploymentConfig, parse_node_args
 from common.node import setup_logging
 from common.wire.curve import CurveKeys
 from common.wire.transport import stop_event_on_signals
+from nodes.actuator import PROGRAM
 from nodes.actuator.core import HOLD_MISSING_INPUT, ControlCore
 from nodes.actuator.episodes import RUNNING
-from nodes.actuator.node import PROGRAM, ActuatorNode
+from nodes.actuator.node import ActuatorNode
 from nodes.actuator.workers import Job
 
 log = logging.getLogger("actuator")

@@ -25,19 +25,15 @@ from common.wire.contract import PolicyContract, contract_differences, units_dif
 from common.wire.curve import CurveKeys
 from common.wire.policy_client import ChunkReply
 from common.wire.protocol import (
-    CONTROL_OPS,
     KIND_ACTION,
     KIND_EVENT,
-    KIND_REPLY,
-    KIND_REQUEST,
     Message,
-    ProtocolError,
-    decode,
-    error_message,
 )
 from common.wire.transport import LatestSubscriber, PeerUnavailable, Publisher, RemoteError, RouterServer, SocketFactory
+from nodes.actuator import PROGRAM
 from nodes.actuator.autostart import AutoStartWait
 from nodes.actuator.chunk_queue import CoverageNotice
+from nodes.actuator.control import ControlOps
 from nodes.actuator.core import (
     HOLD_BAD_ACTION,
     HOLD_BUS_ERROR,
@@ -48,14 +44,13 @@ from nodes.actuator.core import (
     ControlCore,
     TickDecision,
 )
-from nodes.actuator.episodes import IDLE, RUNNING, EpisodeError, EpisodeRecord
+from nodes.actuator.episodes import IDLE, RUNNING, EpisodeRecord
 from nodes.actuator.inputs import InputBook, Observation
 from nodes.actuator.latency import LatencyTracker
 from nodes.actuator.workers import BusWriter, Job, JobResult, PolicyWorker
 
 log = logging.getLogger("actuator")
 
-PROGRAM = "actuator"
 
 CONTRACT_RECHECK_S = 2.0  # how often a refused (or unchecked) contract is asked for again
 POLICY_ERROR_BACKOFF_S = 0.5  # after an error reply, wait this long before asking again ...
@@ -75,7 +70,7 @@ class LoopStats:
         return float(np.percentile(values, 50)), float(np.percentile(values, 99))
 
 
-class ActuatorNode:
+class ActuatorNode(ControlOps):
     """What both loops share. A loop (``RealtimeLoop`` or ``LockstepLoop``) gives the core its time units and
     implements ``loop()``; each of its ticks calls ``act()``."""
 
@@ -442,61 +437,6 @@ class ActuatorNode:
         contract = "ok" if self.core.episodes.contract_ok else "mismatch" if self.contract_checked else "unchecked"
         self.readiness.ready(contract=contract, differences=self.core.episodes.differences,
                              dry_run=self.settings.dry_run, lockstep=self.settings.lockstep)
-
-    # ------------------------------------------------------------------ control socket
-    def _handle_control(self, envelope: list[bytes], frames: list[Any]) -> None:
-        try:
-            request = decode(frames)
-        except ProtocolError as exc:
-            self.control.reply(envelope, error_message(exc, src=PROGRAM))
-            return
-        op = str(request.meta.get("op", ""))
-        try:
-            if request.kind != KIND_REQUEST:
-                raise ProtocolError("kind", "request", request.kind)
-            if op not in CONTROL_OPS:
-                raise ProtocolError("meta.op", f"one of {list(CONTROL_OPS)}", op)
-            meta = getattr(self, f"_op_{op}")(request.meta)
-            reply = Message(kind=KIND_REPLY, src=PROGRAM, seq=request.seq, meta={"op": op, **meta})
-        except (ProtocolError, EpisodeError) as exc:
-            log.info("control %s refused: %s", op or "?", exc)
-            reply = error_message(exc, src=PROGRAM, seq=request.seq, op=op)
-        except Exception as exc:  # a bug must not take the control loop down: answer, log, carry on
-            log.exception("control %s failed", op)
-            reply = error_message(exc, src=PROGRAM, seq=request.seq, op=op)
-        self.control.reply(envelope, reply)
-
-    def _op_start(self, meta: dict[str, Any]) -> dict[str, Any]:
-        record = self._start_episode(meta.get("episode_index"))
-        return {"episode_index": record.index, "state": self.core.episodes.public_state}
-
-    def _op_stop(self, meta: dict[str, Any]) -> dict[str, Any]:
-        record = self.core.stop(meta.get("label", ""))
-        self._publish_episode("episode_stop", record, reason="stop")
-        log.info("episode %d stopped%s", record.index, f" ({record.label})" if record.label else "")
-        return {"episode_index": record.index, "label": record.label, "state": self.core.episodes.public_state}
-
-    def _op_label(self, meta: dict[str, Any]) -> dict[str, Any]:
-        record = self.core.episodes.label(meta.get("label"), meta.get("episode_index"))
-        self._publish_episode("episode_label", record, reason="label")
-        log.info("episode %d labelled %s", record.index, record.label)
-        return {"episode_index": record.index, "label": record.label}
-
-    def _op_status(self, meta: dict[str, Any]) -> dict[str, Any]:
-        del meta
-        episodes = self.core.episodes
-        contract = self.contract
-        return {"state": episodes.public_state, "episode_index": episodes.episode_index,
-                "holds": dict(self.core.holds), "ticks": self.core.ticks, "contract_ok": episodes.contract_ok,
-                "differences": episodes.differences, "hold_reason": self.core.hold_reason or "",
-                "queue_depth": len(self.core.queue), "dry_run": self.settings.dry_run,
-                "lockstep": self.settings.lockstep,
-                "checkpoint_id": contract.checkpoint_id if contract else "",
-                "untrained": bool(contract.untrained) if contract else False,
-                "last_stopped": episodes.last_stopped.index if episodes.last_stopped else -1,
-                "last_label": episodes.last_stopped.label if episodes.last_stopped else "",
-                "bus": {name: {"connected": w.connected, "error": w.last_error, "writes": w.writes}
-                        for name, w in self.writers.items()}}
 
     def _start_episode(self, episode_index: object) -> EpisodeRecord:
         record = self.core.start(episode_index)

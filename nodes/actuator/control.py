@@ -1,0 +1,73 @@
+"""The actuator's control socket: ``start``, ``stop``, ``label`` and ``status`` from the monitor, the tools and
+the tests (``common.wire.actuator_client`` is the client). Mixed into ``ActuatorNode``, whose state it reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from common.wire.protocol import CONTROL_OPS, KIND_REPLY, KIND_REQUEST, Message, ProtocolError, decode, error_message
+from nodes.actuator import PROGRAM
+from nodes.actuator.episodes import EpisodeError
+
+log = logging.getLogger("actuator")
+
+
+
+class ControlOps:
+    """One reply per control request; an unknown op or a refused episode change is an error naming the field."""
+
+    def _handle_control(self, envelope: list[bytes], frames: list[Any]) -> None:
+        try:
+            request = decode(frames)
+        except ProtocolError as exc:
+            self.control.reply(envelope, error_message(exc, src=PROGRAM))
+            return
+        op = str(request.meta.get("op", ""))
+        try:
+            if request.kind != KIND_REQUEST:
+                raise ProtocolError("kind", "request", request.kind)
+            if op not in CONTROL_OPS:
+                raise ProtocolError("meta.op", f"one of {list(CONTROL_OPS)}", op)
+            meta = getattr(self, f"_op_{op}")(request.meta)
+            reply = Message(kind=KIND_REPLY, src=PROGRAM, seq=request.seq, meta={"op": op, **meta})
+        except (ProtocolError, EpisodeError) as exc:
+            log.info("control %s refused: %s", op or "?", exc)
+            reply = error_message(exc, src=PROGRAM, seq=request.seq, op=op)
+        except Exception as exc:  # a bug must not take the control loop down: answer, log, carry on
+            log.exception("control %s failed", op)
+            reply = error_message(exc, src=PROGRAM, seq=request.seq, op=op)
+        self.control.reply(envelope, reply)
+
+    def _op_start(self, meta: dict[str, Any]) -> dict[str, Any]:
+        record = self._start_episode(meta.get("episode_index"))
+        return {"episode_index": record.index, "state": self.core.episodes.public_state}
+
+    def _op_stop(self, meta: dict[str, Any]) -> dict[str, Any]:
+        record = self.core.stop(meta.get("label", ""))
+        self._publish_episode("episode_stop", record, reason="stop")
+        log.info("episode %d stopped%s", record.index, f" ({record.label})" if record.label else "")
+        return {"episode_index": record.index, "label": record.label, "state": self.core.episodes.public_state}
+
+    def _op_label(self, meta: dict[str, Any]) -> dict[str, Any]:
+        record = self.core.episodes.label(meta.get("label"), meta.get("episode_index"))
+        self._publish_episode("episode_label", record, reason="label")
+        log.info("episode %d labelled %s", record.index, record.label)
+        return {"episode_index": record.index, "label": record.label}
+
+    def _op_status(self, meta: dict[str, Any]) -> dict[str, Any]:
+        del meta
+        episodes = self.core.episodes
+        contract = self.contract
+        return {"state": episodes.public_state, "episode_index": episodes.episode_index,
+                "holds": dict(self.core.holds), "ticks": self.core.ticks, "contract_ok": episodes.contract_ok,
+                "differences": episodes.differences, "hold_reason": self.core.hold_reason or "",
+                "queue_depth": len(self.core.queue), "dry_run": self.settings.dry_run,
+                "lockstep": self.settings.lockstep,
+                "checkpoint_id": contract.checkpoint_id if contract else "",
+                "untrained": bool(contract.untrained) if contract else False,
+                "last_stopped": episodes.last_stopped.index if episodes.last_stopped else -1,
+                "last_label": episodes.last_stopped.label if episodes.last_stopped else "",
+                "bus": {name: {"connected": w.connected, "error": w.last_error, "writes": w.writes}
+                        for name, w in self.writers.items()}}
