@@ -170,8 +170,13 @@ def test_refusal_crash_backoff_and_kill9_with_reasons_on_the_panel(tmp_path: Pat
         status = status_table(stack)
         line = next(line for line in status.stdout.splitlines() if ":servo_emulator-main " in line)
         assert "EXITED" in line and "refused: arm main: cannot create the emulated port" in line, status.stdout
-        line = next(line for line in status.stdout.splitlines() if ":camera-front " in line)
-        assert "last error in its log:" in line and "Address already in use" in line, status.stdout
+        # camera-front cycles BACKOFF -> STARTING -> BACKOFF; a table taken while it is STARTING has no reason.
+        def front_line() -> str:
+            return next(line for line in status_table(stack).stdout.splitlines() if ":camera-front " in line)
+
+        line = wait_for(lambda: (text := front_line()) and "BACKOFF" in text and text, timeout_s=60, interval_s=0.3,
+                        message="camera-front never BACKOFF in the status table")
+        assert "last error in its log:" in line and "Address already in use" in line, line
         panel_url = f"http://127.0.0.1:{config.monitor.port}/api/state"
 
         def panel_programs() -> dict[str, dict]:
