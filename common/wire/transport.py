@@ -285,6 +285,19 @@ class RequestClient:
             dropped = event == zmq.EVENT_DISCONNECTED or (dropped and event != zmq.EVENT_CONNECT_RETRIED)
         return dropped
 
+    def _send_before(self, deadline: float, msg: Message, encode_options: dict[str, Any]) -> bool:
+        """Send ``msg`` once a connection can take it, before ``deadline``; False if none could."""
+        assert self.sock is not None
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                continue
+            try:
+                send_message(self.sock, msg, flags=zmq.NOBLOCK, **encode_options)
+                return True
+            except zmq.Again:
+                time.sleep(0.001)  # the pipe went away after the poll said it could take the message
+        return False
+
     def _close_socket(self) -> None:
         if self.sock is not None:
             self.sock.disable_monitor()
@@ -311,10 +324,8 @@ class RequestClient:
             deadline = time.monotonic() + timeout
             # A REQ send blocks while no connection to the server has completed its handshake (a client
             # without the server's CURVE key never completes one): wait for it within the attempt's
-            # time, never forever.
-            if self.sock.poll(int(timeout * 1000) + 1, zmq.POLLOUT):
-                send_message(self.sock, msg, **encode_options)
-            else:
+            # time, never forever. The pipe can vanish between the poll and the send, hence NOBLOCK.
+            if not self._send_before(deadline, msg, encode_options):
                 deadline = 0.0
                 self.last_failure = UNSENT_REASON
             while (remaining := deadline - time.monotonic()) > 0:
