@@ -8,6 +8,8 @@
   and it resumes by itself when the policy comes back.
 - Dry-run publishes but never writes to the bus; a normal run moves the emulated servos.
 - Lockstep: row j of a chunk from frame i runs at frame i + j.
+- A real policy slower than a chunk lasts: the actuator says so once (one ``schedule`` event, one log
+  line) and the real monitor shows it on its panel state.
 
 Sensor streams come either from the real camera / state-reader / servo-emulator nodes or, where a test
 needs control over timestamps, from ``common.wire.transport.Publisher``s in the test process (real producers
@@ -20,6 +22,7 @@ import itertools
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -551,3 +554,63 @@ def test_lockstep_runs_row_j_of_the_chunk_from_frame_i_at_frame_i_plus_j(
         chunk = chunks[frame // 8].arrays["chunk"]
         assert action.meta["hold"] is False
         np.testing.assert_array_equal(action.arrays["action"], chunk[frame % 8])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The schedule warning: a round trip longer than a chunk lasts
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_a_round_trip_longer_than_a_chunk_is_said_once_on_the_event_stream_the_log_and_the_panel(
+        tmp_path: Path, node_processes: list[NodeProcess], tiny_checkpoint: Any) -> None:
+    # A real slow policy: 2 rows per chunk at 30 Hz (67 ms) and 100 DDIM steps on the CPU, a round trip of
+    # several hundred ms on any machine. The actuator must say so once, not on every tick or chunk.
+    small = {name: {"width": 64, "height": 64, "max_age_s": 3.0} for name in ("front", "wrist")}
+    checkpoint_dir = tmp_path / "checkpoint"
+    checkpoint_dir.mkdir()
+    from common.tools.checkpoint_maker import build_checkpoint
+
+    checkpoint = build_checkpoint(load_config(write_config(checkpoint_dir, "lift", {"cameras": small})),
+                                  checkpoint_dir / "two-rows", policy_type="diffusion", size="tiny", chunk=2)
+    config_path = write_config(tmp_path, "lift", {
+        "cameras": small, "arms": {"main": {"max_state_age_s": 3.0}},
+        "actuator": {"dry_run": True, "overlap": "replace", "max_chunk_age_s": 30.0},
+        "policy": {"checkpoint": str(checkpoint), "timeout_s": 20.0, "num_inference_steps": 100, "warmup": 0}})
+    config = load_config(config_path)
+    tap = EventTap(config)
+    feed = SensorFeed(config, hz=20, position=np.array([0, -20, 20, 10, 0, 30], np.float32)).start()
+    monitor = NodeProcess("monitor", config_path).start()
+    node_processes.append(monitor)
+    try:
+        start_policy(node_processes, config_path)
+        actuator = start_actuator(node_processes, config_path)
+        actuator.wait_ready(60)
+        monitor.wait_ready(60)
+        assert control(config, "start").meta["episode_index"] == 0
+        warning = wait_for(lambda: tap.events("schedule"), 120, interval_s=0.1,
+                           message=f"no schedule event:\n{actuator.log()[-3000:]}")[0]
+        warned_t = time.monotonic()
+        # Several seconds and several more slow chunks later, still that one event.
+        wait_for(lambda: time.monotonic() - warned_t > 4.0 and len(tap.events("chunk", since=warning.t)) >= 4,
+                 120, interval_s=0.2, message="the policy stopped answering")
+        with urllib.request.urlopen(f"http://127.0.0.1:{config.monitor.port}/api/state", timeout=20) as reply:
+            panel_log = json.loads(reply.read())["log"]
+        control(config, "stop", label="success")
+    finally:
+        feed.close()
+        tap.close()
+
+    events = tap.events("schedule")
+    assert len(events) == 1, [e.meta for e in events]
+    meta = warning.meta
+    assert meta["covered"] is False and meta["chunk_rows"] == 2 and meta["fps"] == 30.0
+    chunk_s = 2 / 30
+    assert meta["round_trip_p90_s"] > chunk_s and meta["inference_p90_s"] > 0
+    message = meta["message"]
+    assert f"{meta['round_trip_p90_s'] * 1000:.0f} ms" in message and "2 rows lasts 67 ms at 30 Hz" in message
+    assert "policy.num_inference_steps" in message and "policy.rows: horizon" in message
+    # Every chunk after it was as slow: the verdict never flipped back.
+    assert all(c.meta["round_trip_s"] > chunk_s for c in tap.events("chunk"))
+    assert actuator.log().count("the round trip is longer than a chunk lasts") == 1
+    shown = [entry for entry in panel_log if entry["text"].startswith("schedule:")]
+    assert len(shown) == 1 and shown[0]["level"] == "warn" and message in shown[0]["text"]
