@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.config import ConfigError, DeploymentConfig
-from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
+from common.layout import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY, Joints, Layout, differences, image_key
 
 log = logging.getLogger(__name__)
 
@@ -84,42 +84,49 @@ def _feature_names(feature: dict[str, Any]) -> list[str] | None:
     return [str(name) for name in names] if isinstance(names, list) else None
 
 
+def dataset_layout(features: dict[str, dict], fps: int) -> Layout:
+    """The dataset as a layout: its image features (H, W, C), state and action features, and fps."""
+
+    def joints(key: str) -> Joints | None:
+        feature = features.get(key)
+        return None if feature is None else Joints(tuple(feature.get("shape", [])), _feature_names(feature))
+
+    return Layout(cameras={key.removeprefix(IMAGE_KEY_PREFIX): tuple(feature.get("shape", []))
+                           for key, feature in features.items() if key.startswith(IMAGE_KEY_PREFIX)},
+                  state=joints(STATE_KEY), action=joints(ACTION_KEY), fps=fps)
+
+
 def layout_differences(features: dict[str, dict], fps: int, config: DeploymentConfig) -> list[str]:
     """Every way a dataset's features disagree with what the config's nodes publish; empty if none.
 
     Cameras the config does not use are ignored (a dataset may carry more views than a deployment).
     """
     problems: list[str] = []
-    dataset_cameras = sorted(key.removeprefix("observation.images.") for key in features
-                             if key.startswith("observation.images."))
-    for camera, cam in config.cameras.items():
+    layout = dataset_layout(features, fps)
+    keys = {"state": STATE_KEY, "action": ACTION_KEY}
+    for difference in differences(layout, config):
+        name, theirs, ours = difference.name, difference.theirs, difference.ours
+        match difference.kind:
+            case "missing_camera":
+                problems.append(f"camera '{name}' is not in the dataset (dataset cameras: {sorted(layout.cameras)})")
+            case "camera_shape":
+                cam = config.cameras[name]
+                problems.append(f"camera '{name}': dataset frames are {list(theirs)} (H, W, C), config "
+                                f"cameras.{name} is [{cam.height}, {cam.width}, 3]")
+            case "absent":
+                problems.append(f"{name}: the dataset has no '{keys[name]}' feature")
+            case "size":
+                problems.append(f"{name}: dataset '{keys[name]}' has shape {list(theirs)}, config has {len(ours)} "
+                                f"joints ({ours})")
+            case "names":
+                problems.append(f"{name} names differ: dataset {theirs}, config {ours}")
+            case "fps":
+                problems.append(f"fps: dataset recorded at {fps}, config runs at {config.fps}")
+    for camera in config.cameras:
         feature = features.get(image_key(camera))
-        if feature is None:
-            problems.append(f"camera '{camera}' is not in the dataset (dataset cameras: {dataset_cameras})")
-            continue
-        if feature.get("dtype") != "video":
+        if feature is not None and feature.get("dtype") != "video":
             problems.append(f"camera '{camera}' is stored as {feature.get('dtype')!r}; the player replays "
                             "'video' features (mp4)")
-        shape = list(feature.get("shape", []))
-        if shape != [cam.height, cam.width, 3]:
-            problems.append(f"camera '{camera}': dataset frames are {shape} (H, W, C), config "
-                            f"cameras.{camera} is [{cam.height}, {cam.width}, 3]")
-    for key, wanted, label in ((STATE_KEY, config.state_names(), "state"),
-                               (ACTION_KEY, config.action_names(), "action")):
-        feature = features.get(key)
-        if feature is None:
-            problems.append(f"{label}: the dataset has no '{key}' feature")
-            continue
-        shape = list(feature.get("shape", []))
-        if shape != [len(wanted)]:
-            problems.append(f"{label}: dataset '{key}' has shape {shape}, config has {len(wanted)} joints "
-                            f"({wanted})")
-            continue
-        names = _feature_names(feature)
-        if names is not None and names != list(wanted):
-            problems.append(f"{label} names differ: dataset {names}, config {list(wanted)}")
-    if fps != config.fps:
-        problems.append(f"fps: dataset recorded at {fps}, config runs at {config.fps}")
     return problems
 
 

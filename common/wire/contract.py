@@ -8,18 +8,17 @@ from typing import Any
 
 from common.config import DeploymentConfig
 
-IMAGE_KEY_PREFIX = "observation.images."
-STATE_KEY = "observation.state"
-ACTION_KEY = "action"
+# The wire's array names are LeRobot's feature keys (common.layout); re-exported for the nodes and clients.
+from common.layout import ACTION_KEY as ACTION_KEY
+from common.layout import IMAGE_KEY_PREFIX as IMAGE_KEY_PREFIX
+from common.layout import STATE_KEY as STATE_KEY
+from common.layout import Joints, Layout, differences
+from common.layout import image_key as image_key
+
 # Real-time chunking (overlap: rtc) on an infer request: the rows the new chunk must continue, and how many
 # of them are frozen (docs/protocol.md, policy node requests).
 RTC_PREFIX_KEY = "rtc_prefix"
 RTC_DELAY_KEY = "rtc_delay_rows"
-
-
-def image_key(camera: str) -> str:
-    """The LeRobot feature key (and wire array name) of a camera's image."""
-    return f"{IMAGE_KEY_PREFIX}{camera}"
 
 
 @dataclass
@@ -49,31 +48,40 @@ class PolicyContract:
         return cls(**known)
 
 
+def contract_layout(contract: PolicyContract) -> Layout:
+    """The contract as a layout: image shapes (H, W, 3), the joints it reads and returns, its fps."""
+    return Layout(cameras={name: tuple(shape) for name, shape in contract.cameras.items()},
+                  state=Joints((len(contract.state_names),), list(contract.state_names)),
+                  action=Joints((len(contract.action_names),), list(contract.action_names)), fps=contract.fps)
+
+
 def contract_differences(contract: PolicyContract, config: DeploymentConfig) -> list[str]:
-    """Every way the policy's contract disagrees with this deployment; empty when they agree."""
+    """Every way the policy's contract disagrees with this deployment; empty when they agree.
+
+    A config camera the policy does not read is no problem (the policy ignores that view).
+    """
     problems: list[str] = []
-    wanted_cameras = config.image_shapes()
-    for name in sorted(set(contract.cameras) - set(wanted_cameras)):
-        problems.append(f"policy needs camera '{name}' {contract.cameras[name]}, which the config "
-                        f"does not have (config cameras: {sorted(wanted_cameras)})")
-    for name in sorted(set(wanted_cameras) & set(contract.cameras)):
-        if list(contract.cameras[name]) != list(wanted_cameras[name]):
-            problems.append(f"camera '{name}': policy accepts {contract.cameras[name]}, config "
-                            f"produces {wanted_cameras[name]}")
-    state_names = config.state_names()
-    if len(contract.state_names) != len(state_names):
-        problems.append(f"state: policy expects {len(contract.state_names)} values, config has "
-                        f"{len(state_names)} ({state_names})")
-    elif list(contract.state_names) != state_names:
-        problems.append(f"state names differ: policy {contract.state_names}, config {state_names}")
-    action_names = config.action_names()
-    if len(contract.action_names) != len(action_names):
-        problems.append(f"action: policy returns {len(contract.action_names)} values, config drives "
-                        f"{len(action_names)} joints ({action_names})")
-    elif list(contract.action_names) != action_names:
-        problems.append(f"action names differ: policy {contract.action_names}, config {action_names}")
-    if contract.fps != config.fps:
-        problems.append(f"fps: policy was set up for {contract.fps}, config runs at {config.fps}")
+    for difference in differences(contract_layout(contract), config):
+        name, ours = difference.name, difference.ours
+        match difference.kind:
+            case "extra_camera":
+                problems.append(f"policy needs camera '{name}' {contract.cameras[name]}, which the config "
+                                f"does not have (config cameras: {sorted(config.cameras)})")
+            case "camera_shape":
+                problems.append(f"camera '{name}': policy accepts {contract.cameras[name]}, config "
+                                f"produces {list(ours)}")
+            case "size" if name == "state":
+                problems.append(f"state: policy expects {len(contract.state_names)} values, config has "
+                                f"{len(ours)} ({ours})")
+            case "names" if name == "state":
+                problems.append(f"state names differ: policy {contract.state_names}, config {ours}")
+            case "size":
+                problems.append(f"action: policy returns {len(contract.action_names)} values, config drives "
+                                f"{len(ours)} joints ({ours})")
+            case "names":
+                problems.append(f"action names differ: policy {contract.action_names}, config {ours}")
+            case "fps":
+                problems.append(f"fps: policy was set up for {contract.fps}, config runs at {config.fps}")
     if contract.chunk_length < 1:
         problems.append(f"chunk_length: policy returns {contract.chunk_length} rows")
     if config.actuator.overlap == "rtc" and not int(contract.extra.get("rtc_max_prefix_rows", 0) or 0):

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import DeploymentConfig
+from common.layout import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY, Joints, Layout, differences
 from common.lerobot_guard import guard_lerobot_imports
-from common.wire.contract import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -100,43 +100,55 @@ def camera_name(key: str) -> str:
     return key.removeprefix(IMAGE_KEY_PREFIX)
 
 
+def checkpoint_layout(policy_config: Any, sidecar: dict[str, Any]) -> Layout:
+    """The checkpoint as a layout: its image features (C, H, W) and state/action features from the LeRobot
+    policy config; joint names and fps from armpipe's sidecar, where the checkpoint has one."""
+
+    def joints(feature: Any, key: str) -> Joints | None:
+        if feature is None:
+            return None
+        return Joints(tuple(feature.shape), list(sidecar[key]) if key in sidecar else None)
+
+    cameras = {camera_name(key): tuple(feature.shape) for key, feature in policy_config.image_features.items()}
+    return Layout(cameras=cameras,
+                  state=joints(policy_config.robot_state_feature, "state_names"),
+                  action=joints(policy_config.action_feature, "action_names"),
+                  fps=int(sidecar["fps"]) if "fps" in sidecar else None, channels_first=True)
+
+
 def layout_differences(policy_config: Any, config: DeploymentConfig, sidecar: dict[str, Any]) -> list[str]:
     """Every way the checkpoint's features disagree with the deployment; empty when it can be served."""
     problems: list[str] = []
-    checkpoint_cameras = {camera_name(key): tuple(feature.shape)
-                          for key, feature in policy_config.image_features.items()}
-    config_cameras = {name: (3, cam.height, cam.width) for name, cam in config.cameras.items()}
-    for name in sorted(set(checkpoint_cameras) - set(config_cameras)):
-        problems.append(f"checkpoint needs camera '{name}' (image {list(checkpoint_cameras[name])}), which the "
-                        f"config does not have (config cameras: {sorted(config_cameras)})")
-    for name in sorted(set(config_cameras) - set(checkpoint_cameras)):
-        problems.append(f"config camera '{name}' is not an input of the checkpoint (checkpoint cameras: "
-                        f"{sorted(checkpoint_cameras)})")
-    for name in sorted(set(config_cameras) & set(checkpoint_cameras)):
-        if checkpoint_cameras[name] != config_cameras[name]:
-            channels, height, width = checkpoint_cameras[name]
-            cam = config.cameras[name]
-            problems.append(f"camera '{name}': checkpoint expects {height}x{width} images ({channels} channels), "
-                            f"config cameras.{name} produces {cam.height}x{cam.width}")
-    state_feature = policy_config.robot_state_feature
-    state_names = config.state_names()
-    if state_feature is None:
-        problems.append(f"checkpoint has no `{STATE_KEY}` input; the config provides {len(state_names)} joints")
-    elif tuple(state_feature.shape) != (len(state_names),):
-        problems.append(f"state: checkpoint expects {list(state_feature.shape)} values, config has {len(state_names)} "
-                        f"joints ({state_names})")
-    action_feature = policy_config.action_feature
-    action_names = config.action_names()
-    if action_feature is None:
-        problems.append(f"checkpoint has no `{ACTION_KEY}` output")
-    elif tuple(action_feature.shape) != (len(action_names),):
-        problems.append(f"action: checkpoint returns {list(action_feature.shape)} values, config drives "
-                        f"{len(action_names)} joints ({action_names})")
-    for key, mine in (("state_names", state_names), ("action_names", action_names)):
-        if key in sidecar and list(sidecar[key]) != mine:
-            problems.append(f"{key}: checkpoint was built for {sidecar[key]}, config has {mine}")
-    if "fps" in sidecar and int(sidecar["fps"]) != config.fps:
-        problems.append(f"fps: checkpoint was built for {sidecar['fps']} fps, config runs at {config.fps}")
+    layout = checkpoint_layout(policy_config, sidecar)
+    for difference in differences(layout, config):
+        name, theirs, ours = difference.name, difference.theirs, difference.ours
+        match difference.kind:
+            case "extra_camera":
+                problems.append(f"checkpoint needs camera '{name}' (image {list(theirs)}), which the config does "
+                                f"not have (config cameras: {sorted(config.cameras)})")
+            case "missing_camera":
+                problems.append(f"config camera '{name}' is not an input of the checkpoint (checkpoint cameras: "
+                                f"{sorted(layout.cameras)})")
+            case "camera_shape":
+                channels, height, width = theirs
+                cam = config.cameras[name]
+                problems.append(f"camera '{name}': checkpoint expects {height}x{width} images ({channels} "
+                                f"channels), config cameras.{name} produces {cam.height}x{cam.width}")
+            case "absent" if name == "state":
+                problems.append(f"checkpoint has no `{STATE_KEY}` input; the config provides {len(ours)} joints")
+            case "absent":
+                problems.append(f"checkpoint has no `{ACTION_KEY}` output")
+            case "size" if name == "state":
+                problems.append(f"state: checkpoint expects {list(theirs)} values, config has {len(ours)} "
+                                f"joints ({ours})")
+            case "size":
+                problems.append(f"action: checkpoint returns {list(theirs)} values, config drives "
+                                f"{len(ours)} joints ({ours})")
+            case "names":
+                key = f"{name}_names"
+                problems.append(f"{key}: checkpoint was built for {sidecar[key]}, config has {ours}")
+            case "fps" if "fps" in sidecar:  # a checkpoint without armpipe's sidecar states no fps
+                problems.append(f"fps: checkpoint was built for {sidecar['fps']} fps, config runs at {config.fps}")
     other = [key for key, feature in policy_config.input_features.items()
              if key != STATE_KEY and key not in policy_config.image_features and feature.type.name != "LANGUAGE"]
     if other:
