@@ -51,6 +51,7 @@ log = logging.getLogger("bench.policy_restart")
 FAST_OPTIONS = "dtype=bf16,compile=true,cuda_graphs=true,fast_unet=true"
 STARTUP_LINE = re.compile(r"start-up: ([\d.]+) s to ready \(imports ([\d.]+) s, LeRobot \+ checkpoint ([\d.]+) s, "
                           r"warm-up ([\d.]+) s\)(?:; compile cache (.*))?")
+SPLIT_LINE = re.compile(r"start-up split of LeRobot \+ checkpoint: (.*)")
 
 
 def parse_options(text: str) -> dict[str, Any]:
@@ -117,12 +118,15 @@ def one_start(kind: str, config_path: Path, log_path: Path, *, env: dict[str, st
     if match:
         result.update(ready_s=float(match[1]), imports_s=float(match[2]), load_s=float(match[3]),
                       warmup_s=float(match[4]), compile_cache=match[5] or "")
+    split = SPLIT_LINE.search(text)
+    if split:
+        result["load_split"] = split[1].strip()
     if first_chunk_s is None:
         result["log_tail"] = text.splitlines()[-15:]
         log.error("%s start: no chunk within %.0f s; log tail:\n%s", kind, timeout_s, "\n".join(result["log_tail"]))
     else:
         log.info("RESULT %s start: first chunk after %.1f s %s", kind, first_chunk_s,
-                 {key: result.get(key) for key in ("imports_s", "load_s", "warmup_s", "compile_cache")})
+                 {key: result.get(key) for key in ("imports_s", "load_s", "load_split", "warmup_s", "compile_cache")})
     return result
 
 
@@ -142,14 +146,15 @@ def to_markdown(summary: dict[str, Any]) -> str:
     lines = [f"Policy node start-up on {summary['device_name']} (`--policy.device={summary['device']}`), "
              f"{summary['size']} DiffusionPolicy, options `{summary['options']}`, stopped with {summary['signal']} "
              f"between starts, load average {summary['load_average']}.", "",
-             "| start | first chunk s | imports s | LeRobot + checkpoint s | warm-up s | compile cache |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| start | first chunk s | imports s | LeRobot + checkpoint s | warm-up s | compile cache "
+             "| split of LeRobot + checkpoint |",
+             "|---|---:|---:|---:|---:|---|---|"]
     for start in summary["starts"]:
         def cell(key: str, start: dict[str, Any] = start) -> str:
             value = start.get(key)
             return f"{value:.1f}" if isinstance(value, float) else "-"
         lines.append(f"| {start['kind']} | {cell('first_chunk_s')} | {cell('imports_s')} | {cell('load_s')} | "
-                     f"{cell('warmup_s')} | {start.get('compile_cache', '') or '-'} |")
+                     f"{cell('warmup_s')} | {start.get('compile_cache', '') or '-'} | {start.get('load_split', '-')} |")
     ratios = [f"{label}: **{summary[key]:.1f}x**" for key, label in (("cold_over_warm", "cold / warm"),
                                                                      ("nocache_over_warm", "caches off / warm"))
               if summary.get(key)]

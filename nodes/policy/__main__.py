@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("start-up: %.1f s to ready (imports %.1f s, LeRobot + checkpoint %.1f s, warm-up %.1f s)%s",
              process_age_s(), imported_s, loaded_s, warmup_s,
              f"; compile cache {runtime.compile_cache}" if runtime.compile_cache else "")
+    log.info("start-up split of LeRobot + checkpoint: %s", runtime.startup.describe())
     try:
         while not stop.is_set():
             received = server.receive(timeout_s=0.2)

@@ -14,6 +14,9 @@ import hashlib
 import json
 import logging
 import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,11 +159,35 @@ def layout_differences(policy_config: Any, config: DeploymentConfig, sidecar: di
     return problems
 
 
-def load_lerobot_policy(path: Path, device: torch.device) -> tuple[Any, Any, Any, Any]:
-    """(policy config, policy, preprocessor, postprocessor) from a local directory, without the network."""
-    guard_lerobot_imports()
-    from lerobot.configs.policies import PreTrainedConfig
-    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+class StageClock:
+    """Seconds spent per named stage of the start-up, in order (the node logs them: where a restart goes)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
+
+
+def load_lerobot_policy(path: Path, device: torch.device, clock: StageClock | None = None,
+                        before_weights: Callable[[], object] | None = None) -> tuple[Any, Any, Any, Any]:
+    """(policy config, policy, preprocessor, postprocessor) from a local directory, without the network.
+
+    ``before_weights``: called (and timed as "device wait") before the model is built on ``device``; the
+    runtime passes the result of its device set-up, run in a thread beside the LeRobot import."""
+    clock = clock or StageClock()
+    with clock.stage("lerobot import"):
+        guard_lerobot_imports()
+        from lerobot.configs.policies import PreTrainedConfig
+        from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
     try:
         policy_config = PreTrainedConfig.from_pretrained(path, local_files_only=True)
@@ -177,8 +204,19 @@ def load_lerobot_policy(path: Path, device: torch.device) -> tuple[Any, Any, Any
     if missing:
         raise CheckpointError(f"{path}: missing {missing}; the node needs the processors with the normalisation "
                               "stats (lerobot-train and save_pretrained write them)")
-    policy = get_policy_class(policy_config.type).from_pretrained(path, config=policy_config, local_files_only=True)
-    policy.eval()
-    preprocessor, postprocessor = make_pre_post_processors(
-        policy_config, pretrained_path=str(path), preprocessor_overrides={"device_processor": {"device": device.type}})
+    if before_weights is not None:
+        with clock.stage("device wait"):
+            before_weights()
+    with clock.stage("weights"):
+        policy_class = get_policy_class(policy_config.type)
+        # Built on the target device: LeRobot builds the model on the CPU and then loads the file over it, so
+        # the random initialisation of every parameter (seconds for the 263M-parameter UNet) is wasted work
+        # that a GPU does in milliseconds.
+        with device:
+            policy = policy_class.from_pretrained(path, config=policy_config, local_files_only=True)
+        policy.eval()
+    with clock.stage("processors"):
+        preprocessor, postprocessor = make_pre_post_processors(
+            policy_config, pretrained_path=str(path),
+            preprocessor_overrides={"device_processor": {"device": device.type}})
     return policy_config, policy, preprocessor, postprocessor

@@ -10,6 +10,7 @@ single-observation chunking policy such as ACT).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from common.wire.contract import ACTION_KEY, STAT_KINDS, STATE_KEY, PolicyContra
 from common.wire.protocol import Message, ProtocolError
 from nodes.policy.checkpoint import (
     CheckpointError,
+    StageClock,
     camera_name,
     checkpoint_identity,
     layout_differences,
@@ -64,6 +66,13 @@ def checkpoint_joint_stats(preprocessor: Any, postprocessor: Any) -> dict[str, d
     return found
 
 
+def _init_device(device: torch.device) -> None:
+    """Create the device's context (CUDA: driver, context, allocator) before the first tensor needs it."""
+    if device.type == "cuda":
+        torch.empty(1, device=device)
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class ChunkResult:
     actions: np.ndarray  # (chunk_length, action_dim) float32, robot units
@@ -82,8 +91,17 @@ class PolicyRuntime:
             torch.set_num_threads(settings.cpu_threads)
         self.path = resolve_checkpoint(config.resolve(settings.checkpoint))
         self.sidecar = read_sidecar(self.path)
-        self.policy_config, self.policy, self.preprocessor, self.postprocessor = load_lerobot_policy(
-            self.path, self.device)
+        # Where the start-up goes, by stage (the node logs it). The weights' hash (a second or more for a
+        # 1 GB file) runs in a thread beside the LeRobot import and the load: hashlib releases the GIL.
+        self.startup = StageClock()
+        # The CUDA context (a second or two) is made in a thread too, while LeRobot's modules import.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="policy-start") as background:
+            identity = background.submit(checkpoint_identity, self.path)
+            device_ready = background.submit(_init_device, self.device)
+            self.policy_config, self.policy, self.preprocessor, self.postprocessor = load_lerobot_policy(
+                self.path, self.device, self.startup, before_weights=device_ready.result)
+            with self.startup.stage("checkpoint id wait"):
+                self.checkpoint_id = identity.result()
         problems = layout_differences(self.policy_config, config, self.sidecar)
         if problems:
             raise CheckpointError(f"checkpoint {self.path} does not match the config: " + "; ".join(problems))
@@ -104,13 +122,14 @@ class PolicyRuntime:
         # Normalisation runs inside the model call (and its CUDA graph) when it can; else beforehand.
         prepare = self.normaliser.prepare if self.normaliser.direct else _already_prepared
         self.engine: DiffusionEngine | ChunkEngine
-        if self.policy_config.type == "diffusion":
-            self.engine = DiffusionEngine(self.policy, self.options, prepare, input_keys, rows=settings.rows)
-        else:
-            if settings.rows != "n_action_steps":
-                raise CheckpointError(f"policy.rows: {settings.rows!r} is for DiffusionPolicy (it predicts a "
-                                      f"horizon); a {self.policy_config.type} checkpoint serves n_action_steps")
-            self.engine = ChunkEngine(self.policy, self.options, prepare, input_keys)
+        with self.startup.stage("engine"):
+            if self.policy_config.type == "diffusion":
+                self.engine = DiffusionEngine(self.policy, self.options, prepare, input_keys, rows=settings.rows)
+            else:
+                if settings.rows != "n_action_steps":
+                    raise CheckpointError(f"policy.rows: {settings.rows!r} is for DiffusionPolicy (it predicts a "
+                                          f"horizon); a {self.policy_config.type} checkpoint serves n_action_steps")
+                self.engine = ChunkEngine(self.policy, self.options, prepare, input_keys)
         # rtc prefixes are normalised with the checkpoint's action stats: only with LeRobot's plain pipelines.
         self.rtc_max_rows = self.engine.rtc_max_rows if self.normaliser.direct else 0
         self.inputs = InputLoader(self.cameras, self.state_dim, self.device)
@@ -124,7 +143,7 @@ class PolicyRuntime:
             chunk_length=self.engine.chunk_length,
             n_obs_steps=history,
             fps=config.fps,
-            checkpoint_id=checkpoint_identity(self.path),
+            checkpoint_id=self.checkpoint_id,
             checkpoint_path=str(self.path),
             untrained=bool(self.sidecar.get("untrained", False)),
             device=str(self.device),
