@@ -55,6 +55,7 @@ import yaml
 
 from bench.loop_jitter import Processes, free_endpoint, machine
 from common.config import REPO_ROOT, DeploymentConfig, load_config
+from common.streams import sensor_endpoints
 from common.wire.latency import STAGE_NAMES, STAGES, LatencyError, stages
 from common.wire.protocol import KIND_EVENT, KIND_FRAME, KIND_REQUEST, KIND_STATE, Message
 from common.wire.transport import LatestSubscriber, SocketFactory
@@ -218,8 +219,7 @@ class Sensors:
 
     def __init__(self, config: DeploymentConfig) -> None:
         self.config = config
-        endpoints = [cam.endpoint for cam in config.cameras.values()] + [a.state_endpoint for a in config.arms.values()]
-        self.sub = LatestSubscriber(SocketFactory(), endpoints)
+        self.sub = LatestSubscriber(SocketFactory(), sensor_endpoints(config))
         self.parts: dict[str, tuple[Message, float]] = {}
 
     def drain(self) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import draccus
 import yaml
 
+from common.streams import local_sockets
 from common.wire.curve import (
     KEYS_COMMAND,
     CurveKeys,
@@ -285,15 +286,6 @@ class DeploymentConfig:
         does not say ``insecure: true``. Server and robot read the same file, so they agree."""
         return not self.insecure and (self.policy.crosses_hosts() or self.policy.curve_keys_set())
 
-    def stream_endpoints(self) -> dict[str, str]:
-        """Field path -> endpoint of every socket other than the policy link (all plain TCP)."""
-        endpoints = {f"cameras.{name}.endpoint": cam.endpoint for name, cam in self.cameras.items()}
-        endpoints |= {f"arms.{name}.state_endpoint": arm.state_endpoint for name, arm in self.arms.items()}
-        endpoints["actuator.control_endpoint"] = self.actuator.control_endpoint
-        endpoints["actuator.events_endpoint"] = self.actuator.events_endpoint
-        endpoints["player.gt_endpoint"] = self.player.gt_endpoint
-        return endpoints
-
     # ------------------------------------------------------------------ checks
     def validate(self) -> DeploymentConfig:
         if self.fps <= 0 or self.fps > 1000:
@@ -352,7 +344,7 @@ class DeploymentConfig:
                               f"expected seconds >= 0, got {self.actuator.auto_start_wait_s}")
         if not -20 <= self.actuator.nice <= 19:
             raise ConfigError("actuator.nice", f"expected a nice value in -20..19, got {self.actuator.nice}")
-        for field_path, endpoint in self.stream_endpoints().items():
+        for field_path, endpoint in local_sockets(self).items():
             if not self.insecure and not is_loopback(endpoint):
                 raise ConfigError(field_path, f"expected a loopback endpoint (tcp://127.0.0.1:PORT), got {endpoint!r}: "
                                   "only the policy link is authenticated (CURVE); this socket would be plain TCP "
@@ -447,7 +439,7 @@ def parse_node_args(description: str, argv: list[str] | None = None, *, default_
 
 def warn_insecure_streams(config: DeploymentConfig) -> None:
     """The loud start-up warning for streams that ``insecure: true`` lets leave the machine in plain TCP."""
-    exposed = {path: endpoint for path, endpoint in config.stream_endpoints().items() if not is_loopback(endpoint)}
+    exposed = {path: endpoint for path, endpoint in local_sockets(config).items() if not is_loopback(endpoint)}
     if exposed:
         logging.getLogger("armpipe.config").warning(
             "INSECURE: `insecure: true` lets these sockets take plain TCP beyond this machine, where anyone on the "

@@ -21,6 +21,7 @@ import zmq
 
 from common.config import DeploymentConfig
 from common.node import Readiness
+from common.streams import sensor_endpoints
 from common.wire.contract import PolicyContract, contract_differences, units_differences
 from common.wire.curve import CurveKeys
 from common.wire.policy_client import ChunkReply
@@ -83,9 +84,7 @@ class ActuatorNode(ControlOps):
         self.core = core
         self.inputs = InputBook(config)
         self.factory = SocketFactory()
-        endpoints = [cam.endpoint for cam in config.cameras.values()]
-        endpoints += [arm.state_endpoint for arm in config.arms.values()]
-        self.subscriber = LatestSubscriber(self.factory, endpoints)
+        self.subscriber = LatestSubscriber(self.factory, sensor_endpoints(config))
         self.events = Publisher(self.factory, self.settings.events_endpoint, PROGRAM)
         self.control = RouterServer(self.factory, self.settings.control_endpoint)
         self.poller = zmq.Poller()

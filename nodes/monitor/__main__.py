@@ -34,6 +34,7 @@ import time
 
 from common.config import DeploymentConfig, parse_node_args
 from common.node import Readiness, setup_logging
+from common.streams import pipeline_endpoints
 from common.wire.transport import (
     LatestSubscriber,
     SocketFactory,
@@ -51,12 +52,6 @@ NODES_PERIOD_S = 1.0
 # --------------------------------------------------------------------------------------------------
 # Threads and main
 # --------------------------------------------------------------------------------------------------
-
-
-def endpoints(config: DeploymentConfig) -> list[str]:
-    return [*(cam.endpoint for cam in config.cameras.values()),
-            *(arm.state_endpoint for arm in config.arms.values()),
-            config.player.gt_endpoint, config.actuator.events_endpoint]
 
 
 def read_streams(panel: PanelState, subscriber: LatestSubscriber, stop: threading.Event) -> None:
@@ -93,7 +88,7 @@ def run(config: DeploymentConfig, stop: threading.Event) -> None:
     panel = PanelState(config, hub)
     factory = SocketFactory()
     commands = Commands(config, factory, panel)
-    subscriber = LatestSubscriber(factory, endpoints(config), hwm=64)
+    subscriber = LatestSubscriber(factory, pipeline_endpoints(config), hwm=64)
     try:
         server = MonitorServer((config.monitor.host, config.monitor.port), panel, hub, commands, stop)
     except OSError as exc:

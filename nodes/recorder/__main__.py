@@ -41,6 +41,7 @@ from typing import Any
 
 from common.config import DeploymentConfig, parse_node_args
 from common.node import Readiness, setup_logging
+from common.streams import pipeline_endpoints
 from common.wire.transport import LatestSubscriber, SocketFactory, stop_event_on_signals
 from nodes.recorder.assembler import HoldItem, LabelItem, RejectItem, StartItem, StopItem, TickAssembler
 from nodes.recorder.metrics import (
@@ -235,12 +236,6 @@ class Writer(threading.Thread):
 # --------------------------------------------------------------------------------------------------
 
 
-def endpoints(config: DeploymentConfig) -> list[str]:
-    return [*(cam.endpoint for cam in config.cameras.values()),
-            *(arm.state_endpoint for arm in config.arms.values()),
-            config.player.gt_endpoint, config.actuator.events_endpoint]
-
-
 def run(config: DeploymentConfig, stop: threading.Event) -> None:
     output_dir = config.resolve(config.recorder.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +261,7 @@ def run(config: DeploymentConfig, stop: threading.Event) -> None:
     factory = SocketFactory()
     # A deep receive queue: the recorder wants every tick, not only the newest (publishers still drop at
     # their own high-water mark rather than wait for us).
-    subscriber = LatestSubscriber(factory, endpoints(config), hwm=256)
+    subscriber = LatestSubscriber(factory, pipeline_endpoints(config), hwm=256)
     readiness.ready(output_dir=str(output_dir), endpoints=subscriber.endpoints)
     log.info("recording into %s from %s", output_dir, subscriber.endpoints)
     last_report = time.monotonic()
