@@ -405,15 +405,16 @@ class NodeArgs:
 
 
 def parse_node_args(description: str, argv: list[str] | None = None, *, default_name: str = "",
-                    instance_of: str = "", curve_side: str = "") -> NodeArgs:
+                    instance_of: str = "", curve_side: str = "", prog: str | None = None) -> NodeArgs:
     """The shared command line of every node: --config, --name, then any --field.path=value.
 
     ``instance_of`` ("arm" or "camera") makes ``--name`` select one of the config's arms or cameras
     (the first when omitted). ``curve_side`` ("server" for the policy, "client" for its clients) loads
-    that side's CURVE keys of the policy link when CURVE is on. A bad config, instance or key file exits
-    with code 2 after logging the field (and the file).
+    that side's CURVE keys of the policy link when CURVE is on. ``prog`` is the command the usage line
+    names (``python -m nodes.camera``; argparse alone would say ``__main__.py``). A bad config, instance
+    or key file exits with code 2 after logging the field (and the file).
     """
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", required=True, help="deployment YAML, e.g. configs/lift.yaml")
     parser.add_argument("--name", default=default_name, help="instance name (camera or arm name)")
     args, overrides = parser.parse_known_args(argv)

@@ -30,12 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ConfigError, DeploymentConfig, parse_node_args
+from common.config import ConfigError, DeploymentConfig
 from common.dataset_source import DatasetError, DatasetSource, EpisodeData, EpisodeReader
-from common.node import Readiness, setup_logging
-from common.refusal import refuse
+from common.node import start_node
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
-from common.wire.transport import LatestSubscriber, Publisher, SocketFactory, stop_event_on_signals
+from common.wire.transport import LatestSubscriber, Publisher, SocketFactory
 
 PROGRAM = "dataset_player"
 FRAME_HWM = 8  # per subscriber; consumers drain to the newest frame anyway
@@ -310,18 +309,15 @@ class DatasetPlayer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging(PROGRAM)
-    args = parse_node_args(__doc__.split("\n\n")[0], argv)
-    config = args.config
-    readiness = Readiness(config, PROGRAM)
-    stop = stop_event_on_signals()
+    started = start_node(PROGRAM, __doc__.split("\n\n")[0], argv)
+    config, readiness = started.config, started.readiness
     log.info("opening %s", config.resolve(config.player.dataset))
     try:
         source = DatasetSource(config)
     except ConfigError as exc:  # DatasetError included: wrong path, missing video, layout mismatch
-        refuse(str(exc), program=PROGRAM, run_dir=config.resolve(config.run_dir))
+        started.refuse(str(exc))
     factory = SocketFactory()
-    player = DatasetPlayer(config, source, factory, stop)
+    player = DatasetPlayer(config, source, factory, started.stop)
     readiness.ready(dataset=str(source.root), episodes=source.episodes, mode=config.player.mode,
                     follow_episodes=config.player.follow_episodes)
     log.info("replaying %s (episodes %s) in %s mode", source.root, source.episodes, config.player.mode)

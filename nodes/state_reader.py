@@ -20,11 +20,11 @@ import sys
 import threading
 import time
 
-from common.config import ArmConfig, parse_node_args
+from common.config import ArmConfig
 from common.feetech_bus import ArmBus, BusLockTimeout, BusTransactionError, CalibrationError
-from common.node import Readiness, setup_logging
+from common.node import Readiness, start_node
 from common.wire.protocol import KIND_STATE, Message
-from common.wire.transport import Publisher, SocketFactory, stop_event_on_signals
+from common.wire.transport import Publisher, SocketFactory
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +126,12 @@ class StateReader:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_node_args("state-reader: publish one arm's joint positions", argv, instance_of="arm")
-    config, name = args.config, args.name
-    program = f"state_reader-{name}"
-    setup_logging(program)
-    arm = config.arms[name]
-    readiness = Readiness(config, program)
-    stop = stop_event_on_signals()
+    started = start_node("state_reader", "state-reader: publish one arm's joint positions", argv, instance_of="arm")
+    name, readiness = started.name, started.readiness
+    arm = started.config.arms[name]
     factory = SocketFactory()
-    publisher = Publisher(factory, arm.state_endpoint, program)
-    reader = StateReader(name, arm, publisher, readiness, stop)
+    publisher = Publisher(factory, arm.state_endpoint, started.program)
+    reader = StateReader(name, arm, publisher, readiness, started.stop)
     log.info("reading arm %s on %s at %g Hz -> %s", name, arm.port, arm.read_hz, arm.state_endpoint)
     try:
         reader.run()

@@ -24,3 +24,11 @@ def test_each_entry_point_runs_and_answers_help(name: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {name}")
+
+
+@pytest.mark.parametrize("module", ["nodes.camera", "nodes.state_reader"])  # a node room and a node module
+def test_a_node_run_as_a_module_names_the_module_in_its_usage(module: str) -> None:
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m {module} "), result.stdout.splitlines()[:1]

@@ -31,10 +31,9 @@ import time
 
 import numpy as np
 
-from common.config import DeploymentConfig, parse_node_args
-from common.node import setup_logging
+from common.config import DeploymentConfig
+from common.node import Readiness, start_node
 from common.wire.curve import CurveKeys
-from common.wire.transport import stop_event_on_signals
 from nodes.actuator import PROGRAM
 from nodes.actuator.core import HOLD_MISSING_INPUT, ControlCore
 from nodes.actuator.episodes import RUNNING
@@ -47,8 +46,9 @@ log = logging.getLogger("actuator")
 class RealtimeLoop(ActuatorNode):
     """Ticks at ``config.fps`` on the monotonic clock; the next chunk is asked for in the background."""
 
-    def __init__(self, config: DeploymentConfig, stop: threading.Event, curve: CurveKeys | None = None) -> None:
-        super().__init__(config, stop, ControlCore(config), curve)
+    def __init__(self, config: DeploymentConfig, stop: threading.Event, readiness: Readiness,
+                 curve: CurveKeys | None = None) -> None:
+        super().__init__(config, stop, ControlCore(config), readiness, curve)
 
     def timing(self) -> str:
         return f"{self.config.fps} Hz"
@@ -106,8 +106,10 @@ class LockstepLoop(ActuatorNode):
     too old because it is requested for the very frame it runs on).
     """
 
-    def __init__(self, config: DeploymentConfig, stop: threading.Event, curve: CurveKeys | None = None) -> None:
-        super().__init__(config, stop, ControlCore(config, period=1.0, max_chunk_age=math.inf, lockstep=True), curve)
+    def __init__(self, config: DeploymentConfig, stop: threading.Event, readiness: Readiness,
+                 curve: CurveKeys | None = None) -> None:
+        super().__init__(config, stop, ControlCore(config, period=1.0, max_chunk_age=math.inf, lockstep=True),
+                         readiness, curve)
         self.last_t: dict[str, float] = {}  # per camera and arm: the capture time used at the last tick
         self.key = -1  # the current tick's frame index
 
@@ -191,13 +193,11 @@ def set_priority(nice: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging(PROGRAM)
-    args = parse_node_args("armpipe actuator: the control loop (policy chunks -> safe goal positions)", argv,
-                           curve_side="client")
-    set_priority(args.config.actuator.nice)
-    stop = stop_event_on_signals()
-    loop = LockstepLoop if args.config.actuator.lockstep else RealtimeLoop
-    loop(args.config, stop, args.curve).run()
+    started = start_node(PROGRAM, "armpipe actuator: the control loop (policy chunks -> safe goal positions)", argv,
+                         curve_side="client")
+    set_priority(started.config.actuator.nice)
+    loop = LockstepLoop if started.config.actuator.lockstep else RealtimeLoop
+    loop(started.config, started.stop, started.readiness, started.curve).run()
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class ActuatorNode(ControlOps):
     """What both loops share. A loop (``RealtimeLoop`` or ``LockstepLoop``) gives the core its time units and
     implements ``loop()``; each of its ticks calls ``act()``."""
 
-    def __init__(self, config: DeploymentConfig, stop: threading.Event, core: ControlCore,
+    def __init__(self, config: DeploymentConfig, stop: threading.Event, core: ControlCore, readiness: Readiness,
                  curve: CurveKeys | None = None) -> None:
         self.config = config
         self.settings = config.actuator
@@ -97,7 +97,7 @@ class ActuatorNode(ControlOps):
         self.writers: dict[str, BusWriter] = {}
         if not self.settings.dry_run:
             self.writers = {name: BusWriter(name, config, stop) for name in config.arms}
-        self.readiness = Readiness(config, PROGRAM)
+        self.readiness = readiness  # cleared at start (common.node.start_node)
         self.started_at = time.monotonic()
         self.contract: PolicyContract | None = None
         self.contract_checked = False

@@ -23,10 +23,10 @@ import sys
 import threading
 import time
 
-from common.config import CameraConfig, parse_node_args
-from common.node import Readiness, setup_logging
+from common.config import CameraConfig
+from common.node import Readiness, start_node
 from common.wire.protocol import KIND_EVENT, KIND_FRAME, Message
-from common.wire.transport import Publisher, SocketFactory, stop_event_on_signals
+from common.wire.transport import Publisher, SocketFactory
 from nodes.camera.backends import CameraBackend, CameraUnavailable, make_backend
 
 log = logging.getLogger(__name__)
@@ -124,15 +124,12 @@ class CameraNode:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_node_args("camera: capture, stamp and publish one camera's frames", argv, instance_of="camera")
-    config, name = args.config, args.name
-    program = f"camera-{name}"
-    setup_logging(program)
-    camera = config.cameras[name]
-    readiness = Readiness(config, program)
-    stop = stop_event_on_signals()
-    publisher = Publisher(SocketFactory(), camera.endpoint, program)
-    node = CameraNode(name, camera, publisher, readiness, stop)
+    started = start_node("camera", "camera: capture, stamp and publish one camera's frames", argv,
+                         instance_of="camera")
+    name, readiness = started.name, started.readiness
+    camera = started.config.cameras[name]
+    publisher = Publisher(SocketFactory(), camera.endpoint, started.program)
+    node = CameraNode(name, camera, publisher, readiness, started.stop)
     log.info("camera %s: %s %dx%d @ %d fps, %s -> %s", name, camera.backend, camera.width, camera.height,
              camera.fps, camera.encoding, camera.endpoint)
     try:

@@ -32,14 +32,10 @@ import sys
 import threading
 import time
 
-from common.config import DeploymentConfig, parse_node_args
-from common.node import Readiness, setup_logging
+from common.config import DeploymentConfig
+from common.node import Readiness, start_node
 from common.streams import pipeline_endpoints
-from common.wire.transport import (
-    LatestSubscriber,
-    SocketFactory,
-    stop_event_on_signals,
-)
+from common.wire.transport import LatestSubscriber, SocketFactory
 from nodes.monitor.commands import PROGRAM, Commands
 from nodes.monitor.http import MonitorServer
 from nodes.monitor.panel import EventHub, PanelState
@@ -82,8 +78,7 @@ def poll_nodes(panel: PanelState, commands: Commands, stop: threading.Event) -> 
         stop.wait(NODES_PERIOD_S)
 
 
-def run(config: DeploymentConfig, stop: threading.Event) -> None:
-    readiness = Readiness(config, PROGRAM)
+def run(config: DeploymentConfig, stop: threading.Event, readiness: Readiness) -> None:
     hub = EventHub()
     panel = PanelState(config, hub)
     factory = SocketFactory()
@@ -123,9 +118,8 @@ def run(config: DeploymentConfig, stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging(PROGRAM)
-    args = parse_node_args("armpipe web monitor", argv)
-    run(args.config, stop_event_on_signals())
+    started = start_node(PROGRAM, "armpipe web monitor", argv)
+    run(started.config, started.stop, started.readiness)
     return 0
 
 

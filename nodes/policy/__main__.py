@@ -19,9 +19,8 @@ from typing import Any
 
 import msgpack
 
-from common.config import parse_node_args
-from common.node import Readiness, setup_logging
-from common.refusal import process_age_s, refuse
+from common.node import start_node
+from common.refusal import process_age_s
 from common.wire.protocol import (
     KIND_REPLY,
     KIND_REQUEST,
@@ -33,7 +32,7 @@ from common.wire.protocol import (
     encode,
     error_message,
 )
-from common.wire.transport import RouterServer, SocketFactory, stop_event_on_signals
+from common.wire.transport import RouterServer, SocketFactory
 from nodes.policy.checkpoint import CheckpointError
 from nodes.policy.runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
 
@@ -163,18 +162,16 @@ def _obs_t(request: Message) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging(PROGRAM)
     # Keys are loaded here, before the model: a wrong key file exits 2 at once, naming the file.
-    args = parse_node_args("armpipe policy node: serves LeRobot action chunks over ZeroMQ", argv, curve_side="server")
-    config = args.config
-    readiness = Readiness(config, PROGRAM)
-    stop = stop_event_on_signals()
+    started = start_node(PROGRAM, "armpipe policy node: serves LeRobot action chunks over ZeroMQ", argv,
+                         curve_side="server")
+    config, readiness, stop, curve = started.config, started.readiness, started.stop, started.curve
     imported_s = process_age_s()  # interpreter, torch and this node's modules (LeRobot's come next)
     loading = time.perf_counter()
     try:
         runtime = PolicyRuntime(config)
     except CheckpointError as exc:  # missing, unreadable or not matching the config: exit code 2, once
-        refuse(f"checkpoint refused: {exc}", program=PROGRAM, run_dir=config.resolve(config.run_dir))
+        started.refuse(f"checkpoint refused: {exc}")
     loaded_s = time.perf_counter() - loading
     contract = runtime.contract
     log.info("serving %s%s checkpoint %s (id %s) on %s: cameras %s, %d state -> %d x %d actions, %s",
@@ -189,13 +186,13 @@ def main(argv: list[str] | None = None) -> None:
     if durations:
         log.info("warm-up: %d passes, last %.1f ms", len(durations), durations[-1] * 1000)
 
-    # With CURVE on (args.curve), only clients whose public key is in policy.allowed_clients_dir get a
+    # With CURVE on (curve), only clients whose public key is in policy.allowed_clients_dir get a
     # handshake; the others never reach this loop (common.wire.curve logs each refused peer once).
-    factory = SocketFactory(curve=args.curve)
+    factory = SocketFactory(curve=curve)
     server = RouterServer(factory, config.policy.bind)
     policy_server = PolicyServer(runtime, server)
     readiness.ready(endpoint=config.policy.bind, checkpoint_id=contract.checkpoint_id, policy_type=contract.policy_type,
-                    untrained=contract.untrained, device=contract.device, curve=args.curve is not None)
+                    untrained=contract.untrained, device=contract.device, curve=curve is not None)
     # One line a restart can be judged by (bench/policy_restart.py reads it): where the start-up went.
     log.info("start-up: %.1f s to ready (imports %.1f s, LeRobot + checkpoint %.1f s, warm-up %.1f s)%s",
              process_age_s(), imported_s, loaded_s, warmup_s,

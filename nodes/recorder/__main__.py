@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import DeploymentConfig, parse_node_args
-from common.node import Readiness, setup_logging
+from common.config import DeploymentConfig
+from common.node import Readiness, start_node
 from common.streams import pipeline_endpoints
-from common.wire.transport import LatestSubscriber, SocketFactory, stop_event_on_signals
+from common.wire.transport import LatestSubscriber, SocketFactory
 from nodes.recorder.assembler import HoldItem, LabelItem, RejectItem, StartItem, StopItem, TickAssembler
 from nodes.recorder.metrics import (
     METRICS_FILE,
@@ -236,10 +236,9 @@ class Writer(threading.Thread):
 # --------------------------------------------------------------------------------------------------
 
 
-def run(config: DeploymentConfig, stop: threading.Event) -> None:
+def run(config: DeploymentConfig, stop: threading.Event, readiness: Readiness) -> None:
     output_dir = config.resolve(config.recorder.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    readiness = Readiness(config, PROGRAM)
     finisher = Finisher(config, output_dir)
     # Episodes a crashed recorder left in .work/ are rebuilt by the finisher while we already record: new
     # episodes get numbers after theirs (next_recorder_index counts the work directories).
@@ -296,9 +295,8 @@ def run(config: DeploymentConfig, stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging(PROGRAM)
-    args = parse_node_args("armpipe recorder: episodes as LeRobot datasets, metrics and plots", argv)
-    run(args.config, stop_event_on_signals())
+    started = start_node(PROGRAM, "armpipe recorder: episodes as LeRobot datasets, metrics and plots", argv)
+    run(started.config, started.stop, started.readiness)
     return 0
 
 

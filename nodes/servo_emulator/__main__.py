@@ -36,10 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import parse_node_args
-from common.node import Readiness, setup_logging
-from common.refusal import refuse
-from common.wire.transport import stop_event_on_signals
+from common.node import start_node
 from nodes.servo_emulator.bus import EmulatedBus, build_arm
 from nodes.servo_emulator.pty import PtyLink
 from nodes.servo_emulator.sts3215 import TRUNCATED_AFTER_S
@@ -73,21 +70,16 @@ def serve(link: PtyLink, bus: EmulatedBus, stop: threading.Event, stats_path: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_node_args("Feetech STS3215 servo emulator for one SO-101 arm (on a pseudo-terminal)", argv,
-                           instance_of="arm")
-    config, name = args.config, args.name
-    program = f"servo_emulator-{name}"
-    setup_logging(program)
+    started = start_node("servo_emulator", "Feetech STS3215 servo emulator for one SO-101 arm (on a pseudo-terminal)",
+                         argv, instance_of="arm")
+    config, name, program, readiness = started.config, started.name, started.program, started.readiness
     arm = config.arms[name]
-    readiness = Readiness(config, program)
-    stop = stop_event_on_signals()
     stats_dir = config.resolve(config.run_dir) / "stats"
     stats_dir.mkdir(parents=True, exist_ok=True)
     try:
         link = PtyLink(config.resolve(arm.port))
     except OSError as exc:  # e.g. a real serial device at the configured port: not ours to replace
-        refuse(f"arm {name}: cannot create the emulated port: {exc}", program=program,
-               run_dir=config.resolve(config.run_dir))
+        started.refuse(f"arm {name}: cannot create the emulated port: {exc}")
     bus = EmulatedBus(build_arm(arm, config.emulator, time.monotonic()), line_baud=link.line_baud)
     try:
         # Real servos answer within microseconds whatever the host is doing; on a busy machine a raised
@@ -101,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     write_stats(stats_path, bus, {"port": str(link.port), "pty": link.slave_path})
     readiness.ready(port=str(link.port), pty=link.slave_path, robot_id=arm.robot_id)
     try:
-        serve(link, bus, stop, stats_path)
+        serve(link, bus, started.stop, stats_path)
     finally:
         readiness.clear()
         write_stats(stats_path, bus, {"port": str(link.port), "pty": link.slave_path, "stopped": True})
