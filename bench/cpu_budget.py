@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from bench.harness import Supervised, free_port, write_config
+from bench.harness import StandInServer, Supervised, free_port, write_config
 from common.config import DeploymentConfig
 from common.wire.contract import STATE_KEY, PolicyContract
-from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_REPLY, KIND_REQUEST, Message, decode
-from common.wire.transport import LatestSubscriber, RequestClient, RouterServer, SocketFactory
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_REPLY, KIND_REQUEST, Message
+from common.wire.transport import LatestSubscriber, RequestClient, SocketFactory
 
 log = logging.getLogger("bench.cpu_budget")
 HARDWARE_STAND_INS = ("servo_emulator-left", "servo_emulator-right")
@@ -43,39 +43,31 @@ CHUNK_ROWS = 30
 POLICY_DELAY_S = 0.03
 
 
-class RemotePolicyStandIn(threading.Thread):
+class RemotePolicyStandIn(StandInServer):
     """Answers the actuator as a GPU server would: the config's contract; chunks that hold the observed state."""
 
     def __init__(self, config: DeploymentConfig) -> None:
-        super().__init__(name="policy-stand-in", daemon=True)
+        super().__init__(SocketFactory(), config.policy.bind.replace("*", "127.0.0.1"), poll_s=0.1,
+                         name="policy-stand-in")
         self.contract = PolicyContract(
             policy_type="stand-in", cameras=config.image_shapes(), state_names=config.state_names(),
             action_names=config.action_names(), chunk_length=CHUNK_ROWS, n_obs_steps=1, fps=config.fps,
             checkpoint_id="bench-stand-in")
-        self.server = RouterServer(SocketFactory(), config.policy.bind.replace("*", "127.0.0.1"))
-        self.stop = threading.Event()
         self.requests = 0
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            request = self.server.receive(0.1)
-            if request is None:
-                continue
-            envelope, frames = request
-            msg = decode(frames)
-            op = msg.meta.get("op")
-            meta: dict[str, Any] = {"op": op}
-            arrays: dict[str, np.ndarray] = {}
-            if op == "metadata":
-                meta["contract"] = self.contract.to_meta()
-            elif op == "infer":
-                self.requests += 1
-                time.sleep(POLICY_DELAY_S)
-                state = np.asarray(msg.arrays[STATE_KEY], dtype=np.float32)
-                arrays["action"] = np.repeat(state[None, :], CHUNK_ROWS, axis=0)
-                meta.update(obs_t=msg.meta["obs_t"], timings={"total_s": POLICY_DELAY_S})
-            self.server.reply(envelope, Message(kind=KIND_REPLY, seq=msg.seq, meta=meta, arrays=arrays))
-        self.server.close()
+    def answer(self, request: Message) -> Message:
+        op = request.meta.get("op")
+        meta: dict[str, Any] = {"op": op}
+        arrays: dict[str, np.ndarray] = {}
+        if op == "metadata":
+            meta["contract"] = self.contract.to_meta()
+        elif op == "infer":
+            self.requests += 1
+            time.sleep(POLICY_DELAY_S)
+            state = np.asarray(request.arrays[STATE_KEY], dtype=np.float32)
+            arrays["action"] = np.repeat(state[None, :], CHUNK_ROWS, axis=0)
+            meta.update(obs_t=request.meta["obs_t"], timings={"total_s": POLICY_DELAY_S})
+        return Message(kind=KIND_REPLY, seq=request.seq, meta=meta, arrays=arrays)
 
 
 class Tap(threading.Thread):

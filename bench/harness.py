@@ -4,6 +4,8 @@
 task and deployment config (its own run directory and XML-RPC port, so it never collides with a demo
 running on the same machine), and offers the operator's verbs: status, restart, kill -9, stop, start.
 ``ActuatorWatch`` subscribes to the actuator's event stream in a thread and keeps every executed tick.
+``StandInServer`` answers requests on a ROUTER socket in a thread, where a test or benchmark stands in for
+a server (the policy node, usually).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import zmq
 from common.config import REPO_ROOT, DeploymentConfig, load_config
 from common.supervisor_client import ProcessStatus, SupervisorClient, SupervisorUnavailable
 from common.tools.supervisor_programs import PROGRAMS_FILE, write_programs
-from common.wire.protocol import KIND_ACTION, KIND_EVENT, Message
-from common.wire.transport import LatestSubscriber, SocketFactory
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, Message, decode
+from common.wire.transport import LatestSubscriber, RouterServer, SocketFactory
 
 log = logging.getLogger(__name__)
 BIN = Path(sys.executable).parent
@@ -258,3 +260,36 @@ class ActuatorWatch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class StandInServer(threading.Thread):
+    """A server in a thread that stands in for one (the policy node, usually): its loop is the policy
+    node's, one request at a time, each answered with ``answer(request)``, which a subclass gives.
+
+    ``start()`` serves, ``stop.set()`` (or ``close()``, which also waits) ends the loop, and the socket is
+    closed by the serving thread when it ends.
+    """
+
+    def __init__(self, factory: SocketFactory, endpoint: str, *, poll_s: float = 0.05, name: str = "stand-in") -> None:
+        super().__init__(name=name, daemon=True)
+        self.server = RouterServer(factory, endpoint)
+        self.poll_s = poll_s
+        self.stop = threading.Event()
+
+    def answer(self, request: Message) -> Message:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                received = self.server.receive(self.poll_s)
+                if received is None:
+                    continue
+                envelope, frames = received
+                self.server.reply(envelope, self.answer(decode(frames)))
+        finally:
+            self.server.close()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.stop.set()
+        self.join(timeout_s)

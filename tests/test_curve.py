@@ -18,13 +18,14 @@ import zmq
 from conftest import NodeProcess, free_endpoint, wait_for, write_config
 
 import common.wire.curve
+from bench.harness import StandInServer
 from common.config import ConfigError, curve_keys_for, load_config
 from common.tools.keys import main as keys_main
 from common.tools.keys import make_key_pair
 from common.wire.curve import CurveKeys, is_loopback
 from common.wire.policy_client import PolicyClient
-from common.wire.protocol import KIND_REPLY, KIND_REQUEST, Message, decode
-from common.wire.transport import PeerUnavailable, RequestClient, RouterServer, SocketFactory
+from common.wire.protocol import KIND_REPLY, KIND_REQUEST, Message
+from common.wire.transport import PeerUnavailable, RequestClient, SocketFactory
 
 
 @pytest.fixture
@@ -135,31 +136,21 @@ def test_missing_or_wrong_key_files_name_the_field_and_file(tmp_path: Path, keys
 
 
 # ------------------------------------------------------------------------------------------ real sockets
-class EchoServer:
+class EchoServer(StandInServer):
     """A CURVE RouterServer in a thread that answers every request: what the policy loop does."""
 
     def __init__(self, keys: CurveKeys, endpoint: str) -> None:
         self.factory = SocketFactory(zmq.Context(), curve=keys)
-        self.server = RouterServer(self.factory, endpoint)
+        super().__init__(self.factory, endpoint, name="echo")
         self.served: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+        self.start()
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            received = self.server.receive(0.05)
-            if received is None:
-                continue
-            envelope, frames = received
-            request = decode(frames)
-            self.served.append(request.meta["client"])
-            self.server.reply(envelope, Message(kind=KIND_REPLY, seq=request.seq, meta={"op": "ping"}))
+    def answer(self, request: Message) -> Message:
+        self.served.append(request.meta["client"])
+        return Message(kind=KIND_REPLY, seq=request.seq, meta={"op": "ping"})
 
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.server.close()
+    def close(self, timeout_s: float = 5.0) -> None:
+        super().close(timeout_s)
         self.factory.close()
 
 

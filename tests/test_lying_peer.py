@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +36,11 @@ import zmq
 from conftest import NodeProcess, wait_for, write_config
 from test_actuator import EventTap, SensorFeed, control, ready_detail, start_actuator, start_policy
 
+from bench.harness import StandInServer
 from common.config import DeploymentConfig, load_config
 from common.wire.contract import PolicyContract, units_differences
-from common.wire.protocol import KIND_REPLY, Message, decode
-from common.wire.transport import RemoteError, RouterServer, SocketFactory
+from common.wire.protocol import KIND_REPLY, Message
+from common.wire.transport import RemoteError, SocketFactory
 
 CHUNK = 30  # rows per reply in the fake policy's contract (1 s at 30 fps)
 
@@ -53,7 +53,7 @@ def good_reply(request: Message, rows: np.ndarray) -> Message:
                    arrays={"action": rows})
 
 
-class FakePolicy:
+class FakePolicy(StandInServer):
     """A policy server in the test process that speaks docs/protocol.md; ``behaviour`` shapes each infer reply."""
 
     def __init__(self, config: DeploymentConfig, behaviour: Behaviour = good_reply,
@@ -67,36 +67,24 @@ class FakePolicy:
             action_names=config.action_names(), chunk_length=chunk_length, n_obs_steps=1, fps=config.fps,
             checkpoint_id="fake", extra={"rows": "n_action_steps", "rtc_max_prefix_rows": 0})
         self.context = zmq.Context()
-        self.server = RouterServer(SocketFactory(self.context), config.policy.bind)
+        super().__init__(SocketFactory(self.context), config.policy.bind, name="fake-policy")
         self.infers: list[tuple[float, Message]] = []  # (arrival time, request)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            request = self.server.receive(0.05)
-            if request is None:
-                continue
-            envelope, frames = request
-            msg = decode(frames)
-            op = msg.meta.get("op")
-            if op == "infer":
-                self.infers.append((time.monotonic(), msg))
-                reply = self.behaviour(msg, self.rows)
-            elif op == "metadata":
-                reply = Message(kind=KIND_REPLY, seq=msg.seq, meta={"op": op, "contract": self.contract.to_meta()})
-            else:
-                reply = Message(kind=KIND_REPLY, seq=msg.seq, meta={"op": op})
-            self.server.reply(envelope, reply)
+    def answer(self, request: Message) -> Message:
+        op = request.meta.get("op")
+        if op == "infer":
+            self.infers.append((time.monotonic(), request))
+            return self.behaviour(request, self.rows)
+        if op == "metadata":
+            return Message(kind=KIND_REPLY, seq=request.seq, meta={"op": op, "contract": self.contract.to_meta()})
+        return Message(kind=KIND_REPLY, seq=request.seq, meta={"op": op})
 
     def sent_obs_t(self) -> set[float]:
         return {float(msg.meta["obs_t"]) for _, msg in self.infers}
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.server.close()
+    def close(self, timeout_s: float = 2.0) -> None:
+        super().close(timeout_s)
         self.context.term()
 
 

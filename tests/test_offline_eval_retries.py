@@ -3,41 +3,32 @@ ZeroMQ sockets: a ROUTER that answers late, or never."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 from conftest import free_endpoint
 
+from bench.harness import StandInServer
 from common.tools.offline_eval import Patience, PolicyTooSlow, patiently
 from common.wire.policy_client import PolicyClient
-from common.wire.protocol import KIND_REPLY, Message, decode
+from common.wire.protocol import KIND_REPLY, Message
 from common.wire.transport import RouterServer, SocketFactory
 
 
-class SlowPolicy(threading.Thread):
+class SlowPolicy(StandInServer):
     """A serial server (like the policy node) whose first request takes ``delay_s``; later ones are quick.
     Requests sent meanwhile wait behind it, so a retry must outlast the backlog, not only its own work."""
 
     def __init__(self, factory: SocketFactory, endpoint: str, delay_s: float) -> None:
-        super().__init__(daemon=True)
-        self.server = RouterServer(factory, endpoint)
+        super().__init__(factory, endpoint, name="slow-policy")
         self.delay_s = delay_s
         self.requests = 0
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            received = self.server.receive(0.05)
-            if received is None:
-                continue
-            envelope, frames = received
-            request = decode(frames)
-            self.requests += 1
-            if self.requests == 1:
-                time.sleep(self.delay_s)
-            self.server.reply(envelope, Message(kind=KIND_REPLY, src="slow", seq=request.seq, meta={"op": "ping"}))
-        self.server.close()
+    def answer(self, request: Message) -> Message:
+        self.requests += 1
+        if self.requests == 1:
+            time.sleep(self.delay_s)
+        return Message(kind=KIND_REPLY, src="slow", seq=request.seq, meta={"op": "ping"})
 
 
 def test_a_slow_policy_is_waited_for_with_growing_timeouts(caplog: pytest.LogCaptureFixture) -> None:
