@@ -29,17 +29,12 @@ fi
 # bench/policy_load_profile.py). The bytecode goes under a writable prefix, compiled once here.
 export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-/tmp/armpipe-pycache}"
 compile_started=$(date +%s.%N)
-python3 - <<'PY'
-import compileall, importlib.util, os, sys
-roots = {os.path.dirname(importlib.util.find_spec(name).origin) for name in ("torch", "torchvision", "lerobot", "diffusers")}
-roots.add(os.getcwd())
-ok = all(compileall.compile_dir(root, quiet=1, workers=os.cpu_count() or 1) for root in sorted(roots))
-print("byte-compiled under", sys.pycache_prefix, ":", ", ".join(sorted(roots)), "" if ok else "(some files failed)")
-PY
+roots=$(python3 -c "import importlib.util, os; print(' '.join(sorted({os.path.dirname(importlib.util.find_spec(n).origin) for n in ('torch', 'torchvision', 'lerobot', 'diffusers')})))")
+python3 -m compileall -q -j 0 $roots "$PWD" > /dev/null || echo "compileall: some files failed"
 compile_s=$(python3 -c "import time; print(f'{time.time() - $compile_started:.0f}')")
 
 {
-  echo "bytecode: compiled in ${compile_s} s under $PYTHONPYCACHEPREFIX"
+  echo "bytecode: compiled in ${compile_s} s under $PYTHONPYCACHEPREFIX (dont_write_bytecode: $(python3 -c "import sys; print(sys.flags.dont_write_bytecode)"))"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
   python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   echo "load average: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores"
