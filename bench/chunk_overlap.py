@@ -21,7 +21,7 @@ come from the dataset whatever the policy does (open loop, like the dataset play
 Targets are the rows as the policy asked for them, before the actuator's safety filter (which would
 clip steps above ``max_step`` and hide the jumps being measured).
 
-    python -m bench.chunk_overlap [--workdir /tmp/chunk_overlap] [--train-steps 300] [--episodes 2]
+    python -m bench.chunk_overlap [--workdir /tmp/chunk_overlap] [--train-steps 300] [--episodes 4] [--soft-rows N]
         [--png docs/chunk_overlap.png] [--json /tmp/chunk_overlap.json]
 """
 
@@ -189,9 +189,10 @@ def request(episode: Episode, frame: int, obs_t: float, client: str, prefix: np.
 
 
 def replay(runtime: Any, episode: Episode, rule: str, round_trip_s: float | None, *, soft_rows: int = 4,
-           fps: int = 30) -> tuple[RunResult, np.ndarray]:
+           fps: int = 30, guide: bool = True) -> tuple[RunResult, np.ndarray]:
     """One episode through the scheduler; ``round_trip_s`` None = lockstep. Returns the result and the
-    commanded targets per tick (NaN before the first action)."""
+    commanded targets per tick (NaN before the first action). ``guide`` False: rtc without the policy's
+    guidance rows (the prefix is only what ran and what is queued)."""
     lockstep = round_trip_s is None
     period = 1.0 if lockstep else 1.0 / fps
     latency = 0.0 if lockstep else float(round_trip_s)
@@ -202,31 +203,32 @@ def replay(runtime: Any, episode: Episode, rule: str, round_trip_s: float | None
     max_prefix = int(runtime.contract.extra.get("rtc_max_prefix_rows", 0))
     client = f"bench-{episode.index}"  # the same noise stream for every rule: only the rule differs
     runtime.reset(client)
-    in_flight: tuple[float, float, np.ndarray] | None = None  # (arrival time, obs_t, chunk)
+    in_flight: tuple[float, float, np.ndarray, np.ndarray | None] | None = None  # (arrival, obs_t, chunk, guide)
     targets = np.full((episode.length, episode.actions.shape[1]), np.nan, dtype=np.float32)
     source = np.full(episode.length, -1.0)  # obs_t of the executed row's chunk (-1: hold)
     chunks = 0
     warned = False
 
-    def send(tick: int, now: float) -> tuple[float, float, np.ndarray]:
+    def send(tick: int, now: float) -> tuple[float, float, np.ndarray, np.ndarray | None]:
         nonlocal chunks, warned
         prefix, delay = None, 0
         if rule == "rtc" and max_prefix:
             delay = planner.delay_rows()
             prefix = queue.prefix(now, min(delay + soft_rows, max_prefix))
-        chunk = runtime.infer(client, request(episode, tick, now, client, prefix, delay)).actions
+        result = runtime.infer(client, request(episode, tick, now, client, prefix, delay))
         chunks += 1
         notice = planner.record(latency)
         warned = warned or (notice is not None and not notice.covered)
-        return now + latency, now, chunk
+        # rtc keeps the rows predicted after the chunk as guidance for the next request, as the actuator does.
+        return now + latency, now, result.actions, result.guide if rule == "rtc" and guide else None
 
     for tick in range(episode.length):
         now = tick * period
         if lockstep and in_flight is None and queue.depth(now) <= planner.threshold():
-            arrival, obs_t, chunk = send(tick, now)
-            queue.insert(chunk, obs_t, arrival)
+            arrival, obs_t, chunk, guide_rows = send(tick, now)
+            queue.insert(chunk, obs_t, arrival, guide_rows)
         if in_flight is not None and in_flight[0] <= now + 1e-9:
-            queue.insert(in_flight[2], in_flight[1], in_flight[0])
+            queue.insert(in_flight[2], in_flight[1], in_flight[0], in_flight[3])
             in_flight = None
         popped = queue.pop(now)
         if popped is not None:
@@ -236,7 +238,7 @@ def replay(runtime: Any, episode: Episode, rule: str, round_trip_s: float | None
         if not lockstep and in_flight is None and queue.depth(now) <= planner.threshold():
             in_flight = send(tick, now)
             if latency == 0.0:  # arrives before the next tick
-                queue.insert(in_flight[2], in_flight[1], now)
+                queue.insert(in_flight[2], in_flight[1], now, in_flight[3])
                 in_flight = None
     return score(episode, targets, source, rule, "lockstep" if lockstep else f"{latency * 1000:.0f} ms", chunks,
                  warned, fps, runtime.config.policy.rows), targets
@@ -335,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/chunk_overlap")
     parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--episodes", type=int, default=2, help="dataset episodes replayed per run")
-    parser.add_argument("--soft-rows", type=int, default=4, help="rtc: queued rows sent as soft guidance")
+    parser.add_argument("--episodes", type=int, default=4, help="dataset episodes replayed per run")
+    parser.add_argument("--soft-rows", type=int, default=0,
+                        help="rtc: rows sent after the frozen ones as soft guidance (0: actuator.rtc_soft_rows)")
     parser.add_argument("--png", default="docs/chunk_overlap.png")
     parser.add_argument("--json", default="")
     parser.add_argument("--markdown", default="")
@@ -355,11 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     episodes = load_episodes(config)
     checkpoint = train(config, dataset, episodes, workdir / "trained", args.train_steps)
     train_info = json.loads((checkpoint / "armpipe.json").read_text())
+    soft_rows = args.soft_rows or config.actuator.rtc_soft_rows
+    # The same checkpoint and noise with the other soft-weight schedule, for rtc at 100 ms (a fourth row).
+    other_guidance = "linear" if config.policy.rtc_guidance == "exp" else "exp"
     runtimes = {"n_action_steps": PolicyRuntime(config),
-                "horizon": PolicyRuntime(load_config(config_path, ["--policy.rows=horizon"]))}
+                "horizon": PolicyRuntime(load_config(config_path, ["--policy.rows=horizon"])),
+                other_guidance: PolicyRuntime(load_config(config_path, [f"--policy.rtc_guidance={other_guidance}"]))}
     replayed = episodes[: args.episodes]
     plan: list[tuple[str, float | None, str]] = [("n_action_steps", None, rule) for rule in RULES]
     plan += [("n_action_steps", ms / 1000, rule) for ms in ROUND_TRIPS_MS for rule in RULES]
+    plan += [(other_guidance, 0.1, "rtc"), ("no guide rows", 0.1, "rtc")]
     plan += [("horizon", ms / 1000, rule) for ms in (100, 300) for rule in RULES]
     results: list[RunResult] = []
     traces: dict[str, dict[str, np.ndarray]] = {}
@@ -367,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     for rows, round_trip, rule in plan:
         per_episode = []
         for episode in replayed:
-            result, targets = replay(runtimes[rows], episode, rule, round_trip, soft_rows=args.soft_rows,
-                                     fps=config.fps)
+            result, targets = replay(runtimes.get(rows, runtimes["n_action_steps"]), episode, rule, round_trip,
+                                     soft_rows=soft_rows, fps=config.fps, guide=rows != "no guide rows")
+            if rows in (other_guidance, "no guide rows"):
+                result.rule = f"rtc ({other_guidance} guidance)" if rows == other_guidance else "rtc (no guide rows)"
             per_episode.append(result)
             if episode is replayed[0] and rows == "n_action_steps" and round_trip in (0.1, 0.3):
                 traces.setdefault(result.setting, {})[rule] = targets

@@ -37,6 +37,7 @@ CAMERA_BACKENDS = ("synthetic", "opencv", "realsense")
 ENCODINGS = ("raw", "jpeg")
 OVERLAP_RULES = ("replace", "blend", "rtc")
 POLICY_ROWS = ("n_action_steps", "horizon")
+RTC_GUIDANCE = ("exp", "linear")  # policy.rtc_guidance: how the soft prefix rows' weight falls
 PLAYER_MODES = ("realtime", "lockstep")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("fp32", "bf16")
@@ -135,6 +136,9 @@ class PolicyConfig:
     # Rows per reply. n_action_steps: what LeRobot executes of a prediction. horizon (DiffusionPolicy): every
     # predicted row from the newest observation on, a longer chunk that covers a longer round trip.
     rows: str = "n_action_steps"
+    # rtc: the weight of the soft prefix rows (after the frozen ones) falls to 0 over the prefix: exp (the
+    # exponential decay of Black et al. 2025, real-time chunking) or linear. docs/nodes/policy.md
+    rtc_guidance: str = "exp"
     timeout_s: float = 2.0  # client side: per-attempt reply timeout
     retries: int = 1  # client side: attempts before the policy counts as unreachable
     # CURVE keys of the policy link, made with `python -m common.tools.keys --out DIR --name NAME` (a
@@ -166,8 +170,10 @@ class ActuatorConfig:
     refill_rows: int | None = None
     overlap: str = "blend"  # replace | blend | rtc
     blend_old_weight: float = 0.5  # blend: weight of the already queued row on overlapping ticks
-    # rtc: queued rows sent after the frozen ones as soft guidance (their weight falls linearly to 0)
-    rtc_soft_rows: int = 4
+    # rtc: rows sent after the frozen ones as soft guidance (queued rows, then the rows the policy predicted
+    # after the chunk; their weight falls to 0, policy.rtc_guidance); the request also goes out this many
+    # rows earlier than replace would send it
+    rtc_soft_rows: int = 8
     max_chunk_age_s: float = 1.0  # chunk older than this on arrival (from its observation) is dropped
     auto_start: bool = False  # start an episode as soon as the contract checks out
     # ... and once these programs are ready (only those supervisord runs here), at most auto_start_wait_s
@@ -333,6 +339,7 @@ class DeploymentConfig:
             raise ConfigError("actuator.rtc_soft_rows", f"expected a non-negative row count, got "
                               f"{self.actuator.rtc_soft_rows}")
         _one_of("policy.rows", self.policy.rows, POLICY_ROWS)
+        _one_of("policy.rtc_guidance", self.policy.rtc_guidance, RTC_GUIDANCE)
         if not self.actuator.max_future_s >= 0:
             raise ConfigError("actuator.max_future_s",
                               f"expected a non-negative time, got {self.actuator.max_future_s}")

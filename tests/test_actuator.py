@@ -10,6 +10,8 @@
 - Lockstep: row j of a chunk from frame i runs at frame i + j.
 - A real policy slower than a chunk lasts: the actuator says so once (one ``schedule`` event, one log
   line) and the real monitor shows it on its panel state.
+- ``overlap: rtc`` with the real policy: each chunk's frozen rows are the previous chunk's rows for those
+  ticks, and the requests carry the policy's guidance rows past the queued ones.
 
 Sensor streams come either from the real camera / state-reader / servo-emulator nodes or, where a test
 needs control over timestamps, from ``common.wire.transport.Publisher``s in the test process (real producers
@@ -614,3 +616,39 @@ def test_a_round_trip_longer_than_a_chunk_is_said_once_on_the_event_stream_the_l
     assert actuator.log().count("the round trip is longer than a chunk lasts") == 1
     shown = [entry for entry in panel_log if entry["text"].startswith("schedule:")]
     assert len(shown) == 1 and shown[0]["level"] == "warn" and message in shown[0]["text"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real-time chunking end to end
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_rtc_chunks_start_with_the_rows_that_ran_and_are_guided_past_the_queue(
+        tmp_path: Path, node_processes: list[NodeProcess], slow_checkpoint: Path) -> None:
+    # overlap: rtc with the real policy: each request carries what ran and what is queued, then the previous
+    # reply's guidance rows; each new chunk's frozen rows are the previous chunk's rows for those ticks.
+    config_path = slow_config(tmp_path, slow_checkpoint, {"dry_run": True, "overlap": "rtc"})
+    config = load_config(config_path)
+    period = 1.0 / config.fps
+    tap = EventTap(config)
+    feed = SensorFeed(config, hz=10, position=np.array([0, -20, 20, 10, 0, 30], np.float32)).start()
+    try:
+        start_policy(node_processes, config_path)
+        start_actuator(node_processes, config_path).wait_ready(60)
+        assert control(config, "start").meta["episode_index"] == 0
+        wait_for(lambda: len(tap.events("chunk")) >= 5, 120, interval_s=0.2, message="fewer than 5 chunks")
+        control(config, "stop", label="success")
+    finally:
+        feed.close()
+        tap.close()
+    chunks = tap.events("chunk")
+    guided = 0
+    for previous, chunk in itertools.pairwise(chunks):
+        delay, sent = chunk.meta["rtc_delay_rows"], chunk.meta["rtc_prefix_rows"]
+        assert sent >= delay >= 1
+        offset = round((chunk.meta["obs_t"] - previous.meta["obs_t"]) / period)
+        old, new = previous.arrays["chunk"], chunk.arrays["chunk"]
+        np.testing.assert_allclose(new[:delay], old[offset:offset + delay], rtol=0, atol=1e-3)
+        guided += sent > len(old) - offset  # more rows than the previous chunk had from obs_t on
+        assert sent <= delay + config.actuator.rtc_soft_rows
+    assert guided >= 1, [(c.meta["obs_t"], c.meta["rtc_prefix_rows"]) for c in chunks]

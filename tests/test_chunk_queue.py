@@ -148,6 +148,29 @@ def test_prefix_is_what_ran_then_what_is_queued_on_the_new_observations_grid() -
     assert len(q.prefix(obs_t=PERIOD, max_rows=5)) == 0
 
 
+def test_prefix_goes_on_with_the_newest_chunks_guide_rows() -> None:
+    q = ChunkQueue(PERIOD, "rtc", action_dim=2)
+    # 8 rows for ticks 0..7, then the policy's guidance rows 8..11 (never executed) for ticks 8..11.
+    q.insert(chunk(8), 0.0, now=0.0, guide=chunk(4, start=8))
+    for k in range(5):
+        q.pop(k * PERIOD)
+    prefix = q.prefix(obs_t=4 * PERIOD, max_rows=10)
+    np.testing.assert_array_equal(prefix[:, 0], [4, 5, 6, 7, 8, 9, 10, 11])  # ran, queued, guide; then no row
+    assert q.depth(4 * PERIOD) == 3  # guide rows are not queued: they never run
+    popped = [q.pop(k * PERIOD) for k in range(5, 10)]
+    assert [p[0][0] for p in popped[:3]] == [5, 6, 7] and popped[3:] == [None, None]
+    # The next chunk's guide replaces it; a chunk without one leaves none.
+    q.insert(chunk(8, start=100), 8 * PERIOD, now=8 * PERIOD, guide=chunk(2, start=108))
+    np.testing.assert_array_equal(q.prefix(obs_t=14 * PERIOD, max_rows=6)[:, 0], [106, 107, 108, 109])
+    q.insert(chunk(8, start=200), 9 * PERIOD, now=9 * PERIOD)
+    assert len(q.prefix(obs_t=17 * PERIOD, max_rows=4)) == 0
+    with pytest.raises(ValueError, match="guide"):
+        q.insert(chunk(8), 9 * PERIOD, now=9 * PERIOD, guide=np.zeros((3, 5), np.float32))
+    q.insert(chunk(8), 9 * PERIOD, now=9 * PERIOD, guide=chunk(3, start=8))
+    q.clear()
+    assert len(q.prefix(obs_t=17 * PERIOD, max_rows=4)) == 0
+
+
 def test_rtc_merges_like_replace() -> None:
     q = ChunkQueue(PERIOD, "rtc", action_dim=2)
     q.insert(chunk(8), 0.0, now=0.0)

@@ -88,8 +88,12 @@ def test_an_rtc_request_over_the_wire_continues_its_prefix(lift_node) -> None:
     policy = client(config, "robot-rtc")
     contract = policy.metadata()
     assert contract.extra["rtc_max_prefix_rows"] == 15 and contract.extra["rows"] == "n_action_steps"
+    assert contract.extra["rtc_guide_rows"] == 7
     images, state = observation(config, 11)
-    first = policy.infer(images, state, obs_t=10.0).actions
+    reply = policy.infer(images, state, obs_t=10.0)
+    first = reply.actions
+    # The reply carries the rest of the prediction (horizon 16 - 1 past row - 8 rows) as guidance rows.
+    assert reply.guide is not None and reply.guide.shape == (7, 6) and reply.guide.dtype == np.float32
     # The next observation 2 rows later; 3 rows will run before its reply, 2 more guide it softly.
     prefix = np.ascontiguousarray(first[2:7])
     images, state = observation(config, 12)

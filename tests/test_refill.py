@@ -60,6 +60,22 @@ def test_rtc_request_carries_what_ran_and_what_will_run() -> None:
     prefix, delay = core.rtc_prefix(obs_t=3 * PERIOD, observation_age=0.0)
     assert delay == 3
     np.testing.assert_array_equal(prefix[:, 0], [3, 4, 5, 6, 7])
+    # With the policy's guidance rows (predicted after the chunk, never run) the soft rows go on past the
+    # queue: 3 frozen + 8 soft (the default rtc_soft_rows) = rows 3..13, of which 8..13 are guidance.
+    guided = core_for("--actuator.overlap=rtc")
+    guided.set_chunk_rows(8, 15)
+    for _ in range(5):
+        guided.on_round_trip(0.100, None)
+    guided.on_chunk(ramp(8), obs_t=0.0, now=0.0, generation=guided.generation, guide=ramp(7, start=8))
+    for tick in range(4):
+        assert not guided.tick(tick * PERIOD, "", np.zeros(6, np.float32)).hold
+    prefix, delay = guided.rtc_prefix(obs_t=3 * PERIOD, observation_age=0.0)
+    assert delay == 3
+    np.testing.assert_array_equal(prefix[:, 0], np.arange(3, 14))
+    # Under blend the guide is not kept: the prefix is never asked for and must not outlive its chunk.
+    blend = core_for("--actuator.overlap=blend")
+    blend.on_chunk(ramp(8), obs_t=0.0, now=0.0, generation=blend.generation, guide=ramp(7, start=8))
+    assert len(blend.queue.prefix(7 * PERIOD, 4)) == 1
     # Not under replace/blend, nor with a policy that cannot continue a prefix.
     assert core_for("--actuator.overlap=blend").rtc_prefix(0.0, 0.0) == (None, 0)
     no_rtc = core_for("--actuator.overlap=rtc")

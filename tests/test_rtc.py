@@ -1,7 +1,10 @@
 """Real-time chunking for DiffusionPolicy: a chunk continues the frozen prefix it was given.
 
 Runs the real tiny DiffusionPolicy of the checkpoint maker on the CPU through the policy runtime, the
-same code the policy node serves with.
+same code the policy node serves with. On a CUDA machine the same checks run on the CUDA-graph and fast
+(bf16, fast UNet, compiled, graphed) paths:
+
+    .venv/bin/python -m pytest -q tests/test_rtc.py -k cuda
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_config
 
 from common.config import load_config
@@ -51,9 +55,10 @@ def test_an_rtc_chunk_starts_with_the_frozen_prefix(scheduler: str, tiny_checkpo
     runtime = make_runtime(tmp_path, tiny_checkpoint("lift", "diffusion"), noise_scheduler=scheduler,
                            num_inference_steps=10)
     assert runtime.contract.extra["rtc_max_prefix_rows"] == 15  # horizon 16, n_obs_steps 2
-    first = runtime.infer("robot-a", observation(runtime.config, 1)).actions
-    # The next request is sent 3 rows into the first chunk; 3 more rows will run while it is computed.
-    prefix = np.ascontiguousarray(first[3:8])
+    reply = runtime.infer("robot-a", observation(runtime.config, 1))
+    # The next request is sent 3 rows into the first chunk; 3 more rows will run while it is computed,
+    # then the 2 queued rows and the first chunk's guidance rows guide it softly.
+    prefix = np.ascontiguousarray(np.concatenate([reply.actions[3:8], reply.guide]))
     delay = 3
     free = runtime.infer("robot-b", observation(runtime.config, 2)).actions
     continued = runtime.infer("robot-a", observation(runtime.config, 2, prefix, delay)).actions
@@ -63,7 +68,7 @@ def test_an_rtc_chunk_starts_with_the_frozen_prefix(scheduler: str, tiny_checkpo
     # The unconditioned sample is somewhere else entirely, so the equality above is the inpainting's doing.
     assert np.abs(free[:delay] - prefix[:delay]).max() > 1.0
     # Soft rows are pulled towards the prefix: closer than the free sample is.
-    soft = slice(delay, len(prefix))
+    soft = slice(delay, len(continued))
     assert np.abs(continued[soft] - prefix[soft]).mean() < np.abs(free[soft] - prefix[soft]).mean()
     assert np.all(np.isfinite(continued))
 
@@ -77,6 +82,35 @@ def test_the_fast_unet_path_continues_the_prefix_too(tiny_checkpoint, tmp_path: 
     np.testing.assert_allclose(continued[:3], prefix[:3], rtol=0, atol=1e-3)
 
 
+CUDA_PATHS = {
+    "cuda graphs": {"cuda_graphs": True},
+    "fast": {"cuda_graphs": True, "fast_unet": True, "compile": True, "dtype": "bf16"},
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", sorted(CUDA_PATHS))
+def test_rtc_on_cuda_graphs_starts_with_the_frozen_prefix(path: str, tiny_checkpoint, tmp_path: Path) -> None:
+    """The recorded sampler reads the rtc buffers on every replay: frozen rows equal the prefix, a plain
+    request after an rtc one is the plain chunk again, and (fp32 graphs) the graph equals the eager GPU path."""
+    checkpoint = tiny_checkpoint("lift", "diffusion")
+    graphed = make_runtime(tmp_path / "graphed", checkpoint, device="cuda", warmup=1, **CUDA_PATHS[path])
+    plain = graphed.infer("robot-a", observation(graphed.config, 1))
+    prefix = np.ascontiguousarray(np.concatenate([plain.actions[3:8], plain.guide]))
+    continued = graphed.infer("robot-a", observation(graphed.config, 2, prefix, 3))
+    np.testing.assert_allclose(continued.actions[:3], prefix[:3], rtol=0, atol=1e-3)
+    assert np.abs(continued.actions[3:] - plain.actions[3:]).max() > 0  # the chunk did change after the prefix
+    graphed.reset("robot-a")
+    np.testing.assert_array_equal(graphed.infer("robot-a", observation(graphed.config, 1)).actions, plain.actions)
+    if path == "cuda graphs":
+        eager = make_runtime(tmp_path / "eager", checkpoint, device="cuda")
+        np.testing.assert_allclose(eager.infer("robot-a", observation(eager.config, 1)).actions, plain.actions,
+                                   rtol=0, atol=1e-4)
+        again = eager.infer("robot-a", observation(eager.config, 2, prefix, 3))
+        np.testing.assert_allclose(again.actions, continued.actions, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(again.guide, continued.guide, rtol=0, atol=1e-4)
+
+
 def test_a_request_without_prefix_is_unchanged_by_the_rtc_buffers(runtime: PolicyRuntime) -> None:
     runtime.reset("robot-c")
     plain = runtime.infer("robot-c", observation(runtime.config, 7)).actions
@@ -87,10 +121,31 @@ def test_a_request_without_prefix_is_unchanged_by_the_rtc_buffers(runtime: Polic
     np.testing.assert_array_equal(plain, again)
 
 
-def test_guidance_weights_are_one_on_frozen_rows_and_fall_linearly() -> None:
-    np.testing.assert_allclose(guidance_weights(6, 2), [1, 1, 0.8, 0.6, 0.4, 0.2])
-    np.testing.assert_allclose(guidance_weights(3, 3), [1, 1, 1])
-    np.testing.assert_allclose(guidance_weights(2, 0), [2 / 3, 1 / 3])
+def test_guidance_weights_are_one_on_frozen_rows_and_fall_to_zero() -> None:
+    np.testing.assert_allclose(guidance_weights(6, 2, "linear"), [1, 1, 0.8, 0.6, 0.4, 0.2])
+    np.testing.assert_allclose(guidance_weights(3, 3, "linear"), [1, 1, 1])
+    np.testing.assert_allclose(guidance_weights(2, 0, "linear"), [2 / 3, 1 / 3])
+    # exp (Black et al. 2025): c * (e^c - 1) / (e - 1) of the linear c; below it, equal at 1 and 0.
+    c = np.array([0.8, 0.6, 0.4, 0.2])
+    exp = guidance_weights(6, 2, "exp")
+    np.testing.assert_allclose(exp, [1, 1, *(c * (np.exp(c) - 1) / (np.e - 1))], rtol=1e-6)
+    assert np.all(np.diff(exp) <= 0) and np.all(exp[2:] < c)
+    np.testing.assert_allclose(guidance_weights(3, 3, "exp"), [1, 1, 1])
+    with pytest.raises(ValueError, match="exp or linear"):
+        guidance_weights(3, 1, "cosine")
+
+
+def test_the_rows_after_the_chunk_come_back_as_guidance(tiny_checkpoint, tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint("lift", "diffusion")
+    short = make_runtime(tmp_path / "short", checkpoint)
+    long = make_runtime(tmp_path / "long", checkpoint, rows="horizon")
+    assert short.contract.extra["rtc_guide_rows"] == 7 and long.contract.extra["rtc_guide_rows"] == 0
+    assert short.contract.extra["rtc_guidance"] == "exp"
+    msg = observation(short.config, 5)
+    reply, whole = short.infer("robot-a", msg), long.infer("robot-a", msg)
+    # The guide is the rest of the same prediction: rows 8..14 of the horizon served whole.
+    assert reply.guide.shape == (7, 6) and long.infer("robot-b", msg).guide.shape == (0, 6)
+    np.testing.assert_array_equal(np.concatenate([reply.actions, reply.guide]), whole.actions)
 
 
 BAD = {

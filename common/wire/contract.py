@@ -19,6 +19,9 @@ from common.layout import image_key as image_key
 # of them are frozen (docs/protocol.md, policy node requests).
 RTC_PREFIX_KEY = "rtc_prefix"
 RTC_DELAY_KEY = "rtc_delay_rows"
+# ... and on its reply: the rows the policy predicted after the chunk (never executed), which an rtc client
+# sends back as soft prefix rows with its next request.
+RTC_GUIDE_KEY = "rtc_guide"
 
 
 @dataclass

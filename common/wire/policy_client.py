@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.wire.contract import RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, PolicyContract, image_key
+from common.wire.contract import RTC_DELAY_KEY, RTC_GUIDE_KEY, RTC_PREFIX_KEY, STATE_KEY, PolicyContract, image_key
 from common.wire.images import JpegImage
 from common.wire.protocol import KIND_REQUEST, Message, ProtocolError
 from common.wire.transport import RequestClient, SocketFactory
@@ -23,6 +23,8 @@ class ChunkReply:
     round_trip_s: float = 0.0
     received_t: float = 0.0  # client's monotonic clock: the reply was read (the latency chain's replied_t)
     sent_t: float = 0.0  # client's monotonic clock just before the request was encoded and sent (the chain's sent_t)
+    # rtc: the rows predicted after the chunk (guide_rows, action_dim), robot units; None when the reply has none
+    guide: np.ndarray | None = None
 
 
 class PolicyClient:
@@ -92,9 +94,14 @@ class PolicyClient:
         if actions is None or actions.ndim != 2 or actions.dtype != np.float32:
             raise ProtocolError("arrays[action]", "a float32 (n, action_dim) chunk",
                                 None if actions is None else f"{actions.dtype}{actions.shape}")
+        guide = reply.arrays.get(RTC_GUIDE_KEY)
+        if guide is not None and (guide.ndim != 2 or guide.dtype != np.float32 or guide.shape[1] != actions.shape[1]
+                                  or not np.all(np.isfinite(guide))):
+            raise ProtocolError(f"arrays[{RTC_GUIDE_KEY}]", f"finite float32 (rows, {actions.shape[1]}) guidance rows",
+                                f"{guide.dtype}{guide.shape}")
         return ChunkReply(actions=actions, obs_t=float(reply.meta.get("obs_t", obs_t)),
                           timings=dict(reply.meta.get("timings", {})), round_trip_s=received - start,
-                          received_t=received, sent_t=start)
+                          received_t=received, sent_t=start, guide=guide if guide is not None and len(guide) else None)
 
     def close(self) -> None:
         self.requests.close()

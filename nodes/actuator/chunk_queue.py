@@ -71,11 +71,18 @@ class ChunkQueue:
         self._obs_t = np.zeros(0, dtype=np.float64)  # observation time of each row's chunk
         # (row_t, row) of the rows popped lately: what already ran, for the rtc prefix.
         self._executed: collections.deque[tuple[float, np.ndarray]] = collections.deque(maxlen=EXECUTED_HISTORY)
+        # rtc: the newest chunk's guidance rows (predicted after its last row, never executed), for the prefix.
+        self._guide_times = np.zeros(0, dtype=np.float64)
+        self._guide_rows = np.zeros((0, action_dim or 0), dtype=np.float32)
         self.expired = 0  # rows that were never executed because their slot passed
 
     # ------------------------------------------------------------------ arrival
-    def insert(self, chunk: np.ndarray, obs_t: float, now: float) -> InsertResult:
-        """Queue ``chunk`` (n, action_dim) predicted from the observation at ``obs_t``, arriving at ``now``."""
+    def insert(self, chunk: np.ndarray, obs_t: float, now: float, guide: np.ndarray | None = None) -> InsertResult:
+        """Queue ``chunk`` (n, action_dim) predicted from the observation at ``obs_t``, arriving at ``now``.
+
+        ``guide`` (g, action_dim): the rows the policy predicted after the chunk's last row (meant for
+        ``obs_t + (n + j) * period``). They never run; they only extend ``prefix`` (rtc), and the next
+        chunk's guide (or its lack) replaces them."""
         chunk = np.asarray(chunk)
         if chunk.ndim != 2 or chunk.shape[0] == 0:
             raise ValueError(f"chunk: expected a (rows, action_dim) array with at least one row, got shape "
@@ -112,6 +119,15 @@ class ChunkQueue:
                 with np.errstate(invalid="ignore", over="ignore"):
                     new_rows[overlapping] = weight * old + (np.float32(1.0) - weight) * new_rows[overlapping]
                 blended = int(np.count_nonzero(overlapping))
+        if guide is not None and len(guide) and (np.ndim(guide) != 2 or np.shape(guide)[1] != chunk.shape[1]):
+            raise ValueError(f"guide: expected (rows, {chunk.shape[1]}) rows after the chunk, got shape "
+                             f"{np.shape(guide)}")
+        if guide is not None and len(guide):
+            self._guide_times = obs_t + (chunk.shape[0] + np.arange(len(guide), dtype=np.float64)) * self.period
+            self._guide_rows = np.asarray(guide, dtype=np.float32).copy()
+        else:
+            self._guide_times = self._guide_times[:0]
+            self._guide_rows = np.zeros((0, chunk.shape[1]), dtype=np.float32)
         replaced = len(self._times)
         self._times = new_times
         self._rows = new_rows
@@ -136,7 +152,8 @@ class ChunkQueue:
 
     def prefix(self, obs_t: float, max_rows: int) -> np.ndarray:
         """The rows meant for ``obs_t + k * period``, k = 0, 1, ... (at most ``max_rows``), as far as they are
-        known without a gap: rows that already ran (popped lately), then rows still queued.
+        known without a gap: rows that already ran (popped lately), then rows still queued, then the newest
+        chunk's guidance rows (``insert``'s ``guide``).
 
         This is what a chunk requested from the observation at ``obs_t`` should start with under ``rtc``:
         the actions that ran, or will run, while it is being computed. A slot is matched to a row meant
@@ -145,11 +162,12 @@ class ChunkQueue:
         dim = self._rows.shape[1]
         if max_rows <= 0:
             return np.zeros((0, dim), dtype=np.float32)
-        times = np.concatenate([np.asarray([t for t, _ in self._executed], dtype=np.float64), self._times])
+        times = np.concatenate([np.asarray([t for t, _ in self._executed], dtype=np.float64), self._times,
+                                self._guide_times])
         if not len(times):
             return np.zeros((0, dim), dtype=np.float32)
         rows = np.concatenate([np.asarray([r for _, r in self._executed], dtype=np.float32).reshape(-1, dim),
-                               self._rows])
+                               self._rows, self._guide_rows.reshape(-1, dim)])
         order = np.argsort(times, kind="stable")  # a new chunk's row may share the slot of one that just ran
         times, rows = times[order], rows[order]
         slots = obs_t + np.arange(max_rows, dtype=np.float64) * self.period
@@ -173,6 +191,8 @@ class ChunkQueue:
         self._rows = self._rows[:0]
         self._obs_t = self._obs_t[:0]
         self._executed.clear()
+        self._guide_times = self._guide_times[:0]
+        self._guide_rows = self._guide_rows[:0]
         return dropped
 
     def __len__(self) -> int:

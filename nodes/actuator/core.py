@@ -128,8 +128,10 @@ class ControlCore:
         self.last_chunk_all_stale = False
 
     # ------------------------------------------------------------------ policy results
-    def on_chunk(self, actions: np.ndarray, obs_t: float, now: float, generation: int) -> InsertResult | None:
-        """Queue a chunk that arrived at ``now``; None if it belongs to an episode that is over."""
+    def on_chunk(self, actions: np.ndarray, obs_t: float, now: float, generation: int,
+                 guide: np.ndarray | None = None) -> InsertResult | None:
+        """Queue a chunk that arrived at ``now``; None if it belongs to an episode that is over. ``guide``: the
+        rows the policy predicted after the chunk (rtc only: they extend the next request's prefix)."""
         if generation != self.generation or self.episodes.state != RUNNING:
             return None
         self.policy_problem = self.policy_message = ""
@@ -138,7 +140,7 @@ class ControlCore:
             self.last_chunk_all_stale = True
             return InsertResult(rows=len(actions), accepted=0, dropped_stale=len(actions), blended=0,
                                 replaced=0)
-        result = self.queue.insert(actions, obs_t, now)
+        result = self.queue.insert(actions, obs_t, now, guide if self.overlap == "rtc" else None)
         self.last_chunk_all_stale = result.accepted == 0
         return result
 

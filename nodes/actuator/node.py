@@ -389,7 +389,7 @@ class ActuatorNode(ControlOps):
         if notice is not None:
             self._schedule_notice(notice)
         try:
-            result = self.core.on_chunk(reply.actions, float(job.obs_t), now, job.generation)
+            result = self.core.on_chunk(reply.actions, float(job.obs_t), now, job.generation, reply.guide)
         except ValueError as exc:
             self._policy_error("infer", f"policy chunk unusable: {exc}")
             return

@@ -21,6 +21,7 @@ import msgpack
 
 from common.node import start_node
 from common.refusal import process_age_s
+from common.wire.contract import RTC_GUIDE_KEY
 from common.wire.protocol import (
     KIND_REPLY,
     KIND_REQUEST,
@@ -133,6 +134,8 @@ class PolicyServer:
             reply.meta["obs_t"] = request.meta["obs_t"]
             reply.meta["timings"] = result.timings
             reply.arrays["action"] = result.actions
+            if self.runtime.rtc_max_rows and len(result.guide):
+                reply.arrays[RTC_GUIDE_KEY] = result.guide
             self.served += 1
             self.timing_log.add(result.timings["total_s"])
         return reply

@@ -255,6 +255,9 @@ class DiffusionEngine:
             raise CheckpointError(f"policy.rows: expected one of {list(ROW_CHOICES)}, got {rows!r}")
         self.rows = rows
         self.chunk_rows = self.horizon - self.start if rows == "horizon" else self.n_action_steps
+        # The predicted rows after the chunk: never executed, returned as rtc guidance (the actuator sends
+        # them back as soft prefix rows with the next request, so the next chunk continues this plan).
+        self.guide_rows = self.horizon - self.start - self.chunk_rows
         self.device = options.device
         self.mirrored = self._mirror_supported()
         self.steps = diffusers_steps(self.scheduler, scheduler_type, self.device) if self.mirrored else []
@@ -355,7 +358,8 @@ class DiffusionEngine:
 
     @torch.no_grad()
     def chunk(self, session: Session, inputs: dict[str, Tensor], rtc: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """One chunk for the session. ``rtc``: (normalised prefix (n, A), weights (n,)) to continue."""
+        """One chunk for the session, then its ``guide_rows`` guidance rows: (1, chunk_rows + guide_rows, A),
+        normalised. ``rtc``: (normalised prefix (n, A), weights (n,)) to continue."""
         if rtc is not None and not self.mirrored:
             raise ValueError("rtc needs the mirrored sampler (DDIM, or DDPM with fixed_small variance)")
         cond = self.encode(*(inputs[key] for key in self.input_keys)).clone()
@@ -371,7 +375,7 @@ class DiffusionEngine:
             self.model.num_inference_steps = self.num_steps
             sample = self.model.conditional_sample(1, global_cond=global_cond, generator=session.generator).float()
         start = self.start
-        actions = sample[:, start:start + self.chunk_rows].clone()
+        actions = sample[:, start:start + self.chunk_rows + self.guide_rows].clone()
         # Only a successful chunk moves the history on, so a failed request leaves the session as it was.
         if not session.history:
             session.history.extend([cond] * (self.n_obs_steps - 1))
@@ -385,7 +389,7 @@ class DiffusionEngine:
     def describe(self) -> dict[str, Any]:
         return {"noise_scheduler": self.scheduler_type, "num_inference_steps": self.num_steps,
                 "horizon": self.horizon, "mirrored_sampler": self.mirrored, "rows": self.rows,
-                "rtc_max_prefix_rows": self.rtc_max_rows, "rtc_guidance": "linear"}
+                "rtc_max_prefix_rows": self.rtc_max_rows}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,6 +434,7 @@ class ChunkEngine:
             return self.forward(*tensors)
 
     rtc_max_rows = 0  # no rtc: these policies do not denoise
+    guide_rows = 0
 
     @torch.no_grad()
     def chunk(self, session: Session, inputs: dict[str, Tensor], rtc: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -31,20 +31,25 @@ log = logging.getLogger(__name__)
 class RtcPrefix:
     """What a chunk must continue: ``rows[k]`` (robot units) is meant for ``obs_t + k / fps``; the first
     ``delay_rows`` are frozen (inpainted exactly), the rest guide the next rows with a weight that falls
-    linearly (``guidance_weights``)."""
+    towards 0 (``guidance_weights``)."""
 
     rows: np.ndarray  # float32 (n, action_dim)
     delay_rows: int
 
-    def weights(self) -> np.ndarray:
-        return guidance_weights(len(self.rows), self.delay_rows)
+    def weights(self, schedule: str = "exp") -> np.ndarray:
+        return guidance_weights(len(self.rows), self.delay_rows, schedule)
 
 
-def guidance_weights(rows: int, delay_rows: int) -> np.ndarray:
-    """Per prefix row: 1 for the frozen rows ``k < delay_rows``; for the soft rows after them
-    ``(rows - k) / (rows - delay_rows + 1)``, falling linearly towards 0 at the prefix's end."""
+def guidance_weights(rows: int, delay_rows: int, schedule: str = "exp") -> np.ndarray:
+    """Per prefix row: 1 for the frozen rows ``k < delay_rows``; for the soft rows after them, with
+    ``c = (rows - k) / (rows - delay_rows + 1)`` (falling linearly from below 1 towards 0 at the prefix's end):
+    ``linear``: ``c``; ``exp``: ``c * (e^c - 1) / (e - 1)``, the soft mask of real-time chunking (Black et al.
+    2025), which lets the rows furthest ahead go sooner."""
+    if schedule not in ("exp", "linear"):
+        raise ValueError(f"rtc guidance: expected exp or linear, got {schedule!r}")
     k = np.arange(rows, dtype=np.float64)
-    soft = (rows - k) / (rows - delay_rows + 1)
+    c = (rows - k) / (rows - delay_rows + 1)
+    soft = c * np.expm1(c) / np.expm1(1.0) if schedule == "exp" else c
     return np.where(k < delay_rows, 1.0, soft).astype(np.float32)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,9 @@ def _init_device(device: torch.device) -> None:
 class ChunkResult:
     actions: np.ndarray  # (chunk_length, action_dim) float32, robot units
     timings: dict[str, float]
+    # DiffusionPolicy: the predicted rows after the chunk (guide_rows, action_dim), never executed; an rtc
+    # client sends them back as soft prefix rows. (0, action_dim) for other policies.
+    guide: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
 class PolicyRuntime:
@@ -149,7 +152,9 @@ class PolicyRuntime:
             device=str(self.device),
             extra={"dtype": settings.dtype, "compile": self.options.compile, "cuda_graphs": self.options.cuda_graphs,
                    "fast_unet": self.options.fast_unet, "exact": self.options.exact, **self.engine.describe(),
-                   "rtc_max_prefix_rows": self.rtc_max_rows},
+                   "rtc_max_prefix_rows": self.rtc_max_rows,
+                   "rtc_guide_rows": self.engine.guide_rows if self.rtc_max_rows else 0,
+                   "rtc_guidance": settings.rtc_guidance if self.rtc_max_rows else ""},
             stats=checkpoint_joint_stats(self.preprocessor, self.postprocessor),
         )
 
@@ -172,21 +177,23 @@ class PolicyRuntime:
         rtc = None
         if obs.rtc is not None:
             prefix = torch.from_numpy(np.array(obs.rtc.rows, dtype=np.float32)).to(self.device)
-            rtc = (self.normaliser.normalise_action(prefix), torch.from_numpy(obs.rtc.weights()).to(self.device))
+            weights = obs.rtc.weights(self.config.policy.rtc_guidance)
+            rtc = (self.normaliser.normalise_action(prefix), torch.from_numpy(weights).to(self.device))
         session = self.sessions.get(client)
         actions = self.engine.chunk(session, inputs, rtc)
         self._sync()
         inferred = time.perf_counter()
-        chunk = self.normaliser.unnormalise(actions).reshape(-1, self.action_dim).to("cpu", torch.float32).numpy()
+        rows = self.normaliser.unnormalise(actions).reshape(-1, self.action_dim).to("cpu", torch.float32).numpy()
+        chunk, guide = rows[:self.engine.chunk_length], rows[self.engine.chunk_length:]
         finished = time.perf_counter()
-        if not np.all(np.isfinite(chunk)):
+        if not np.all(np.isfinite(rows)):
             # Never pass non-finite actions on: the actuator would have to catch them.
             raise ProtocolError("action", "finite actions from the policy (the checkpoint produced NaN or inf)")
         session.requests += 1
         timings = {"decode_s": decoded - start, "preprocess_s": preprocessed - decoded,
                    "inference_s": inferred - preprocessed, "postprocess_s": finished - inferred,
                    "total_s": finished - start}
-        return ChunkResult(actions=np.ascontiguousarray(chunk), timings=timings)
+        return ChunkResult(actions=np.ascontiguousarray(chunk), timings=timings, guide=np.ascontiguousarray(guide))
 
     def reset(self, client: str) -> None:
         self.sessions.reset(client)
