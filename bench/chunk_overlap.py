@@ -21,6 +21,10 @@ come from the dataset whatever the policy does (open loop, like the dataset play
 Targets are the rows as the policy asked for them, before the actuator's safety filter (which would
 clip steps above ``max_step`` and hide the jumps being measured).
 
+rtc runs as the actuator does it: the request carries what ran, what is queued and then the previous
+reply's guidance rows (``rtc_guide``), ``rtc_soft_rows`` after the frozen ones; the policy's
+``rtc_guidance`` mask (exp) plus, at 100 ms, the other mask and rtc without guidance rows for comparison.
+
     python -m bench.chunk_overlap [--workdir /tmp/chunk_overlap] [--train-steps 300] [--episodes 4] [--soft-rows N]
         [--png docs/chunk_overlap.png] [--json /tmp/chunk_overlap.json]
 """

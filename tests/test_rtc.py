@@ -100,8 +100,9 @@ def test_rtc_on_cuda_graphs_starts_with_the_frozen_prefix(path: str, tiny_checkp
     continued = graphed.infer("robot-a", observation(graphed.config, 2, prefix, 3))
     np.testing.assert_allclose(continued.actions[:3], prefix[:3], rtol=0, atol=1e-3)
     assert np.abs(continued.actions[3:] - plain.actions[3:]).max() > 0  # the chunk did change after the prefix
-    graphed.reset("robot-a")
-    np.testing.assert_array_equal(graphed.infer("robot-a", observation(graphed.config, 1)).actions, plain.actions)
+    graphed.reset("robot-a")  # same seed, same history: the plain chunk again, whatever the buffers held
+    np.testing.assert_allclose(graphed.infer("robot-a", observation(graphed.config, 1)).actions, plain.actions,
+                               rtol=0, atol=1e-4)
     if path == "cuda graphs":
         eager = make_runtime(tmp_path / "eager", checkpoint, device="cuda")
         np.testing.assert_allclose(eager.infer("robot-a", observation(eager.config, 1)).actions, plain.actions,
