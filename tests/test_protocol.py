@@ -1,4 +1,5 @@
-"""Wire protocol: round trips over real sockets, zero-copy views, strict decoding, named errors."""
+"""Wire protocol: round trips over real sockets, zero-copy views, strict decoding, named errors (also on a
+reply's rtc guidance rows)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from bench.harness import StandInServer, free_endpoint
+from common.wire.contract import RTC_GUIDE_KEY
+from common.wire.policy_client import PolicyClient
 from common.wire.protocol import (
     ALLOWED_DTYPES,
     KIND_ERROR,
     KIND_FRAME,
+    KIND_REPLY,
     KIND_REQUEST,
     KIND_STATE,
     MAX_INLINE_BYTES,
@@ -184,3 +189,45 @@ def test_recv_message_reads_a_whole_multipart_message(pair):
     send_message(client, Message(kind=KIND_STATE, meta={"arm": "main", "names": ["j"]},
                                  arrays={"position": np.ones(6, np.float32)}))
     assert recv_message(server).meta["arm"] == "main"
+
+
+class GuideServer(StandInServer):
+    """Answers every infer with a good 8-row chunk and the ``rtc_guide`` array it is given."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(SocketFactory(), endpoint)
+        self.guide: np.ndarray | None = None
+
+    def answer(self, request: Message) -> Message:
+        arrays = {"action": np.zeros((8, 6), np.float32)}
+        if self.guide is not None:
+            arrays[RTC_GUIDE_KEY] = self.guide
+        return Message(kind=KIND_REPLY, seq=request.seq, meta={"op": "infer", "obs_t": request.meta["obs_t"]},
+                       arrays=arrays)
+
+
+@pytest.mark.parametrize("guide, problem", [
+    (np.zeros((7, 5), np.float32), "float32(7, 5)"),
+    (np.zeros((7, 6), np.float64), "float64(7, 6)"),
+    (np.array([[0, 0, np.nan, 0, 0, 0]], np.float32), "non-finite values"),
+    (np.zeros(6, np.float32), "float32(6,)"),
+])
+def test_a_reply_with_a_bad_guide_is_refused_naming_the_array(guide: np.ndarray, problem: str) -> None:
+    endpoint = free_endpoint()
+    server = GuideServer(endpoint)
+    server.start()
+    client = PolicyClient(SocketFactory(), endpoint, timeout_s=5.0)
+    try:
+        images = {"front": np.zeros((4, 4, 3), np.uint8)}
+        server.guide = None
+        assert client.infer(images, np.zeros(6, np.float32), obs_t=1.0).guide is None
+        server.guide = np.ones((7, 6), np.float32)
+        np.testing.assert_array_equal(client.infer(images, np.zeros(6, np.float32), obs_t=1.0).guide, server.guide)
+        server.guide = guide
+        with pytest.raises(ProtocolError) as info:
+            client.infer(images, np.zeros(6, np.float32), obs_t=2.0)
+        assert info.value.field == f"arrays[{RTC_GUIDE_KEY}]" and "(rows, 6)" in info.value.expected
+        assert problem in str(info.value.got)
+    finally:
+        client.close()
+        server.close()

@@ -95,10 +95,12 @@ class PolicyClient:
             raise ProtocolError("arrays[action]", "a float32 (n, action_dim) chunk",
                                 None if actions is None else f"{actions.dtype}{actions.shape}")
         guide = reply.arrays.get(RTC_GUIDE_KEY)
-        if guide is not None and (guide.ndim != 2 or guide.dtype != np.float32 or guide.shape[1] != actions.shape[1]
-                                  or not np.all(np.isfinite(guide))):
-            raise ProtocolError(f"arrays[{RTC_GUIDE_KEY}]", f"finite float32 (rows, {actions.shape[1]}) guidance rows",
-                                f"{guide.dtype}{guide.shape}")
+        if guide is not None:
+            expected = f"finite float32 (rows, {actions.shape[1]}) guidance rows"
+            if guide.ndim != 2 or guide.dtype != np.float32 or guide.shape[1] != actions.shape[1]:
+                raise ProtocolError(f"arrays[{RTC_GUIDE_KEY}]", expected, f"{guide.dtype}{guide.shape}")
+            if not np.all(np.isfinite(guide)):
+                raise ProtocolError(f"arrays[{RTC_GUIDE_KEY}]", expected, "non-finite values")
         return ChunkReply(actions=actions, obs_t=float(reply.meta.get("obs_t", obs_t)),
                           timings=dict(reply.meta.get("timings", {})), round_trip_s=received - start,
                           received_t=received, sent_t=start, guide=guide if guide is not None and len(guide) else None)
