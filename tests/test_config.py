@@ -48,6 +48,8 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("--arms.main.upper_limits=[-200,100,100,100,150,100]", "arms.main.lower_limits"),
     ("--policy.device=tpu", "policy.device"),
     ("--actuator.overlap=average", "actuator.overlap"),
+    ("--policy.rtc_guidance=cosine", "policy.rtc_guidance"),
+    ("--actuator.rtc_soft_rows=-1", "actuator.rtc_soft_rows"),
     ("--actuator.nice=40", "actuator.nice"),
     ("--policy.nonexistent=1", "policy"),
 ])
