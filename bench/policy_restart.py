@@ -130,6 +130,77 @@ def one_start(kind: str, config_path: Path, log_path: Path, *, env: dict[str, st
     return result
 
 
+def failover(config_path: Path, workdir: Path, *, env: dict[str, str], timeout_s: float, tries: int,
+             stop_signal: int) -> list[float]:
+    """``policy.standby``: two nodes on one endpoint (the second named ``policy-standby``, as supervisord
+    names it); each try stops the serving one with ``stop_signal`` and times, from the signal, the first
+    chunk a client gets from the standby. The stopped one is started again and becomes the next standby."""
+    config = load_config(config_path)
+    images, state = observation(config_path)
+    ready_dir = config.resolve(config.run_dir) / "ready"
+    names = ["policy", "policy-standby"]
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(name: str) -> None:
+        log_file = (workdir / f"failover-{name}.log").open("ab")
+        processes[name] = subprocess.Popen([sys.executable, "-m", "nodes.policy", "--config", str(config_path)],
+                                           cwd=REPO_ROOT, env={**env, "SUPERVISOR_PROCESS_NAME": name},
+                                           stdout=log_file, stderr=subprocess.STDOUT)
+
+    def ready(name: str) -> dict[str, Any]:
+        path = ready_dir / f"{name}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait(condition: Any, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"failover: {what} within {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+    factory = SocketFactory()
+    client = PolicyClient(factory, config.policy.endpoint, client_id="failover", timeout_s=5.0, retries=1)
+    takeovers: list[float] = []
+    try:
+        for name in names:
+            spawn(name)
+            wait(lambda name=name: ready(name).get("pid") == processes[name].pid, f"{name} not ready")
+        def live(name: str) -> dict[str, Any]:  # the ready file of the running process, not a killed one's
+            detail = ready(name)
+            return detail if detail.get("pid") == processes[name].pid else {}
+
+        for attempt in range(tries):
+            wait(lambda: all(live(name) for name in names), "both nodes not ready")
+            serving = next(name for name in names if live(name).get("serving"))
+            standby = next(name for name in names if name != serving)
+            client.infer(images, state, obs_t=time.monotonic())
+            processes[serving].send_signal(stop_signal)
+            stopped = time.monotonic()
+            while True:
+                try:
+                    client.infer(images, state, obs_t=time.monotonic())
+                    break
+                except PeerUnavailable:
+                    if time.monotonic() - stopped > timeout_s:
+                        raise SystemExit("failover: the standby never served") from None
+            takeovers.append(time.monotonic() - stopped)
+            log.info("RESULT failover %d: %s -> %s, first chunk %.2f s after %s", attempt + 1, serving, standby,
+                     takeovers[-1], signal.Signals(stop_signal).name)
+            processes[serving].wait(timeout=60)
+            spawn(serving)  # as supervisord's autorestart would: the next standby
+    finally:
+        client.close()
+        factory.context.term()
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return takeovers
+
+
 def device_name(device: str) -> str:
     if device != "cpu":
         try:
@@ -160,6 +231,11 @@ def to_markdown(summary: dict[str, Any]) -> str:
               if summary.get(key)]
     if ratios:
         lines += ["", "First chunk, " + "; ".join(ratios)]
+    if summary.get("failover_s"):
+        takeovers = summary["failover_s"]
+        lines += ["", f"`policy.standby` take-over ({summary['signal']} to the serving node, then the first chunk "
+                      f"from the standby), {len(takeovers)} tries: " + ", ".join(f"{t:.2f}" for t in takeovers)
+                  + f" s (median {statistics.median(takeovers):.2f} s)"]
     return "\n".join(lines)
 
 
@@ -172,6 +248,8 @@ def main() -> None:
     parser.add_argument("--no-cache-start", action=argparse.BooleanOptionalAction, default=True,
                         help="end with a start that has torch's compile caches switched off")
     parser.add_argument("--signal", default="SIGKILL", choices=["SIGKILL", "SIGTERM"])
+    parser.add_argument("--failover", type=int, default=0,
+                        help="after the starts: this many take-overs of a policy.standby pair (0: none)")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per start")
     parser.add_argument("--checkpoint", type=Path, help="use this checkpoint instead of building one")
     parser.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temporary directory)")
@@ -199,12 +277,15 @@ def main() -> None:
         starts = [one_start(kind, config_path, workdir / f"policy-{index}-{kind}.log", env=start_env,
                             timeout_s=args.timeout, stop_signal=stop_signal)
                   for index, (kind, start_env) in enumerate(plan)]
+        takeovers = failover(config_path, workdir, env=env, timeout_s=args.timeout, tries=args.failover,
+                             stop_signal=stop_signal) if args.failover else []
     first = {kind: [s["first_chunk_s"] for s in starts if s["kind"] == kind and s["first_chunk_s"] is not None]
              for kind in ("cold", "warm", "no-cache")}
     warm = statistics.median(first["warm"]) if first["warm"] else None
     summary = {
         "device": args.device, "device_name": device_name(args.device), "size": args.size, "options": args.options,
         "signal": args.signal, "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()), "starts": starts,
+        "failover_s": takeovers,
         "warm_first_chunk_s": warm,
         "cold_over_warm": first["cold"][0] / warm if first["cold"] and warm else None,
         "nocache_over_warm": first["no-cache"][0] / warm if first["no-cache"] and warm else None,

@@ -131,6 +131,10 @@ class PolicyConfig:
     # torch.compile's on-disk caches (Inductor's FX graph and AOTAutograd caches, Triton kernels), so a restarted
     # node with policy.compile reuses what an earlier start compiled; "" = <run_dir>/compile-cache
     compile_cache: str = ""
+    # A second policy process, loaded and warmed up, that takes over the socket when the serving one stops
+    # (restart, crash, kill -9): a restart then costs the client one lost request instead of a whole start.
+    # Costs a second copy of the model in (GPU) memory and a second start-up. docs/operations.md, "Standby"
+    standby: bool = False
     max_sessions: int = 64  # client sessions kept (least recently used dropped)
     seed: int = 0  # diffusion noise is seeded per session from this, so a replay is reproducible
     # Rows per reply. n_action_steps: what LeRobot executes of a prediction. horizon (DiffusionPolicy): every

@@ -64,14 +64,15 @@ class StartedNode:
 
 
 def start_node(node: str, description: str, argv: list[str] | None = None, *, instance_of: str = "",
-               curve_side: str = "") -> StartedNode:
+               curve_side: str = "", program: str = "") -> StartedNode:
     """The start every node shares: the command line of ``python -m nodes.<node>`` (``parse_node_args``:
     a bad config exits 2 naming the field), logging under the program name, the readiness file cleared,
     and a stop event set on SIGTERM/SIGINT.
 
     ``instance_of`` ("camera" or "arm") makes it a node of many instances, named ``<node>-<instance>``; its
     logging starts once ``--name`` is read, a single node's before the command line (so a config error is
-    logged in its format).
+    logged in its format). ``program``: a single node's program name when it is not the node's own
+    (the policy's standby, ``policy-standby``).
     """
     prog = f"python -m nodes.{node}"
     if instance_of:
@@ -79,7 +80,7 @@ def start_node(node: str, description: str, argv: list[str] | None = None, *, in
         program = f"{node}-{args.name}"
         setup_logging(program)
     else:
-        program = node
+        program = program or node
         setup_logging(program)
         args = parse_node_args(description, argv, curve_side=curve_side, prog=prog)
     return StartedNode(config=args.config, name=args.name, program=program,

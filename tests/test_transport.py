@@ -81,6 +81,28 @@ def test_request_survives_server_dying_mid_request_and_coming_back():
         client.close()
 
 
+def test_an_attempt_ends_when_its_server_dies_not_at_its_timeout():
+    """A server process that dies with the request in flight closes its connection: the client says so
+    at once (a standby can then serve the next attempt) instead of waiting out a 10 s timeout."""
+    endpoint = free_endpoint()
+    dying = _start_server(endpoint, "server-1", die_on_first=True)
+    client = RequestClient(SocketFactory(), endpoint, timeout_s=10.0, retries=1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PeerUnavailable, match="closed the connection while the request was in flight"):
+            client.request(_ping())
+        assert time.monotonic() - started < 5.0
+        assert dying.wait(timeout=10) == 3
+        replacement = _start_server(endpoint, "server-2", die_on_first=False)
+        try:
+            assert client.request(_ping()).src == "server-2"  # the next attempt reaches the new server
+        finally:
+            replacement.kill()
+    finally:
+        dying.kill()
+        client.close()
+
+
 def test_request_gives_up_after_bounded_retries_then_recovers():
     endpoint = free_endpoint()
     client = RequestClient(SocketFactory(), endpoint, timeout_s=0.1, retries=3)

@@ -10,7 +10,8 @@ of supervision policy is one edit here.
 Roles: ``demo`` (everything on one machine without hardware: servo emulators, dataset player, actuator
 with auto start, recorder, monitor, and the policy), ``robot`` (cameras, state-readers, actuator,
 recorder, monitor), ``robot-sim`` (the robot's programs with synthetic cameras and emulated servo buses)
-and ``server`` (the policy). Groups: ``robot:`` and ``server:`` (``supervisorctl restart robot:actuator``).
+and ``server`` (the policy, and with ``policy.standby`` a second one waiting to take over). Groups:
+``robot:`` and ``server:`` (``supervisorctl restart robot:actuator``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ROLES = ("demo", "robot", "robot-sim", "server")
 PROGRAMS_FILE = "supervisor-programs.conf"  # under $ARMPIPE_RUN; supervisord.conf includes it
 ROBOT_GROUP = "robot"
 SERVER_GROUP = "server"
+STANDBY_PROGRAM = "policy-standby"  # policy.standby: true; supervisord names the process (SUPERVISOR_PROCESS_NAME)
 
 
 class RoleError(ValueError):
@@ -114,6 +116,8 @@ def programs(role: str, config: DeploymentConfig) -> list[Program]:
                              ("--actuator.auto_start=true",) if role == "demo" else ()))
         robot += [Program("recorder", "recorder", ROBOT_GROUP), Program("monitor", "monitor", ROBOT_GROUP)]
     server = [Program("policy", "policy", SERVER_GROUP)] if role in ("demo", "server") else []
+    if server and config.policy.standby:  # the same node twice; whichever holds the serving lock serves
+        server.append(Program(STANDBY_PROGRAM, "policy", SERVER_GROUP))
     return robot + server
 
 

@@ -58,6 +58,9 @@ DROPPED_REASON = (f"the publisher was dropped by libzmq and not retried: it sent
 
 DROPPED_REPLY_REASON = (f"libzmq dropped the server's connection without retrying: its reply had a frame over "
                         f"MAXMSGSIZE ({MAX_MESSAGE_BYTES >> 20} MiB) or broke the ZMTP protocol")
+RETRY_EVENT_GRACE_MS = 200
+LEFT_REASON = ("the server closed the connection while the request was in flight (it stopped, crashed or "
+               "restarted; a policy standby takes over at once)")
 UNSENT_REASON = ("the request could not be sent: no connection to the server completed its handshake "
                  "(server down, or the two sides disagree on CURVE keys)")
 
@@ -266,6 +269,7 @@ class RequestClient:
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self.last_failure = ""  # why the last attempt got no reply, when known
+        self._events: list[int] = []  # the monitor's events during the current attempt
         self._connect()
 
     def _connect(self) -> None:
@@ -276,14 +280,41 @@ class RequestClient:
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         self.sock.connect(self.endpoint)
 
+    def _drain_events(self) -> None:
+        """Move the monitor's queued events into this attempt's list."""
+        while self._monitor is not None and self._monitor.poll(0):
+            self._events.append(recv_monitor_message(self._monitor)["event"])
+
     def _dropped_for_good(self) -> bool:
         """Whether libzmq dropped the server during this attempt and did not retry it."""
+        self._drain_events()
         dropped = False
-        monitor = self._monitor
-        while monitor is not None and monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
+        for event in self._events:
             dropped = event == zmq.EVENT_DISCONNECTED or (dropped and event != zmq.EVENT_CONNECT_RETRIED)
         return dropped
+
+    def _reply_or_gone(self, remaining_s: float) -> bool:
+        """Wait up to ``remaining_s`` for the reply or for the server to drop the connection (True for
+        either; ``last_failure`` says which). A server that ends closes its TCP connection, so the client
+        need not sit out its whole timeout for a reply that cannot come: with a policy standby the next
+        attempt is served at once."""
+        assert self.sock is not None
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        ready = dict(poller.poll(int(remaining_s * 1000) + 1))
+        if self.sock in ready:
+            return True
+        self._drain_events()
+        if zmq.EVENT_DISCONNECTED not in self._events:
+            return False
+        # libzmq schedules a reconnect at once for a server that went away, and none for a connection it
+        # dropped itself (a reply over MAXMSGSIZE): give the retry event a moment to tell the two apart.
+        if self._monitor is not None and self._monitor.poll(RETRY_EVENT_GRACE_MS):
+            self._drain_events()
+        self.last_failure = DROPPED_REPLY_REASON if self._dropped_for_good() else LEFT_REASON
+        return True
 
     def _send_before(self, deadline: float, msg: Message, encode_options: dict[str, Any]) -> bool:
         """Send ``msg`` once a connection can take it, before ``deadline``; False if none could."""
@@ -311,7 +342,8 @@ class RequestClient:
                 **encode_options: Any) -> Message:
         """Send ``msg`` and return the reply; raise ``RemoteError`` for an error reply.
 
-        ``PeerUnavailable`` after every attempt timed out. Each attempt uses a fresh sequence number so a
+        ``PeerUnavailable`` after every attempt timed out or lost its server (an attempt ends as soon as the
+        server closes the connection, not at its timeout). Each attempt uses a fresh sequence number so a
         late reply to an earlier attempt can never be mistaken for the answer to this one.
         """
         timeout = self.timeout_s if timeout_s is None else timeout_s
@@ -321,6 +353,8 @@ class RequestClient:
             msg.seq = self.seq
             assert self.sock is not None
             self.last_failure = ""
+            self._drain_events()
+            self._events.clear()  # what happened before this attempt says nothing about it
             deadline = time.monotonic() + timeout
             # A REQ send blocks while no connection to the server has completed its handshake (a client
             # without the server's CURVE key never completes one): wait for it within the attempt's
@@ -329,8 +363,10 @@ class RequestClient:
                 deadline = 0.0
                 self.last_failure = UNSENT_REASON
             while (remaining := deadline - time.monotonic()) > 0:
-                if not self.sock.poll(int(remaining * 1000) + 1):
+                if not self._reply_or_gone(remaining):
                     continue
+                if self.last_failure:  # the connection is gone: its reply is not coming
+                    break
                 try:
                     reply = recv_message(self.sock)
                 except ProtocolError:

@@ -36,6 +36,7 @@ from common.wire.protocol import (
 from common.wire.transport import RouterServer, SocketFactory
 from nodes.policy.checkpoint import CheckpointError
 from nodes.policy.runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
+from nodes.policy.standby import ServingLock
 
 PROGRAM = "policy"
 
@@ -167,7 +168,7 @@ def _obs_t(request: Message) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     # Keys are loaded here, before the model: a wrong key file exits 2 at once, naming the file.
     started = start_node(PROGRAM, "armpipe policy node: serves LeRobot action chunks over ZeroMQ", argv,
-                         curve_side="server")
+                         curve_side="server", program=program_name())
     config, readiness, stop, curve = started.config, started.readiness, started.stop, started.curve
     imported_s = process_age_s()  # interpreter, torch and this node's modules (LeRobot's come next)
     loading = time.perf_counter()
@@ -189,18 +190,29 @@ def main(argv: list[str] | None = None) -> None:
     if durations:
         log.info("warm-up: %d passes, last %.1f ms", len(durations), durations[-1] * 1000)
 
-    # With CURVE on (curve), only clients whose public key is in policy.allowed_clients_dir get a
-    # handshake; the others never reach this loop (common.wire.curve logs each refused peer once).
-    factory = SocketFactory(curve=curve)
-    server = RouterServer(factory, config.policy.bind)
-    policy_server = PolicyServer(runtime, server)
-    readiness.ready(endpoint=config.policy.bind, checkpoint_id=contract.checkpoint_id, policy_type=contract.policy_type,
-                    untrained=contract.untrained, device=contract.device, curve=curve is not None)
     # One line a restart can be judged by (bench/policy_restart.py reads it): where the start-up went.
     log.info("start-up: %.1f s to ready (imports %.1f s, LeRobot + checkpoint %.1f s, warm-up %.1f s)%s",
              process_age_s(), imported_s, loaded_s, warmup_s,
              f"; compile cache {runtime.compile_cache}" if runtime.compile_cache else "")
     log.info("start-up split of LeRobot + checkpoint: %s", runtime.startup.describe())
+
+    # One process serves the endpoint; with policy.standby a second one, loaded, waits here to take over.
+    lock = ServingLock(config.resolve(config.run_dir), config.policy.bind)
+    ready_detail = {"endpoint": config.policy.bind, "checkpoint_id": contract.checkpoint_id,
+                    "policy_type": contract.policy_type, "untrained": contract.untrained, "device": contract.device,
+                    "curve": curve is not None}
+    if not lock.try_acquire():
+        readiness.ready(**ready_detail, serving=False, standby=True)
+        if not lock.wait(stop):
+            readiness.clear()
+            return
+        log.info("taking over %s: serving (%.1f s after start)", config.policy.bind, process_age_s())
+    # With CURVE on (curve), only clients whose public key is in policy.allowed_clients_dir get a
+    # handshake; the others never reach this loop (common.wire.curve logs each refused peer once).
+    factory = SocketFactory(curve=curve)
+    server = RouterServer(factory, config.policy.bind)
+    policy_server = PolicyServer(runtime, server)
+    readiness.ready(**ready_detail, serving=True, standby=False)
     try:
         while not stop.is_set():
             received = server.receive(timeout_s=0.2)
@@ -218,8 +230,16 @@ def main(argv: list[str] | None = None) -> None:
         readiness.clear()
         server.close()
         factory.close()
+        lock.release()
         log.info("stopped after %d chunks (%d errors, %d refused handshakes)", policy_server.served,
                  policy_server.errors, factory.refusals.refused)
+
+
+def program_name() -> str:
+    """``policy``, or the standby's own program name (``policy-standby``) where supervisord gives one: its
+    readiness and refusal files must not be the serving process's."""
+    name = os.environ.get("SUPERVISOR_PROCESS_NAME", "")
+    return name if name.startswith(f"{PROGRAM}-") else PROGRAM
 
 
 def exit_now() -> None:

@@ -1,0 +1,83 @@
+"""``policy.standby``: two real policy processes on one endpoint; one serves, the other waits loaded and
+takes over the moment the first ends (kill -9 included), so a client loses one request, not a start-up."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import NodeProcess, wait_for, write_config
+from test_policy_node import observation
+
+from common.config import load_config
+from common.tools.supervisor_programs import STANDBY_PROGRAM, programs, render
+from common.wire.policy_client import PolicyClient
+from common.wire.transport import PeerUnavailable, SocketFactory
+
+STANDBY_ENV = {"SUPERVISOR_PROCESS_NAME": STANDBY_PROGRAM}  # as supervisord names the second program
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def ready_detail(node: NodeProcess) -> dict:
+    return json.loads(node.ready_path.read_text()) if node.ready_path.exists() else {}
+
+
+def test_the_standby_program_is_generated_only_when_asked_for(tmp_path) -> None:
+    plain = load_config(write_config(mkdir(tmp_path / "plain"), "lift"))
+    standby = load_config(write_config(mkdir(tmp_path / "standby"), "lift", {"policy": {"standby": True}}))
+    assert [p.name for p in programs("server", plain)] == ["policy"]
+    assert [(p.name, p.node) for p in programs("server", standby)] == [("policy", "policy"),
+                                                                         (STANDBY_PROGRAM, "policy")]
+    text = render("server", standby)
+    assert f"[program:{STANDBY_PROGRAM}]" in text and "programs=policy,policy-standby" in text
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM])
+def test_a_loaded_standby_takes_over_when_the_serving_process_ends(stop_signal, tiny_checkpoint, tmp_path) -> None:
+    checkpoint = tiny_checkpoint("lift", "diffusion")
+    config_path = write_config(tmp_path, "lift", {"policy": {"checkpoint": str(checkpoint), "cpu_threads": 1,
+                                                             "warmup": 1, "standby": True}})
+    config = load_config(config_path)
+    first = NodeProcess("policy", config_path).start()
+    second = NodeProcess("policy", config_path, program=STANDBY_PROGRAM, env=STANDBY_ENV)
+    policy = PolicyClient(SocketFactory(), config.policy.endpoint, client_id="robot", timeout_s=30.0, retries=1)
+    try:
+        first.wait_ready(timeout_s=180)
+        second.start().wait_ready(timeout_s=180)
+        assert ready_detail(first)["serving"] is True
+        assert ready_detail(second)["serving"] is False and ready_detail(second)["standby"] is True
+        assert "loaded and waiting to take over" in second.log()
+        images, state = observation(config, 0)
+        served_by_first = policy.infer(images, state, obs_t=time.monotonic())
+        assert served_by_first.actions.shape == (8, 6)
+
+        assert first.proc is not None
+        first.proc.send_signal(stop_signal)
+        assert first.proc.wait(timeout=30) in (0, -signal.SIGKILL)
+        ended = time.monotonic()
+
+        def chunk() -> object:
+            try:
+                return policy.infer(images, state, obs_t=time.monotonic())
+            except PeerUnavailable:
+                return None
+
+        reply = wait_for(chunk, timeout_s=30, message="the standby never served")
+        taken_over_s = time.monotonic() - ended
+        assert reply.actions.shape == (8, 6)
+        # Loaded already: well under one start of this node (~10-40 s on this CPU), inference included.
+        assert taken_over_s < 8.0, taken_over_s
+        assert "taking over" in second.log()
+        assert ready_detail(second).get("serving") is True
+    finally:
+        policy.close()
+        for node in (first, second):
+            if node.proc is not None and node.proc.poll() is None:
+                node.stop()
