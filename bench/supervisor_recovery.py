@@ -13,6 +13,7 @@ Each node is tried ``--tries`` times both ways; p50 and max are reported.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import tempfile
@@ -24,6 +25,7 @@ from bench.harness import ActuatorWatch, Supervised, deep_merge, free_port, writ
 from common.config import REPO_ROOT, load_config
 from common.tools.checkpoint_maker import build_checkpoint
 from common.tools.demo_data import DemoSpec, generate_demo_dataset
+from common.tools.supervisor_programs import STANDBY_PROGRAM
 
 log = logging.getLogger("bench.supervisor_recovery")
 
@@ -70,11 +72,29 @@ def time_to_resume(watch: ActuatorWatch, start: float, timeout_s: float = 300.0,
     raise AssertionError(f"no recovery within {timeout_s}s")
 
 
-def measure(task: str, tries: int, nodes: list[str] | None = None) -> tuple[float, dict[str, dict[str, list[float]]]]:
-    """Start-up time and per-node recovery; ``nodes`` limits the recovery tries to those programs."""
+def serving_policy(stack: Supervised, name: str) -> str:
+    """With ``policy.standby`` the program that serves now (``policy`` or ``policy-standby``): a restart of
+    "the policy" is a restart of that one; the other program is left to be tried on its own."""
+    if name != "policy" or not stack.config.policy.standby:
+        return name
+    ready = stack.config.resolve(stack.config.run_dir) / "ready"
+    for program in ("policy", STANDBY_PROGRAM):
+        try:
+            detail = json.loads((ready / f"{program}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if detail.get("serving") and detail.get("pid") == stack.process(program).pid:
+            return program
+    return name
+
+
+def measure(task: str, tries: int, nodes: list[str] | None = None,
+            standby: bool = False) -> tuple[float, dict[str, dict[str, list[float]]]]:
+    """Start-up time and per-node recovery; ``nodes`` limits the recovery tries to those programs;
+    ``standby``: with ``policy.standby`` (the "policy" tries then stop whichever policy process serves)."""
     with tempfile.TemporaryDirectory(prefix="armpipe-recovery-") as tmp:
         workdir = Path(tmp)
-        config_path, supervisor_port = prepare(task, workdir)
+        config_path, supervisor_port = prepare(task, workdir, {"policy": {"standby": True}} if standby else None)
         stack = Supervised("demo", task, config_path, workdir / "run", supervisor_port)
         watch = ActuatorWatch(stack.config.actuator.events_endpoint)
         try:
@@ -91,16 +111,20 @@ def measure(task: str, tries: int, nodes: list[str] | None = None) -> tuple[floa
                     continue
                 results[name] = {"restart": [], "kill -9": []}
                 for attempt in range(tries):
+                    stack.wait_all_ready(timeout_s=300)  # a standby restarted by the try before, too
                     watch.wait_acting(since=time.monotonic(), count=3, timeout_s=300)
-                    old = stack.process(name).pid
+                    target = serving_policy(stack, name)
+                    old = stack.process(target).pid
                     start = time.monotonic()
-                    stack.ctl("restart", stack.full_name(name), check=True)
+                    stack.ctl("restart", stack.full_name(target), check=True)
                     results[name]["restart"].append(time_to_resume(watch, start))
-                    stack.wait_ready(name, other_pid=old)
+                    stack.wait_ready(target, other_pid=old)
+                    stack.wait_all_ready(timeout_s=300)
                     watch.wait_acting(since=time.monotonic(), count=3, timeout_s=300)
+                    target = serving_policy(stack, name)
                     start = time.monotonic()
-                    killed = stack.kill9(name)
-                    stack.wait_ready(name, other_pid=killed)
+                    killed = stack.kill9(target)
+                    stack.wait_ready(target, other_pid=killed)
                     results[name]["kill -9"].append(time_to_resume(watch, start))
                     log.info("%s try %d: restart %.1fs, kill -9 %.1fs", name, attempt + 1,
                              results[name]["restart"][-1], results[name]["kill -9"][-1])
@@ -110,9 +134,11 @@ def measure(task: str, tries: int, nodes: list[str] | None = None) -> tuple[floa
             stack.shutdown()
 
 
-def to_markdown(task: str, tries: int, first_action: float, results: dict[str, dict[str, list[float]]]) -> str:
+def to_markdown(task: str, tries: int, first_action: float, results: dict[str, dict[str, list[float]]],
+                standby: bool = False) -> str:
     lines = [
-        f"Demo role, task `{task}`, CPU policy (tiny diffusion), {tries} tries per node and way.",
+        f"Demo role, task `{task}`, CPU policy (tiny diffusion){', policy.standby: true' if standby else ''}, "
+        f"{tries} tries per node and way.",
         "",
         f"- start (`supervisord` launched) to first executed action: **{first_action:.1f} s**",
         "",
@@ -135,11 +161,12 @@ def main() -> None:
     parser.add_argument("--tries", type=int, default=3)
     parser.add_argument("--nodes", default="", help="comma-separated programs to restart (default: every program)")
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--standby", action="store_true", help="policy.standby: true (a second, loaded policy)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
-    first_action, results = measure(args.task, args.tries, nodes)
-    table = to_markdown(args.task, args.tries, first_action, results)
+    first_action, results = measure(args.task, args.tries, nodes, args.standby)
+    table = to_markdown(args.task, args.tries, first_action, results, args.standby)
     log.info("\n%s", table)
     if args.markdown:
         args.markdown.write_text(table + "\n")

@@ -71,6 +71,7 @@ class ProcessStatus:
     exit_status: int = 0  # the last exit code supervisord saw (0 while it never exited)
     reason: str = ""  # why it is not running: its refusal, or the last error line of its log after a crash
     refused: bool = False  # it stopped on purpose (exit 2: config, checkpoint or dataset); no restart will help
+    role: str = ""  # policy.standby: "serving" or "standby", from the readiness file; "" for other nodes
 
     @property
     def full_name(self) -> str:
@@ -183,6 +184,8 @@ class SupervisorClient:
                 # file, and a restarted one has a new pid.
                 status.ready = bool(entry and entry.get("alive") and status.pid
                                     and _descends_from(int(entry["pid"]), status.pid))
+                if status.ready and entry and "serving" in entry:
+                    status.role = "serving" if entry["serving"] else "standby"
         return statuses
 
     def config_info(self) -> list[dict[str, Any]]:

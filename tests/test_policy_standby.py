@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, wait_for, write_config
+from conftest import NodeProcess, free_port, wait_for, write_config
 from test_policy_node import observation
 
+from bench.harness import Supervised
 from common.config import load_config
 from common.tools.supervisor_programs import STANDBY_PROGRAM, programs, render
 from common.wire.policy_client import PolicyClient
@@ -81,3 +82,46 @@ def test_a_loaded_standby_takes_over_when_the_serving_process_ends(stop_signal, 
         for node in (first, second):
             if node.proc is not None and node.proc.poll() is None:
                 node.stop()
+
+
+def test_under_supervisord_a_restart_or_kill_of_the_serving_policy_is_taken_over(tiny_checkpoint, tmp_path) -> None:
+    """Role server with policy.standby under the real supervisord: both programs run, `make status`'s data
+    says which serves, and `supervisorctl restart` or kill -9 of the serving one costs a client well under
+    a start, while supervisord brings the ended program back as the next standby."""
+    checkpoint = tiny_checkpoint("lift", "diffusion")
+    port = free_port()
+    config_path = write_config(tmp_path, "lift", {
+        "policy": {"checkpoint": str(checkpoint), "cpu_threads": 1, "warmup": 1, "standby": True},
+        "monitor": {"supervisor_url": f"http://127.0.0.1:{port}/RPC2"}})
+    config = load_config(config_path)
+    stack = Supervised("server", "lift", config_path, tmp_path / "run", port).start()
+    policy = PolicyClient(SocketFactory(), config.policy.endpoint, client_id="robot", timeout_s=30.0, retries=1)
+    images, state = observation(config, 1)
+
+    def chunk() -> object:
+        try:
+            return policy.infer(images, state, obs_t=time.monotonic())
+        except PeerUnavailable:
+            return None
+
+    try:
+        stack.wait_all_ready(timeout_s=240)
+        for way in ("restart", "kill -9"):
+            stack.wait_all_ready(timeout_s=240)
+            roles = {proc.name: proc.role for proc in stack.processes()}
+            assert sorted(roles.values()) == ["serving", "standby"], roles
+            serving = next(name for name, role in roles.items() if role == "serving")
+            assert policy.infer(images, state, obs_t=time.monotonic()).actions.shape == (8, 6)
+            old_pid = stack.process(serving).pid
+            started = time.monotonic()
+            if way == "restart":
+                stack.ctl("restart", f"server:{serving}", check=True)
+            else:
+                stack.kill9(serving)
+            assert wait_for(chunk, timeout_s=30, message=f"no chunk after {way}").actions.shape == (8, 6)
+            assert time.monotonic() - started < 8.0, (way, time.monotonic() - started)
+            back = stack.wait_ready(serving, other_pid=old_pid, timeout_s=240)  # the next standby
+            assert wait_for(lambda name=serving: stack.process(name).role == "standby", timeout_s=10), back
+    finally:
+        policy.close()
+        stack.shutdown()

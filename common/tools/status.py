@@ -35,7 +35,7 @@ def settled(processes: list[ProcessStatus]) -> bool:
 def detail(proc: ProcessStatus) -> str:
     """supervisord's description, and why a program is down (refusal or crash) where that is known."""
     if not proc.reason:
-        return proc.description
+        return f"{proc.role}; {proc.description}" if proc.role else proc.description
     why = "refused" if proc.refused else "last error in its log"
     code = f"exit {proc.exit_status}; " if proc.state == "EXITED" else ""
     return f"{code}{why}: {proc.reason}"
