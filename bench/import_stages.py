@@ -47,7 +47,7 @@ def main() -> None:
     from nodes.policy import lerobot_import
 
     guard_lerobot_imports()
-    lerobot_import.policy_modules("diffusion")
+    lerobot_import.policy_class("diffusion")
     mark("lerobot diffusion (narrow)")
     importlib.import_module("torch._inductor.compile_fx")
     mark("torch._inductor")

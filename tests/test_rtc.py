@@ -14,20 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_config
+from test_policy_runtime import make_runtime
 
-from common.config import load_config
 from common.wire.contract import RTC_DELAY_KEY, RTC_PREFIX_KEY
 from common.wire.protocol import Message, ProtocolError
 from nodes.policy.checkpoint import CheckpointError
 from nodes.policy.io import guidance_weights
 from nodes.policy.runtime import PolicyRuntime
-
-
-def make_runtime(tmp_path: Path, checkpoint: Path, task: str = "lift", **policy: object) -> PolicyRuntime:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = write_config(tmp_path, task, {"policy": {"checkpoint": str(checkpoint), "cpu_threads": 1, **policy}})
-    return PolicyRuntime(load_config(path))
 
 
 def observation(config, seed: int, prefix: np.ndarray | None = None, delay: int | None = None) -> Message:

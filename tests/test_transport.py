@@ -13,6 +13,7 @@ import pytest
 import zmq
 from conftest import REPO_ROOT, free_endpoint, wait_for
 
+from bench.harness import StandInServer
 from common.wire.protocol import KIND_FRAME, KIND_REQUEST, Message
 from common.wire.transport import (
     LatestSubscriber,
@@ -220,37 +221,35 @@ def test_a_subscriber_reconnects_by_itself_after_a_frame_over_maxmsgsize_and_say
         factory.context.term()
 
 
+class WrongSeqServer(StandInServer):
+    """Answers every request with another request's seq."""
+
+    def __init__(self, factory: SocketFactory, endpoint: str) -> None:
+        super().__init__(factory, endpoint, name="wrong-seq")
+        self.received: list[Message] = []
+
+    def answer(self, request: Message) -> Message:
+        self.received.append(request)
+        return Message(kind="reply", seq=request.seq + 1, meta={"op": "ping"})
+
+
 def test_a_reply_with_the_wrong_seq_is_a_protocol_error_not_a_silent_retry() -> None:
     # A server answering with another seq is confused; retrying at once makes a request storm (probe D9).
     from common.wire.protocol import ProtocolError
-    from common.wire.transport import RouterServer
 
     factory = SocketFactory(zmq.Context())
     endpoint = free_endpoint()
-    server = RouterServer(factory, endpoint.replace("127.0.0.1", "*"))
+    server = WrongSeqServer(factory, endpoint.replace("127.0.0.1", "*"))
     client = RequestClient(factory, endpoint, timeout_s=2.0, retries=3)
-    received: list[Message] = []
-
-    def serve() -> None:
-        while (request := server.receive(2.0)) is not None:
-            envelope, frames = request
-            from common.wire.protocol import decode
-
-            msg = decode(frames)
-            received.append(msg)
-            server.reply(envelope, Message(kind="reply", seq=msg.seq + 1, meta={"op": "ping"}))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    server.start()
     try:
         started = time.monotonic()
         with pytest.raises(ProtocolError) as error:
             client.request(_ping())
-        assert error.value.field == "seq" and len(received) == 1
+        assert error.value.field == "seq" and len(server.received) == 1
         assert time.monotonic() - started < 1.5
     finally:
         client.close()
-        thread.join(timeout=5)
         server.close()
         factory.context.term()
 

@@ -270,14 +270,18 @@ class RequestClient:
         self._monitor: zmq.Socket | None = None
         self.last_failure = ""  # why the last attempt got no reply, when known
         self._events: list[int] = []  # the monitor's events during the current attempt
+        self._poller: zmq.Poller | None = None
         self._connect()
 
     def _connect(self) -> None:
         self._close_socket()
         self.sock = self.factory.socket(zmq.REQ, hwm=2)
-        # Watched only to say why an attempt failed: a reply over MAXMSGSIZE makes libzmq drop the
-        # server without retrying (the rebuild after the timeout recovers either way).
+        # Watched to end an attempt whose server went away (its reply cannot come), and to say why: a
+        # reply over MAXMSGSIZE makes libzmq drop the server without retrying.
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        self._poller = zmq.Poller()  # the reply, or the monitor saying the server went away
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self.sock.connect(self.endpoint)
 
     def _drain_events(self) -> None:
@@ -298,12 +302,8 @@ class RequestClient:
         either; ``last_failure`` says which). A server that ends closes its TCP connection, so the client
         need not sit out its whole timeout for a reply that cannot come: with a policy standby the next
         attempt is served at once."""
-        assert self.sock is not None
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
-        ready = dict(poller.poll(int(remaining_s * 1000) + 1))
+        assert self.sock is not None and self._poller is not None
+        ready = dict(self._poller.poll(int(remaining_s * 1000) + 1))
         if self.sock in ready:
             return True
         self._drain_events()
@@ -337,6 +337,7 @@ class RequestClient:
         if self._monitor is not None:
             self._monitor.close(linger=0)
             self._monitor = None
+        self._poller = None
 
     def request(self, msg: Message, *, timeout_s: float | None = None, retries: int | None = None,
                 **encode_options: Any) -> Message:

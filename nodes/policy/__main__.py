@@ -36,7 +36,7 @@ from common.wire.protocol import (
 from common.wire.transport import RouterServer, SocketFactory
 from nodes.policy.checkpoint import CheckpointError
 from nodes.policy.runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
-from nodes.policy.standby import ServingLock
+from nodes.policy.standby import ServingLock, bind_when_free
 
 PROGRAM = "policy"
 
@@ -210,7 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     # With CURVE on (curve), only clients whose public key is in policy.allowed_clients_dir get a
     # handshake; the others never reach this loop (common.wire.curve logs each refused peer once).
     factory = SocketFactory(curve=curve)
-    server = RouterServer(factory, config.policy.bind)
+    server = bind_when_free(factory, config.policy.bind, stop)
+    if server is None:  # stopped while the old holder's port was still closing
+        readiness.clear()
+        factory.close()
+        return
     policy_server = PolicyServer(runtime, server)
     readiness.ready(**ready_detail, serving=True, standby=False)
     try:

@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from common.config import DeploymentConfig
 from common.layout import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY, Joints, Layout, differences
 from common.lerobot_guard import guard_lerobot_imports
+from nodes.policy import lerobot_import
 
 if TYPE_CHECKING:
     import torch
@@ -177,22 +178,18 @@ class StageClock:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
 
 
-def load_lerobot_policy(path: Path, device: torch.device, clock: StageClock | None = None,
-                        before_weights: Callable[[], object] | None = None) -> tuple[Any, Any, Any, Any]:
-    """(policy config, policy, preprocessor, postprocessor) from a local directory, without the network.
-
-    ``before_weights``: called (and timed as "device wait") before the model is built on ``device``; the
-    runtime passes the result of its device set-up, run in a thread beside the LeRobot import."""
+def load_lerobot_policy(path: Path, device: torch.device,
+                        clock: StageClock | None = None) -> tuple[Any, Any, Any, Any]:
+    """(policy config, policy, preprocessor, postprocessor) from a local directory, without the network;
+    ``clock`` gets the seconds of each stage (LeRobot import, weights, processors)."""
     clock = clock or StageClock()
     declared_type = _declared_type(path)
     with clock.stage("lerobot import"):
         guard_lerobot_imports()
-        from nodes.policy import lerobot_import
-
         # Only this policy type's modules (seconds less than LeRobot's every-policy import); LeRobot's
         # factory for a type laid out otherwise.
-        narrow = lerobot_import.policy_modules(declared_type) if declared_type in NARROW_TYPES else None
-        if narrow is None:  # every policy's config registered, as LeRobot's own scripts have it
+        narrow_class = lerobot_import.policy_class(declared_type) if declared_type in NARROW_TYPES else None
+        if narrow_class is None:  # every policy's config registered, as LeRobot's own scripts have it
             lerobot_import.import_all()
             from lerobot.policies.factory import get_policy_class, make_pre_post_processors
         from lerobot.configs.policies import PreTrainedConfig
@@ -212,7 +209,7 @@ def load_lerobot_policy(path: Path, device: torch.device, clock: StageClock | No
     if missing:
         raise CheckpointError(f"{path}: missing {missing}; the node needs the processors with the normalisation "
                               "stats (lerobot-train and save_pretrained write them)")
-    policy_class = get_policy_class(policy_config.type) if narrow is None else narrow.policy_class
+    policy_class = get_policy_class(policy_config.type) if narrow_class is None else narrow_class
     overrides = {"device_processor": {"device": device.type}}
     with clock.stage("weights"):
         # Built on the target device: LeRobot builds the model on the CPU and then loads the file over it, so
@@ -222,7 +219,7 @@ def load_lerobot_policy(path: Path, device: torch.device, clock: StageClock | No
             policy = policy_class.from_pretrained(path, config=policy_config, local_files_only=True)
         policy.eval()
     with clock.stage("processors"):
-        if narrow is None:
+        if narrow_class is None:
             preprocessor, postprocessor = make_pre_post_processors(
                 policy_config, pretrained_path=str(path), preprocessor_overrides=overrides)
         else:

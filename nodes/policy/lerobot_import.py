@@ -5,7 +5,7 @@ LeRobot ships (about twenty: pi0, GR00T, FastWAM with diffusers' VAE models, ...
 adds more. Python runs a package's ``__init__`` before any of its submodules, so loading a DiffusionPolicy
 paid for all of them: 8-9 s of a 12 s checkpoint load on the GPU machine, 2-3 s on a 2-core VM.
 
-What it does: ``policy_modules(type)`` registers a lazy stand-in for the package ``lerobot.policies`` (its
+What it does: ``policy_class(type)`` registers a lazy stand-in for the package ``lerobot.policies`` (its
 real ``__path__``, so every submodule imports as usual) and imports only ``lerobot.policies.<type>``: its
 configuration (registered with LeRobot's config registry, as the full import does), its policy class and
 its processor steps. The first lookup of a name the stand-in does not have (``lerobot.policies.ACTConfig``,
@@ -23,7 +23,6 @@ import logging
 import sys
 import threading
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,37 +82,29 @@ def import_all() -> types.ModuleType:
     return package
 
 
-@dataclass
-class PolicyModules:
-    policy_class: type
-    config_class: type
-
-
-def policy_modules(policy_type: str) -> PolicyModules | None:
-    """The policy and config classes of ``policy_type`` (e.g. "diffusion", "act"), importing only that
-    policy's package; ``None`` where LeRobot's factory has to find them."""
+def policy_class(policy_type: str) -> type | None:
+    """The policy class of ``policy_type`` (e.g. "diffusion", "act"), importing only that policy's package
+    (its configuration module registers the config with LeRobot's registry); ``None`` where LeRobot's
+    factory has to find it."""
     install()
     package = f"{PACKAGE}.{policy_type}"
     try:
-        configuration = importlib.import_module(f"{package}.configuration_{policy_type}")
+        importlib.import_module(f"{package}.configuration_{policy_type}")
         modeling = importlib.import_module(f"{package}.modeling_{policy_type}")
         importlib.import_module(package)  # its __init__: the processor steps it registers, if any
     except ModuleNotFoundError as exc:
         if exc.name is None or not exc.name.startswith(package):
             raise  # a dependency of that policy is missing: LeRobot's factory would fail the same way
         return None
-    from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.pretrained import PreTrainedPolicy
 
     policies = [cls for _, cls in inspect.getmembers(modeling, inspect.isclass)
                 if issubclass(cls, PreTrainedPolicy) and cls.__module__ == modeling.__name__
                 and getattr(cls, "name", None) == policy_type]
-    configs = [cls for _, cls in inspect.getmembers(configuration, inspect.isclass)
-               if issubclass(cls, PreTrainedConfig) and cls.__module__ == configuration.__name__]
-    if len(policies) != 1 or len(configs) != 1:
-        log.info("lerobot.policies.%s: no single policy/config class found; using LeRobot's factory", policy_type)
+    if len(policies) != 1:
+        log.info("lerobot.policies.%s: no single policy class found; using LeRobot's factory", policy_type)
         return None
-    return PolicyModules(policy_class=policies[0], config_class=configs[0])
+    return policies[0]
 
 
 def load_processors(path: Path, preprocessor_overrides: dict[str, Any]) -> tuple[Any, Any]:

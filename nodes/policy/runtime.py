@@ -66,13 +66,6 @@ def checkpoint_joint_stats(preprocessor: Any, postprocessor: Any) -> dict[str, d
     return found
 
 
-def _init_device(device: torch.device) -> None:
-    """Create the device's context (CUDA: driver, context, allocator) before the first tensor needs it."""
-    if device.type == "cuda":
-        torch.empty(1, device=device)
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class ChunkResult:
     actions: np.ndarray  # (chunk_length, action_dim) float32, robot units
@@ -97,12 +90,10 @@ class PolicyRuntime:
         # Where the start-up goes, by stage (the node logs it). The weights' hash (a second or more for a
         # 1 GB file) runs in a thread beside the LeRobot import and the load: hashlib releases the GIL.
         self.startup = StageClock()
-        # The CUDA context (a second or two) is made in a thread too, while LeRobot's modules import.
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="policy-start") as background:
-            identity = background.submit(checkpoint_identity, self.path)
-            device_ready = background.submit(_init_device, self.device)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-id") as hasher:
+            identity = hasher.submit(checkpoint_identity, self.path)
             self.policy_config, self.policy, self.preprocessor, self.postprocessor = load_lerobot_policy(
-                self.path, self.device, self.startup, before_weights=device_ready.result)
+                self.path, self.device, self.startup)
             with self.startup.stage("checkpoint id wait"):
                 self.checkpoint_id = identity.result()
         problems = layout_differences(self.policy_config, config, self.sidecar)

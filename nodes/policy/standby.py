@@ -21,11 +21,17 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
+
+import zmq
+
+from common.wire.transport import RouterServer, SocketFactory
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05  # how often a standby tries the lock: the take-over delay, at most
+BIND_WAIT_S = 5.0  # how long a new holder waits for the old one's listening socket to close
 
 
 class ServingLock:
@@ -73,3 +79,20 @@ class ServingLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def bind_when_free(factory: SocketFactory, endpoint: str, stop: threading.Event,
+                   wait_s: float = BIND_WAIT_S) -> RouterServer | None:
+    """The server bound to ``endpoint`` once it is free; None if ``stop`` is set first. The lock can come free a moment
+    before the old holder's port does: its ZeroMQ I/O thread closes the listening socket after the
+    process let go of the lock (a SIGTERM), or the kernel closes the two in either order (kill -9)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return RouterServer(factory, endpoint)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+        if stop.wait(0.02):
+            return None
+        log.debug("%s still in use by the process before; binding again", endpoint)
