@@ -121,8 +121,9 @@ def test_under_supervisord_a_restart_or_kill_of_the_serving_policy_is_taken_over
             assert wait_for(chunk, timeout_s=30, message=f"no chunk after {way}").actions.shape == (8, 6)
             assert time.monotonic() - started < 8.0, (way, time.monotonic() - started)
             back = stack.wait_ready(serving, other_pid=old_pid, timeout_s=240)  # the next standby
+            roles_now = [(proc.name, proc.role, proc.pid) for proc in stack.processes()]
             assert wait_for(lambda name=serving: stack.process(name).role == "standby", timeout_s=10,
-                            message=f"{way}: {[(p.name, p.role, p.pid) for p in stack.processes()]}\n{stack.log_tails()}"), back
+                            message=f"{way}: {roles_now}\n{stack.log_tails()}"), back
     finally:
         policy.close()
         stack.shutdown()
