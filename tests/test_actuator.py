@@ -537,13 +537,26 @@ def test_lockstep_runs_row_j_of_the_chunk_from_frame_i_at_frame_i_plus_j(
     feed = SensorFeed(config, position=np.array([0, -20, 20, 10, 0, 30], np.float32))
     try:
         start_policy(node_processes, config_path)
-        start_actuator(node_processes, config_path).wait_ready(60)
+        actuator = start_actuator(node_processes, config_path).wait_ready(60)
         wait_for(lambda: control(config, "status").meta["state"] == "running", 30)
+        # The tap hears the actuator (its once-a-second loop_stats) before any frame goes out, so no tick's
+        # action can fall before the tap's subscription.
+        wait_for(lambda: tap.events("loop_stats"), 30, message="the event tap never heard the actuator")
         frames = 12
+
+        def acted(frame: int) -> bool:
+            return any(m.meta["frame_index"] >= frame for m in tap.actions())
+
         for frame in range(frames):
-            feed.publish_once(frame_index=frame)  # like the dataset player: frame k, then wait for its tick
-            tap.wait_action(lambda m, k=frame: m.meta["frame_index"] >= k, 60,
-                            message=f"no action for frame {frame}")
+            # Like the dataset player: frame k, then wait for its tick, and send frame k again if no tick
+            # acknowledged it in time (PUB/SUB may drop a message; the player re-sends the same way).
+            deadline = time.monotonic() + 60
+            while not acted(frame):
+                assert time.monotonic() < deadline, f"no action for frame {frame}:\n{actuator.log()[-3000:]}"
+                feed.publish_once(frame_index=frame)
+                resend_at = time.monotonic() + 15
+                while not acted(frame) and time.monotonic() < resend_at:
+                    time.sleep(0.05)
     finally:
         feed.close()
         tap.close()
