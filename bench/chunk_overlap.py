@@ -25,7 +25,7 @@ rtc runs as the actuator does it: the request carries what ran, what is queued a
 reply's guidance rows (``rtc_guide``), ``rtc_soft_rows`` after the frozen ones; the policy's
 ``rtc_guidance`` mask (exp) plus, at 100 ms, the other mask and rtc without guidance rows for comparison.
 
-    python -m bench.chunk_overlap [--workdir /tmp/chunk_overlap] [--train-steps 300] [--episodes 4] [--soft-rows N]
+    python -m bench.chunk_overlap [--workdir /tmp/chunk_overlap] [--train-steps 600] [--episodes 4] [--soft-rows N]
         [--png docs/chunk_overlap.png] [--json /tmp/chunk_overlap.json]
 """
 
@@ -340,7 +340,7 @@ def plot(results: list[RunResult], traces: dict[str, dict[str, np.ndarray]], tru
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/chunk_overlap")
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-steps", type=int, default=600)
     parser.add_argument("--episodes", type=int, default=4, help="dataset episodes replayed per run")
     parser.add_argument("--soft-rows", type=int, default=0,
                         help="rtc: rows sent after the frozen ones as soft guidance (0: actuator.rtc_soft_rows)")

@@ -6,8 +6,9 @@
   the monitor.
 - The page in Debian's Chromium driven by Playwright, over the real pipeline (camera nodes, policy with a
   tiny checkpoint, dry-run actuator, all under supervisord): frames update, start and stop-with-label
-  reach the actuator, a bad command shows its message while the pipeline carries on, and a node's
-  restart button restarts it (supervisord reports a new pid).
+  reach the actuator, a bad command shows its message while the pipeline carries on, a node's restart
+  button restarts it (supervisord reports a new pid), and with ``policy.standby`` the two policy
+  programs show which one serves, swapped after the serving one's restart.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -326,24 +328,28 @@ def test_panel_in_chromium(tmp_path: Path, small_checkpoint: Path, supervisord_f
     supervisor_port = free_port()
     config_path = write_config(tmp_path, "lift", {
         "cameras": {name: {"fps": 15, **size} for name, size in small_cameras().items()},
-        "policy": {"checkpoint": str(small_checkpoint), "timeout_s": 10.0},
+        "policy": {"checkpoint": str(small_checkpoint), "timeout_s": 10.0, "standby": True},
         "actuator": {"dry_run": True},
         "monitor": {"supervisor_url": f"http://127.0.0.1:{supervisor_port}/RPC2"},
     })
     config = load_config(config_path)
     node = f"{sys.executable} -m nodes.%s --config {config_path}"
     programs = {f"camera-{name}": node % "camera" + f" --name {name}" for name in config.cameras}
-    programs |= {"policy": node % "policy", "actuator": node % "actuator", "monitor": node % "monitor"}
+    # policy.standby: two policy programs, as the generated server programs run them (the standby knows
+    # itself by supervisord's SUPERVISOR_PROCESS_NAME).
+    programs |= {"policy": node % "policy", "policy-standby": node % "policy", "actuator": node % "actuator",
+                 "monitor": node % "monitor"}
     supervisor = supervisord_factory(programs, supervisor_port)
     feed = StateFeed(config)
     feed.thread.start()
     ready_dir = Path(config.run_dir) / "ready"
     try:
         try:
-            wait_for(lambda: all((ready_dir / f"{program}.json").exists() for program in ("actuator", "policy",
-                                                                                          "monitor")), timeout_s=240)
+            wait_for(lambda: all((ready_dir / f"{program}.json").exists()
+                                 for program in ("actuator", "policy", "policy-standby", "monitor")), timeout_s=240)
         except AssertionError as exc:
-            logs = "\n".join(supervisor.log(program) for program in ("policy", "actuator", "monitor"))
+            logs = "\n".join(supervisor.log(program) for program in ("policy", "policy-standby", "actuator",
+                                                                        "monitor"))
             raise AssertionError(f"pipeline not ready:\n{logs}") from exc
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -381,11 +387,13 @@ def drive_panel(page: Any, expect: Any, supervisor: Supervisord, config: Deploym
         src = page.locator(f"#camera-{camera} img").get_attribute("src") or ""
         assert src.startswith("data:image/jpeg;base64,")
 
-    # Every node's status comes from supervisord, with readiness.
-    for program in ("policy", "actuator", "monitor", *(f"camera-{name}" for name in config.cameras)):
+    # Every node's status comes from supervisord, with readiness; the two policy processes say which serves.
+    # The one that serves is whichever took the serving lock first, so the test reads it off the page.
+    for program in ("actuator", "monitor", *(f"camera-{name}" for name in config.cameras)):
         row = page.locator(f'#nodes tr[data-node="{program}"]')
         expect(row.locator("td.state")).to_have_text("RUNNING", timeout=30_000)
         expect(row.locator("td.ready")).to_have_text("yes", timeout=60_000)
+    serving, standby = policy_roles(page, expect)
     expect(page.locator("#contract")).to_have_text("ok", timeout=30_000)
 
     # Start, then stop with a label: both reach the actuator, whose events come back to the page.
@@ -435,3 +443,22 @@ def drive_panel(page: Any, expect: Any, supervisor: Supervisord, config: Deploym
     assert os.path.exists(f"/proc/{new_pid}") and new_pid != int(old_pid)
     seq = camera_seq(page, "front")
     wait_for(lambda: camera_seq(page, "front") != seq, timeout_s=60, message="frames did not come back after restart")
+
+    # Restarting the serving policy from its button: the standby takes over, and the restarted one comes back
+    # as the standby; the page shows the roles swapped.
+    page.locator(f'#nodes tr[data-node="{serving}"] button.restart').click()
+    expect(page.locator("#message")).to_contain_text(f"{serving} restarted", timeout=60_000)
+    expect(page.locator(f'#nodes tr[data-node="{standby}"] td.ready')).to_have_text("yes (serving)", timeout=60_000)
+    expect(page.locator(f'#nodes tr[data-node="{serving}"] td.ready')).to_have_text("yes (standby)", timeout=120_000)
+
+
+def policy_roles(page: Any, expect: Any) -> tuple[str, str]:
+    """The serving and the standby policy program, once the page shows both ready with their roles."""
+    cells = {program: page.locator(f'#nodes tr[data-node="{program}"] td.ready')
+             for program in ("policy", "policy-standby")}
+    for cell in cells.values():
+        expect(cell).to_have_text(re.compile(r"^yes \((serving|standby)\)$"), timeout=60_000)
+    roles = {program: cell.get_attribute("data-role") for program, cell in cells.items()}
+    assert sorted(roles.values()) == ["serving", "standby"], roles  # exactly one process serves
+    serving = next(program for program, role in roles.items() if role == "serving")
+    return serving, next(program for program in cells if program != serving)

@@ -190,6 +190,8 @@ function onNodes(nodes) {
   $("#nodes-error").textContent = nodes.error || "";
   const rows = nodes.programs.flatMap((program) => {
     const ready = program.ready === null || program.ready === undefined ? "—" : program.ready ? "yes" : "no";
+    // policy.standby: which of the two policy processes holds the endpoint (the readiness file says).
+    const role = program.ready && program.role ? ` (${program.role})` : "";
     // No button for the monitor itself: it cannot stop and then start its own process.
     const button = program.self ? "this page" : el("button", { type: "button", class: "restart",
       title: `restart ${program.name}` }, "restart");
@@ -200,7 +202,8 @@ function onNodes(nodes) {
       el("td", {}, program.name), el("td", { class: `state state-${program.state}` }, program.state),
       el("td", { class: "pid" }, program.pid ? String(program.pid) : "—"),
       el("td", {}, program.pid ? fmt(program.uptime_s, 0, " s") : "—"),
-      el("td", { class: `ready ready-${ready}` }, ready), el("td", {}, button));
+      el("td", { class: `ready ready-${ready}`, "data-role": program.role || "" }, ready + role),
+      el("td", {}, button));
     if (!program.reason) return [row];
     // Why it is down, under its row: a refusal (exit 2, stays down until the config, checkpoint or dataset
     // is fixed) or, after a crash, the last error line of its log.
