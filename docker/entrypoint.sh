@@ -1,7 +1,8 @@
 #!/bin/sh
 # Entrypoint of the policy server image: maps the container's environment onto the policy node's command
 # line (docs/operations.md, "Docker", has the table), then replaces itself with the node, so `docker stop`
-# (SIGTERM) reaches Python and the node closes its socket cleanly. Arguments given to `docker run IMAGE ...`
+# (SIGTERM) reaches Python and the node closes its socket cleanly; with STANDBY=1, with docker/standby.py,
+# which runs the node twice under supervisord and passes SIGTERM on. Arguments given to `docker run IMAGE ...`
 # are appended as further overrides, e.g. `--policy.dtype=bf16 --policy.cuda_graphs=true`.
 set -eu
 
@@ -54,6 +55,10 @@ case "${INSECURE:-}" in
   ''|0|false|1|true) ;;
   *) fail "INSECURE: expected 1/true or 0/false (or unset), got '$INSECURE'" ;;
 esac
+case "${STANDBY:-}" in
+  ''|0|false|1|true) ;;
+  *) fail "STANDBY: expected 1/true or 0/false (or unset), got '$STANDBY'" ;;
+esac
 
 # The mapped overrides go first and the caller's arguments last, so that those win (the node applies
 # overrides in order). POSIX sh has one array, "$@": append to it, then rotate the caller's to the end.
@@ -71,4 +76,9 @@ while [ "$caller_args" -gt 0 ]; do
   caller_args=$((caller_args - 1))
 done
 
+# STANDBY=1: the node twice under supervisord, one serving and one loaded, taking over within a second
+# when the serving one ends (docker/standby.py). Otherwise the node itself is the container's process.
+case "${STANDBY:-}" in
+  1|true) exec python /app/docker/standby.py "$@" ;;
+esac
 exec python -m nodes.policy "$@"

@@ -13,13 +13,14 @@ file (written once the model is loaded, removed when it stops) and its process b
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from common.config import REPO_ROOT
+from common.supervisor_client import read_readiness
+from common.tools.supervisor_programs import STANDBY_PROGRAM
 from common.wire.curve import CurveKeys, KeyFileError, load_certificate_file
 from common.wire.policy_client import PolicyClient
 from common.wire.protocol import ProtocolError
@@ -27,7 +28,8 @@ from common.wire.transport import PeerUnavailable, RemoteError, SocketFactory
 
 log = logging.getLogger("healthcheck")
 
-READINESS_FILE = REPO_ROOT / "run" / "ready" / "policy.json"
+READY_DIR = REPO_ROOT / "run" / "ready"
+POLICY_PROGRAMS = ("policy", STANDBY_PROGRAM)  # STANDBY=1 runs both (docker/standby.py)
 
 
 def curve_keys() -> CurveKeys | None:
@@ -41,14 +43,19 @@ def curve_keys() -> CurveKeys | None:
 
 
 def readiness_alive() -> bool:
-    try:
-        pid = int(json.loads(READINESS_FILE.read_text())["pid"])
-        os.kill(pid, 0)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.error("policy not ready: %s (%s)", READINESS_FILE, exc)
+    """A live policy process whose readiness file says it serves: ``policy.json``, or with ``STANDBY=1``
+    whichever of ``policy.json`` and ``policy-standby.json`` holds the endpoint now."""
+    entries = read_readiness(READY_DIR)
+    serving = [(name, entry) for name, entry in entries.items()
+               if name in POLICY_PROGRAMS and entry["alive"] and entry.get("serving", True)]
+    if not serving:
+        found = {name: {"pid": entry.get("pid"), "alive": entry["alive"], "serving": entry.get("serving")}
+                 for name, entry in entries.items() if name in POLICY_PROGRAMS}
+        log.error("policy not ready: no live serving policy in %s (%s)", READY_DIR, found or "no readiness file")
         return False
-    log.info("policy ready (pid %d, %s); CURVE is on and CURVE_HEALTHCHECK_KEY is not set, so no ping", pid,
-             READINESS_FILE)
+    name, entry = serving[0]
+    log.info("policy ready (%s, pid %d); CURVE is on and CURVE_HEALTHCHECK_KEY is not set, so no ping", name,
+             entry["pid"])
     return True
 
 

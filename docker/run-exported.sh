@@ -3,7 +3,7 @@
 # `podman run` cannot start containers (a sandbox that forbids setrlimit). The image's filesystem is
 # exported into ROOT once per image id, then the command runs chroot-ed into it as the image's user, in its
 # working directory, with the image's environment plus the caller's TASK, MODEL_PATH, HOST, PORT, DEVICE,
-# CONFIG, INSECURE, CURVE_* and ARMPIPE_LOG_LEVEL, and the host's network (no namespace of its own).
+# CONFIG, INSECURE, STANDBY, CURVE_* and ARMPIPE_LOG_LEVEL, and the host's network (no namespace of its own).
 #
 #   sudo docker/run-exported.sh IMAGE ROOT [--checkpoint DIR] [--mount SRC:DST ...] [--healthcheck] [-- ARGS...]
 #
@@ -69,7 +69,7 @@ while IFS= read -r line; do
   [ -n "$line" ] && environment+=("$line")
 done < <(inspect '{{range .Config.Env}}{{println .}}{{end}}')
 environment+=("HOME=$home")
-for name in TASK MODEL_PATH HOST PORT DEVICE CONFIG INSECURE ARMPIPE_LOG_LEVEL HEALTHCHECK_ENDPOINT \
+for name in TASK MODEL_PATH HOST PORT DEVICE CONFIG INSECURE STANDBY ARMPIPE_LOG_LEVEL HEALTHCHECK_ENDPOINT \
             $(compgen -v | grep '^CURVE_' || true); do
   [ -n "${!name+set}" ] && environment+=("$name=${!name}")
 done

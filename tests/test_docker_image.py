@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, free_port, wait_for
 
+from common.supervisor_client import read_readiness
 from common.tools.keys import make_key_pair
 from common.wire.curve import CurveKeys, load_certificate_file
 from common.wire.policy_client import PolicyClient
@@ -175,6 +176,62 @@ def test_policy_in_the_image_answers_a_chunk_to_a_client_outside(server, image, 
     assert unhealthy.wait(timeout=120) == 1
 
 
+def test_standby_in_the_image_takes_over_when_the_serving_node_is_killed(image, readable_checkpoint, keys) -> None:
+    """STANDBY=1: the entrypoint runs two policy nodes under supervisord (docker/standby.py); a kill -9 of the
+    serving one costs a client well under a start, the killed one comes back as the standby, the health
+    check passes throughout, and SIGTERM (docker stop) ends the container with 0."""
+    port = free_port()
+    env = {"TASK": "lift", "MODEL_PATH": "/checkpoint", "HOST": "0.0.0.0", "PORT": str(port), "DEVICE": "cpu",
+           "STANDBY": "1", **CURVE_ENV}
+    proc = run_exported(image, readable_checkpoint, env, "--mount", f"{keys}:/keys")
+    ready_dir = WORK / "root-test" / "app" / "run" / "ready"
+    robot = PolicyClient(SocketFactory(curve=client_keys(keys, "robot-1")), f"tcp://127.0.0.1:{port}",
+                         client_id="robot-1", timeout_s=5.0, retries=1)
+
+    def serving_and_standby() -> tuple[dict, dict] | None:
+        assert proc.poll() is None, f"the entrypoint exited with {proc.returncode}"
+        entries = [read_readiness(ready_dir).get(name) for name in ("policy", "policy-standby")]
+        roles = {entry["serving"]: entry for entry in entries if entry and entry["alive"]}
+        return (roles[True], roles[False]) if len(roles) == 2 else None
+
+    def chunk(images: dict, state: np.ndarray) -> object:
+        try:
+            return robot.infer(images, state, obs_t=time.monotonic())
+        except PeerUnavailable:
+            return None
+
+    try:
+        serving, standby = wait_for(serving_and_standby, timeout_s=600, interval_s=0.5,
+                                    message="the image never ran a serving and a standby policy")
+        contract = robot.metadata()
+        images = {name: np.full(shape, 128, np.uint8) for name, shape in contract.cameras.items()}
+        state = np.zeros(len(contract.state_names), np.float32)
+        assert chunk(images, state) is not None
+        killed = time.monotonic()
+        os.kill(serving["pid"], signal.SIGKILL)
+        reply = wait_for(lambda: chunk(images, state), timeout_s=60, message="the standby never served")
+        taken_over_s = time.monotonic() - killed
+        log.warning("image standby: kill -9 of the serving node to the next chunk: %.2f s", taken_over_s)
+        assert reply.actions.shape == (contract.chunk_length, len(contract.action_names))
+        assert taken_over_s < 8.0, taken_over_s
+        now_serving, now_standby = wait_for(serving_and_standby, timeout_s=300, interval_s=0.5,
+                                            message="the killed node never came back as the standby")
+        assert now_serving["pid"] == standby["pid"] and now_standby["pid"] != serving["pid"]
+        healthy = run_exported(image, readable_checkpoint, {"PORT": str(port), **CURVE_ENV}, "--mount",
+                               f"{keys}:/keys", "--healthcheck")
+        assert healthy.wait(timeout=120) == 0
+    finally:
+        robot.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    assert code == 0
+
+
 @pytest.mark.parametrize(("env", "checkpoint_mode", "message"), [
     ({"PORT": "80a"}, 0o644, "PORT: expected a TCP port number"),
     ({"DEVICE": "gpu"}, 0o644, "DEVICE: expected one of cpu, cuda, auto, got 'gpu'"),
@@ -184,6 +241,9 @@ def test_policy_in_the_image_answers_a_chunk_to_a_client_outside(server, image, 
     ({"CURVE_SECRET_KEY": "/keys/server.key_secret"}, 0o644, "CURVE_SECRET_KEY: no such file or directory"),
     # CURVE on (every interface) without keys: the node itself refuses, naming the field.
     ({"HOST": "0.0.0.0"}, 0o644, "policy.server_secret_key_file"),
+    ({"STANDBY": "maybe"}, 0o644, "STANDBY: expected 1/true or 0/false"),
+    # The same refusal with a standby: supervisord does not restart it, and the container still exits 2.
+    ({"HOST": "0.0.0.0", "STANDBY": "1"}, 0o644, "policy.server_secret_key_file"),
 ])
 def test_entrypoint_refuses_bad_settings_with_exit_2_naming_them(image, readable_checkpoint, tmp_path, env,
                                                                  checkpoint_mode, message) -> None:

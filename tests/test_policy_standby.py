@@ -4,16 +4,20 @@ takes over the moment the first ends (kill -9 included), so a client loses one r
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, free_port, wait_for, write_config
+from conftest import REPO_ROOT, NodeProcess, free_port, wait_for, write_config
 from test_policy_node import observation
 
 from bench.harness import Supervised
 from common.config import load_config
+from common.supervisor_client import SupervisorClient, read_readiness
 from common.tools.supervisor_programs import STANDBY_PROGRAM, programs, render
 from common.wire.policy_client import PolicyClient
 from common.wire.transport import PeerUnavailable, SocketFactory
@@ -127,3 +131,85 @@ def test_under_supervisord_a_restart_or_kill_of_the_serving_policy_is_taken_over
     finally:
         policy.close()
         stack.shutdown()
+
+
+def test_the_images_standby_wrapper_takes_over_stops_on_sigterm_and_exits_2_on_a_refusal(tiny_checkpoint,
+                                                                                        tmp_path) -> None:
+    """docker/standby.py (``STANDBY=1`` in the policy server image) as a real process, outside the image: its
+    own supervisord runs both policy programs, a kill -9 of the serving one is taken over and the killed
+    one comes back as the standby, SIGTERM (``docker stop``) ends everything with 0, and a refusal ends
+    the wrapper with exit code 2, as the image without a standby does."""
+    checkpoint = tiny_checkpoint("lift", "diffusion")
+    config_path = write_config(tmp_path, "lift", {"policy": {"checkpoint": str(checkpoint), "cpu_threads": 1,
+                                                             "warmup": 1}})
+    config = load_config(config_path)
+    run_dir = Path(config.run_dir)
+    ready_dir = run_dir / "ready"
+
+    def wrapper(*args: str) -> tuple[subprocess.Popen, Path]:
+        log_path = tmp_path / f"wrapper-{len(list(tmp_path.glob('wrapper-*.log')))}.log"
+        # Append mode: supervisord opens /dev/stdout again for each program, and writers of one regular file
+        # with offsets of their own would overwrite each other (in a container stdout is a pipe).
+        with log_path.open("ab") as log_file:
+            proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "docker" / "standby.py"), "--config",
+                                     str(config_path), *args], cwd=REPO_ROOT, stdout=log_file,
+                                    stderr=subprocess.STDOUT, env={**os.environ, "ARMPIPE_RUN": str(run_dir)})
+        return proc, log_path
+
+    def serving_and_standby() -> tuple[dict, dict] | None:
+        entries = read_readiness(ready_dir)
+        both = [entries.get(name) for name in ("policy", STANDBY_PROGRAM)]
+        if not all(entry and entry["alive"] for entry in both):
+            return None
+        by_role = {entry["serving"]: entry for entry in both if entry}
+        return (by_role[True], by_role[False]) if len(by_role) == 2 else None
+
+    proc, log_path = wrapper()
+    policy = PolicyClient(SocketFactory(), config.policy.endpoint, client_id="robot", timeout_s=30.0, retries=1)
+    images, state = observation(config, 2)
+
+    def chunk() -> object:
+        try:
+            return policy.infer(images, state, obs_t=time.monotonic())
+        except PeerUnavailable:
+            return None
+
+    try:
+        def pair_or_exit() -> tuple[dict, dict] | None:
+            assert proc.poll() is None, f"the wrapper exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+            return serving_and_standby()
+
+        serving, standby = wait_for(pair_or_exit, timeout_s=240, message="no serving + standby pair")
+        # supervisorctl in the container reaches this supervisord through its socket under the run dir.
+        supervisor = SupervisorClient(f"unix://{run_dir}/supervisor.sock")
+        assert {p.name: p.state for p in supervisor.processes()} == {"policy": "RUNNING", STANDBY_PROGRAM: "RUNNING",
+                                                                       "refusals": "RUNNING"}  # the listener
+        assert policy.infer(images, state, obs_t=time.monotonic()).actions.shape == (8, 6)
+        killed = time.monotonic()
+        os.kill(serving["pid"], signal.SIGKILL)
+        assert wait_for(chunk, timeout_s=30, message="the standby never served").actions.shape == (8, 6)
+        assert time.monotonic() - killed < 8.0, time.monotonic() - killed
+        now_serving, now_standby = wait_for(pair_or_exit, timeout_s=240, message="the killed one never came back")
+        assert now_serving["pid"] == standby["pid"] and now_standby["pid"] != serving["pid"]
+
+        proc.send_signal(signal.SIGTERM)  # docker stop
+        assert proc.wait(timeout=60) == 0, log_path.read_text()[-4000:]
+        for entry in (now_serving, now_standby):
+            assert not Path(f"/proc/{entry['pid']}").exists(), "a policy process outlived the wrapper"
+        output = log_path.read_text()
+        assert "taking over" in output and "spawned: 'policy-standby'" in output  # both nodes' logs on stdout
+    finally:
+        policy.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # A refusal (an unknown device): not restarted, and the wrapper's exit code says so.
+    refused, refused_log = wrapper("--policy.device=gpu")
+    try:
+        assert refused.wait(timeout=120) == 2, refused_log.read_text()[-4000:]
+    finally:
+        if refused.poll() is None:
+            refused.kill()
+    output = refused_log.read_text()
+    assert "REFUSED" in output and "policy.device" in output

@@ -125,10 +125,15 @@ def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
-def render_program(program: Program, directory: Path) -> str:
+def render_program(program: Program, directory: Path, *, command: str | None = None,
+                   log_to_stdout: bool = False) -> str:
+    """One ``[program:...]`` block with the node's ``NODE_OPTIONS``. ``command`` replaces the usual one
+    (already in supervisord's syntax: ``%`` doubled); ``log_to_stdout`` sends its output to supervisord's
+    own stdout instead of a rotated file (in a container, where ``docker logs`` reads stdout)."""
     opts = program.options
-    command = " ".join(["%(ENV_ARMPIPE_PYTHON)s", "-m", f"nodes.{program.node}", "--config",
-                        "%(ENV_ARMPIPE_CONFIG)s", *program.args])
+    if command is None:
+        command = " ".join(["%(ENV_ARMPIPE_PYTHON)s", "-m", f"nodes.{program.node}", "--config",
+                            "%(ENV_ARMPIPE_CONFIG)s", *program.args])
     if opts.nice:
         command = f"nice -n {opts.nice} {command}"
     environment = ",".join(f'{key}="{value}"' for key, value in opts.environment.items())
@@ -147,9 +152,10 @@ def render_program(program: Program, directory: Path) -> str:
         f"stopasgroup={_flag(opts.stopasgroup)}",
         f"killasgroup={_flag(opts.killasgroup)}",
         "redirect_stderr=true",
-        "stdout_logfile=%(ENV_ARMPIPE_RUN)s/logs/%(program_name)s.log",
-        "stdout_logfile_maxbytes=10MB",
-        "stdout_logfile_backups=5",
+        # /dev/stdout cannot be rotated: supervisord needs maxbytes 0 for it.
+        *(["stdout_logfile=/dev/stdout", "stdout_logfile_maxbytes=0"] if log_to_stdout else
+          ["stdout_logfile=%(ENV_ARMPIPE_RUN)s/logs/%(program_name)s.log", "stdout_logfile_maxbytes=10MB",
+           "stdout_logfile_backups=5"]),
         f"environment={environment}",
     ])
 
