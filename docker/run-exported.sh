@@ -108,8 +108,11 @@ for spec in "${mounts[@]}"; do bind "$(realpath "${spec%%:*}")" "$root/${spec#*:
 chroot --userspec="$uid_gid" "$root" /usr/bin/env -i "${environment[@]}" \
   /bin/sh -c 'cd "$0" && exec "$@"' "${workdir:-/}" "${command[@]}" &
 child=$!
-trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
+forwarded=0
+trap 'forwarded=1; kill -TERM "$child" 2>/dev/null || true' TERM INT
 status=0
 wait "$child" || status=$?
-if kill -0 "$child" 2>/dev/null; then wait "$child" || status=$?; fi
+# A trapped signal ends `wait` early with 128 + its number (143), whether or not the child has ended: wait
+# again for the child's own exit code (bash keeps it for a child that has already ended).
+if [ "$forwarded" = 1 ]; then status=0; wait "$child" || status=$?; fi
 exit "$status"

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 
@@ -89,6 +90,15 @@ def listen() -> int:
         childutils.listener.ok(sys.stdout)
 
 
+def copy_to_stdout(read_end: int) -> None:
+    """Copy supervisord's output (and through it every program's) to this process's stdout until EOF."""
+    while data := os.read(read_end, 65536):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
+    os.close(read_end)
+
+
 def supervise(node_args: list[str], run_dir: Path = RUN_DIR) -> int:
     """Write the config, run supervisord until it ends, and return the container's exit code."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,9 +107,18 @@ def supervise(node_args: list[str], run_dir: Path = RUN_DIR) -> int:
     config = run_dir / CONFIG_NAME
     config.write_text(render_config(node_args, run_dir), encoding="utf-8")
     os.environ["ARMPIPE_RUN"] = str(run_dir)  # where a refusing node records its reason (common.refusal)
+    # supervisord reopens /dev/stdout for each program's output. The container's stdout belongs to root
+    # (Docker's pipe, mode 0600), and the image's user may not reopen it (EACCES). So supervisord's stdout
+    # and stderr are a pipe made here, by the image's user, and a thread copies it to the real stdout.
+    read_end, write_end = os.pipe()
+    relay = threading.Thread(target=copy_to_stdout, args=(read_end,), name="stdout-relay", daemon=True)
+    relay.start()
     # supervisord of this very interpreter's environment (the image's /opt/venv), whatever PATH says.
-    pid = os.spawnv(os.P_NOWAIT, sys.executable, [sys.executable, "-m", "supervisor.supervisord", "-n", "-c",
-                                                  str(config)])
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(config)],
+                         os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, write_end, 1),
+                                                   (os.POSIX_SPAWN_DUP2, write_end, 2),
+                                                   (os.POSIX_SPAWN_CLOSE, read_end)])
+    os.close(write_end)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         os.kill(pid, signum)
@@ -111,6 +130,7 @@ def supervise(node_args: list[str], run_dir: Path = RUN_DIR) -> int:
         if child == pid:
             break
     code = os.waitstatus_to_exitcode(status)
+    relay.join(timeout=2.0)  # the rest of what supervisord wrote
     refusals = read_refusals(run_dir / REFUSED_DIR)
     for program, entry in refusals.items():
         log.error("%s refused: %s", program, entry["reason"])

@@ -148,12 +148,11 @@ def test_the_images_standby_wrapper_takes_over_stops_on_sigterm_and_exits_2_on_a
 
     def wrapper(*args: str) -> tuple[subprocess.Popen, Path]:
         log_path = tmp_path / f"wrapper-{len(list(tmp_path.glob('wrapper-*.log')))}.log"
-        # Append mode: supervisord opens /dev/stdout again for each program, and writers of one regular file
-        # with offsets of their own would overwrite each other (in a container stdout is a pipe).
-        with log_path.open("ab") as log_file:
+        with log_path.open("wb") as log_file:
             proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "docker" / "standby.py"), "--config",
                                      str(config_path), *args], cwd=REPO_ROOT, stdout=log_file,
-                                    stderr=subprocess.STDOUT, env={**os.environ, "ARMPIPE_RUN": str(run_dir)})
+                                    stderr=subprocess.STDOUT, env={**os.environ, "ARMPIPE_RUN": str(run_dir)},
+                                    start_new_session=True)  # a failed test kills the whole group
         return proc, log_path
 
     def serving_and_standby() -> tuple[dict, dict] | None:
@@ -201,7 +200,7 @@ def test_the_images_standby_wrapper_takes_over_stops_on_sigterm_and_exits_2_on_a
     finally:
         policy.close()
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # supervisord and both nodes too, not only the wrapper
             proc.wait()
 
     # A refusal (an unknown device): not restarted, and the wrapper's exit code says so.
@@ -210,6 +209,7 @@ def test_the_images_standby_wrapper_takes_over_stops_on_sigterm_and_exits_2_on_a
         assert refused.wait(timeout=120) == 2, refused_log.read_text()[-4000:]
     finally:
         if refused.poll() is None:
-            refused.kill()
+            os.killpg(refused.pid, signal.SIGKILL)
+            refused.wait()
     output = refused_log.read_text()
     assert "REFUSED" in output and "policy.device" in output
