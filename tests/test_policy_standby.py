@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO_ROOT, NodeProcess, free_port, wait_for, write_config
@@ -32,6 +33,17 @@ def mkdir(path: Path) -> Path:
 
 def ready_detail(node: NodeProcess) -> dict:
     return json.loads(node.ready_path.read_text()) if node.ready_path.exists() else {}
+
+
+def next_chunk(policy: PolicyClient, images: dict, state: Any, message: str, timeout_s: float = 30.0) -> Any:
+    """The first chunk served within ``timeout_s``, asking again while no policy process serves."""
+    def chunk() -> Any:
+        try:
+            return policy.infer(images, state, obs_t=time.monotonic())
+        except PeerUnavailable:
+            return None
+
+    return wait_for(chunk, timeout_s=timeout_s, message=message)
 
 
 def test_the_standby_program_is_generated_only_when_asked_for(tmp_path) -> None:
@@ -68,13 +80,7 @@ def test_a_loaded_standby_takes_over_when_the_serving_process_ends(stop_signal, 
         assert first.proc.wait(timeout=30) in (0, -signal.SIGKILL)
         ended = time.monotonic()
 
-        def chunk() -> object:
-            try:
-                return policy.infer(images, state, obs_t=time.monotonic())
-            except PeerUnavailable:
-                return None
-
-        reply = wait_for(chunk, timeout_s=30, message="the standby never served")
+        reply = next_chunk(policy, images, state, "the standby never served")
         taken_over_s = time.monotonic() - ended
         assert reply.actions.shape == (8, 6)
         # Loaded already: well under one start of this node (~10-40 s on this CPU), inference included.
@@ -102,12 +108,6 @@ def test_under_supervisord_a_restart_or_kill_of_the_serving_policy_is_taken_over
     policy = PolicyClient(SocketFactory(), config.policy.endpoint, client_id="robot", timeout_s=30.0, retries=1)
     images, state = observation(config, 1)
 
-    def chunk() -> object:
-        try:
-            return policy.infer(images, state, obs_t=time.monotonic())
-        except PeerUnavailable:
-            return None
-
     try:
         stack.wait_all_ready(timeout_s=240)
         for way in ("restart", "kill -9"):
@@ -122,7 +122,7 @@ def test_under_supervisord_a_restart_or_kill_of_the_serving_policy_is_taken_over
                 stack.ctl("restart", f"server:{serving}", check=True)
             else:
                 stack.kill9(serving)
-            assert wait_for(chunk, timeout_s=30, message=f"no chunk after {way}").actions.shape == (8, 6)
+            assert next_chunk(policy, images, state, f"no chunk after {way}").actions.shape == (8, 6)
             assert time.monotonic() - started < 8.0, (way, time.monotonic() - started)
             back = stack.wait_ready(serving, other_pid=old_pid, timeout_s=240)  # the next standby
             roles_now = [(proc.name, proc.role, proc.pid) for proc in stack.processes()]
@@ -167,12 +167,6 @@ def test_the_images_standby_wrapper_takes_over_stops_on_sigterm_and_exits_2_on_a
     policy = PolicyClient(SocketFactory(), config.policy.endpoint, client_id="robot", timeout_s=30.0, retries=1)
     images, state = observation(config, 2)
 
-    def chunk() -> object:
-        try:
-            return policy.infer(images, state, obs_t=time.monotonic())
-        except PeerUnavailable:
-            return None
-
     try:
         def pair_or_exit() -> tuple[dict, dict] | None:
             assert proc.poll() is None, f"the wrapper exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
@@ -186,7 +180,7 @@ def test_the_images_standby_wrapper_takes_over_stops_on_sigterm_and_exits_2_on_a
         assert policy.infer(images, state, obs_t=time.monotonic()).actions.shape == (8, 6)
         killed = time.monotonic()
         os.kill(serving["pid"], signal.SIGKILL)
-        assert wait_for(chunk, timeout_s=30, message="the standby never served").actions.shape == (8, 6)
+        assert next_chunk(policy, images, state, "the standby never served").actions.shape == (8, 6)
         assert time.monotonic() - killed < 8.0, time.monotonic() - killed
         now_serving, now_standby = wait_for(pair_or_exit, timeout_s=240, message="the killed one never came back")
         assert now_serving["pid"] == standby["pid"] and now_standby["pid"] != serving["pid"]
