@@ -34,13 +34,13 @@ from types import FrameType
 
 from common.config import REPO_ROOT
 from common.refusal import EXIT_REFUSED, REFUSED_DIR, read_refusals
-from common.tools.supervisor_programs import SERVER_GROUP, STANDBY_PROGRAM, Program, render_program
+from common.tools.supervisor_programs import render_groups, render_program, server_programs
 
 log = logging.getLogger("standby")
 
 RUN_DIR = Path(os.environ.get("ARMPIPE_RUN") or REPO_ROOT / "run")  # /app/run in the image; a test sets its own
 CONFIG_NAME = "supervisord-standby.conf"
-PROGRAMS = (Program("policy", "policy", SERVER_GROUP), Program(STANDBY_PROGRAM, "policy", SERVER_GROUP))
+PROGRAMS = server_programs(standby=True)  # policy and policy-standby, as role server with policy.standby
 
 
 def supervisord_arg(arg: str) -> str:
@@ -63,7 +63,7 @@ def render_config(node_args: list[str], run_dir: Path) -> str:
         "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
         f"[supervisorctl]\nserverurl=unix://{run}/supervisor.sock",
         *(render_program(program, REPO_ROOT, command=command, log_to_stdout=True) for program in PROGRAMS),
-        f"[group:{SERVER_GROUP}]\nprograms={','.join(program.name for program in PROGRAMS)}",
+        *render_groups(PROGRAMS),
         # The listener's stdout is supervisord's event protocol; what it says goes to stderr.
         "\n".join(["[eventlistener:refusals]", f"command={python} {supervisord_arg(__file__)} --listen",
                    "events=PROCESS_STATE_EXITED,PROCESS_STATE_FATAL", "stderr_logfile=/dev/stderr",
