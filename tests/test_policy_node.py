@@ -136,6 +136,8 @@ def _request(config, name: str, op: str = "infer", **changes: object) -> Message
             del msg.arrays[value]
         elif key == "meta_drop":
             del msg.meta[value]
+        elif key == "meta_set":
+            msg.meta.update(value)  # type: ignore[call-overload]
         else:
             msg.arrays[key.replace("__", ".")] = value
     return msg
@@ -161,6 +163,12 @@ def test_bad_inputs_get_named_errors_and_the_next_good_request_succeeds(lift_nod
                               "arrays[observation.state]"),
         "missing obs_t": (_request(config, "bad", meta_drop="obs_t"), "meta.obs_t"),
         "control op sent to the policy": (_request(config, "bad", op="start"), "meta.op"),
+        "instruction not a string": (_request(config, "bad", meta_set={"instruction": 7}), "meta.instruction"),
+        "instruction as bytes": (_request(config, "bad", meta_set={"instruction": b"lift"}), "meta.instruction"),
+        "empty instruction": (_request(config, "bad", meta_set={"instruction": ""}), "meta.instruction"),
+        "blank instruction": (_request(config, "bad", meta_set={"instruction": "  \n"}), "meta.instruction"),
+        "instruction over 512 bytes": (_request(config, "bad", meta_set={"instruction": "é" * 257}),
+                                       "meta.instruction"),
     }
     good = client(config, "good")
     for case, (msg, field) in cases.items():
@@ -181,6 +189,15 @@ def test_bad_inputs_get_named_errors_and_the_next_good_request_succeeds(lift_nod
     assert raw.poll(int(TIMEOUT_S * 1000))
     reply = decode(raw.recv_multipart())
     assert reply.kind == KIND_ERROR and reply.meta["field"] == "arrays[observation.images.front]"
+    # An instruction whose bytes are not UTF-8 (the header is valid msgpack otherwise) names the field.
+    header, *rest = encode(_request(config, "bad", meta_set={"instruction": "pick up QQQQ"}))
+    header_bytes = bytes(header)
+    assert header_bytes.count(b"QQQQ") == 1
+    raw.send_multipart([header_bytes.replace(b"QQQQ", b"\xff\xfe\xc3\x28"), *rest], copy=False)
+    assert raw.poll(int(TIMEOUT_S * 1000))
+    reply = decode(raw.recv_multipart())
+    assert reply.kind == KIND_ERROR and reply.meta["field"] == "meta.instruction", reply.meta
+    assert "UTF-8" in reply.meta["expected"]
     # Bytes that are not a message at all still get an error naming the header.
     raw.send_multipart([b"\x93 not msgpack"])
     assert raw.poll(int(TIMEOUT_S * 1000))
@@ -188,6 +205,15 @@ def test_bad_inputs_get_named_errors_and_the_next_good_request_succeeds(lift_nod
     assert reply.kind == KIND_ERROR and reply.meta["field"] == "header"
     raw.close(linger=0)
     assert good.infer(*observation(config, 23), obs_t=4.0).actions.shape == (8, 6)
+    # A policy without language (contract.takes_instruction false) takes a valid instruction and ignores it.
+    assert good.metadata().takes_instruction is False
+    chunks = []
+    for instruction in (None, "pick up the red cube"):
+        good.reset()
+        good.infer(*observation(config, 22), obs_t=3.0)
+        chunks.append(good.infer(*observation(config, 24), obs_t=5.0, instruction=instruction).actions)
+    plain, told = chunks
+    np.testing.assert_array_equal(told, plain)
     requests.close()
     good.close()
 

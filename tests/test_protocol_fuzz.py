@@ -14,7 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.wire.protocol import KIND_FRAME, KIND_REQUEST, Message, ProtocolError, decode, encode
+from common.wire.protocol import (
+    KIND_FRAME,
+    KIND_REQUEST,
+    MAX_INSTRUCTION_BYTES,
+    Message,
+    ProtocolError,
+    check_instruction,
+    decode,
+    encode,
+)
 
 SIDE_EFFECT_FILE = Path("/tmp/armpipe-fuzz-side-effect")
 
@@ -148,3 +157,60 @@ def test_random_inline_numpy_dicts(nd, type_text, kind, shape, data):
     header = {"v": 1, "kind": KIND_FRAME, "src": "x", "seq": 1, "t": 0.0, "meta": {"camera": "c"},
               "arrays": [{"name": "a", "dtype": "uint8", "shape": [1], "enc": "inline", "data": payload}]}
     _decode_only_protocol_errors([msgpack.packb(header, use_bin_type=True)])
+
+
+def _infer_header(instruction: object) -> bytes:
+    header = {"v": 1, "kind": KIND_REQUEST, "src": "x", "seq": 1, "t": 0.0,
+              "meta": {"op": "infer", "client": "c", "obs_t": 1.0, "instruction": instruction}, "arrays": []}
+    return msgpack.packb(header, use_bin_type=True)
+
+
+@settings(max_examples=400, deadline=None)
+@given(instruction=_msgpack_values | st.text(max_size=700), required=st.booleans())
+def test_any_instruction_value_is_text_within_bounds_or_a_named_error(instruction, required):
+    # Whatever a peer puts in meta.instruction: the decoder and the server's check either give back UTF-8 text of
+    # 1..512 bytes that is not blank, or refuse it naming meta.instruction.
+    try:
+        msg = decode([_infer_header(instruction)])
+    except ProtocolError:  # a value that looks like a msgpack-numpy array: refused as the decoder refuses those
+        return
+    try:
+        text = check_instruction(msg.meta, required=required)
+    except ProtocolError as exc:
+        assert exc.field == "meta.instruction"
+        assert "UTF-8 text of 1..512 bytes" in exc.expected
+        return
+    if instruction is None:
+        assert text is None and not required
+    else:
+        assert text == instruction and text.strip()
+        assert 1 <= len(text.encode("utf-8")) <= MAX_INSTRUCTION_BYTES
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(min_size=1, max_size=64))
+def test_instruction_bytes_that_are_not_utf8_name_the_field(raw):
+    # The header is valid msgpack with a str whose bytes are arbitrary: invalid UTF-8 names meta.instruction,
+    # valid UTF-8 decodes as that text.
+    placeholder = "Z" * len(raw)
+    header = _infer_header(placeholder)
+    assert header.count(placeholder.encode()) == 1
+    header = header.replace(placeholder.encode(), raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(ProtocolError) as info:
+            decode([header])
+        assert info.value.field == "meta.instruction"
+        return
+    assert decode([header]).meta["instruction"] == text
+
+
+def test_an_oversized_or_empty_instruction_is_refused_before_it_is_sent():
+    from common.wire.policy_client import PolicyClient
+
+    client = PolicyClient.__new__(PolicyClient)  # infer checks the instruction before it touches a socket
+    for bad in ("", "x" * (MAX_INSTRUCTION_BYTES + 1), 12):
+        with pytest.raises(ProtocolError) as info:
+            client.infer({}, np.zeros(6, np.float32), 0.0, instruction=bad)  # type: ignore[arg-type]
+        assert info.value.field == "meta.instruction"

@@ -41,6 +41,9 @@ class PolicyContract:
     # The checkpoint's dataset statistics (its normaliser's), robot units: {"observation.state" | "action":
     # {"min" | "max" | "mean": [one value per name]}}; empty when the checkpoint has none.
     stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # A language policy (SmolVLA, pi0, pi0.5): every infer request must carry meta.instruction. False from
+    # servers older than the field.
+    takes_instruction: bool = False
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)

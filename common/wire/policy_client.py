@@ -11,7 +11,7 @@ import numpy as np
 
 from common.wire.contract import RTC_DELAY_KEY, RTC_GUIDE_KEY, RTC_PREFIX_KEY, STATE_KEY, PolicyContract, image_key
 from common.wire.images import JpegImage
-from common.wire.protocol import KIND_REQUEST, Message, ProtocolError
+from common.wire.protocol import INSTRUCTION_KEY, KIND_REQUEST, Message, ProtocolError, check_instruction
 from common.wire.transport import RequestClient, SocketFactory
 
 
@@ -53,7 +53,8 @@ class PolicyClient:
 
     def infer(self, images: Mapping[str, np.ndarray | JpegImage], state: np.ndarray, obs_t: float, *,
               jpeg: bool | Mapping[str, int] = False, timeout_s: float | None = None,
-              rtc_prefix: np.ndarray | None = None, rtc_delay_rows: int = 0) -> ChunkReply:
+              rtc_prefix: np.ndarray | None = None, rtc_delay_rows: int = 0,
+              instruction: str | None = None) -> ChunkReply:
         """Ask for one action chunk. ``images`` maps camera name -> uint8 HxWx3 RGB, or a ``JpegImage``.
 
         A ``JpegImage`` goes out as the very bytes it holds (a camera's JPEG is never decoded and encoded
@@ -63,6 +64,10 @@ class PolicyClient:
         ``rtc_prefix`` (rows, action_dim), robot units: the actions meant for ``obs_t + k / fps`` that ran or
         will run while this chunk is computed; the chunk continues them (its first ``rtc_delay_rows`` rows
         are these rows). Only for a policy whose contract has ``extra.rtc_max_prefix_rows`` > 0.
+
+        ``instruction``: the task in words (UTF-8, 1..512 bytes), sent as ``meta.instruction``; a policy whose
+        contract has ``takes_instruction`` refuses a request without one, the others ignore it. A bad one
+        raises ``ProtocolError`` here, before anything is sent.
         """
         arrays: dict[str, np.ndarray] = {}
         as_jpeg: set[str] = set()
@@ -81,6 +86,8 @@ class PolicyClient:
                     qualities[key] = 90 if jpeg is True else int(jpeg[name])
         arrays[STATE_KEY] = np.asarray(state, dtype=np.float32)
         meta: dict = {"obs_t": float(obs_t)}
+        if instruction is not None:
+            meta[INSTRUCTION_KEY] = check_instruction({INSTRUCTION_KEY: instruction}, required=True)
         if shapes:
             meta["_jpeg_shapes"] = shapes  # read by protocol.encode for the bytes passed through, not sent
         if rtc_prefix is not None and len(rtc_prefix):

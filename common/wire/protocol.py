@@ -62,6 +62,11 @@ MAX_INLINE_BYTES = 4096  # arrays at most this big ride in the header by default
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket (per frame)
 MAX_NAME_LEN = 128
 
+# A language policy's task instruction: ``meta.instruction`` of an ``infer`` request, UTF-8 text of
+# 1..MAX_INSTRUCTION_BYTES bytes (docs/protocol.md, section 5).
+INSTRUCTION_KEY = "instruction"
+MAX_INSTRUCTION_BYTES = 512
+
 
 class ProtocolError(ValueError):
     """A message that does not follow the protocol. ``field`` names the offending field."""
@@ -289,6 +294,9 @@ def decode(frames: Sequence[Any]) -> Message:
         )
     except ProtocolError:
         raise
+    except UnicodeDecodeError as exc:
+        _refuse_invalid_text(header_view)
+        raise ProtocolError("header", "a msgpack map with UTF-8 strings", f"{type(exc).__name__}: {exc}") from exc
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError("header", "a msgpack map", f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(header, dict):
@@ -372,6 +380,52 @@ def decode(frames: Sequence[Any]) -> Message:
     msg = Message(kind=kind, src=src, seq=seq, t=float(t), meta=meta, arrays=arrays, jpeg=jpeg)
     validate_meta(msg)
     return msg
+
+
+def _refuse_invalid_text(header_view: memoryview) -> None:
+    """A header whose strings are not all UTF-8: when the bad one is ``meta.instruction`` (user-typed text,
+    the one string a person writes), say so by name; otherwise return and the caller names the header."""
+    try:
+        header = msgpack.unpackb(header_view, raw=False, strict_map_key=False, object_hook=_safe_numpy_hook,
+                                 unicode_errors="surrogateescape")
+    except Exception:  # garbage elsewhere too: the caller's header error stands
+        return
+    meta = header.get("meta") if isinstance(header, dict) else None
+    value = meta.get(INSTRUCTION_KEY) if isinstance(meta, dict) else None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ProtocolError(f"meta.{INSTRUCTION_KEY}", _INSTRUCTION_EXPECTED,
+                                f"invalid UTF-8 at byte {exc.start}") from None
+
+
+_INSTRUCTION_EXPECTED = f"the task instruction as UTF-8 text of 1..{MAX_INSTRUCTION_BYTES} bytes"
+
+
+def check_instruction(meta: Mapping[str, Any], *, required: bool) -> str | None:
+    """``meta.instruction`` of an ``infer`` request: the text, or ``None`` when it is absent and not
+    ``required`` (a policy that takes no instruction ignores one). Raises ``ProtocolError`` on
+    ``meta.instruction`` for a non-string, empty or oversized value, and when a language policy
+    (``required``) gets none."""
+    where = f"meta.{INSTRUCTION_KEY}"
+    if INSTRUCTION_KEY not in meta or meta[INSTRUCTION_KEY] is None:
+        if required:
+            raise ProtocolError(where, f"{_INSTRUCTION_EXPECTED} (field is missing; this policy takes a language "
+                                "instruction: contract.takes_instruction is true)")
+        return None
+    value = meta[INSTRUCTION_KEY]
+    if not isinstance(value, str):
+        raise ProtocolError(where, _INSTRUCTION_EXPECTED, type(value).__name__)
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a str that came through surrogateescape: not UTF-8 on the wire
+        raise ProtocolError(where, _INSTRUCTION_EXPECTED, f"invalid UTF-8 at character {exc.start}") from None
+    if not value.strip():
+        raise ProtocolError(where, _INSTRUCTION_EXPECTED, "empty text" if not value else "only whitespace")
+    if size > MAX_INSTRUCTION_BYTES:
+        raise ProtocolError(where, _INSTRUCTION_EXPECTED, f"{size} bytes")
+    return value
 
 
 def decode_images(msg: Message) -> Message:

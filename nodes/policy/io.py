@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from common.wire.contract import ACTION_KEY, IMAGE_KEY_PREFIX, RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, image_key
-from common.wire.protocol import Message, ProtocolError
+from common.wire.protocol import Message, ProtocolError, check_instruction
 from nodes.policy.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Observation:
     state: np.ndarray  # float32 (state_dim,)
     obs_t: float
     rtc: RtcPrefix | None = None
+    instruction: str | None = None  # meta.instruction, checked (a language policy's task)
 
 
 def validate_rtc(msg: Message, action_dim: int, max_rows: int) -> RtcPrefix | None:
@@ -91,10 +92,11 @@ def validate_rtc(msg: Message, action_dim: int, max_rows: int) -> RtcPrefix | No
 
 
 def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int, *, action_dim: int = 0,
-                     rtc_rows: int = 0) -> Observation:
+                     rtc_rows: int = 0, takes_instruction: bool = False) -> Observation:
     """Check an ``infer`` request against the contract; raises ``ProtocolError`` naming the bad field.
 
-    ``rtc_rows``: the longest rtc prefix this policy accepts (0: none)."""
+    ``rtc_rows``: the longest rtc prefix this policy accepts (0: none). ``takes_instruction``: a language
+    policy, which needs ``meta.instruction``; the others check one when it is sent and ignore it."""
     obs_t = msg.meta.get("obs_t")
     if obs_t is None:
         raise ProtocolError("meta.obs_t", "the observation time in seconds (field is missing)")
@@ -132,7 +134,8 @@ def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int
         raise ProtocolError(f"arrays[{STATE_KEY}]", "finite values (no NaN or inf)",
                             f"{state[bad[0]]} at index {int(bad[0])}")
     rtc = validate_rtc(msg, action_dim, rtc_rows)
-    return Observation(images=images, jpeg=jpeg, state=state, obs_t=float(obs_t), rtc=rtc)
+    instruction = check_instruction(msg.meta, required=takes_instruction)
+    return Observation(images=images, jpeg=jpeg, state=state, obs_t=float(obs_t), rtc=rtc, instruction=instruction)
 
 
 class InputLoader:

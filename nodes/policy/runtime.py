@@ -37,6 +37,9 @@ from nodes.policy.sessions import SessionStore
 from nodes.policy.speed import SpeedOptions, use_compile_cache
 
 MAX_CLIENT_ID_LEN = 128
+# LeRobot policy types that read a task instruction (LeRobot's ``task``): their contract says
+# takes_instruction, and an infer request without meta.instruction is refused.
+LANGUAGE_TYPES = ("smolvla", "pi0", "pi05")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,6 +150,7 @@ class PolicyRuntime:
                    "rtc_guide_rows": self.engine.guide_rows if self.rtc_max_rows else 0,
                    "rtc_guidance": settings.rtc_guidance if self.rtc_max_rows else ""},
             stats=checkpoint_joint_stats(self.preprocessor, self.postprocessor),
+            takes_instruction=self.policy_config.type in LANGUAGE_TYPES,
         )
 
     def _sync(self) -> None:
@@ -159,7 +163,7 @@ class PolicyRuntime:
         and finished in a later one counts there (the chunk's copy to the host waits for all of it)."""
         start = time.perf_counter()
         obs = validate_request(request, self.cameras, self.state_dim, action_dim=self.action_dim,
-                               rtc_rows=self.rtc_max_rows)
+                               rtc_rows=self.rtc_max_rows, takes_instruction=self.contract.takes_instruction)
         inputs = self.inputs.load(obs)
         decoded = time.perf_counter()
         if not self.normaliser.direct:
