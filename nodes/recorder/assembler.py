@@ -94,6 +94,7 @@ class _OpenEpisode:
     idle_since: float | None = None  # first idle tick (episode_index -1) seen while this episode is open
     last_episode_tick: int = -1  # the actuator's episode_tick of the last tick seen
     backlog_max_ticks: int = 0
+    shedding: bool = False  # the writer fell behind: ticks are dropped until its queue is half empty
 
     def drop(self, reason: str, count: int = 1) -> int:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -289,8 +290,14 @@ class TickAssembler:
             return True
         if not tick.inputs_matched:
             self.counters["unmatched"] += 1
+        limit = self.config.recorder.queue_ticks
         with self.lock:
-            full = self.ticks_waiting >= self.config.recorder.queue_ticks
+            # Once full, ticks are dropped until the writer has worked off half its queue: one longer gap
+            # rather than every other tick, so the recording is cut into few parts (nodes.recorder.parts).
+            if episode.shedding and self.ticks_waiting <= limit // 2:
+                episode.shedding = False
+            full = episode.shedding or self.ticks_waiting >= limit
+            episode.shedding = full
             if not full:
                 self.ticks_waiting += 1
         if full:

@@ -33,8 +33,6 @@ V3_CODEBASE_VERSION = "v3.0"
 V3_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 V3_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 STATS_QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
-# The LeRobot episode index inside each one-episode dataset.
-DATASET_EPISODE = 0
 # Each camera's fragmented MP4 while the episode is open (nodes.recorder.video).
 STREAM_DIR = "stream"
 
@@ -105,11 +103,14 @@ class OneEpisodeDataset:
             raise RuntimeError("; ".join(errors))
         return results
 
-    def save(self, task: str, videos: dict[str, VideoResult] | None = None) -> None:
+    def save(self, task: str, videos: dict[str, VideoResult] | None = None,
+             parts: list[dict[str, Any]] | None = None) -> None:
         """Write the videos, parquet and json files of the finished episode.
 
         ``videos``: the camera streams already closed (recovery passes what it read back); by default the
-        encoders of this episode are closed here."""
+        encoders of this episode are closed here. ``parts``: where the recording was cut at gaps in time
+        (``nodes.recorder.parts.split_parts``): each part becomes one LeRobot episode of this dataset whose
+        timestamps run at ``fps`` from 0, so no part compresses time; by default the whole is one part."""
         if videos is None:
             videos = self.close()
         count = self.frames
@@ -123,11 +124,18 @@ class OneEpisodeDataset:
                 raise RuntimeError(f"{key}: the video has {copied} frames, the episode {count}")
             video_info[key] = self._video_info(key, codec)
         states, actions = np.stack(self.states), np.stack(self.actions)
-        frame_index = np.arange(count, dtype=np.int64)
+        if not parts:
+            parts = [{"part": 0, "from_frame": 0, "frames": count, "start_s": 0.0}]
+        if sum(int(part["frames"]) for part in parts) != count:
+            raise ValueError(f"the parts cover {sum(int(p['frames']) for p in parts)} frames, the episode {count}")
+        part_of = np.concatenate([np.full(int(part["frames"]), index, dtype=np.int64)
+                                  for index, part in enumerate(parts)])
+        starts = np.array([int(part["from_frame"]) for part in parts], dtype=np.int64)
+        frame_index = np.arange(count, dtype=np.int64) - starts[part_of]
         columns: dict[str, np.ndarray] = {
             STATE_KEY: states, ACTION_KEY: actions,
             "timestamp": (frame_index / self.fps).astype(np.float32), "frame_index": frame_index,
-            "episode_index": np.zeros(count, dtype=np.int64), "index": frame_index.copy(),
+            "episode_index": part_of, "index": np.arange(count, dtype=np.int64),
             "task_index": np.zeros(count, dtype=np.int64),
         }
         data = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
@@ -140,19 +148,30 @@ class OneEpisodeDataset:
                  for name, values in columns.items()}
         for key in self.camera_keys:
             stats[key] = _image_stats(videos[key].histogram)
-        episode: dict[str, Any] = {
-            "episode_index": DATASET_EPISODE, "tasks": [task], "length": count,
-            "data/chunk_index": 0, "data/file_index": 0, "dataset_from_index": 0, "dataset_to_index": count,
-        }
-        for key in self.camera_keys:
-            episode.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
-                            f"videos/{key}/from_timestamp": 0.0, f"videos/{key}/to_timestamp": count / self.fps})
-        for name, feature_stats in stats.items():
-            episode.update({f"stats/{name}/{stat}": value for stat, value in feature_stats.items()})
-        episode.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+        episodes: list[dict[str, Any]] = []
+        for index, part in enumerate(parts):
+            first, length = int(part["from_frame"]), int(part["frames"])
+            episode: dict[str, Any] = {
+                "episode_index": index, "tasks": [task], "length": length,
+                "data/chunk_index": 0, "data/file_index": 0, "dataset_from_index": first,
+                "dataset_to_index": first + length,
+            }
+            for key in self.camera_keys:
+                # One video per camera for the whole recording: a part is its stretch of frames.
+                episode.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
+                                f"videos/{key}/from_timestamp": first / self.fps,
+                                f"videos/{key}/to_timestamp": (first + length) / self.fps})
+            rows = slice(first, first + length)
+            part_stats = stats if len(parts) == 1 else {
+                name: _feature_stats(values[rows] if values.ndim == 2 else values[rows].reshape(-1, 1))
+                for name, values in columns.items()} | {key: stats[key] for key in self.camera_keys}
+            for name, feature_stats in part_stats.items():
+                episode.update({f"stats/{name}/{stat}": value for stat, value in feature_stats.items()})
+            episode.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+            episodes.append(episode)
         episodes_path = self.root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
         episodes_path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist([episode]), episodes_path)
+        pq.write_table(pa.Table.from_pylist(episodes), episodes_path)
         pd.DataFrame({"task_index": [0]}, index=pd.Index([task], name="task")).to_parquet(
             self.root / "meta" / "tasks.parquet")
         (self.root / "meta" / "stats.json").write_text(json.dumps(stats, indent=4))
@@ -165,10 +184,13 @@ class OneEpisodeDataset:
                             for name in ("frame_index", "episode_index", "index", "task_index")}})
         info = {
             "codebase_version": V3_CODEBASE_VERSION, "fps": self.fps, "features": features,
-            "total_episodes": 1, "total_frames": count, "total_tasks": 1, "chunks_size": 1000,
+            "total_episodes": len(parts), "total_frames": count, "total_tasks": 1, "chunks_size": 1000,
             "data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
             "data_path": V3_DATA_PATH, "video_path": V3_VIDEO_PATH, "robot_type": self.robot_type,
-            "splits": {"train": "0:1"},
+            "splits": {"train": f"0:{len(parts)}"},
+            # armpipe's own key (LeRobot ignores it): one entry per LeRobot episode of this recording, with
+            # where it starts in true time; more than one means the recording was cut at a gap in time.
+            "armpipe_parts": parts,
         }
         (self.root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
         shutil.rmtree(self.root / STREAM_DIR, ignore_errors=True)

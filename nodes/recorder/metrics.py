@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nodes.recorder.parts import gap_summary
 from nodes.recorder.writer import EpisodeOutcome
 
 METRICS_FILE = "metrics.jsonl"
@@ -97,6 +98,8 @@ def episode_metrics(outcome: EpisodeOutcome, names: list[str]) -> dict[str, Any]
         "inputs_matched_fraction": float(ticks["inputs_matched"].mean()) if not ticks.empty else None,
         "implicit_start": info.implicit_start,
         "recovered": outcome.recovered,
+        # A recording cut at gaps in time (nodes.recorder.parts): its parts and the gaps between them.
+        **gap_summary(outcome.parts),
     }
 
 
@@ -168,8 +171,12 @@ def summarize(output_dir: Path) -> dict[str, Any]:
         } if compared else None,
         "dropped_ticks": int(sum(entry.get("dropped_ticks", 0) for entry in episodes)),
         "recovered_episodes": [entry["episode"] for entry in episodes if entry.get("recovered")],
+        # Recordings cut into parts at gaps in time (none of them compresses time): name -> parts, gap seconds.
+        "split_episodes": {entry["episode"]: {"parts": entry["parts"], "gap_s": entry.get("gap_s", 0.0)}
+                           for entry in episodes if int(entry.get("parts", 1)) > 1},
         "per_episode": [{"episode": e["episode"], "label": e.get("label", ""), "duration_s": e.get("duration_s"),
-                         "frames": e.get("frames"), "stop_reason": e.get("stop_reason")} for e in episodes],
+                         "frames": e.get("frames"), "stop_reason": e.get("stop_reason"), "parts": e.get("parts", 1)}
+                        for e in episodes],
         "updated_wall": time.time(),
     }
 

@@ -45,6 +45,7 @@ from common.layout import dataset_features
 from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
 from common.wire.images import JpegImage
 from nodes.recorder.lerobot_v3 import STREAM_DIR, OneEpisodeDataset
+from nodes.recorder.parts import split_parts
 from nodes.recorder.video import (
     VideoResult,
     decoded_histogram,
@@ -149,6 +150,7 @@ class EpisodeOutcome:
     recovered: bool
     path: Path
     backlog_max_ticks: int = 0  # the most ticks that waited for the writer during the episode
+    parts: list[dict[str, Any]] = field(default_factory=list)  # nodes.recorder.parts.split_parts
 
     @property
     def dropped_ticks(self) -> int:
@@ -294,7 +296,11 @@ class EpisodeWriter:
             log.warning("%s: no frames recorded; nothing saved", self.info.name)
             return None
         started = time.monotonic()
-        self.dataset.save(self.task)
+        parts = split_parts(self.tick_rows, self.config.fps, lockstep=self.config.actuator.lockstep)
+        self.dataset.save(self.task, parts=parts)
+        if len(parts) > 1:
+            log.warning("%s: cut into %d parts at gaps in time (%s)", self.info.name, len(parts),
+                        ", ".join(f"{p['gap_ticks']} tick(s) before {p['start_s']:.2f} s" for p in parts[1:]))
         log.info("%s: %d frames saved in %.1f s (videos were encoded as the episode ran)", self.info.name,
                  self.frames, time.monotonic() - started)
         return _complete(self.output_dir, self.root, self.info, label=self.label, stop_reason=self.stop_reason,
@@ -302,17 +308,22 @@ class EpisodeWriter:
                          tick_rows=self.tick_rows, chunk_rows=self.chunk_rows, latency_rows=self.latency_rows,
                          hold_events=self.hold_events,
                          rejected=self.rejected, dropped=self.dropped, recovered=False,
-                         backlog_max_ticks=self.backlog_max_ticks)
+                         backlog_max_ticks=self.backlog_max_ticks, parts=parts)
 
 
 def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, stop_reason: str, ended_t: float,
               ended_wall: float, frames: int, tick_rows: list[dict[str, Any]], chunk_rows: list[dict[str, Any]],
               hold_events: dict[str, int], rejected: dict[str, int], dropped: dict[str, int],
               recovered: bool, backlog_max_ticks: int = 0,
-              latency_rows: list[dict[str, Any]] | None = None) -> EpisodeOutcome:
+              latency_rows: list[dict[str, Any]] | None = None,
+              parts: list[dict[str, Any]] | None = None) -> EpisodeOutcome:
     """Write the side files into a finalised dataset root and rename it into ``output_dir``."""
     side = root / SIDE_DIR
     side.mkdir(exist_ok=True)
+    parts = parts or []
+    for part in parts:  # which LeRobot episode (part) of the recording each frame is in
+        for row in tick_rows[int(part["from_frame"]):int(part["from_frame"]) + int(part["frames"])]:
+            row["part"] = int(part["part"])
     ticks = pd.DataFrame(tick_rows)
     if "inputs" in ticks:
         ticks["inputs"] = ticks["inputs"].map(lambda value: json.dumps(value, sort_keys=True))
@@ -325,7 +336,7 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
     (side / OUTCOME_FILE).write_text(json.dumps({
         "info": asdict(info), "label": label, "stop_reason": stop_reason, "ended_t": ended_t,
         "ended_wall": ended_wall, "frames": frames, "hold_events": hold_events, "rejected": rejected,
-        "dropped": dropped, "recovered": recovered, "backlog_max_ticks": backlog_max_ticks}))
+        "dropped": dropped, "recovered": recovered, "backlog_max_ticks": backlog_max_ticks, "parts": parts}))
     shutil.rmtree(root / STREAM_DIR, ignore_errors=True)  # the camera streams, now copied into videos/
     (root / JOURNAL).unlink(missing_ok=True)
     final = output_dir / info.name
@@ -335,7 +346,7 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
     return EpisodeOutcome(info=info, label=label, stop_reason=stop_reason, ended_t=ended_t, ended_wall=ended_wall,
                           frames=frames, ticks=ticks, chunks=chunks, hold_events=hold_events,
                           rejected_ticks=rejected, dropped=dropped, recovered=recovered, path=final,
-                          backlog_max_ticks=backlog_max_ticks)
+                          backlog_max_ticks=backlog_max_ticks, parts=parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,7 +373,8 @@ def load_outcome(path: Path) -> EpisodeOutcome:
                           chunks=pd.read_parquet(path / SIDE_DIR / "chunks.parquet"),
                           hold_events=saved["hold_events"], rejected_ticks=saved["rejected"],
                           dropped=saved.get("dropped", {}), recovered=saved["recovered"], path=path,
-                          backlog_max_ticks=int(saved.get("backlog_max_ticks", 0)))
+                          backlog_max_ticks=int(saved.get("backlog_max_ticks", 0)),
+                          parts=list(saved.get("parts") or []))
 
 
 def pending_work(output_dir: Path) -> list[Path]:
@@ -443,7 +455,8 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
             stop = entry
     videos = {key: VideoResult(frames=frames, codec="", histogram=decoded_histogram(dataset.stream_path(key), frames))
               for key in dataset.camera_keys}
-    dataset.save(config.task, videos)
+    parts = split_parts(tick_rows, config.fps, lockstep=config.actuator.lockstep)
+    dataset.save(config.task, videos, parts=parts)
     dropped = {str(k): int(v) for k, v in (stop.get("dropped") or {}).items()}
     if len(ticks) > frames:
         dropped[DROP_RECORDER_CRASHED] = dropped.get(DROP_RECORDER_CRASHED, 0) + len(ticks) - frames
@@ -454,6 +467,6 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
                         chunk_rows=chunk_rows, latency_rows=latency_rows, hold_events=hold_events,
                         rejected=stop.get("rejected", {}),
                         dropped=dropped, recovered=True,
-                        backlog_max_ticks=int(stop.get("backlog_max_ticks", 0)))
+                        backlog_max_ticks=int(stop.get("backlog_max_ticks", 0)), parts=parts)
     log.warning("%s: recovered %d of %d journaled frames after a recorder crash", info.name, frames, len(ticks))
     return outcome

@@ -1,0 +1,149 @@
+"""A recording never compresses time (issue 25, item 3).
+
+The recorder's own receiver (``TickAssembler``), writer and finisher threads run here as in the node,
+with real camera encoders and LeRobot v3 files; the writer is forced to stall for two seconds in the
+middle of an episode, so more ticks arrive than ``recorder.queue_ticks`` can hold. The saved recording
+must then be cut into parts at the gap, each a LeRobot episode whose timestamps, plus the part's
+``start_s``, are the actuator's scheduled tick times; the summary says the episode was split. The
+actuator's own skipped tick (too late for it) cuts a part too.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from conftest import wait_for
+from test_recorder import image_for, load_dataset, small_config
+
+from common.config import load_config
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
+from nodes.recorder.__main__ import Finisher, Writer
+from nodes.recorder.assembler import TickAssembler
+from nodes.recorder.writer import EpisodeWriter
+
+
+class InProcessRecorder:
+    """The recorder's threads without its sockets: the test hands it messages as its receiver would."""
+
+    def __init__(self, config: Any, output_dir: Path) -> None:
+        self.config = config
+        self.work: queue.Queue[Any] = queue.Queue()
+        self.finisher = Finisher(config, output_dir)
+        self.assembler = TickAssembler(config, output_dir, self.work)
+        self.writer = Writer(config, output_dir, self.work, self.assembler, self.finisher)
+        self.finisher.start()
+        self.writer.start()
+        self.seq: dict[str, int] = {}
+
+    def send(self, kind: str, t: float, meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+             src: str = "actuator") -> Message:
+        self.seq[src] = self.seq.get(src, 0) + 1
+        msg = Message(kind=kind, src=src, seq=self.seq[src], t=t, meta=meta, arrays=arrays or {})
+        self.assembler.on_message(msg, time.monotonic())
+        return msg
+
+    def close(self) -> None:
+        self.assembler.shutdown()
+        self.work.put(None)
+        self.writer.join(timeout=60)
+        self.finisher.jobs.put(None)
+        self.finisher.join(timeout=60)
+
+
+def test_a_stalled_writer_cuts_the_recording_into_parts_that_keep_true_time(tmp_path: Path, monkeypatch: Any) -> None:
+    config = load_config(small_config(tmp_path, queue_ticks=20))
+    output_dir = tmp_path / "recordings"
+    output_dir.mkdir()
+    names = config.action_names()
+    period = 1.0 / config.fps
+
+    running = threading.Event()
+    running.set()
+    add_tick = EpisodeWriter.add_tick
+
+    def stalling_add_tick(self: EpisodeWriter, tick: Any) -> None:
+        running.wait()  # the forced stall: the writer takes nothing while it is cleared
+        add_tick(self, tick)
+
+    monkeypatch.setattr(EpisodeWriter, "add_tick", stalling_add_tick)
+    recorder = InProcessRecorder(config, output_dir)
+    episode_id = "7f0c1e2d-episode"
+    t0 = time.monotonic()
+    slot_of: dict[int, int] = {}  # episode_tick -> the actuator's tick slot (scheduled at t0 + slot / fps)
+    try:
+        recorder.send(KIND_EVENT, t0, {"event": "episode_start", "episode_index": 0, "episode_id": episode_id,
+                                       "label": "", "reason": "start"})
+        skipped = 0
+        for k in range(150):
+            if k == 40:
+                running.clear()  # the writer stalls: ticks pile up past queue_ticks and are dropped
+            if k == 100:
+                running.set()
+            if k == 130:
+                skipped += 1  # the actuator itself was too late for one tick and skipped it (missed_ticks)
+            slot = slot_of[k] = k + skipped
+            scheduled = t0 + slot * period
+            lateness = 0.003 * (k % 4)
+            inputs = {}
+            for index, camera in enumerate(config.cameras):
+                msg = recorder.send(KIND_FRAME, scheduled - 0.01, {"camera": camera, "source": "camera"},
+                                    {"image": image_for(index, k)}, src=f"camera-{camera}")
+                inputs[camera] = msg.seq
+            state = np.arange(len(names), dtype=np.float32) + k
+            for arm_index, (arm, arm_config) in enumerate(config.arms.items()):
+                msg = recorder.send(KIND_STATE, scheduled - 0.01, {"arm": arm, "names": arm_config.joint_names(),
+                                                                   "source": "robot"},
+                                    {"position": state[arm_index * 6:(arm_index + 1) * 6].copy()},
+                                    src=f"state_reader-{arm}")
+                inputs[arm] = msg.seq
+            recorder.send(KIND_ACTION, scheduled + lateness, {
+                "role": "executed", "names": names, "tick": 1000 + k, "hold": False, "hold_reason": "",
+                "episode_index": 0, "episode_id": episode_id, "episode_tick": k, "obs_t": scheduled - 0.01,
+                "inputs": inputs, "frame_index": -1, "queue_depth": 4, "lateness_s": lateness},
+                {"action": state + 1})
+            time.sleep(0.02)
+        recorder.send(KIND_EVENT, t0 + 152 * period, {
+            "event": "episode_stop", "episode_index": 0, "episode_id": episode_id, "label": "success",
+            "reason": "stop"})
+        wait_for(lambda: (output_dir / "summary.json").exists(), timeout_s=120, message="the episode was never saved")
+    finally:
+        running.set()
+        recorder.close()
+
+    root = output_dir / "episode_000000"
+    metrics = json.loads((root / "armpipe" / "episode.json").read_text())
+    assert metrics["dropped_ticks_by_reason"].get("writer_behind", 0) > 0, metrics["dropped_ticks_by_reason"]
+    info = json.loads((root / "meta" / "info.json").read_text())
+    parts = info["armpipe_parts"]
+    # One cut where the stalled writer dropped ticks, one where the actuator skipped a tick.
+    assert len(parts) == 3, parts
+    assert metrics["parts"] == 3 and len(metrics["gaps"]) == 2
+    assert metrics["gaps"][1]["ticks"] == 1 and abs(metrics["gaps"][1]["seconds"] - period) < 1e-6
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["split_episodes"]["episode_000000"]["parts"] == 3
+
+    # Every saved frame's timestamp, plus its part's start, is its tick's scheduled time on the actuator.
+    ticks = pd.read_parquet(root / "armpipe" / "ticks.parquet")
+    dataset = load_dataset(root)
+    assert dataset.num_episodes == 3 and dataset.num_frames == len(ticks) < 150
+    first_slot = slot_of[int(ticks["episode_tick"].iloc[0])]
+    for index in range(dataset.num_frames):
+        row = dataset.hf_dataset[index]
+        part = parts[int(row["episode_index"])]
+        episode_tick = int(ticks["episode_tick"].iloc[index])
+        true_s = (slot_of[episode_tick] - first_slot) * period
+        assert abs(part["start_s"] + float(row["timestamp"]) - true_s) < 1e-4, (index, episode_tick, part)
+        np.testing.assert_allclose(row["observation.state"].numpy(), np.arange(len(names)) + episode_tick)
+    # The images are the ticks' own: the first frame of each part decodes to its tick's picture.
+    for part in parts:
+        frame = dataset[int(part["from_frame"])]
+        episode_tick = int(ticks["episode_tick"].iloc[int(part["from_frame"])])
+        image = frame["observation.images.front"].permute(1, 2, 0).numpy()
+        assert np.abs(image - image_for(0, episode_tick).astype(np.float32) / 255.0).mean() < 0.06
