@@ -4,13 +4,14 @@ and the lockstep pipeline (player + actuator + policy, all real processes) score
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PYTHON, REPO_ROOT, NodeProcess, write_config
+from conftest import PYTHON, REPO_ROOT, NodeProcess, wait_for, write_config
 
 from common.config import load_config
 from common.tools.demo_data import DemoSpec, generate_demo_dataset
@@ -25,6 +26,7 @@ from common.tools.offline_eval import (
     summarise,
 )
 
+POLICY_NODES: dict[Path, NodeProcess] = {}  # the module's policy node, by its config path
 FRAMES = 10  # per episode: more than one 8-row chunk, few enough for a diffusion policy on a busy 2-core CPU
 
 
@@ -99,6 +101,7 @@ def policy_node(tiny_checkpoint, lift_dataset: Path, tmp_path_factory: pytest.Te
         "arms": {"main": {"rest_pose": []}},
     })
     node = NodeProcess("policy", config_path).start()
+    POLICY_NODES[config_path] = node
     try:
         node.wait_ready(300)
         yield config_path
@@ -125,6 +128,41 @@ def test_predict_path_gives_the_same_numbers_in_process_and_from_the_cli(policy_
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((output / "offline_eval.json").read_text())
     assert [e["mae"] for e in saved["episodes"]] == [e.mae for e in report.episodes]
+    assert (output / "offline_eval.png").stat().st_size > 10_000
+
+
+def test_a_run_that_gives_up_writes_what_it_scored_and_logs_a_line_per_episode(policy_node: Path,
+                                                                              tmp_path: Path) -> None:
+    """The policy stops answering (SIGSTOP) after episode 0 was scored: the run ends with exit 1 and an error,
+    and offline_eval.json holds episode 0, marked incomplete. Its stderr is a file, not a terminal: no
+    progress-bar redraws, a line per episode."""
+    output, log_path = tmp_path / "eval", tmp_path / "offline_eval.log"
+    policy = POLICY_NODES[policy_node]
+    with log_path.open("w") as log_file:
+        run = subprocess.Popen([PYTHON, "-m", "common.tools.offline_eval", "predict", "--config", str(policy_node),
+                                "--output", str(output), "--episodes", "0", "1", "--attempts", "2",
+                                "--policy.timeout_s=2"], cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "episode 0: mean MAE" in log_path.read_text() or run.poll() is not None, timeout_s=240,
+                     interval_s=0.05, message="episode 0 was never scored")
+            assert policy.proc is not None
+            policy.proc.send_signal(signal.SIGSTOP)
+            try:
+                returncode = run.wait(timeout=120)
+            finally:
+                policy.proc.send_signal(signal.SIGCONT)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    text = log_path.read_text()
+    assert returncode == 1, text[-3000:]
+    assert "\r" not in text  # no progress bar in a log file
+    assert "did not answer" in text and "INCOMPLETE" in text
+    saved = json.loads((output / "offline_eval.json").read_text())
+    assert saved["complete"] is False and "did not answer" in saved["incomplete"]
+    assert saved["episodes"][0]["episode_index"] == 0 and saved["episodes"][0]["complete"] is True
+    assert saved["episodes"][0]["compared"] == sum(min(8, FRAMES - i) for i in range(FRAMES))
+    assert all(e["compared"] > 0 for e in saved["episodes"]) and np.isfinite(saved["overall_mean_mae"])
     assert (output / "offline_eval.png").stat().st_size > 10_000
 
 

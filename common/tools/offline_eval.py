@@ -19,8 +19,9 @@ i+1; ``--row-offset 1`` reproduces that (compare row k with frame i+k+1) for sid
 
 A slow policy server is waited for, not given up on at the first slow reply: every request is retried
 with a growing timeout (``policy.timeout_s``, then doubled per attempt, ``--attempts`` in all), and only
-then does the run stop with an error that names the frame, the timeouts tried and what to check. A bar on
-stderr shows the progress over episodes.
+then does the run stop with an error that names the frame, the timeouts tried and what to check; what was
+scored until then is still written, marked ``"complete": false`` with the reason. A progress bar is drawn
+on stderr only when it is a terminal; a redirected log gets one line per episode.
 
     python -m common.tools.offline_eval predict --config configs/lift.yaml --output eval/lift [--episodes 0 1]
     python -m common.tools.offline_eval executed --config configs/lift.yaml --output eval/lift --count 2 --drive
@@ -68,6 +69,7 @@ class EpisodeErrors:
     horizon_mae: list[float] = field(default_factory=list)  # predict: mean |error| of chunk row k
     holds: int = 0  # executed: ticks that held position instead of acting
     run: int = 0  # which pass over the data (the same dataset episode may be evaluated more than once)
+    complete: bool = True  # False: the run stopped inside this episode; the numbers cover its scored frames
 
 
 @dataclass
@@ -82,6 +84,8 @@ class EvalReport:
     overall_mae: list[float]
     overall_rmse: list[float]
     overall_mean_mae: float
+    complete: bool = True  # False: the run gave up; the numbers cover what was scored before (``incomplete``)
+    incomplete: str = ""  # why the run stopped early
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,14 +129,14 @@ class ErrorAccumulator:
             np.add.at(self.row_abs, rows, np.abs(error).mean(axis=1))
             np.add.at(self.row_count, rows, 1)
 
-    def result(self, episode: int, frames: int, holds: int = 0, run: int = 0) -> EpisodeErrors:
+    def result(self, episode: int, frames: int, holds: int = 0, run: int = 0, complete: bool = True) -> EpisodeErrors:
         count = max(self.count, 1)
         mae = self.abs / count
         horizon = [float(v) for v in self.row_abs / np.maximum(self.row_count, 1)]
         return EpisodeErrors(episode_index=episode, frames=frames, compared=self.count, mae=_floats(mae),
                              rmse=_floats(np.sqrt(self.sq / count)), max_abs=_floats(self.max),
                              mean_mae=float(mae.mean()) if self.count else float("nan"), horizon_mae=horizon,
-                             holds=holds, run=run)
+                             holds=holds, run=run, complete=complete)
 
 
 def score_chunk(accumulator: ErrorAccumulator, chunk: np.ndarray, truth: np.ndarray, frame: int,
@@ -214,10 +218,26 @@ def patiently(call: Any, patience: Patience, endpoint: str, what: str, done: str
     raise PolicyTooSlow(endpoint, what, timeouts, done or "nothing was scored")
 
 
+class EvaluationIncomplete(Exception):
+    """The run gave up (``cause``) after scoring some of what it was asked: ``report`` and ``traces`` hold that
+    part, marked incomplete, for ``save_report``."""
+
+    def __init__(self, cause: BaseException, report: EvalReport, traces: list[EpisodeTrace]) -> None:
+        super().__init__(str(cause))
+        self.cause, self.report, self.traces = cause, report, traces
+
+
+def _incomplete(cause: BaseException, report: EvalReport, traces: list[EpisodeTrace]) -> EvaluationIncomplete:
+    report.complete, report.incomplete = False, str(cause)
+    return EvaluationIncomplete(cause, report, traces)
+
+
 def _progress(total: int, unit: str) -> Any:
+    """A progress bar on a terminal; nothing on a redirected stderr (the per-episode log lines say it there,
+    instead of hundreds of carriage-return redraws in a log file)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, desc="offline_eval", dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, desc="offline_eval", dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
 def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None = None, row_offset: int = 0,
@@ -246,6 +266,8 @@ def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None
     lengths = {episode: source.episode(episode).length for episode in source.episodes}
     progress = _progress(sum(n if max_frames <= 0 else min(n, max_frames) for n in lengths.values()), "frame")
     scored = 0
+    policy: dict[str, Any] = {"endpoint": endpoint, "seed": config.policy.seed, "client": client_id}
+    accumulator: ErrorAccumulator | None = None
     try:
         contract = patiently(lambda timeout: client.metadata(timeout_s=timeout), patience, endpoint, "metadata")
         policy = {"policy_type": contract.policy_type, "checkpoint_id": contract.checkpoint_id,
@@ -283,8 +305,17 @@ def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None
                 reader.close()
             results.append(accumulator.result(episode, rows.length))
             traces.append(EpisodeTrace(episode, rows.actions[:count], first_rows[:count]))
+            accumulator = None
             log.info("episode %d: mean MAE %.3f over %d pairs", episode, results[-1].mean_mae,
                      results[-1].compared)
+    except (PeerUnavailable, RemoteError) as exc:
+        if scored == 0:
+            raise
+        if accumulator is not None and accumulator.count:  # the episode it stopped in, as far as it got
+            results.append(accumulator.result(episode, rows.length, complete=False))
+            traces.append(EpisodeTrace(episode, rows.actions[:count], first_rows[:count]))
+        raise _incomplete(exc, summarise("predict", names, results, row_offset=row_offset, dataset=str(source.root),
+                                         policy=policy), traces) from exc
     finally:
         progress.close()
         client.close()
@@ -424,6 +455,13 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
             log.info("episode %d (run %d): mean MAE %.3f over %d frames, %d holds", result.episode_index,
                      result.run, result.mean_mae, result.compared, result.holds)
             progress.update(1)
+    except (PeerUnavailable, RemoteError, TimeoutError) as exc:
+        if not results:
+            raise
+        raise _incomplete(exc, summarise("executed", names, results, row_offset=row_offset,
+                                         dataset=str(config.player.dataset),
+                                         policy={"endpoint": config.policy.endpoint, "seed": config.policy.seed}),
+                          traces) from exc
     finally:
         progress.close()
         if control is not None:
@@ -548,6 +586,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    except EvaluationIncomplete as exc:
+        paths = save_report(exc.report, exc.traces, Path(args.output))
+        log.error("%s", exc.cause)
+        log.error("INCOMPLETE: wrote what was scored (%d episode(s), %d pair(s)) to %s and %s, marked "
+                  "\"complete\": false", len(exc.report.episodes), sum(e.compared for e in exc.report.episodes),
+                  paths["json"], paths["png"])
+        return 1
     except (PeerUnavailable, RemoteError, TimeoutError) as exc:
         log.error("%s", exc)
         return 1
