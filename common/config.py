@@ -41,6 +41,8 @@ RTC_GUIDANCE = ("exp", "linear")  # policy.rtc_guidance: how the soft prefix row
 PLAYER_MODES = ("realtime", "lockstep")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("fp32", "bf16")
+POLICY_BACKENDS = ("armpipe", "openpi")  # policy.backend: the policy node, or a server speaking openpi's WebSocket wire
+OPENPI_LAYOUTS = ("flat", "nested")  # openpi's flat "observation/..." keys, or the seed's {"images", "states"}
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +147,10 @@ class PolicyConfig:
     rtc_guidance: str = "exp"
     timeout_s: float = 2.0  # client side: per-attempt reply timeout
     retries: int = 1  # client side: attempts before the policy counts as unreachable
+    # Robot side: where chunks come from. armpipe: the policy node at policy.endpoint; openpi: a server that
+    # speaks openpi's WebSocket wire (openpi's serve_policy, armpipe's openpi gateway, ...), set up under
+    # openpi.server. docs/operations.md, "Using armpipe with openpi"
+    backend: str = "armpipe"
     # CURVE keys of the policy link, made with `python -m common.tools.keys --out DIR --name NAME` (a
     # NAME.key public certificate and a NAME.key_secret secret one). Paths; relative to the repository.
     # Server: its own secret certificate.
@@ -249,6 +255,98 @@ class RecorderConfig:
 
 
 @dataclass
+class OpenpiKeys:
+    """Which keys of an openpi observation carry which camera and the state (docs/protocol.md, "openpi")."""
+
+    # Observation key -> camera name. Empty: flat layout "observation/<camera>", nested layout "<camera>" (under
+    # "images").
+    images: dict[str, str] = field(default_factory=dict)
+    # Keys whose values, concatenated in this order, are the state vector: one key (the whole vector) or one key
+    # per arm in arm order. Empty: flat layout ["observation/state"], nested layout the arm names (under "states").
+    state: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OpenpiGatewayConfig:
+    """Door 1: openpi clients get chunks from the policy node through nodes.openpi_gateway (role server)."""
+
+    enabled: bool = False  # run the gateway under supervisord with the policy (roles server and demo)
+    host: str = "127.0.0.1"  # beyond loopback (0.0.0.0, an address): TLS and an API key, or insecure: true
+    port: int = 8765
+    api_key_file: str = ""  # a file holding the key clients send as "Authorization: Api-Key <key>"
+    tls_cert_file: str = ""  # PEM certificate (chain) for wss://; with tls_key_file
+    tls_key_file: str = ""  # PEM private key of tls_cert_file
+    layouts: list[str] = field(default_factory=lambda: ["flat", "nested"])  # accepted key layouts (flat | nested)
+    flat: OpenpiKeys = field(default_factory=OpenpiKeys)  # openpi's flat "observation/..." keys
+    nested: OpenpiKeys = field(default_factory=OpenpiKeys)  # the seed's {"images": {...}, "states": {...}}
+    prompt_key: str = "prompt"  # the instruction's key (a language policy only)
+    max_connections: int = 16  # more are answered HTTP 503
+    max_message_mib: int = 64  # a bigger observation closes the connection (1009)
+    timeout_s: float = 10.0  # per request to the policy node
+
+
+@dataclass
+class OpenpiServerConfig:
+    """Door 2 (policy.backend: openpi): the robot side asks an openpi-compatible server for chunks."""
+
+    endpoint: str = "ws://127.0.0.1:8765"  # ws://host:port[/path] or wss://...
+    api_key_file: str = ""  # a file holding the key, sent as "Authorization: Api-Key <key>"
+    ca_file: str = ""  # wss: a PEM CA bundle to verify the server with (empty: the system's)
+    layout: str = "flat"  # flat | nested: how observations are sent
+    keys: OpenpiKeys = field(default_factory=OpenpiKeys)
+    prompt_key: str = "prompt"
+    # Rows per chunk the server returns, when its metadata has no "action_horizon" (openpi's servers usually
+    # send none): the contract needs it before moving, and a reply with another row count is refused.
+    chunk_length: int = 0
+    connect_timeout_s: float = 5.0  # opening the WebSocket (replies: policy.timeout_s)
+
+
+@dataclass
+class OpenpiConfig:
+    gateway: OpenpiGatewayConfig = field(default_factory=OpenpiGatewayConfig)
+    server: OpenpiServerConfig = field(default_factory=OpenpiServerConfig)
+
+
+def validate_openpi(config: DeploymentConfig) -> None:
+    """The ``openpi`` section's checks, each naming its field."""
+    _one_of("policy.backend", config.policy.backend, POLICY_BACKENDS)
+    gateway, server = config.openpi.gateway, config.openpi.server
+    for value in gateway.layouts:
+        _one_of("openpi.gateway.layouts", value, OPENPI_LAYOUTS)
+    if not gateway.layouts:
+        raise ConfigError("openpi.gateway.layouts", f"expected at least one of {list(OPENPI_LAYOUTS)}")
+    _one_of("openpi.server.layout", server.layout, OPENPI_LAYOUTS)
+    if not 0 < gateway.port < 65536:
+        raise ConfigError("openpi.gateway.port", f"expected a TCP port 1..65535, got {gateway.port}")
+    if bool(gateway.tls_cert_file) != bool(gateway.tls_key_file):
+        raise ConfigError("openpi.gateway.tls_key_file" if gateway.tls_cert_file else "openpi.gateway.tls_cert_file",
+                          "expected both tls_cert_file and tls_key_file (or neither)")
+    for where, keys in (("openpi.gateway.flat", gateway.flat), ("openpi.gateway.nested", gateway.nested),
+                        ("openpi.server.keys", server.keys)):
+        for key, camera in keys.images.items():
+            if camera not in config.cameras:
+                raise ConfigError(f"{where}.images.{key}", f"expected one of the cameras {sorted(config.cameras)}, "
+                                                           f"got {camera!r}")
+        if keys.state and len(keys.state) not in (1, len(config.arms)):
+            raise ConfigError(f"{where}.state", f"expected one key (the whole state) or one per arm "
+                                                f"({len(config.arms)}: {list(config.arms)}), got {keys.state}")
+    if gateway.max_connections < 1:
+        raise ConfigError("openpi.gateway.max_connections", f"expected 1 or more, got {gateway.max_connections}")
+    if not 0 < gateway.max_message_mib <= 1024:
+        raise ConfigError("openpi.gateway.max_message_mib", f"expected 1..1024, got {gateway.max_message_mib}")
+    if not gateway.timeout_s > 0:
+        raise ConfigError("openpi.gateway.timeout_s", f"expected a positive time, got {gateway.timeout_s}")
+    if not server.endpoint.startswith(("ws://", "wss://")):
+        raise ConfigError("openpi.server.endpoint", f"expected ws://host:port or wss://host:port, got "
+                                                    f"{server.endpoint!r}")
+    if server.chunk_length < 0:
+        raise ConfigError("openpi.server.chunk_length", f"expected rows >= 0, got {server.chunk_length}")
+    if not server.connect_timeout_s > 0:
+        raise ConfigError("openpi.server.connect_timeout_s", f"expected a positive time, got "
+                                                             f"{server.connect_timeout_s}")
+
+
+@dataclass
 class DeploymentConfig:
     task: str = "lift"  # lift / stack / sort (names the layout; free text)
     fps: int = 30  # control rate of the actuator; must match the policy's contract
@@ -262,6 +360,8 @@ class DeploymentConfig:
     emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
+    # openpi's WebSocket wire: the gateway for openpi clients, and the robot side's openpi server (policy.backend)
+    openpi: OpenpiConfig = field(default_factory=OpenpiConfig)
     run_dir: str = "run"  # readiness files and sockets that are not TCP
     # Plain TCP where CURVE would be on (the policy link off loopback), and streams bound beyond loopback;
     # the nodes log a loud warning at start. For a closed lab network only.
@@ -360,6 +460,7 @@ class DeploymentConfig:
                 raise ConfigError(field_path, f"expected a loopback endpoint (tcp://127.0.0.1:PORT), got {endpoint!r}: "
                                   "only the policy link is authenticated (CURVE); this socket would be plain TCP "
                                   "on the network (set `insecure: true` to allow it anyway)")
+        validate_openpi(self)
         return self
 
 

@@ -10,7 +10,8 @@ of supervision policy is one edit here.
 Roles: ``demo`` (everything on one machine without hardware: servo emulators, dataset player, actuator
 with auto start, recorder, monitor, and the policy), ``robot`` (cameras, state-readers, actuator,
 recorder, monitor), ``robot-sim`` (the robot's programs with synthetic cameras and emulated servo buses)
-and ``server`` (the policy, and with ``policy.standby`` a second one waiting to take over). Groups:
+and ``server`` (the policy, and with ``policy.standby`` a second one waiting to take over; with
+``openpi.gateway.enabled`` the openpi gateway in front of it, also in ``demo``). Groups:
 ``robot:`` and ``server:`` (``supervisorctl restart robot:actuator``).
 """
 
@@ -30,6 +31,7 @@ ROLES = ("demo", "robot", "robot-sim", "server")
 PROGRAMS_FILE = "supervisor-programs.conf"  # under $ARMPIPE_RUN; supervisord.conf includes it
 ROBOT_GROUP = "robot"
 SERVER_GROUP = "server"
+OPENPI_GATEWAY_PROGRAM = "openpi_gateway"  # openpi.gateway.enabled: openpi clients reach the policy through it
 STANDBY_PROGRAM = "policy-standby"  # policy.standby: true; supervisord names the process (SUPERVISOR_PROCESS_NAME)
 
 
@@ -64,6 +66,7 @@ class ProgramOptions:
 NODE_OPTIONS: dict[str, ProgramOptions] = {
     "servo_emulator": ProgramOptions(priority=10),
     "policy": ProgramOptions(priority=20),
+    "openpi_gateway": ProgramOptions(priority=25),  # waits for the policy's contract itself
     "camera": ProgramOptions(priority=30),
     "state_reader": ProgramOptions(priority=30),
     "dataset_player": ProgramOptions(priority=30),
@@ -115,7 +118,10 @@ def programs(role: str, config: DeploymentConfig) -> list[Program]:
         robot.append(Program("actuator", "actuator", ROBOT_GROUP,
                              ("--actuator.auto_start=true",) if role == "demo" else ()))
         robot += [Program("recorder", "recorder", ROBOT_GROUP), Program("monitor", "monitor", ROBOT_GROUP)]
-    return robot + (server_programs(config.policy.standby) if role in ("demo", "server") else [])
+    server = server_programs(config.policy.standby) if role in ("demo", "server") else []
+    if role in ("demo", "server") and config.openpi.gateway.enabled:
+        server.append(Program(OPENPI_GATEWAY_PROGRAM, "openpi_gateway", SERVER_GROUP))
+    return robot + server
 
 
 def server_programs(standby: bool) -> list[Program]:

@@ -1,0 +1,257 @@
+"""Door 1 of issue 24: openpi clients get chunks from armpipe's policy node through nodes.openpi_gateway.
+
+Real processes throughout: the policy node serves a tiny real ACT checkpoint (the project's checkpoint
+maker; ACT is deterministic, so a chunk through the gateway can be compared with one asked for directly),
+the gateway runs as ``python -m nodes.openpi_gateway``, and the client is
+``openpi-client`` 0.1.2's ``WebsocketClientPolicy`` as installed from PyPI.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import websockets.exceptions
+import websockets.sync.client
+from conftest import NodeProcess, free_port, write_config
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+from common.config import DeploymentConfig, load_config
+from common.refusal import EXIT_REFUSED
+from common.wire.policy_client import PolicyClient
+from common.wire.transport import SocketFactory
+
+# openpi-client 0.1.2 opens its connection without a context manager; websockets 15 warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
+
+H, W = 48, 64
+LIBERO_KEYS = {"observation/image": "front", "observation/wrist_image": "wrist"}
+
+
+def small_overrides(**extra: Any) -> dict[str, Any]:
+    overrides: dict[str, Any] = {
+        "cameras": {name: {"width": W, "height": H} for name in ("front", "wrist")},
+        "policy": {"warmup": 0, "num_inference_steps": 2, "cpu_threads": 1, "timeout_s": 10.0},
+    }
+    for key, value in extra.items():
+        overrides[key] = {**overrides.get(key, {}), **value}
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, DeploymentConfig]]:
+    """One policy node for the module (a tiny real ACT policy at 64x48), and its config."""
+    from common.tools.checkpoint_maker import build_checkpoint
+
+    work = tmp_path_factory.mktemp("openpi-gateway")
+    config_path = write_config(work, "lift", small_overrides())
+    checkpoint = build_checkpoint(load_config(config_path), work / "ckpt", policy_type="act", size="tiny")
+    config_path = write_config(work, "lift", small_overrides(policy={"checkpoint": str(checkpoint)}))
+    policy = NodeProcess("policy", config_path).start()
+    try:
+        policy.wait_ready(180)
+        yield config_path, load_config(config_path)
+    finally:
+        policy.stop()
+
+
+def gateway_config(served: tuple[Path, DeploymentConfig], tmp_path: Path, **gateway: Any) -> Path:
+    """The served config with a gateway section on a free port, written next to the test's own run dir."""
+    import yaml
+
+    raw = yaml.safe_load(served[0].read_text())
+    raw["openpi"] = {"gateway": {"port": free_port(), "flat": {"images": LIBERO_KEYS}, **gateway}}
+    raw["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def start_gateway(node_processes: list[NodeProcess], config_path: Path, *args: str) -> NodeProcess:
+    gateway = NodeProcess("openpi_gateway", config_path, args=list(args)).start()
+    node_processes.append(gateway)
+    return gateway
+
+
+def observation(config: DeploymentConfig, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = {name: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for name in config.cameras}
+    state = rng.uniform(-30, 30, len(config.state_names())).astype(np.float32)
+    return images, state
+
+
+def direct_chunk(config: DeploymentConfig, images: dict[str, np.ndarray], state: np.ndarray) -> np.ndarray:
+    """The chunk a brand-new session of the policy node gives for this observation over armpipe's wire."""
+    client = PolicyClient(SocketFactory(), config.policy.endpoint, timeout_s=10.0)
+    try:
+        return client.infer(images, state, 1.0).actions
+    finally:
+        client.close()
+
+
+def test_nested_layout_gets_the_policy_nodes_chunk(served: tuple[Path, DeploymentConfig], tmp_path: Path,
+                                                   node_processes: list[NodeProcess]) -> None:
+    config = served[1]
+    gateway = start_gateway(node_processes, gateway_config(served, tmp_path)).wait_ready(60)
+    port = load_config(gateway.config_path).openpi.gateway.port
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    metadata = client.get_server_metadata()
+    assert metadata["action_horizon"] == config_chunk(served) and metadata["action_dim"] == 6
+    assert metadata["armpipe_contract"]["state_names"] == config.state_names()
+    assert metadata["layouts"]["nested"]["images"] == {"front": "front", "wrist": "wrist"}
+    images, state = observation(config)
+    # The seed's env_client observation: {"images": {camera: HxWx3 uint8}, "states": {arm: joints}}.
+    reply = client.infer({"images": images, "states": {"main": state}})
+    actions = reply["actions"]
+    assert actions.dtype == np.float32 and actions.shape == (config_chunk(served), 6)
+    assert reply["server_timing"]["infer_ms"] > 0
+    # The policy node's chunk for this observation, bit for bit.
+    np.testing.assert_array_equal(actions, direct_chunk(config, images, state))
+    second = client.infer({"images": images, "states": {"main": state}})
+    assert second["actions"].shape == actions.shape and "prev_total_ms" in second["server_timing"]
+    # A 3xHxW image (the seed's env_client and openpi's ALOHA send them so) is taken as well.
+    chw = {name: np.ascontiguousarray(image.transpose(2, 0, 1)) for name, image in images.items()}
+    assert client.infer({"images": chw, "states": {"main": state}})["actions"].shape == actions.shape
+    # Each connection is its own session of the policy node (its own client id).
+    other = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    np.testing.assert_array_equal(other.infer({"images": images, "states": {"main": state}})["actions"], actions)
+    sessions = {line.split("connection ")[1].split()[0] for line in gateway.log().splitlines() if " opened" in line}
+    assert len(sessions) == 2, sessions
+
+
+def config_chunk(served: tuple[Path, DeploymentConfig]) -> int:
+    client = PolicyClient(SocketFactory(), served[1].policy.endpoint, timeout_s=10.0)
+    try:
+        return client.metadata().chunk_length
+    finally:
+        client.close()
+
+
+def test_flat_layout_with_a_prompt(served: tuple[Path, DeploymentConfig], tmp_path: Path,
+                                   node_processes: list[NodeProcess]) -> None:
+    config = served[1]
+    gateway = start_gateway(node_processes, gateway_config(served, tmp_path)).wait_ready(60)
+    client = WebsocketClientPolicy(host=f"ws://127.0.0.1:{load_config(gateway.config_path).openpi.gateway.port}")
+    images, state = observation(config, seed=3)
+    # openpi's example client (LIBERO keys), the images mapped by openpi.gateway.flat.images.
+    obs = {"observation/image": images["front"], "observation/wrist_image": images["wrist"],
+           "observation/state": state, "prompt": "pick up the cube"}
+    reply = client.infer(obs)
+    assert reply["actions"].shape == (config_chunk(served), 6)
+    np.testing.assert_array_equal(reply["actions"], direct_chunk(config, images, state))
+
+
+def test_a_wrong_layout_is_refused_with_a_message_and_the_gateway_keeps_serving(
+        served: tuple[Path, DeploymentConfig], tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    config = served[1]
+    gateway = start_gateway(node_processes, gateway_config(served, tmp_path)).wait_ready(60)
+    port = load_config(gateway.config_path).openpi.gateway.port
+    images, state = observation(config)
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    with pytest.raises(RuntimeError, match="Error in inference server") as refused:
+        client.infer({"observation/image": images["front"], "observation/state": state})
+    text = str(refused.value)
+    assert "missing ['observation/wrist_image']" in text and "nested" in text, text
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        client.infer({"observation/image": images["front"], "observation/state": state})
+    # A state of the wrong length names its key and the length it needs.
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    with pytest.raises(RuntimeError, match=r"states/main.*6 numbers"):
+        client.infer({"images": images, "states": {"main": state[:4]}})
+    # The gateway still serves a new connection.
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    assert client.infer({"images": images, "states": {"main": state}})["actions"].shape[1] == 6
+
+
+def test_an_object_array_is_refused_before_numpy_or_pickle_sees_it(
+        served: tuple[Path, DeploymentConfig], tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    gateway = start_gateway(node_processes, gateway_config(served, tmp_path)).wait_ready(60)
+    port = load_config(gateway.config_path).openpi.gateway.port
+    evil = {b"__ndarray__": True, b"data": b"\x80\x04\x95" + b"\x00" * 13, b"dtype": "|O", b"shape": [2]}
+    with websockets.sync.client.connect(f"ws://127.0.0.1:{port}", compression=None) as ws:
+        ws.recv()  # metadata
+        ws.send(msgpack.packb({"images": {"front": evil}, "states": {}}))
+        text = ws.recv()
+        assert isinstance(text, str) and "images/front.dtype" in text and "'|O'" in text, text
+        with pytest.raises(websockets.exceptions.ConnectionClosed):
+            ws.recv()
+    assert "Traceback" not in gateway.log()
+
+
+def test_layouts_that_do_not_fit_the_policy_are_refused_at_start(
+        served: tuple[Path, DeploymentConfig], tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    config_path = gateway_config(served, tmp_path, flat={"images": {"observation/image": "front"},
+                                                         "state": ["observation/state"]})
+    gateway = start_gateway(node_processes, config_path)
+    assert gateway.proc is not None and gateway.proc.wait(60) == EXIT_REFUSED
+    log = gateway.log()
+    assert "REFUSED" in log and "openpi.gateway.flat.images" in log and "camera 'wrist'" in log, log[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Beyond loopback: TLS and an API key
+# ----------------------------------------------------------------------------------------------------
+
+
+def local_non_loopback_address() -> str:
+    """An IPv4 address of this machine's own interfaces that is not loopback ("" when there is none)."""
+    try:
+        out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    for line in out.splitlines():
+        address = line.split()[3].split("/")[0]
+        if not ipaddress.ip_address(address).is_loopback:
+            with socket.socket() as probe:
+                try:
+                    probe.bind((address, 0))
+                except OSError:
+                    continue
+            return address
+    return ""
+
+
+def self_signed(directory: Path, address: str) -> tuple[Path, Path]:
+    cert, key = directory / "gateway.crt", directory / "gateway.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    f"/CN={address}", "-addext", f"subjectAltName=IP:{address}", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_beyond_loopback_a_client_without_the_api_key_is_refused(
+        served: tuple[Path, DeploymentConfig], tmp_path: Path, node_processes: list[NodeProcess],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    address = local_non_loopback_address()
+    if not address:
+        pytest.skip("this machine has no non-loopback IPv4 address to listen on")
+    config = served[1]
+    # Without TLS and a key, a gateway on a real interface refuses to start.
+    open_gateway = start_gateway(node_processes, gateway_config(served, tmp_path, host=address))
+    assert open_gateway.proc is not None and open_gateway.proc.wait(60) == EXIT_REFUSED
+    assert "openpi.gateway.tls_cert_file" in open_gateway.log() and "insecure: true" in open_gateway.log()
+
+    cert, key = self_signed(tmp_path, address)
+    (tmp_path / "api.key").write_text("s3cret-key-for-the-test\n")
+    secure = tmp_path / "secure"
+    secure.mkdir()
+    config_path = gateway_config(served, secure, host=address, tls_cert_file=str(cert), tls_key_file=str(key),
+                                 api_key_file=str(tmp_path / "api.key"))
+    gateway = start_gateway(node_processes, config_path).wait_ready(60)
+    url = f"wss://{address}:{load_config(config_path).openpi.gateway.port}"
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client trusts the test's self-signed certificate
+    with pytest.raises(websockets.exceptions.InvalidStatus, match="401"):
+        WebsocketClientPolicy(host=url)
+    with pytest.raises(websockets.exceptions.InvalidStatus, match="401"):
+        WebsocketClientPolicy(host=url, api_key="wrong-key")
+    client = WebsocketClientPolicy(host=url, api_key="s3cret-key-for-the-test")
+    images, state = observation(config)
+    assert client.infer({"images": images, "states": {"main": state}})["actions"].shape[1] == 6
+    assert "missing or wrong API key" in gateway.log()
