@@ -231,3 +231,33 @@ def test_a_reply_with_a_bad_guide_is_refused_naming_the_array(guide: np.ndarray,
     finally:
         client.close()
         server.close()
+
+
+class ObsTServer(StandInServer):
+    """Answers every infer with a good chunk whose echoed ``meta.obs_t`` is ``self.obs_t``."""
+
+    def __init__(self, endpoint: str, obs_t: object) -> None:
+        super().__init__(SocketFactory(), endpoint)
+        self.obs_t = obs_t
+
+    def answer(self, request: Message) -> Message:
+        return Message(kind=KIND_REPLY, seq=request.seq, meta={"op": "infer", "obs_t": self.obs_t},
+                       arrays={"action": np.zeros((8, 6), np.float32)})
+
+
+@pytest.mark.parametrize("obs_t", ["soon", None, True, [1.0], {"t": 1.0}])
+def test_a_reply_whose_obs_t_is_not_a_number_is_a_protocol_error_naming_it(obs_t: object) -> None:
+    endpoint = free_endpoint()
+    server = ObsTServer(endpoint, obs_t)
+    server.start()
+    client = PolicyClient(SocketFactory(), endpoint, timeout_s=5.0)
+    try:
+        with pytest.raises(ProtocolError) as info:
+            client.infer({"front": np.zeros((4, 4, 3), np.uint8)}, np.zeros(6, np.float32), obs_t=1.0)
+        assert info.value.field == "meta.obs_t" and "a number" in info.value.expected
+        assert repr(obs_t)[:20] in str(info.value.got)
+        server.obs_t = 1.0  # the client keeps serving
+        assert client.infer({"front": np.zeros((4, 4, 3), np.uint8)}, np.zeros(6, np.float32), obs_t=1.0).obs_t == 1.0
+    finally:
+        client.close()
+        server.close()

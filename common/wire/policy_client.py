@@ -27,6 +27,14 @@ class ChunkReply:
     guide: np.ndarray | None = None
 
 
+def echoed_obs_t(meta: Mapping[str, object], sent: float) -> float:
+    """A reply's ``meta.obs_t`` (the sent one when absent): a number, else a ``ProtocolError`` naming it."""
+    value = meta.get("obs_t", sent)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError("meta.obs_t", "the observation time the request sent (a number)", value)
+    return float(value)
+
+
 class PolicyClient:
     def __init__(self, factory: SocketFactory, endpoint: str, *, client_id: str = "", timeout_s: float = 2.0,
                  retries: int = 1) -> None:
@@ -108,7 +116,7 @@ class PolicyClient:
                 raise ProtocolError(f"arrays[{RTC_GUIDE_KEY}]", expected, f"{guide.dtype}{guide.shape}")
             if not np.all(np.isfinite(guide)):
                 raise ProtocolError(f"arrays[{RTC_GUIDE_KEY}]", expected, "non-finite values")
-        return ChunkReply(actions=actions, obs_t=float(reply.meta.get("obs_t", obs_t)),
+        return ChunkReply(actions=actions, obs_t=echoed_obs_t(reply.meta, obs_t),
                           timings=dict(reply.meta.get("timings", {})), round_trip_s=received - start,
                           received_t=received, sent_t=start, guide=guide if guide is not None and len(guide) else None)
 
