@@ -229,6 +229,9 @@ class PlayerConfig:
 class EmulatorConfig:
     speed_deg_s: float = 180.0  # present position follows the goal at this speed
     lag_s: float = 0.02  # before the present position starts following a new goal
+    # Log every Goal_Position write (time, servo, goal before and after, torque) to
+    # <run_dir>/stats/servo_emulator-<arm>-goals.jsonl: what the servos received, for tests and audits
+    record_goals: bool = False
 
 
 @dataclass

@@ -288,6 +288,14 @@ class ArmBus:
         self.stats.reads += 1
         return np.array([values[joint] for joint in SO101_JOINTS], dtype=np.float32)
 
+    def read_goals(self) -> np.ndarray:
+        """The goal positions the servos hold now (``Goal_Position``), float32 (6,), robot units; one sync read
+        under the lock. With torque on, this is the last goal each servo received, whoever wrote it."""
+        bus = self._connected_bus()
+        with self._transaction("read goals"):
+            values = self._attempts(lambda: bus.sync_read("Goal_Position", num_retry=0), "sync read")
+        return np.array([values[joint] for joint in SO101_JOINTS], dtype=np.float32)
+
     def write_goals(self, goals: np.ndarray) -> None:
         """Command goal positions, float32 (6,), robot units; one sync write under the lock.
 

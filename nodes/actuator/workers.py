@@ -113,23 +113,38 @@ class PolicyWorker(threading.Thread):
 
 
 class BusWriter(threading.Thread):
-    """Writes the newest target of one arm through ``common.feetech_bus.ArmBus``; reconnects on failure."""
+    """Writes the newest target of one arm through ``common.feetech_bus.ArmBus``; reconnects on failure.
+
+    The last line of the step limit: every goal it writes is within ``arms.<arm>.max_step`` of the goal the
+    servos last received (``sent``: read back from the servos after each connect, then tracked), whatever
+    happened between two writes (the bus lock held elsewhere, a stalled thread, a hold, an episode start, a
+    restart of the actuator). A target further away is written one ``max_step`` closer, and the writer keeps
+    catching up, one step per control period, until it is reached or a newer target replaces it.
+    """
 
     def __init__(self, arm_name: str, config: DeploymentConfig, stop: threading.Event) -> None:
         super().__init__(name=f"bus-{arm_name}", daemon=True)
         self.arm_name = arm_name
         self.arm = config.arms[arm_name]
         self.stop_event = stop
+        self.period = 1.0 / config.fps
+        self.max_step = np.asarray(self.arm.max_step, dtype=np.float64)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._target: np.ndarray | None = None
         self._tag: int | None = None
+        # The goal the servos last received (robot units); None after a (re)connect until read back from them.
+        self.sent: np.ndarray | None = None
+        self._behind: np.ndarray | None = None  # a target the last write fell short of (step-limited)
+        self._last_write = 0.0
         # (tick, monotonic time) of every tagged goal whose write returned; the loop drains it (deque
         # append/popleft are atomic, so no lock is needed between the two threads).
         self.written: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
         self.connected = False
         self.last_error = ""
         self.writes = 0
+        self.limited_writes = 0  # writes shortened to max_step from the servos' last goal (catching up)
+        self._catching_up = False
         # Present_Position read through this writer's own bus for an episode (generation) that asked for it:
         # the episode's step limit starts there, not at whatever the state stream says.
         self._present_wanted: int | None = None
@@ -144,6 +159,7 @@ class BusWriter(threading.Thread):
         with self._lock:
             self._present_wanted = generation
             self._target = None  # a target meant for the previous episode must not go out first
+            self._behind = None
         self._wake.set()
 
     def present_for(self, generation: int) -> np.ndarray | None:
@@ -167,6 +183,7 @@ class BusWriter(threading.Thread):
                     bus = ArmBus(self.arm, name=self.arm_name)
                     bus.connect()
                     self.connected, self.last_error = True, ""
+                    self.sent = None  # whatever happened while disconnected: read the servos' goal again
                     log.info("arm %s: bus %s connected", self.arm_name, self.arm.port)
                 except Exception as exc:
                     bus = None
@@ -180,27 +197,32 @@ class BusWriter(threading.Thread):
                     position = bus.read_positions()
                 except Exception as exc:
                     self._report(f"read of the present position from {self.arm.port} failed: {exc}; reconnecting")
-                    self.connected = False
-                    self._close(bus)
-                    bus = None
+                    bus = self._lost(bus)
                     continue
                 with self._lock:
                     if self._present_wanted == wanted:
                         self._present_wanted = None
                 self._present = (wanted, position)
                 log.info("arm %s: present position %s (episode anchor)", self.arm_name, np.round(position, 1).tolist())
-            if not self._wake.wait(timeout=0.1):
-                continue
+            # Behind the newest target: write the next step one period after the last write, unless a newer
+            # target comes first.
+            wait_s = 0.1 if self._behind is None else max(0.0, self._last_write + self.period - time.monotonic())
+            woken = self._wake.wait(timeout=wait_s)
             self._wake.clear()
             with self._lock:
                 target, self._target = self._target, None
                 tag, self._tag = self._tag, None
+                if target is None and not woken:
+                    target = self._behind  # catching up: the last target again, one more step
             if target is None or self._present_wanted is not None:
                 continue
             try:
-                bus.write_goals(target)
+                goal = self._step_limited(bus, target)
+                bus.write_goals(goal)
+                self.sent = goal
+                self._last_write = time.monotonic()
                 if tag is not None:
-                    self.written.append((tag, time.monotonic()))
+                    self.written.append((tag, self._last_write))
                 self.writes += 1
                 self.last_error = ""
             except ValueError as exc:
@@ -208,11 +230,42 @@ class BusWriter(threading.Thread):
                 self._report(f"goal refused by the driver: {exc}")
             except Exception as exc:
                 self._report(f"write to {self.arm.port} failed: {exc}; reconnecting")
-                self.connected = False
-                self._close(bus)
-                bus = None
+                bus = self._lost(bus)
         if bus is not None:
             self._close(bus)
+
+    def _step_limited(self, bus: Any, target: np.ndarray) -> np.ndarray:
+        """``target`` moved at most ``max_step`` from the goal the servos last received (read back first after
+        a connect: switching torque on sets every goal to the present position, so that is done first)."""
+        if self.sent is None:
+            if not bus.torque_enabled:
+                bus.enable_torque()
+            self.sent = bus.read_goals().astype(np.float64)
+            log.info("arm %s: the servos' goal read back: %s (the step limit starts there)", self.arm_name,
+                     np.round(self.sent, 1).tolist())
+        sent = self.sent.astype(np.float64)
+        wanted = np.asarray(target, dtype=np.float64)
+        goal = sent + np.clip(wanted - sent, -self.max_step, self.max_step)
+        short = not np.array_equal(goal, wanted)
+        with self._lock:
+            self._behind = wanted if short else None
+        if short:
+            if not self._catching_up:
+                log.warning("arm %s: the servos' goal is %.2f from the commanded target (a write came late); "
+                            "catching up at max_step per write", self.arm_name, float(np.max(np.abs(wanted - sent))))
+            self.limited_writes += 1
+        elif self._catching_up:
+            log.info("arm %s: caught up with the commanded target after %d step-limited write(s)", self.arm_name,
+                     self.limited_writes)
+        self._catching_up = short
+        return goal
+
+    def _lost(self, bus: Any) -> Any:
+        """A failed bus: closed, to be reconnected (and its goal read back) on the next turn."""
+        self.connected = False
+        self.sent = None
+        self._close(bus)
+        return None
 
     def _report(self, text: str) -> None:
         if text != self.last_error:

@@ -50,8 +50,23 @@ def write_stats(path: Path, bus: EmulatedBus, extra: dict[str, Any]) -> None:
     temporary.replace(path)
 
 
+def flush_goal_writes(path: Path | None, bus: EmulatedBus) -> None:
+    """Append the Goal_Position writes recorded since the last flush (``emulator.record_goals``), one JSON line
+    each: ``t`` (monotonic), ``id``, ``before`` and ``goal`` (ticks), ``torque`` (on before the write)."""
+    if path is None:
+        return
+    lines = []
+    for servo_id, servo in sorted(bus.servos.items()):
+        while servo.goal_writes:
+            t, before, goal, torque = servo.goal_writes.popleft()
+            lines.append(json.dumps({"t": t, "id": servo_id, "before": before, "goal": goal, "torque": torque}))
+    if lines:
+        with path.open("a") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
 def serve(link: PtyLink, bus: EmulatedBus, stop: threading.Event, stats_path: Path, *,
-          stats_every_s: float = 0.5) -> None:
+          stats_every_s: float = 0.5, goals_path: Path | None = None) -> None:
     next_stats = 0.0
     while not stop.is_set():
         timeout = TRUNCATED_AFTER_S / 2 if bus.partial_since is not None else 0.05
@@ -66,6 +81,7 @@ def serve(link: PtyLink, bus: EmulatedBus, stop: threading.Event, stats_path: Pa
         now = time.monotonic()
         if now >= next_stats:
             next_stats = now + stats_every_s
+            flush_goal_writes(goals_path, bus)
             write_stats(stats_path, bus, {"port": str(link.port), "pty": link.slave_path})
 
 
@@ -89,13 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         log.debug("cannot raise the emulator's priority (needs CAP_SYS_NICE); continuing at normal priority")
     stats_path = stats_dir / f"{program}.json"
+    goals_path: Path | None = None
+    if config.emulator.record_goals:
+        goals_path = stats_dir / f"{program}-goals.jsonl"
+        goals_path.unlink(missing_ok=True)
+        for servo in bus.servos.values():
+            servo.record_goals = True
     log.info("emulating %s (robot_id %s, 6 x STS3215) on %s -> %s", name, arm.robot_id, link.port, link.slave_path)
     write_stats(stats_path, bus, {"port": str(link.port), "pty": link.slave_path})
     readiness.ready(port=str(link.port), pty=link.slave_path, robot_id=arm.robot_id)
     try:
-        serve(link, bus, started.stop, stats_path)
+        serve(link, bus, started.stop, stats_path, goals_path=goals_path)
     finally:
         readiness.clear()
+        flush_goal_writes(goals_path, bus)
         write_stats(stats_path, bus, {"port": str(link.port), "pty": link.slave_path, "stopped": True})
         link.close()
         log.info("stopped; %s", json.dumps(bus.stats()))

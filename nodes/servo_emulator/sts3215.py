@@ -209,6 +209,9 @@ class EmulatedServo:
         self.registered: tuple[int, bytes] | None = None  # REG_WRITE waiting for ACTION
         self.set("Goal_Position", round(self.present))
         self.max_goal_step = 0
+        # (time, goal before, goal after, torque on) of every Goal_Position write, while record_goals is on.
+        self.record_goals = False
+        self.goal_writes: deque[tuple[float, int, int, int]] = deque()
         self._refresh_measurements()
 
     @property
@@ -253,6 +256,8 @@ class EmulatedServo:
             self.pending_goals.append((now + self.lag_s, self.get("Goal_Position")))
             # The largest jump between consecutive goals, in ticks: what a step limit looks like at the servo.
             self.max_goal_step = max(self.max_goal_step, abs(self.get("Goal_Position") - goal_before))
+            if self.record_goals:
+                self.goal_writes.append((now, goal_before, self.get("Goal_Position"), torque_before))
         offset_after = self.get("Homing_Offset")
         if offset_after != offset_before:
             # The shaft does not move: Present = Actual - Homing_Offset shifts instead.
