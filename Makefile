@@ -1,7 +1,10 @@
 # armpipe: the two commands of the README, plus helpers.
 #   make demo [TASK=lift|stack|sort]   set up, then run the whole pipeline under supervisord (CPU demo)
+#   make demo CONFIG=my.yaml           the same with a deployment config of one's own (robot, server,
+#                                      robot-sim and status take CONFIG too; its task is the config's)
 #   make test                          set up, then run the test suite
 TASK ?= lift
+CONFIG ?=
 SHELL := /bin/bash
 
 .PHONY: setup demo robot robot-sim server stop status test lint bench-transport
@@ -10,22 +13,22 @@ setup:
 	@bash .ci/setup
 
 demo: setup
-	@bash .ci/demo $(TASK)
+	@bash .ci/demo $(TASK) $(CONFIG)
 
 robot: setup
-	@bash .ci/supervise robot $(TASK)
+	@bash .ci/supervise robot $(TASK) $(CONFIG)
 
 robot-sim: setup
-	@bash .ci/supervise robot-sim $(TASK)
+	@bash .ci/supervise robot-sim $(TASK) $(CONFIG)
 
 server: setup
-	@bash .ci/supervise server $(TASK)
+	@bash .ci/supervise server $(TASK) $(CONFIG)
 
 stop:
 	@bash .ci/stop
 
 status:
-	@.venv/bin/python -m common.tools.status --config configs/$(TASK).yaml
+	@.venv/bin/python -m common.tools.status --config $(or $(CONFIG),configs/$(TASK).yaml)
 
 test: setup
 	@.venv/bin/ruff check .

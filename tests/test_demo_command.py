@@ -1,0 +1,88 @@
+"""``make demo|robot|server|status CONFIG=...`` run a config of one's own, and the messages say which policy
+actually runs (its type, trained or not, the checkpoint) instead of "UNTRAINED tiny DiffusionPolicy" always."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from conftest import PYTHON, REPO_ROOT, write_config
+
+from common.config import load_config
+from common.tools.demo_data import DemoSpec, generate_demo_dataset
+from common.tools.demo_info import describe
+
+
+def make_dry_run(*args: str) -> str:
+    """The commands ``make`` would run (``-n``: none of them runs, setup included)."""
+    return subprocess.run(["make", "-n", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                          check=True, timeout=30).stdout
+
+
+def test_make_targets_take_a_config_of_ones_own(tmp_path: Path) -> None:
+    mine = str(tmp_path / "my-sort.yaml")
+    assert f"bash .ci/demo lift {mine}" in make_dry_run("demo", f"CONFIG={mine}")
+    for role in ("robot", "robot-sim", "server"):
+        assert f"bash .ci/supervise {role} lift {mine}" in make_dry_run(role, f"CONFIG={mine}")
+    assert f"common.tools.status --config {mine}" in make_dry_run("status", f"CONFIG={mine}")
+    assert "common.tools.status --config configs/sort.yaml" in make_dry_run("status", "TASK=sort")
+    assert "bash .ci/demo sort" in make_dry_run("demo", "TASK=sort")
+
+
+def test_demo_refuses_a_missing_dataset_or_checkpoint_of_ones_own_naming_the_field(tmp_path: Path) -> None:
+    """The demo builds only its own dataset and checkpoint (data/<task>-demo, checkpoints/<task>-tiny); a
+    config's own paths that do not exist are refused with exit 2, naming the field, before anything starts."""
+    missing_checkpoint = tmp_path / "nowhere" / "pretrained_model"
+    config = write_config(tmp_path, "lift", {"policy": {"checkpoint": str(missing_checkpoint)},
+                                             "player": {"dataset": str(tmp_path / "no-dataset")}})
+    result = subprocess.run(["bash", ".ci/demo", "lift", str(config)], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"player.dataset in {config}: no LeRobot v3 dataset at {tmp_path / 'no-dataset'}" in result.stderr
+
+    dataset = generate_demo_dataset(load_config(config), tmp_path / "dataset", DemoSpec(episodes=1, frames=2,
+                                                                                        codec="h264"))
+    config = write_config(tmp_path, "lift", {"policy": {"checkpoint": str(missing_checkpoint)},
+                                             "player": {"dataset": str(dataset)}})
+    result = subprocess.run(["bash", ".ci/demo", "lift", str(config)], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"policy.checkpoint in {config}: no LeRobot checkpoint at {missing_checkpoint}" in result.stderr
+    assert "building a tiny" not in result.stdout
+
+
+def test_the_message_says_which_policy_runs(tiny_checkpoint: Any, tmp_path: Path) -> None:
+    untrained = tiny_checkpoint("lift", "act")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config = load_config(write_config(tmp_path / "a", "lift", {"policy": {"checkpoint": str(untrained)},
+                                                               "run_dir": str(tmp_path / "a" / "run")}))
+    line = describe(config)
+    assert "policy = act, UNTRAINED" in line and str(untrained) in line and "Diffusion" not in line
+
+    # A checkpoint trained elsewhere (no armpipe.json label): "trained", its type, its path.
+    trained = tmp_path / "trained" / "pretrained_model"
+    shutil.copytree(untrained, trained)
+    (trained / "armpipe.json").unlink()
+    config_path = write_config(tmp_path / "b", "lift", {"policy": {"checkpoint": str(trained)},
+                                                        "run_dir": str(tmp_path / "b" / "run")})
+    config = load_config(config_path)
+    line = describe(config)
+    assert "policy = act, trained" in line and str(trained) in line and "UNTRAINED" not in line
+
+    # Once the policy node is up, what it reports it loaded (its readiness file) is what the message says.
+    ready = tmp_path / "b" / "run" / "ready"
+    ready.mkdir(parents=True)
+    (ready / "policy.json").write_text(json.dumps({"policy_type": "diffusion", "untrained": True,
+                                                   "checkpoint_id": "abc123", "device": "cpu"}))
+    line = describe(config)
+    assert "policy = diffusion, UNTRAINED" in line and "id abc123" in line and "on cpu" in line
+
+    # On a robot the policy is the server's: the message says where it is served.
+    robot = subprocess.run([PYTHON, "-m", "common.tools.demo_info", "describe", "--config",
+                            str(config_path), "--role", "robot"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert robot.returncode == 0 and f"policy served at {config.policy.endpoint}" in robot.stdout
