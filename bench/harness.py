@@ -293,3 +293,99 @@ class StandInServer(threading.Thread):
     def close(self, timeout_s: float = 5.0) -> None:
         self.stop.set()
         self.join(timeout_s)
+
+
+class OpenpiStandIn(threading.Thread):
+    """A server in a thread that serves as openpi's ``serve_policy`` does: its ``WebsocketPolicyServer``'s
+    handler line by line (openpi/src/openpi/serving/websocket_policy_server.py): the metadata as the first
+    message, then per observation ``policy(obs)`` with ``server_timing`` (``infer_ms``, ``prev_total_ms``) added,
+    a traceback as text and close code 1011 on an exception, ``/healthz``. openpi's own msgpack-numpy decodes
+    (this plays openpi's server, which trusts its peer), ``compression=None``, ``max_size=None``.
+
+    ``policy(obs) -> {"actions": ...}`` is given by the caller; ``observations`` keeps (arrival time, obs).
+    """
+
+    def __init__(self, policy: Any, *, metadata: dict[str, Any] | None = None, host: str = "127.0.0.1",
+                 port: int = 0, api_key: str = "") -> None:
+        super().__init__(name="openpi-stand-in", daemon=True)
+        self.policy = policy
+        self.metadata = metadata or {}
+        self.host = host
+        self.port = port or free_port()
+        self.api_key = api_key  # openpi's server takes none; set, it answers 401 without it (a gateway's shape)
+        self.observations: list[tuple[float, dict[str, Any]]] = []
+        self.connections = 0
+        self._ready = threading.Event()
+        self._loop: Any = None
+        self._stopping: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def run(self) -> None:
+        import asyncio
+
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        import asyncio
+        import http
+        import traceback
+
+        import websockets
+        import websockets.asyncio.server as server
+        import websockets.frames
+        from openpi_client import msgpack_numpy
+
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+
+        def health_check(connection: Any, request: Any) -> Any:
+            if request.path == "/healthz":
+                return connection.respond(http.HTTPStatus.OK, "OK\n")
+            if self.api_key and request.headers.get("Authorization") != f"Api-Key {self.api_key}":
+                return connection.respond(http.HTTPStatus.UNAUTHORIZED, "bad API key\n")
+            return None
+
+        async def handler(websocket: Any) -> None:
+            self.connections += 1
+            packer = msgpack_numpy.Packer()
+            await websocket.send(packer.pack(self.metadata))
+            prev_total_time = None
+            while True:
+                try:
+                    start_time = time.monotonic()
+                    obs = msgpack_numpy.unpackb(await websocket.recv())
+                    self.observations.append((start_time, obs))
+                    infer_time = time.monotonic()
+                    action = self.policy(obs)
+                    infer_time = time.monotonic() - infer_time
+                    action["server_timing"] = {"infer_ms": infer_time * 1000}
+                    if prev_total_time is not None:
+                        action["server_timing"]["prev_total_ms"] = prev_total_time * 1000
+                    await websocket.send(packer.pack(action))
+                    prev_total_time = time.monotonic() - start_time
+                except websockets.ConnectionClosed:
+                    break
+                except Exception:
+                    await websocket.send(traceback.format_exc())
+                    await websocket.close(code=websockets.frames.CloseCode.INTERNAL_ERROR,
+                                          reason="Internal server error. Traceback included in previous frame.")
+                    break  # openpi re-raises here, which ends this connection's handler the same way
+
+        async with server.serve(handler, self.host, self.port, compression=None, max_size=None,
+                                process_request=health_check):
+            self._ready.set()
+            await self._stopping.wait()
+
+    def start(self) -> OpenpiStandIn:
+        super().start()
+        if not self._ready.wait(30):
+            raise RuntimeError(f"the openpi stand-in did not listen on {self.url}")
+        return self
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self.join(timeout_s)

@@ -15,6 +15,11 @@ from ``SensorFeed`` publishers. Cameras are 64x48 so a 30 Hz feed costs nothing 
 | D8 | wrong columns, 0 rows, NaN ``obs_t``; rows past the limits | ``policy_error``; ``clamped`` event + counter |
 | D9 | every reply carries another ``seq`` | ``policy_error``, and the requests back off (no storm) |
 
+Every lie that openpi's wire can carry (rows, columns, values; the sensors' lies) is also told by an
+openpi-protocol server (``policy.backend: openpi``, issue 24): ``FakeOpenpiPolicy`` serves as openpi's
+``serve_policy`` does (``bench.harness.OpenpiStandIn``). D3 and D9 (and D8's NaN ``obs_t``) lie in fields openpi's
+wire does not have (an echoed observation time, a sequence number), so they run on armpipe's wire only.
+
 Plus the units check with the real policy node: a checkpoint whose dataset stats are in LeRobot's
 -100..100 range mode is refused on the lift config (degrees) with the joints named, unless the config says
 ``actuator.units_mismatch_intended``.
@@ -36,13 +41,14 @@ import zmq
 from conftest import NodeProcess, wait_for, write_config
 from test_actuator import EventTap, SensorFeed, control, ready_detail, start_actuator, start_policy
 
-from bench.harness import StandInServer
+from bench.harness import OpenpiStandIn, StandInServer, free_port
 from common.config import DeploymentConfig, load_config
 from common.wire.contract import PolicyContract, units_differences
-from common.wire.protocol import KIND_REPLY, Message
+from common.wire.protocol import KIND_REPLY, KIND_REQUEST, Message
 from common.wire.transport import RemoteError, SocketFactory
 
 CHUNK = 30  # rows per reply in the fake policy's contract (1 s at 30 fps)
+BACKENDS = ["armpipe", "openpi"]  # policy.backend: the fake policy on armpipe's wire, or on openpi's
 
 Behaviour = Callable[[Message, np.ndarray], Message]
 
@@ -88,6 +94,26 @@ class FakePolicy(StandInServer):
         self.context.term()
 
 
+class FakeOpenpiPolicy:
+    """The same lies on openpi's wire: an openpi-protocol server served as openpi's ``serve_policy`` serves
+    (``bench.harness.OpenpiStandIn``), whose replies carry ``behaviour``'s rows as ``actions``. Each observation
+    is recorded as an infer request (obs_t 0: openpi's wire carries none)."""
+
+    def __init__(self, config: DeploymentConfig, behaviour: Behaviour, rows: np.ndarray | None, port: int) -> None:
+        self.behaviour = behaviour
+        self.rows = rows if rows is not None else np.zeros((CHUNK, len(config.action_names())), np.float32)
+        self.infers: list[tuple[float, Message]] = []
+        self.server = OpenpiStandIn(self.infer, metadata={}, port=port).start()
+
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        request = Message(kind=KIND_REQUEST, seq=len(self.infers), meta={"op": "infer", "obs_t": 0.0})
+        self.infers.append((time.monotonic(), request))
+        return {"actions": self.behaviour(request, self.rows).arrays["action"]}
+
+    def close(self) -> None:
+        self.server.close()
+
+
 def fast_config(tmp_path: Path, actuator: dict[str, Any] | None = None, **extra: Any) -> Path:
     """The lift layout at 30 fps with 64x48 cameras and age limits a loaded 2-core machine can keep."""
     overrides: dict[str, Any] = {
@@ -107,10 +133,16 @@ class Rig:
     def __init__(self, tmp_path: Path, node_processes: list[NodeProcess], behaviour: Behaviour = good_reply, *,
                  rows: np.ndarray | None = None, actuator: dict[str, Any] | None = None,
                  position: np.ndarray | None = None, start: bool = True, chunk_length: int = CHUNK,
-                 **extra: Any) -> None:
+                 backend: str = "armpipe", **extra: Any) -> None:
+        port = free_port()
+        if backend == "openpi":
+            extra["policy"] = {**extra.get("policy", {}), "backend": "openpi"}
+            extra["openpi"] = {"server": {"endpoint": f"ws://127.0.0.1:{port}", "chunk_length": chunk_length}}
         self.config_path = fast_config(tmp_path, actuator, **extra)
         self.config = load_config(self.config_path)
-        self.policy = FakePolicy(self.config, behaviour, rows, chunk_length)
+        self.policy: FakePolicy | FakeOpenpiPolicy = (
+            FakeOpenpiPolicy(self.config, behaviour, rows, port) if backend == "openpi"
+            else FakePolicy(self.config, behaviour, rows, chunk_length))
         self.tap = EventTap(self.config)
         self.feed = SensorFeed(self.config, hz=30, position=position).start()
         self.node_processes = node_processes
@@ -141,9 +173,10 @@ def rigs() -> Any:
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_d2_a_reply_with_more_rows_than_the_contract_is_refused(
-        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig]) -> None:
-    rig = Rig(tmp_path, node_processes, rows=np.zeros((8192, 6), np.float32))
+        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig], backend: str) -> None:
+    rig = Rig(tmp_path, node_processes, rows=np.zeros((8192, 6), np.float32), backend=backend)
     rigs.append(rig)
     error = rig.tap.wait_action(lambda m: m.meta["hold_reason"] == "policy_error", 10,
                                 message="no policy_error hold for an 8192-row reply")
@@ -155,12 +188,13 @@ def test_d2_a_reply_with_more_rows_than_the_contract_is_refused(
     assert error.meta["hold"] is True
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_d2_no_row_runs_longer_after_its_observation_than_max_chunk_age_even_if_the_contract_says_8192(
-        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig]) -> None:
+        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig], backend: str) -> None:
     # The policy advertises 8192-row chunks and sends them: 4.5 minutes of open loop per observation. The
     # actuator asks for the next chunk only when the queue runs low, so without a bound at execution the
     # rows would run ever further from what they were predicted from.
-    rig = Rig(tmp_path, node_processes, rows=np.zeros((8192, 6), np.float32), chunk_length=8192)
+    rig = Rig(tmp_path, node_processes, rows=np.zeros((8192, 6), np.float32), chunk_length=8192, backend=backend)
     rigs.append(rig)
     rig.tap.wait_action(lambda m: not m.meta["hold"], 15, message="the actuator never executed a row")
     max_age = rig.config.actuator.max_chunk_age_s
@@ -191,9 +225,11 @@ def test_d3_an_echoed_obs_t_that_differs_from_the_one_sent_is_refused(
     assert events and "obs_t" in events[0].meta["message"]
 
 
-@pytest.mark.parametrize("lie", ["wrong_columns", "zero_rows", "nan_obs_t"])
+@pytest.mark.parametrize(("lie", "backend"), [("wrong_columns", "armpipe"), ("zero_rows", "armpipe"),
+                                               ("nan_obs_t", "armpipe"), ("wrong_columns", "openpi"),
+                                               ("zero_rows", "openpi")])
 def test_d8_an_unusable_chunk_makes_a_policy_error_event(
-        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig], lie: str) -> None:
+        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig], lie: str, backend: str) -> None:
     def unusable(request: Message, rows: np.ndarray) -> Message:
         if lie == "wrong_columns":
             return good_reply(request, np.zeros((CHUNK, 5), np.float32))
@@ -203,7 +239,7 @@ def test_d8_an_unusable_chunk_makes_a_policy_error_event(
         reply.meta["obs_t"] = math.nan
         return reply
 
-    rig = Rig(tmp_path, node_processes, unusable)
+    rig = Rig(tmp_path, node_processes, unusable, backend=backend)
     rigs.append(rig)
     event = wait_for(lambda: rig.tap.events("policy_error"), 10, message=f"no policy_error event for {lie}")[0]
     assert event.meta["op"] == "infer" and event.meta["message"]
@@ -211,10 +247,11 @@ def test_d8_an_unusable_chunk_makes_a_policy_error_event(
     assert rig.executed() == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_d8_clamped_rows_make_an_event_and_a_counter(
-        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig]) -> None:
+        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig], backend: str) -> None:
     outside = np.full((CHUNK, 6), 500.0, np.float32)  # every joint far past its upper limit
-    rig = Rig(tmp_path, node_processes, rows=outside)
+    rig = Rig(tmp_path, node_processes, rows=outside, backend=backend)
     rigs.append(rig)
     event = wait_for(lambda: rig.tap.events("clamped"), 10, message="no clamped event for rows outside the limits")[0]
     assert "shoulder_pan.pos" in event.meta["joints"] and event.meta["count"] >= 1
@@ -251,9 +288,10 @@ def test_d9_replies_with_the_wrong_seq_back_off_instead_of_a_retry_storm(
 
 
 @pytest.mark.parametrize("stream", ["state", "frame"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_d4_a_capture_time_in_the_future_is_refused_and_the_age_limit_holds(
-        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig], stream: str) -> None:
-    rig = Rig(tmp_path, node_processes)
+        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig], stream: str, backend: str) -> None:
+    rig = Rig(tmp_path, node_processes, backend=backend)
     rigs.append(rig)
     rig.tap.wait_action(lambda m: not m.meta["hold"], 15, message="the actuator never executed a row")
     rig.feed.pause()
@@ -297,9 +335,10 @@ def test_d4_a_capture_time_in_the_future_is_refused_and_the_age_limit_holds(
     assert refused and refused[0].meta["kind"] == stream and refused[0].meta["ahead_s"] > 29
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_d1_a_frame_over_maxmsgsize_then_normal_frames_acts_again_within_a_second(
-        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig]) -> None:
-    rig = Rig(tmp_path, node_processes)
+        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig], backend: str) -> None:
+    rig = Rig(tmp_path, node_processes, backend=backend)
     rigs.append(rig)
     rig.tap.wait_action(lambda m: not m.meta["hold"], 15, message="the actuator never executed a row")
     oversized = bytearray(200 << 20)  # one 200 MiB frame: over MAXMSGSIZE (128 MiB)
@@ -326,11 +365,12 @@ def max_goal_steps(config: DeploymentConfig) -> dict[str, int]:
     return {servo_id: int(servo["max_goal_step"]) for servo_id, servo in stats["servos"].items()}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_d10_the_step_limit_starts_from_the_servos_not_the_published_state(
-        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig]) -> None:
+        tmp_path: Path, node_processes: list[NodeProcess], rigs: list[Rig], backend: str) -> None:
     # The servos rest at the rest pose; the state stream (a player replaying another episode) says zeros,
     # and the policy asks for zeros too: up to 90 degrees away from where the servos are.
-    rig = Rig(tmp_path, node_processes, actuator={"dry_run": False}, start=False)
+    rig = Rig(tmp_path, node_processes, actuator={"dry_run": False}, start=False, backend=backend)
     rigs.append(rig)
     config = rig.config
     emulator = NodeProcess("servo_emulator", rig.config_path, name="main").start()

@@ -88,7 +88,9 @@ def contract_differences(contract: PolicyContract, config: DeploymentConfig) -> 
                 problems.append(f"action names differ: policy {contract.action_names}, config {ours}")
             case "fps":
                 problems.append(f"fps: policy was set up for {contract.fps}, config runs at {config.fps}")
-    if contract.chunk_length < 1:
+    # What a client found when it built the contract itself (policy.backend openpi: common.wire.openpi_client).
+    problems += [str(problem) for problem in contract.extra.get("problems", []) or []]
+    if contract.chunk_length < 1 and not contract.extra.get("problems"):
         problems.append(f"chunk_length: policy returns {contract.chunk_length} rows")
     if config.actuator.overlap == "rtc" and not int(contract.extra.get("rtc_max_prefix_rows", 0) or 0):
         problems.append(f"actuator.overlap: rtc needs a policy that continues a prefix (DiffusionPolicy with its "

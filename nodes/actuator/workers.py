@@ -17,6 +17,7 @@ import numpy as np
 from common.config import DeploymentConfig
 from common.wire.contract import PolicyContract
 from common.wire.images import JpegImage
+from common.wire.openpi_client import OpenpiPolicyClient
 from common.wire.policy_client import ChunkReply, PolicyClient
 from common.wire.transport import SocketFactory
 from nodes.actuator.inputs import Observation
@@ -82,8 +83,12 @@ class PolicyWorker(threading.Thread):
 
     def run(self) -> None:
         policy = self.config.policy
-        client = PolicyClient(self.factory, policy.endpoint, client_id=self.client_id, timeout_s=policy.timeout_s,
-                              retries=policy.retries)
+        client: PolicyClient | OpenpiPolicyClient
+        if policy.backend == "openpi":  # an openpi-compatible server (issue 24): same interface, openpi's wire
+            client = OpenpiPolicyClient(self.config, client_id=self.client_id)
+        else:
+            client = PolicyClient(self.factory, policy.endpoint, client_id=self.client_id,
+                                  timeout_s=policy.timeout_s, retries=policy.retries)
         try:
             while (job := self.jobs.get()) is not None:
                 try:
@@ -93,7 +98,7 @@ class PolicyWorker(threading.Thread):
         finally:
             client.close()
 
-    def _run(self, client: PolicyClient, job: Job) -> JobResult:
+    def _run(self, client: PolicyClient | OpenpiPolicyClient, job: Job) -> JobResult:
         if job.kind == "contract":
             return JobResult(job=job, contract=client.metadata())
         if job.kind == "reset":
