@@ -72,6 +72,9 @@ class ProcessStatus:
     reason: str = ""  # why it is not running: its refusal, or the last error line of its log after a crash
     refused: bool = False  # it stopped on purpose (exit 2: config, checkpoint or dataset); no restart will help
     role: str = ""  # policy.standby: "serving" or "standby", from the readiness file; "" for other nodes
+    # A node that runs and is ready but refuses its work (the actuator on a contract mismatch): why, from its
+    # readiness file's "refusing"; "" otherwise
+    refusing: str = ""
 
     @property
     def full_name(self) -> str:
@@ -186,6 +189,8 @@ class SupervisorClient:
                                     and _descends_from(int(entry["pid"]), status.pid))
                 if status.ready and entry and "serving" in entry:
                     status.role = "serving" if entry["serving"] else "standby"
+                if status.ready and entry and entry.get("refusing"):
+                    status.refusing = str(entry["refusing"])
         return statuses
 
     def config_info(self) -> list[dict[str, Any]]:

@@ -3,8 +3,10 @@
 A node is READY once its readiness file exists (sockets up, model/dataset/device loaded); supervisord
 alone only knows whether the process is running. A node that is down says why in the last column: its
 refusal (exit 2: a configuration, checkpoint or dataset error; it stays EXITED until fixed) or, after a
-crash, the last error line of its log. ``--wait S`` blocks until every program is running and ready
-(exit 0), or S seconds pass, or every program that is not ready has refused (exit 1). A deployment
+crash, the last error line of its log. A node that runs but refuses its work (the actuator when the
+policy's contract does not match the config: it will not move) shows ``REFUSES`` in the ready column and
+``REFUSING:`` with its reason, and counts as not up (exit 1). ``--wait S`` blocks until every program is
+running and ready (exit 0), or S seconds pass, or every program that is not ready has refused (exit 1). A deployment
 config that does not load is reported, and the table is still shown.
 """
 
@@ -23,7 +25,8 @@ log = logging.getLogger("armpipe.status")
 
 
 def all_ready(processes: list[ProcessStatus]) -> bool:
-    return bool(processes) and all(p.state == "RUNNING" and p.ready for p in processes)
+    """Every program runs, is ready, and none refuses its work (an actuator that refuses to move is not up)."""
+    return bool(processes) and all(p.state == "RUNNING" and p.ready and not p.refusing for p in processes)
 
 
 def settled(processes: list[ProcessStatus]) -> bool:
@@ -34,6 +37,8 @@ def settled(processes: list[ProcessStatus]) -> bool:
 
 def detail(proc: ProcessStatus) -> str:
     """supervisord's description, and why a program is down (refusal or crash) where that is known."""
+    if proc.refusing:
+        return f"REFUSING: {proc.refusing}"
     if not proc.reason:
         return f"{proc.role}; {proc.description}" if proc.role else proc.description
     why = "refused" if proc.refused else "last error in its log"
@@ -44,7 +49,7 @@ def detail(proc: ProcessStatus) -> str:
 def format_table(processes: list[ProcessStatus]) -> str:
     lines = [f"{'program':32} {'state':10} {'ready':6} {'pid':>8}  detail"]
     for proc in processes:
-        ready = {True: "yes", False: "no", None: "-"}[proc.ready]
+        ready = "REFUSES" if proc.refusing else {True: "yes", False: "no", None: "-"}[proc.ready]
         lines.append(f"{proc.full_name:32} {proc.state:10} {ready:6} {proc.pid:>8}  {detail(proc)}")
     return "\n".join(lines)
 

@@ -101,6 +101,7 @@ class ActuatorNode(ControlOps):
         self.started_at = time.monotonic()
         self.contract: PolicyContract | None = None
         self.contract_checked = False
+        self._readiness_detail: dict[str, Any] | None = None  # what the readiness file says now
         self.needs_contract = True
         self.next_contract_check = 0.0
         self.next_request_at = 0.0
@@ -327,6 +328,8 @@ class ActuatorNode(ControlOps):
         if not self.contract_checked:
             self.contract_checked = True
             self._mark_ready()
+        elif self.readiness.path.exists():
+            self._mark_ready()  # a refusal that began or ended, or now differs: make status shows the current one
 
     def submit_infer(self, observation: Observation, obs_t: float, age: float) -> None:
         """Ask for the next chunk; under ``overlap: rtc`` with the rows that ran or will run meanwhile."""
@@ -433,9 +436,21 @@ class ActuatorNode(ControlOps):
         self.maybe_auto_start(now)
 
     def _mark_ready(self) -> None:
+        """Write the readiness file, or rewrite it when what it says changed. ``refusing`` (the generic key
+        ``make status`` and the panel read): why this running node refuses to move, "" when it does not."""
         contract = "ok" if self.core.episodes.contract_ok else "mismatch" if self.contract_checked else "unchecked"
-        self.readiness.ready(contract=contract, differences=self.core.episodes.differences,
-                             dry_run=self.settings.dry_run, lockstep=self.settings.lockstep)
+        differences = list(self.core.episodes.differences)
+        refusing = ""
+        if contract == "mismatch":
+            refusing = "refuses to move: the policy's contract does not match the config: " + "; ".join(differences)
+        elif contract == "unchecked":
+            refusing = f"refuses to start: no contract from the policy at {self.config.policy.endpoint} yet"
+        detail = {"contract": contract, "differences": differences, "refusing": refusing,
+                  "dry_run": self.settings.dry_run, "lockstep": self.settings.lockstep}
+        if detail == self._readiness_detail:
+            return
+        self._readiness_detail = detail
+        self.readiness.ready(**detail)
 
     def _start_episode(self, episode_index: object) -> EpisodeRecord:
         record = self.core.start(episode_index)
