@@ -111,6 +111,43 @@ class ArmConfig:
         return f"/tmp/armpipe-bus-{device.strip('/').replace('/', '_')}.lock"
 
 
+# What a joint's value can be in each of LeRobot's norm modes (arms.<arm>.use_degrees): the body joints in
+# degrees (-180..180: a full turn around the calibrated middle) or in the -100..100 range mode (the calibrated
+# range); the gripper is 0..100 in both.
+UNIT_BOUNDS = {True: (-180.0, 180.0), False: (-100.0, 100.0)}
+GRIPPER_BOUNDS = (0.0, 100.0)
+UNITS_DOC = "docs/configuration.md, \"Units\""
+
+
+def check_arm_units(where: str, arm: ArmConfig) -> None:
+    """Limits, max_step and rest_pose must be numbers the arm's declared units can hold; a ``ConfigError``
+    naming the field and the joint otherwise (a rest pose of -150 cannot be in range mode)."""
+    units = "degrees (use_degrees: true)" if arm.use_degrees else "LeRobot's -100..100 range mode (use_degrees: false)"
+    other = ("-100..100 range mode: set use_degrees: false" if arm.use_degrees
+             else "degrees: set use_degrees: true")
+    for key in ("lower_limits", "upper_limits", "rest_pose"):
+        for joint, value in zip(SO101_JOINTS, getattr(arm, key), strict=False):
+            low, high = GRIPPER_BOUNDS if joint == "gripper" else UNIT_BOUNDS[arm.use_degrees]
+            if not low <= value <= high:
+                what = "the gripper is 0..100 in both units" if joint == "gripper" else f"the arm is in {units}"
+                raise ConfigError(f"{where}.{key}", (
+                    f"{joint} is {value:g}, which cannot be in the arm's units: {what}, so {low:g}..{high:g}. Give "
+                    f"lower_limits, upper_limits, max_step and rest_pose in the arm's units, or, if these numbers "
+                    f"are in {other} ({UNITS_DOC}; configs/<task>-range.yaml are the tasks in range mode)"))
+    for index, (joint, step) in enumerate(zip(SO101_JOINTS, arm.max_step, strict=False)):
+        span = arm.upper_limits[index] - arm.lower_limits[index]
+        if step > span:
+            raise ConfigError(f"{where}.max_step", f"{joint} moves up to {step:g} per tick, more than its whole range "
+                              f"{arm.lower_limits[index]:g}..{arm.upper_limits[index]:g}; give max_step in the arm's "
+                              f"units ({units}; {UNITS_DOC})")
+    if arm.rest_pose:
+        for index, (joint, value) in enumerate(zip(SO101_JOINTS, arm.rest_pose, strict=False)):
+            if not arm.lower_limits[index] <= value <= arm.upper_limits[index]:
+                raise ConfigError(f"{where}.rest_pose", f"{joint} rests at {value:g}, outside its limits "
+                                  f"{arm.lower_limits[index]:g}..{arm.upper_limits[index]:g}; give rest_pose in the "
+                                  f"arm's units ({units}; {UNITS_DOC})")
+
+
 @dataclass
 class PolicyConfig:
     # A pretrained_model dir, or a lerobot-train run folder (its last checkpoint).
@@ -428,6 +465,7 @@ class DeploymentConfig:
                                       f"{SO101_JOINTS[index]}, got {low} >= {high}")
             if any(step <= 0 for step in arm.max_step):
                 raise ConfigError(f"{where}.max_step", "expected positive steps")
+            check_arm_units(where, arm)
             if arm.read_hz <= 0:
                 raise ConfigError(f"{where}.read_hz", f"expected a positive rate, got {arm.read_hz}")
         if len(set(self.state_names())) != len(self.state_names()):

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common.config import DeploymentConfig
+from common.config import DeploymentConfig, resolve_repo_path
 
 # The wire's array names are LeRobot's feature keys (common.layout); re-exported for the nodes and clients.
 from common.layout import ACTION_KEY as ACTION_KEY
@@ -154,6 +154,7 @@ def units_differences(contract: PolicyContract, config: DeploymentConfig) -> lis
     no stats (nothing to compare) or everything agrees.
     """
     problems: list[str] = []
+    wrong_units: dict[str, str] = {}  # arm -> the units its checkpoint's dataset looks like
     lower, upper = config.lower_limits(), config.upper_limits()
     for key, names in ((STATE_KEY, config.state_names()), (ACTION_KEY, config.action_names())):
         stats = _joint_stats(contract, key, len(names))
@@ -175,6 +176,8 @@ def units_differences(contract: PolicyContract, config: DeploymentConfig) -> lis
                     telling = [i for i in body if part["min"][i] < -RANGE_MODE_BOUND - RANGE_MODE_SLACK
                                or part["max"][i] > RANGE_MODE_BOUND + RANGE_MODE_SLACK]
                     why = "beyond +-100: degrees"
+                if telling:
+                    wrong_units[arm_name] = units
                 for i in telling:
                     j = offset + i
                     problems.append(
@@ -190,4 +193,26 @@ def units_differences(contract: PolicyContract, config: DeploymentConfig) -> lis
                 problems.append(f"range: {name} ({key}): the checkpoint's dataset range {low:.1f}..{high:.1f} "
                                 f"(mean {stats['mean'][j]:.1f}) lies outside the configured limits "
                                 f"{lower[j]:g}..{upper[j]:g}")
+    if problems:
+        problems.append(units_fix(config, wrong_units))
     return problems
+
+
+def units_fix(config: DeploymentConfig, wrong_units: dict[str, str]) -> str:
+    """The last line of a units refusal: what to change in the config, field by field."""
+    steps = []
+    variant = f"configs/{config.task}-range.yaml"
+    example = (f"{variant} is the {config.task} layout so" if resolve_repo_path(variant).is_file()
+               else 'docs/configuration.md, "Units", converts them')
+    for arm_name, units in wrong_units.items():
+        if units == "range":
+            steps.append(f"set arms.{arm_name}.use_degrees: false and give its lower_limits, upper_limits, max_step "
+                         f"and rest_pose in -100..100 range units ({example})")
+        else:
+            steps.append(f"set arms.{arm_name}.use_degrees: true and give its lower_limits, upper_limits, max_step "
+                         f"and rest_pose in degrees (configs/{config.task}.yaml)")
+    if not wrong_units:
+        steps.append("widen arms.<arm>.lower_limits / upper_limits to cover the checkpoint's dataset, if the arm "
+                     "can go there")
+    return (f"what to change: {'; '.join(steps)}; or, if the checkpoint is meant to run in these units and limits, "
+            "set actuator.units_mismatch_intended: true (docs/configuration.md, \"Units\")")
