@@ -24,6 +24,9 @@ STATIC_FILES = {  # the only files served: no path from the URL ever reaches the
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
+    # The page links the SVG; /favicon.ico is what a browser asks for on its own (the same picture).
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+    "/favicon.ico": ("favicon.svg", "image/svg+xml"),
 }
 KEEPALIVE_S = 10.0
 MAX_BODY = 4096

@@ -258,6 +258,8 @@ class PanelState:
                        f"({_finite(meta.get('ahead_s'))} s ahead)")
         elif event in ("clamped", "anchor_mismatch", "reconnected", "units_mismatch"):
             detail = meta.get("joints") or meta.get("reason") or meta.get("differences") or ""
+            if isinstance(detail, (list, tuple)):  # one line per difference, not a Python list's repr
+                detail = "; ".join(str(item) for item in detail)
             self._note("fault", f"{event.replace('_', ' ')}: {detail}")
         elif isinstance(event, str) and event.endswith("error"):
             self._note("fault", f"{msg.src}: {event}: {meta.get('message', '')}")
@@ -338,6 +340,7 @@ class PanelState:
         config = self.config
         return {
             "task": config.task, "fps": config.fps, "cameras": list(config.cameras),
+            "camera_sizes": {name: [camera.width, camera.height] for name, camera in config.cameras.items()},
             "arms": {name: arm.joint_names() for name, arm in config.arms.items()},
             "action_names": config.action_names(),
             "lower_limits": config.lower_limits(), "upper_limits": config.upper_limits(),

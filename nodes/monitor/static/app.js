@@ -32,6 +32,15 @@ function fmt(value, digits = 1, unit = "") {
   return value === null || value === undefined || Number.isNaN(value) ? "—" : `${Number(value).toFixed(digits)}${unit}`;
 }
 
+// An uptime as short as it can be said: 45 s, 12 min, 3.5 h, 2.1 d.
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "—";
+  if (seconds < 120) return `${Math.round(seconds)} s`;
+  if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
+  if (seconds < 172800) return `${(seconds / 3600).toFixed(1)} h`;
+  return `${(seconds / 86400).toFixed(1)} d`;
+}
+
 function now() {
   return state.serverNow + (performance.now() - state.lastLocal) / 1000;
 }
@@ -50,15 +59,17 @@ function setup(config) {
   const cameras = $("#cameras");
   cameras.replaceChildren();
   for (const name of config.cameras) {
-    cameras.append(el("figure", { class: "camera", id: `camera-${name}` },
-      el("img", { alt: `camera ${name}`, "data-seq": "-1" }),
+    const img = el("img", { alt: `camera ${name}`, "data-seq": "-1" });
+    const size = (config.camera_sizes || {})[name];
+    if (size) img.style.aspectRatio = `${size[0]} / ${size[1]}`;  // the tile is the picture's shape
+    cameras.append(el("figure", { class: "camera", id: `camera-${name}` }, img,
       el("figcaption", {}, el("b", {}, name), " ", el("span", { class: "info" }, "waiting for frames…"))));
   }
   const joints = $("#joints");
   joints.replaceChildren();
   config.action_names.forEach((name, index) => {
     joints.append(el("div", { class: "joint" }, el("div", { class: "name" }, name),
-      el("canvas", { width: 300, height: 90, "data-index": String(index) })));
+      el("canvas", { "data-index": String(index) })));
   });
 }
 
@@ -90,7 +101,8 @@ function onFrame(frame) {
   img.src = `data:image/jpeg;base64,${frame.jpeg}`;
   img.dataset.seq = String(frame.seq);
   const stats = frame.stats || {};
-  const source = frame.source === "dataset" ? ` · replay ep ${frame.episode_index} frame ${frame.frame_index}` : "";
+  const source = frame.source === "dataset" && frame.frame_index !== null && frame.frame_index !== undefined
+    ? ` · replay ep ${frame.episode_index} frame ${frame.frame_index}` : "";
   figure.querySelector(".info").textContent =
     `#${frame.seq} · ${frame.width}×${frame.height} · age ${fmt(frame.age_s * 1000, 0, " ms")}` +
     (stats.fps !== undefined && stats.fps !== null ? ` · ${fmt(stats.fps, 1)} fps` : "") +
@@ -120,11 +132,15 @@ function onLatency(sample) {
   state.latency.push(sample);
   if (state.latency.length > 300) state.latency.shift();
   showLatency();
+  state.dirty = true;
 }
 
 function showLatency() {
   const samples = state.latency.filter((s) => s.end_to_end_s !== null);
-  if (!samples.length) return;
+  if (!samples.length) {
+    $("#latency-latest").textContent = "no goal written yet (holding, or a dry run writes none)";
+    return;
+  }
   const sorted = samples.map((s) => s.end_to_end_s * 1000).sort((a, b) => a - b);
   const at = (p) => sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))];
   const means = {};
@@ -193,17 +209,26 @@ function onNodes(nodes) {
     // policy.standby: which of the two policy processes holds the endpoint (the readiness file says).
     const role = program.ready && program.role ? ` (${program.role})` : "";
     // No button for the monitor itself: it cannot stop and then start its own process.
-    const button = program.self ? "this page" : el("button", { type: "button", class: "restart",
+    const button = program.self ? el("span", { class: "self" }, "this page") : el("button", { type: "button", class: "restart",
       title: `restart ${program.name}` }, "restart");
     if (!program.self) {
       button.addEventListener("click", () => command(`/api/nodes/${encodeURIComponent(program.name)}/restart`, {}, button));
     }
+    // A node that runs but refuses its work (the actuator on a contract or units mismatch: its readiness
+    // file's "refusing") reads as plainly as one that refused to run: REFUSES, and the reason under it.
+    const refusing = program.refusing || "";
+    const readyText = refusing ? "REFUSES" : ready + role;
+    const readyClass = refusing ? "ready-refuses" : `ready-${ready}`;
     const row = el("tr", { "data-node": program.name, title: program.description },
-      el("td", {}, program.name), el("td", { class: `state state-${program.state}` }, program.state),
+      el("td", { class: "program" }, program.name), el("td", { class: `state state-${program.state}` }, program.state),
       el("td", { class: "pid" }, program.pid ? String(program.pid) : "—"),
-      el("td", {}, program.pid ? fmt(program.uptime_s, 0, " s") : "—"),
-      el("td", { class: `ready ready-${ready}`, "data-role": program.role || "" }, ready + role),
+      el("td", {}, program.pid ? duration(program.uptime_s) : "—"),
+      el("td", { class: `ready ${readyClass}`, "data-role": program.role || "" }, readyText),
       el("td", {}, button));
+    if (refusing) {
+      return [row, el("tr", { "data-why": program.name, class: "why refused" },
+        el("td", { colSpan: 6 }, refusing.startsWith("refuses") ? refusing : `refuses: ${refusing}`))];
+    }
     if (!program.reason) return [row];
     // Why it is down, under its row: a refusal (exit 2, stays down until the config, checkpoint or dataset
     // is fixed) or, after a crash, the last error line of its log.
@@ -293,32 +318,105 @@ function range(values, fallback) {
   return [lo - pad, hi + pad];
 }
 
-function axes(ctx, canvas, lo, hi, unit) {
-  ctx.fillStyle = "#8b95a3";
-  ctx.font = "10px system-ui";
-  ctx.fillText(`${fmt(hi, 1)}${unit}`, 2, 10);
-  ctx.fillText(`${fmt(lo, 1)}${unit}`, 2, canvas.height - 3);
+// A canvas drawn at its displayed size (times the screen's pixel ratio): crisp lines and readable text
+// whatever the column's width. Returns the context in CSS pixels and the size to draw in.
+function fit(canvas) {
+  const ratio = window.devicePixelRatio || 1;
+  const width = Math.max(1, canvas.clientWidth);
+  const height = Math.max(1, canvas.clientHeight);
+  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  return { ctx, w: width, h: height };
+}
+
+const GUTTER = 34; // left margin of the timing charts: their axis labels, never under the hold shading
+
+// A label on a dark box, so it stays readable over lines and hold bands.
+function label(ctx, text, x, y, colour = "#c5ccd6") {
+  ctx.font = "11px system-ui";
+  const width = ctx.measureText(text).width;
+  ctx.fillStyle = "rgba(17, 20, 25, 0.85)";
+  ctx.fillRect(x - 2, y - 10, width + 4, 13);
+  ctx.fillStyle = colour;
+  ctx.fillText(text, x, y);
+}
+
+function axes(ctx, h, lo, hi, unit) {
+  label(ctx, `${fmt(hi, 1)}${unit}`, 3, 12);
+  label(ctx, `${fmt(lo, 1)}${unit}`, 3, h - 4);
+}
+
+// Round steps (1, 2, 5 x 10^k) from 0 to at least hi; integers only where the quantity is a count.
+function ticks(hi, { integer = false, count = 4 } = {}) {
+  const raw = Math.max(hi, integer ? 1 : 1e-9) / count;
+  const power = 10 ** Math.floor(Math.log10(raw));
+  let step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+  if (integer) step = Math.max(1, Math.ceil(step));
+  const top = Math.ceil(hi / step) * step || step;
+  const values = [];
+  for (let v = 0; v <= top + step / 2; v += step) values.push(Number(v.toFixed(6)));
+  return values;
+}
+
+// Horizontal grid lines with their labels in the left gutter; returns the top of the scale.
+function gridY(ctx, w, h, values, unit, y) {
+  ctx.strokeStyle = "#262c35";
+  ctx.lineWidth = 1;
+  for (const v of values) {
+    const yy = Math.round(y(v)) + 0.5;
+    ctx.beginPath();
+    ctx.moveTo(GUTTER, yy);
+    ctx.lineTo(w, yy);
+    ctx.stroke();
+    ctx.font = "11px system-ui";
+    ctx.fillStyle = "#aab3bf";
+    const text = `${v}${unit}`;
+    ctx.fillText(text, GUTTER - 4 - ctx.measureText(text).width, Math.min(h - 2, Math.max(10, yy + 4)));
+  }
 }
 
 function cssVar(name) {
   return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 }
 
-// Ticks that held during an episode (not the holds between episodes), as red bands.
-function shadeHolds(ctx, canvas, x, t0, colour) {
+// Ticks that held during an episode (not the holds between episodes), as red bands from ``left`` on.
+function shadeHolds(ctx, w, h, x, t0, colour, left = 0) {
   const config = state.config;
-  const tickWidth = Math.max(1, canvas.width / (Math.min(config.history_s, 20) * config.fps));
+  const tickWidth = Math.max(1, (w - left) / (Math.min(config.history_s, 20) * config.fps)) + 0.5;
   ctx.fillStyle = colour;
+  let start = null;
+  let end = null;
+  const flush = () => {
+    if (start !== null) ctx.fillRect(Math.max(left, start), 0, Math.max(0, end - Math.max(left, start)), h);
+    start = null;
+  };
+  // Neighbouring held ticks make one band (no darker stripes where translucent rectangles overlap).
   for (const s of state.actions) {
-    if (s.hold && s.episode_index >= 0 && s.t >= t0) ctx.fillRect(x(s.t), 0, tickWidth, canvas.height);
+    if (!(s.hold && s.episode_index >= 0 && s.t >= t0)) {
+      flush();
+      continue;
+    }
+    const xs = x(s.t);
+    if (start === null) start = xs;
+    else if (xs > end + tickWidth) {
+      flush();
+      start = xs;
+    }
+    end = xs + tickWidth;
   }
+  flush();
 }
 
-function timeAxis(ctx, canvas, span) {
+function timeAxis(ctx, w, h, span, left = 0) {
+  ctx.font = "11px system-ui";
   ctx.fillStyle = "#8b95a3";
-  ctx.font = "10px system-ui";
-  ctx.fillText(`-${span.toFixed(0)} s`, 70, canvas.height - 3);
-  ctx.fillText("now", canvas.width - 22, canvas.height - 3);
+  ctx.fillText(`-${span.toFixed(0)} s`, left + 4, h - 4);
+  ctx.fillText("now", w - 24, h - 4);
 }
 
 function drawJoints() {
@@ -340,61 +438,113 @@ function drawJoints() {
   const chunk = state.lastChunk;
   document.querySelectorAll("#joints canvas").forEach((canvas) => {
     const index = Number(canvas.dataset.index);
-    const ctx = canvas.getContext("2d");
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    const x = (t) => ((t - t0) / (t1 - t0)) * canvas.width;
-    const acts = state.actions.filter((s) => s.t >= t0).map((s) => [s.t, s.values[index]]);
+    const { ctx, w, h } = fit(canvas);
+    const x = (t) => ((t - t0) / (t1 - t0)) * w;
+    // A held tick commands no new target (the arm stays; the hold position is not an action the policy
+    // chose): the executed line breaks there, so it is never drawn over the state as if the arm followed.
+    const acts = state.actions.filter((s) => s.t >= t0).map((s) => [s.t, s.hold ? null : s.values[index]]);
     const gts = state.gt.filter((s) => s.t >= t0).map((s) => [s.t, s.values[index]]);
     const sts = stateByJoint[index].filter(([t]) => t >= t0);
     const predicted = chunk && chunk.chunk && chunk.obs_t !== null
       ? chunk.chunk.map((row, k) => [chunk.obs_t + k / config.fps, row[index]]) : [];
     const [lo, hi] = range([...acts, ...gts, ...sts, ...predicted].map(([, v]) => v),
       [config.lower_limits[index], config.upper_limits[index]]);
-    const y = (v) => (v === null || v === undefined ? NaN : canvas.height - ((v - lo) / (hi - lo)) * canvas.height);
-    shadeHolds(ctx, canvas, x, t0, colours.hold);
+    const y = (v) => (v === null || v === undefined ? NaN : h - ((v - lo) / (hi - lo)) * h);
+    shadeHolds(ctx, w, h, x, t0, colours.hold);
     line(ctx, sts.map(([t, v]) => [x(t), y(v)]), colours.state);
     line(ctx, gts.map(([t, v]) => [x(t), y(v)]), colours.gt, { dash: [4, 3] });
     line(ctx, acts.map(([t, v]) => [x(t), y(v)]), colours.action);
     line(ctx, predicted.map(([t, v]) => [x(t), y(v)]), colours.chunk, { dash: [2, 2] });
-    axes(ctx, canvas, lo, hi, "");
-    timeAxis(ctx, canvas, t1 - t0);
+    axes(ctx, h, lo, hi, "");
+    timeAxis(ctx, w, h, t1 - t0, 48);
   });
+}
+
+// A time series with round-number grid lines: points joined by a line, each marked (a slow policy sends
+// few chunks: one or two points still show).
+function series(ctx, points, colour, x, y) {
+  line(ctx, points.map(([t, v]) => [x(t), y(v)]), colour, { width: 1.5 });
+  ctx.fillStyle = colour;
+  for (const [t, v] of points) if (Number.isFinite(v)) ctx.fillRect(x(t) - 2.5, y(v) - 2.5, 5, 5);
+}
+
+function emptyNote(ctx, w, h, text) {
+  ctx.font = "12px system-ui";
+  ctx.fillStyle = "#8b95a3";
+  ctx.fillText(text, GUTTER + 8, h / 2);
 }
 
 function drawTiming() {
   const config = state.config;
   if (!config) return;
   const t1 = now();
-  const t0 = t1 - Math.min(config.history_s, 20);
-  const canvas = $("#timing-chart");
-  const ctx = canvas.getContext("2d");
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const chunks = state.chunks.filter((c) => c.t >= t0);
-  const rt = chunks.map((c) => [c.t, c.round_trip_s * 1000]);
-  const inf = chunks.map((c) => [c.t, ((c.timings || {}).inference_s ?? (c.timings || {}).total_s) * 1000]);
-  const [, hi] = range([...rt, ...inf].map(([, v]) => v), [0, 100]);
-  const x = (t) => ((t - t0) / (t1 - t0)) * canvas.width;
-  const y = (v) => canvas.height - (v / hi) * canvas.height;
-  line(ctx, rt.map(([t, v]) => [x(t), y(v)]), cssVar("--action"), { width: 1.5 });
-  line(ctx, inf.map(([t, v]) => [x(t), y(v)]), cssVar("--chunk"), { width: 1.5 });
-  ctx.fillStyle = cssVar("--action");
-  for (const [t, v] of rt) ctx.fillRect(x(t) - 2, y(v) - 2, 4, 4);
-  ctx.fillStyle = cssVar("--chunk");
-  for (const [t, v] of inf) ctx.fillRect(x(t) - 2, y(v) - 2, 4, 4);
-  axes(ctx, canvas, 0, hi, " ms");
-  timeAxis(ctx, canvas, t1 - t0);
-  ctx.fillText("orange: round trip · purple: inference", canvas.width - 210, 10);
+  const span = Math.min(config.history_s, 20);
+  const t0 = t1 - span;
+  const x = (w) => (t) => GUTTER + ((t - t0) / (t1 - t0)) * (w - GUTTER);
 
-  const queueCanvas = $("#queue-chart");
-  const qctx = queueCanvas.getContext("2d");
-  qctx.clearRect(0, 0, queueCanvas.width, queueCanvas.height);
-  const depth = state.actions.filter((s) => s.t >= t0 && s.queue_depth !== null).map((s) => [s.t, s.queue_depth]);
-  const [, qhi] = range(depth.map(([, v]) => v), [0, 10]);
-  const qy = (v) => queueCanvas.height - (v / Math.max(qhi, 1)) * queueCanvas.height;
-  shadeHolds(qctx, queueCanvas, x, t0, cssVar("--hold"));
-  line(qctx, depth.map(([t, v]) => [x(t), qy(v)]), cssVar("--state"), { width: 1.5 });
-  axes(qctx, queueCanvas, 0, Math.max(qhi, 1), " rows");
-  timeAxis(qctx, queueCanvas, t1 - t0);
+  // Policy timing per chunk. A slow (CPU) policy sends a chunk every few seconds: the chart keeps the whole
+  // history (history_s), not only the joints' 20 s, so its line has points to join.
+  {
+    const canvas = $("#timing-chart");
+    const { ctx, w, h } = fit(canvas);
+    const tStart = t1 - config.history_s;
+    const xs = (t) => GUTTER + ((t - tStart) / (t1 - tStart)) * (w - GUTTER);
+    const chunks = state.chunks.filter((c) => c.t >= tStart);
+    const rt = chunks.map((c) => [c.t, c.round_trip_s === null ? NaN : c.round_trip_s * 1000]);
+    const inf = chunks.map((c) => {
+      const timings = c.timings || {};
+      const value = timings.inference_s ?? timings.total_s;
+      return [c.t, value === null || value === undefined ? NaN : value * 1000];
+    });
+    const [, top] = range([...rt, ...inf].map(([, v]) => v), [0, 100]);
+    const grid = ticks(top);
+    const hi = grid[grid.length - 1];
+    const y = (v) => h - 14 - (v / hi) * (h - 24);
+    gridY(ctx, w, h, grid, "", y);
+    series(ctx, rt, cssVar("--action"), xs, y);
+    series(ctx, inf, cssVar("--chunk"), xs, y);
+    if (!chunks.length) emptyNote(ctx, w, h, "no chunk in the last " + config.history_s.toFixed(0) + " s");
+    timeAxis(ctx, w, h, t1 - tStart, GUTTER);
+    label(ctx, "ms · round trip", w - 160, 12, cssVar("--action"));
+    label(ctx, "inference", w - 62, 12, cssVar("--chunk"));
+    canvas.dataset.points = String(rt.filter(([, v]) => Number.isFinite(v)).length);
+  }
+
+  // Capture -> goal written, per goal written to the bus (docs/protocol.md, section 8).
+  {
+    const canvas = $("#latency-chart");
+    const { ctx, w, h } = fit(canvas);
+    const points = state.latency.filter((s) => s.t >= t0 && s.end_to_end_s !== null)
+      .map((s) => [s.t, s.end_to_end_s * 1000]);
+    const [, top] = range(points.map(([, v]) => v), [0, 100]);
+    const grid = ticks(top);
+    const hi = grid[grid.length - 1];
+    const y = (v) => h - 14 - (v / hi) * (h - 24);
+    gridY(ctx, w, h, grid, "", y);
+    line(ctx, points.map(([t, v]) => [x(w)(t), y(v)]), cssVar("--gt"), { width: 1.5 });
+    if (!points.length) emptyNote(ctx, w, h, "no goal written in the last " + span.toFixed(0) + " s");
+    timeAxis(ctx, w, h, span, GUTTER);
+    label(ctx, "ms", w - 22, 12, cssVar("--gt"));
+    canvas.dataset.points = String(points.length);
+  }
+
+  // Queue depth: a count of rows, so whole-number grid lines; labels in the gutter, left of the hold bands.
+  {
+    const canvas = $("#queue-chart");
+    const { ctx, w, h } = fit(canvas);
+    const depth = state.actions.filter((s) => s.t >= t0 && s.queue_depth !== null).map((s) => [s.t, s.queue_depth]);
+    const [, top] = range(depth.map(([, v]) => v), [0, 8]);
+    const grid = ticks(Math.max(1, Math.ceil(top)), { integer: true });
+    const hi = grid[grid.length - 1];
+    const y = (v) => h - 14 - (v / hi) * (h - 24);
+    shadeHolds(ctx, w, h, x(w), t0, cssVar("--hold"), GUTTER);
+    gridY(ctx, w, h, grid, "", y);
+    line(ctx, depth.map(([t, v]) => [x(w)(t), y(v)]), cssVar("--state"), { width: 1.5 });
+    if (!depth.length) emptyNote(ctx, w, h, "no tick in the last " + span.toFixed(0) + " s");
+    timeAxis(ctx, w, h, span, GUTTER);
+    label(ctx, "rows", w - 34, 12, cssVar("--state"));
+    canvas.dataset.axisLabels = JSON.stringify(grid);
+  }
 }
 
 function frameLoop() {
