@@ -182,6 +182,11 @@ class PolicyConfig:
     # rtc: the weight of the soft prefix rows (after the frozen ones) falls to 0 over the prefix: exp (the
     # exponential decay of Black et al. 2025, real-time chunking) or linear. docs/nodes/policy.md
     rtc_guidance: str = "exp"
+    # SmolVLA / pi0 / pi0.5: where the VLM's config and tokenizer files are (nothing is downloaded at run time).
+    # "" = the checkpoint's own path (SmolVLA's vlm_model_name when it is a directory), then the local Hugging
+    # Face cache. A directory holding the files, or one subfolder per hub id (<vlm_dir>/<org>/<name>/).
+    # docs/nodes/policy.md, "Vision-language-action policies"
+    vlm_dir: str = ""
     timeout_s: float = 2.0  # client side: per-attempt reply timeout
     retries: int = 1  # client side: attempts before the policy counts as unreachable
     # Robot side: where chunks come from. armpipe: the policy node at policy.endpoint; openpi: a server that

@@ -123,3 +123,31 @@ def test_dataset_without_a_camera_is_refused_naming_it(tmp_path: Path) -> None:
     write_stats(stats, tmp_path / "dataset")
     with pytest.raises(ValueError, match=r"observation\.images\.wrist"):
         build_checkpoint(config, tmp_path / "ckpt", dataset_root=tmp_path / "dataset")
+
+
+def test_tiny_smolvla_loads_offline_with_lerobots_own_loader(tiny_checkpoint, monkeypatch, tmp_path) -> None:
+    # The VLM's config, processor and tokenizer were made locally and are where LeRobot's loader reads them
+    # (config.json's vlm_model_name, the tokenizer step's tokenizer_name): no hub, no cache.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
+    path = tiny_checkpoint("lift", "smolvla")
+    saved = json.loads((path / "config.json").read_text())
+    assert saved["vlm_model_name"] == str(path / "vlm") and saved["load_vlm_weights"] is False
+    for name in ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (path / "vlm" / name).is_file(), name
+    policy_config, policy, pre, post = _load_lerobot(path)
+    assert policy_config.type == "smolvla"
+    batch = _observation(config, np.random.default_rng(0))
+    batch["task"] = "pick up the red cube"
+    processed = pre(batch)
+    assert processed["observation.language.tokens"].shape[0] == 1
+    chunk = post(policy.predict_action_chunk(processed))
+    assert chunk.shape == (1, 50, 6) and torch.isfinite(chunk).all()
+
+
+def test_pi0_has_no_tiny_size(tmp_path) -> None:
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
+    for policy_type in ("pi0", "pi05"):
+        with pytest.raises(ValueError, match=r"hard-codes .* Gemma widths"):
+            build_checkpoint(config, tmp_path / policy_type, policy_type=policy_type, size="tiny")

@@ -13,9 +13,19 @@ mean = mid-range, std = range / 4) and images from the ImageNet channel statisti
 Sizes:
 - ``tiny``: small enough for CPU tests and the demo (DiffusionPolicy: images resized to 60x80 inside the
   model, a 2-level 32/64 UNet, horizon 16, 8 actions per chunk, DDIM with 10 steps, n_obs_steps 2;
-  ACT: 64-wide transformer, chunk of 20).
+  ACT: 64-wide transformer, chunk of 20; SmolVLA: a 4-layer 64-wide SmolVLM with a 1-layer vision tower on
+  64x64 images, chunk of 50, 4 flow-matching steps). pi0 / pi0.5 have no tiny size: LeRobot 0.6.1 hard-codes
+  their Gemma widths and SigLIP tower (the smallest buildable pi0 has ~1.8 B parameters), and shrinking them
+  would mean patching LeRobot's modules; they are built at ``default`` size, on the GPU machine.
 - ``default``: LeRobot's default configuration for the policy type (the benchmark configuration),
-  only without pretrained ImageNet backbone weights, which would need a download.
+  only without pretrained weights (ImageNet backbones, the VLM), which would need a download.
+
+Language policies (SmolVLA, pi0, pi0.5) also need a tokenizer (and SmolVLA its VLM's config and processor),
+which LeRobot would fetch from the hub. The maker makes them here, offline: a byte-level BPE tokenizer trained
+with the ``tokenizers`` library on a few task sentences (with the special tokens the model looks up), saved
+with ``transformers`` under ``pretrained_model/vlm/`` (SmolVLA: with its SmolVLM config and processor) or
+``pretrained_model/tokenizer/`` (pi0, pi0.5), and named by absolute path in ``config.json``
+(``vlm_model_name``) and in the preprocessor's tokenizer step, which is where LeRobot's own loader reads them.
 
 CLI::
 
@@ -28,6 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +53,35 @@ from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
 
 log = logging.getLogger(__name__)
 
-POLICY_TYPES = ("diffusion", "act")
+POLICY_TYPES = ("diffusion", "act", "smolvla", "pi0", "pi05")
+LANGUAGE_TYPES = ("smolvla", "pi0", "pi05")
+# SmolVLM2-500M-Video-Instruct's published architecture (its config.json), written out so that a default-size
+# SmolVLA is built without a download; the weights are random either way.
+SMOLVLM2_500M = {
+    "text_config": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
+                    "num_key_value_heads": 5, "head_dim": 64, "vocab_size": 49280, "rms_norm_eps": 1e-5,
+                    "rope_theta": 100000.0, "max_position_embeddings": 8192},
+    "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                      "num_attention_heads": 12, "image_size": 512, "patch_size": 16},
+    "scale_factor": 4,
+}
+TINY_SMOLVLM = {
+    "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "image_size": 64, "patch_size": 16},
+    "scale_factor": 2,
+}
+# The PaliGemma tokenizer LeRobot 0.6.1's pi0 / pi0.5 processors name (and load when they are built).
+PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
+# Special tokens the SmolVLM processor and LeRobot's SmolVLA look up on the tokenizer (fake_image_token_id, ...).
+SMOLVLM_SPECIAL = {"fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+                   "image_token": "<image>", "video_token": "<video>", "end_of_utterance_token": "<end_of_utterance>"}
+TOKENIZER_CORPUS = (
+    "pick up the red cube and put it in the box", "stack the blue cube on the green cube",
+    "sort the parts: left arm takes the red ones, right arm the blue ones", "lift the cube", "place it on top",
+    "grasp the object and move it to the left", "open the gripper, close the gripper, move up, move down",
+)
 SIZES = ("tiny", "default")
 SIDECAR_NAME = "armpipe.json"
 
@@ -114,7 +156,73 @@ def dataset_stats(config: DeploymentConfig, dataset_root: Path) -> dict[str, dic
     return {key: {kind: np.asarray(value) for kind, value in stats[key].items()} for key in keys}
 
 
-def make_policy_config(config: DeploymentConfig, policy_type: str, size: str, chunk: int = 0) -> Any:
+def make_tokenizer(folder: Path, vocab_size: int, special: dict[str, str] | None = None) -> Any:
+    """A byte-level BPE tokenizer trained on a few task sentences (any UTF-8 text encodes), saved to ``folder``
+    with ``transformers`` (tokenizer.json + tokenizer_config.json); ``special`` names extra special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    extra = dict(special or {})
+    base = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*base, *extra.values()],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>", extra_special_tokens=extra)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_smolvlm(folder: Path, size: str) -> None:
+    """SmolVLA's VLM, as ``vlm_model_name`` names it: SmolVLM config, processor and tokenizer in ``folder``."""
+    from transformers import SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    arch = TINY_SMOLVLM if size == "tiny" else SMOLVLM2_500M
+    tokenizer = make_tokenizer(folder, 512 if size == "tiny" else 2048, SMOLVLM_SPECIAL)
+    text = {**arch["text_config"], "pad_token_id": tokenizer.pad_token_id}  # type: ignore[dict-item]
+    vision: dict[str, Any] = dict(arch["vision_config"])  # type: ignore[call-overload]
+    vlm = SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=arch["scale_factor"],
+                        image_token_id=tokenizer.convert_tokens_to_ids(SMOLVLM_SPECIAL["image_token"]))
+    vlm.save_pretrained(folder)
+    image_size = int(vision["image_size"])
+    image_seq_len = (image_size // int(vision["patch_size"])) ** 2 // int(arch["scale_factor"]) ** 2  # type: ignore[call-overload]
+    processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(max_image_size={"longest_edge": image_size}),
+                                 tokenizer=tokenizer, video_processor=SmolVLMVideoProcessor(),
+                                 image_seq_len=image_seq_len)
+    processor.save_pretrained(folder)
+
+
+@contextmanager
+def hub_name_resolves_to(name: str, folder: Path) -> Iterator[None]:
+    """While LeRobot 0.6.1 builds pi0 / pi0.5 processors: their tokenizer step names the PaliGemma tokenizer by
+    hub id and loads it at once, and transformers loads a name that is an existing relative directory from
+    there. So the processors are built in a scratch working directory where ``<org>/<name>`` links to the
+    local tokenizer; afterwards the step names the local folder (``local_tokenizer_steps``)."""
+    previous = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="armpipe-hub-name-") as scratch:
+        link = Path(scratch) / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(folder.resolve(), target_is_directory=True)
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
+def local_tokenizer_steps(preprocessor: Any, folder: Path) -> None:
+    """Make the preprocessor's tokenizer step name the local folder (saved in policy_preprocessor.json)."""
+    for step in preprocessor.steps:
+        if type(step).__name__ == "TokenizerProcessorStep":
+            step.tokenizer_name = str(folder.resolve())
+
+
+def make_policy_config(config: DeploymentConfig, policy_type: str, size: str, chunk: int = 0,
+                       assets: Path | None = None) -> Any:
     """The LeRobot policy config for this layout; never asks for downloadable backbone weights.
 
     ``chunk`` > 0 sets the rows per reply of a tiny policy (DiffusionPolicy's ``n_action_steps`` with a
@@ -169,6 +277,29 @@ def make_policy_config(config: DeploymentConfig, policy_type: str, size: str, ch
                 latent_dim=8,
             )
         return ACTConfig(**common)
+    language: dict[str, Any] = {key: value for key, value in common.items() if key != "pretrained_backbone_weights"}
+    if chunk:
+        language.update(chunk_size=chunk, n_action_steps=chunk)
+    if policy_type == "smolvla":
+        from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+
+        vlm = {"vlm_model_name": str(assets.resolve()) if assets else "", "load_vlm_weights": False}
+        if size == "tiny":
+            return SmolVLAConfig(**language, **vlm, resize_imgs_with_padding=(64, 64), num_vlm_layers=4,
+                                 num_expert_layers=2, self_attn_every_n_layers=2, expert_width_multiplier=0.5,
+                                 num_steps=4)
+        return SmolVLAConfig(**language, **vlm)
+    if policy_type in ("pi0", "pi05"):
+        if size == "tiny":
+            raise ValueError(f"--size tiny: LeRobot 0.6.1 hard-codes {policy_type}'s Gemma widths and SigLIP tower "
+                             "(the smallest buildable one has ~1.8 B parameters); build --size default, on a GPU")
+        if policy_type == "pi0":
+            from lerobot.policies.pi0.configuration_pi0 import PI0Config
+
+            return PI0Config(**language)
+        from lerobot.policies.pi05.configuration_pi05 import PI05Config
+
+        return PI05Config(**language)
     raise ValueError(f"--policy-type: expected one of {list(POLICY_TYPES)}, got {policy_type!r}")
 
 
@@ -193,18 +324,34 @@ def build_checkpoint(config: DeploymentConfig, output: Path, *, policy_type: str
     torch.manual_seed(seed)
     if chunk and size != "tiny":
         raise ValueError("chunk: only tiny checkpoints take a chunk length; default ones keep LeRobot's")
-    policy_config = make_policy_config(config, policy_type, size, chunk)
+    target = Path(output) / "pretrained_model"
+    target.mkdir(parents=True, exist_ok=True)
+    assets: Path | None = None
+    if policy_type == "smolvla":
+        assets = target / "vlm"
+        make_smolvlm(assets, size)
+    elif policy_type in LANGUAGE_TYPES and size != "tiny":
+        assets = target / "tokenizer"
+        make_tokenizer(assets, 2048)
+    policy_config = make_policy_config(config, policy_type, size, chunk, assets)
     if dataset_root is not None:
         stats = dataset_stats(config, Path(dataset_root))
         stats_source = f"dataset {Path(dataset_root).resolve()}"
     else:
         stats = synthesised_stats(config)
         stats_source = "synthesised from the config's joint limits (images: ImageNet channel stats)"
+    if policy_type == "pi05":  # pi0.5 normalises state and action by quantiles
+        for key in (STATE_KEY, ACTION_KEY):
+            stats[key].setdefault("q01", stats[key]["min"].copy())
+            stats[key].setdefault("q99", stats[key]["max"].copy())
     policy = get_policy_class(policy_type)(policy_config)
-    preprocessor, postprocessor = make_pre_post_processors(policy_config, dataset_stats=stats)
+    if policy_type in ("pi0", "pi05") and assets is not None:
+        with hub_name_resolves_to(PALIGEMMA_TOKENIZER, assets):
+            preprocessor, postprocessor = make_pre_post_processors(policy_config, dataset_stats=stats)
+        local_tokenizer_steps(preprocessor, assets)
+    else:
+        preprocessor, postprocessor = make_pre_post_processors(policy_config, dataset_stats=stats)
 
-    target = Path(output) / "pretrained_model"
-    target.mkdir(parents=True, exist_ok=True)
     policy.save_pretrained(target)
     preprocessor.save_pretrained(target)
     postprocessor.save_pretrained(target)
@@ -234,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="folder; the checkpoint goes to <output>/pretrained_model")
     parser.add_argument("--dataset", default=None, help="local LeRobot v3 dataset root whose meta/stats.json to use")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chunk", type=int, default=0, help="tiny only: rows per reply (default 8 diffusion, 20 ACT)")
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="tiny only: rows per reply (default 8 diffusion, 20 ACT, 50 SmolVLA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s checkpoint_maker: %(message)s")
     config = load_config(args.config)

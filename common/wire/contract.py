@@ -94,8 +94,8 @@ def contract_differences(contract: PolicyContract, config: DeploymentConfig) -> 
         problems.append(f"chunk_length: policy returns {contract.chunk_length} rows")
     if config.actuator.overlap == "rtc" and not int(contract.extra.get("rtc_max_prefix_rows", 0) or 0):
         problems.append(f"actuator.overlap: rtc needs a policy that continues a prefix (DiffusionPolicy with its "
-                        f"DDIM/DDPM sampler mirrored); this {contract.policy_type} policy cannot: use replace or "
-                        "blend")
+                        f"DDIM/DDPM sampler mirrored, or SmolVLA / pi0 / pi0.5 through LeRobot's real-time chunking); "
+                        f"this {contract.policy_type} policy cannot: use replace or blend")
     return problems
 
 

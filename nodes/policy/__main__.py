@@ -166,6 +166,10 @@ def _obs_t(request: Message) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Nothing is downloaded at run time: huggingface_hub and transformers (imported later, with LeRobot) read
+    # this at import, so a missing tokenizer or VLM config is a refusal naming the files, never a wait on the
+    # network (nodes.policy.vla).
+    os.environ["HF_HUB_OFFLINE"] = "1"
     # Keys are loaded here, before the model: a wrong key file exits 2 at once, naming the file.
     started = start_node(PROGRAM, "armpipe policy node: serves LeRobot action chunks over ZeroMQ", argv,
                          curve_side="server", program=program_name())

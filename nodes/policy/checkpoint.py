@@ -178,10 +178,12 @@ class StageClock:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
 
 
-def load_lerobot_policy(path: Path, device: torch.device,
-                        clock: StageClock | None = None) -> tuple[Any, Any, Any, Any]:
+def load_lerobot_policy(path: Path, device: torch.device, clock: StageClock | None = None,
+                        vlm_dir: Path | None = None) -> tuple[Any, Any, Any, Any]:
     """(policy config, policy, preprocessor, postprocessor) from a local directory, without the network;
-    ``clock`` gets the seconds of each stage (LeRobot import, weights, processors)."""
+    ``clock`` gets the seconds of each stage (LeRobot import, weights, processors). A language policy's VLM
+    config and tokenizer come from ``vlm_dir``, a directory the checkpoint names or the local Hugging Face
+    cache (``nodes.policy.vla``); missing ones raise ``LanguageAssetsMissing``."""
     clock = clock or StageClock()
     declared_type = _declared_type(path)
     with clock.stage("lerobot import"):
@@ -210,26 +212,38 @@ def load_lerobot_policy(path: Path, device: torch.device,
         raise CheckpointError(f"{path}: missing {missing}; the node needs the processors with the normalisation "
                               "stats (lerobot-train and save_pretrained write them)")
     policy_class = get_policy_class(policy_config.type) if narrow_class is None else narrow_class
-    overrides = {"device_processor": {"device": device.type}}
-    with clock.stage("weights"):
-        # Built on the target device: LeRobot builds the model on the CPU and then loads the file over it, so
-        # the random initialisation of every parameter (seconds for the 263M-parameter UNet) is wasted work
-        # that a GPU does in milliseconds.
-        with device:
-            policy = policy_class.from_pretrained(path, config=policy_config, local_files_only=True)
-        policy.eval()
-    with clock.stage("processors"):
-        if narrow_class is None:
-            preprocessor, postprocessor = make_pre_post_processors(
-                policy_config, pretrained_path=str(path), preprocessor_overrides=overrides)
-        else:
-            preprocessor, postprocessor = lerobot_import.load_processors(path, overrides)
+    overrides: dict[str, Any] = {"device_processor": {"device": device.type}}
+    from nodes.policy.vla import LANGUAGE_TYPES, apply_assets, resolve_language_assets
+
+    language = policy_config.type in LANGUAGE_TYPES
+    if language:
+        apply_assets(policy_config, resolve_language_assets(policy_config.type, path, policy_config, vlm_dir),
+                     overrides)
+    try:
+        with clock.stage("weights"):
+            # Built on the target device: LeRobot builds the model on the CPU and then loads the file over it, so
+            # the random initialisation of every parameter (seconds for the 263M-parameter UNet) is wasted work
+            # that a GPU does in milliseconds.
+            with device:
+                policy = policy_class.from_pretrained(path, config=policy_config, local_files_only=True)
+            policy.eval()
+        with clock.stage("processors"):
+            if narrow_class is None:
+                preprocessor, postprocessor = make_pre_post_processors(
+                    policy_config, pretrained_path=str(path), preprocessor_overrides=overrides)
+            else:
+                preprocessor, postprocessor = lerobot_import.load_processors(path, overrides)
+    except OSError as exc:  # transformers: a VLM config or tokenizer file it could not read (never a download)
+        if not language:
+            raise
+        raise CheckpointError(f"{policy_config.type}: its VLM config or tokenizer could not be loaded from this "
+                              f"machine ({exc})") from exc
     return policy_config, policy, preprocessor, postprocessor
 
 
 # Policy types whose modules load on their own (lerobot.policies.<type>.configuration_/modeling_<type>) and
 # whose processors are the saved pipelines with nothing policy-specific to reconnect (LeRobot 0.6.1).
-NARROW_TYPES = ("diffusion", "act")
+NARROW_TYPES = ("diffusion", "act", "smolvla", "pi0", "pi05")
 
 
 def _declared_type(path: Path) -> str:

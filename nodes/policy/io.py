@@ -26,6 +26,8 @@ from nodes.policy.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
+LANGUAGE_KEY_PREFIX = "observation.language."  # LeRobot's tokenizer step: .tokens and .attention_mask
+
 
 @dataclass
 class RtcPrefix:
@@ -71,8 +73,8 @@ def validate_rtc(msg: Message, action_dim: int, max_rows: int) -> RtcPrefix | No
     where = f"arrays[{RTC_PREFIX_KEY}]"
     if max_rows <= 0:
         raise ProtocolError(where, "no rtc prefix: this policy cannot continue one (rtc needs a DiffusionPolicy "
-                            "with a mirrored DDIM/DDPM sampler; contract extra.rtc_max_prefix_rows is 0)",
-                            "a prefix")
+                            "with a mirrored DDIM/DDPM sampler, or a flow-matching SmolVLA / pi0 / pi0.5; contract "
+                            "extra.rtc_max_prefix_rows is 0)", "a prefix")
     if not has_prefix:
         raise ProtocolError(where, f"float32 [rows, {action_dim}] prefix rows with meta.{RTC_DELAY_KEY} "
                             "(array is missing)")
@@ -301,16 +303,20 @@ class Normaliser:
             log.info("processor pipelines have custom steps %s / %s: running them as pipelines",
                      sorted(pre_names - self.KNOWN_PRE), sorted(post_names - self.KNOWN_POST))
 
-    def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def prepare(self, inputs: dict[str, Tensor], task: str | None = None) -> dict[str, Tensor]:
         """uint8 (3, H, W) images and the (D,) state -> the normalised (1, ...) batch.
 
-        Images become float32 in [0, 1] first: LeRobot's convention for robot frames.
+        Images become float32 in [0, 1] first: LeRobot's convention for robot frames. ``task``: a language
+        policy's instruction, LeRobot's ``task`` input; its pipeline's tokenizer step adds the
+        ``observation.language.*`` tokens and mask to the batch.
         """
-        batch = {key: value.to(torch.float32) / 255 if key.startswith(IMAGE_KEY_PREFIX) else value
-                 for key, value in inputs.items()}
+        batch: dict[str, Any] = {key: value.to(torch.float32) / 255 if key.startswith(IMAGE_KEY_PREFIX) else value
+                                 for key, value in inputs.items()}
         if not self.direct:
+            if task is not None:
+                batch["task"] = task
             out = self.preprocessor(batch)
-            return {key: out[key] for key in inputs}
+            return {key: out[key] for key in out if key in inputs or key.startswith(LANGUAGE_KEY_PREFIX)}
         return {key: self.inputs[key].normalise(value.unsqueeze(0)) for key, value in batch.items()}
 
     def normalise_action(self, actions: Tensor) -> Tensor:

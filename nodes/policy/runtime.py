@@ -35,11 +35,9 @@ from nodes.policy.engines import ChunkEngine, DiffusionEngine
 from nodes.policy.io import InputLoader, Normaliser, validate_request
 from nodes.policy.sessions import SessionStore
 from nodes.policy.speed import SpeedOptions, use_compile_cache
+from nodes.policy.vla import LANGUAGE_TYPES, WARMUP_INSTRUCTION, FlowMatchingEngine
 
 MAX_CLIENT_ID_LEN = 128
-# LeRobot policy types that read a task instruction (LeRobot's ``task``): their contract says
-# takes_instruction, and an infer request without meta.instruction is refused.
-LANGUAGE_TYPES = ("smolvla", "pi0", "pi05")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,7 +94,7 @@ class PolicyRuntime:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-id") as hasher:
             identity = hasher.submit(checkpoint_identity, self.path)
             self.policy_config, self.policy, self.preprocessor, self.postprocessor = load_lerobot_policy(
-                self.path, self.device, self.startup)
+                self.path, self.device, self.startup, config.resolve(settings.vlm_dir) if settings.vlm_dir else None)
             with self.startup.stage("checkpoint id wait"):
                 self.checkpoint_id = identity.result()
         problems = layout_differences(self.policy_config, config, self.sidecar)
@@ -118,9 +116,15 @@ class PolicyRuntime:
         self.normaliser = Normaliser(self.preprocessor, self.postprocessor, input_keys, self.device)
         # Normalisation runs inside the model call (and its CUDA graph) when it can; else beforehand.
         prepare = self.normaliser.prepare if self.normaliser.direct else _already_prepared
-        self.engine: DiffusionEngine | ChunkEngine
+        self.engine: DiffusionEngine | ChunkEngine | FlowMatchingEngine
         with self.startup.stage("engine"):
-            if self.policy_config.type == "diffusion":
+            if self.policy_config.type in LANGUAGE_TYPES:
+                if settings.rows != "n_action_steps":
+                    raise CheckpointError(f"policy.rows: {settings.rows!r} is for DiffusionPolicy; a "
+                                          f"{self.policy_config.type} checkpoint serves n_action_steps")
+                self.engine = FlowMatchingEngine(self.policy, self.preprocessor, self.options, self.device,
+                                                 settings.rtc_guidance)
+            elif self.policy_config.type == "diffusion":
                 self.engine = DiffusionEngine(self.policy, self.options, prepare, input_keys, rows=settings.rows)
             else:
                 if settings.rows != "n_action_steps":
@@ -128,7 +132,8 @@ class PolicyRuntime:
                                           f"horizon); a {self.policy_config.type} checkpoint serves n_action_steps")
                 self.engine = ChunkEngine(self.policy, self.options, prepare, input_keys)
         # rtc prefixes are normalised with the checkpoint's action stats: only with LeRobot's plain pipelines.
-        self.rtc_max_rows = self.engine.rtc_max_rows if self.normaliser.direct else 0
+        self.language = isinstance(self.engine, FlowMatchingEngine)
+        self.rtc_max_rows = self.engine.rtc_max_rows if self.normaliser.direct or self.language else 0
         self.inputs = InputLoader(self.cameras, self.state_dim, self.device)
         history = getattr(self.policy_config, "n_obs_steps", 1)
         self.sessions = SessionStore(settings.max_sessions, settings.seed, history, self.device)
@@ -167,15 +172,20 @@ class PolicyRuntime:
         inputs = self.inputs.load(obs)
         decoded = time.perf_counter()
         if not self.normaliser.direct:
-            inputs = self.normaliser.prepare(inputs)
+            inputs = self.normaliser.prepare(inputs, task=obs.instruction if self.language else None)
         preprocessed = time.perf_counter()
-        rtc = None
-        if obs.rtc is not None:
-            prefix = torch.from_numpy(np.array(obs.rtc.rows, dtype=np.float32)).to(self.device)
-            weights = obs.rtc.weights(self.config.policy.rtc_guidance)
-            rtc = (self.normaliser.normalise_action(prefix), torch.from_numpy(weights).to(self.device))
+        prefix = None if obs.rtc is None else torch.from_numpy(np.array(obs.rtc.rows, dtype=np.float32)).to(self.device)
         session = self.sessions.get(client)
-        actions = self.engine.chunk(session, inputs, rtc)
+        if isinstance(self.engine, FlowMatchingEngine):
+            # LeRobot's real-time chunking: the prefix (robot units) and its frozen rows; its own weights
+            actions = self.engine.chunk(session, inputs, None if obs.rtc is None or prefix is None
+                                        else (prefix, obs.rtc.delay_rows))
+        else:
+            rtc = None
+            if obs.rtc is not None and prefix is not None:
+                weights = obs.rtc.weights(self.config.policy.rtc_guidance)
+                rtc = (self.normaliser.normalise_action(prefix), torch.from_numpy(weights).to(self.device))
+            actions = self.engine.chunk(session, inputs, rtc)
         self._sync()
         inferred = time.perf_counter()
         rows = self.normaliser.unnormalise(actions).reshape(-1, self.action_dim).to("cpu", torch.float32).numpy()
@@ -201,7 +211,10 @@ class PolicyRuntime:
         upper = np.asarray(self.config.upper_limits(), dtype=np.float32)
         arrays = {image_key(name): np.full(shape, 128, dtype=np.uint8) for name, shape in self.cameras.items()}
         arrays[STATE_KEY] = (lower + upper) / 2
-        return Message(kind=KIND_REQUEST, meta={"op": "infer", "client": "__warmup__", "obs_t": 0.0}, arrays=arrays)
+        meta: dict[str, Any] = {"op": "infer", "client": "__warmup__", "obs_t": 0.0}
+        if self.contract.takes_instruction:
+            meta["instruction"] = WARMUP_INSTRUCTION
+        return Message(kind=KIND_REQUEST, meta=meta, arrays=arrays)
 
     def warmup(self, passes: int) -> list[float]:
         """Run ``passes`` chunks on a throwaway session (compiles, records graphs); returns their durations."""

@@ -1,0 +1,192 @@
+"""SmolVLA, pi0 and pi0.5 through LeRobot's own classes and saved processors: the instruction reaches LeRobot's
+``task``, chunks match LeRobot's plain path, nothing is downloaded (a missing tokenizer is a refusal), and
+LeRobot's real-time chunking continues a prefix. The CPU tests use the maker's tiny SmolVLA; pi0 and pi0.5 have
+no tiny size (LeRobot hard-codes their widths) and run on a GPU only: ARMPIPE_GPU_VLA=1 (bench/device_policy.sh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import NodeProcess, write_config
+from test_policy_runtime import make_runtime, observation
+
+from common.config import load_config
+from common.wire.contract import contract_differences
+from common.wire.policy_client import PolicyClient
+from common.wire.transport import RemoteError, SocketFactory
+
+SMOLVLM_HUB_ID = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def smolvla(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("lift", "smolvla")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory) -> None:
+    # No network and no Hugging Face cache but what a test puts there.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hf-cache")))
+
+
+def _with_instruction(msg, text: str | None):
+    if text is not None:
+        msg.meta["instruction"] = text
+    return msg
+
+
+def test_tiny_smolvla_serves_chunks_that_match_lerobots_plain_path(smolvla: Path, tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, smolvla)
+    contract = runtime.contract
+    assert contract.policy_type == "smolvla" and contract.takes_instruction is True
+    assert contract.chunk_length == 50 and contract.extra["rtc_max_prefix_rows"] == 50
+    assert contract_differences(contract, runtime.config) == []
+    msg = _with_instruction(observation(runtime.config, 1), "pick up the red cube")
+    chunk = runtime.infer("robot-a", msg).actions
+    assert chunk.shape == (50, 6) and chunk.dtype == np.float32 and np.all(np.isfinite(chunk))
+
+    # LeRobot's plain path on the same observation, instruction and the session's first noise draw.
+    policy, pre, post = runtime.policy, runtime.preprocessor, runtime.postprocessor
+    raw = {key: torch.from_numpy(np.array(value)).permute(2, 0, 1).float() / 255
+           for key, value in msg.arrays.items() if key.startswith("observation.images.")}
+    raw["observation.state"] = torch.from_numpy(np.array(msg.arrays["observation.state"]))
+    raw["task"] = "pick up the red cube"
+    generator = torch.Generator().manual_seed(runtime.sessions.get("robot-a").seed)
+    noise = torch.randn(runtime.engine.noise_shape, generator=generator)
+    expected = post(policy.predict_action_chunk(pre(raw), noise=noise)).reshape(-1, 6).numpy()
+    np.testing.assert_allclose(chunk, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_instruction_reaches_lerobots_task(smolvla: Path, tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, smolvla)
+    chunks = {}
+    for text in ("pick up the red cube", "stack the blue cube on the green cube", "pick up the red cube"):
+        runtime.reset("robot-a")  # the same noise each time
+        chunks.setdefault(text, []).append(
+            runtime.infer("robot-a", _with_instruction(observation(runtime.config, 3), text)).actions)
+    same, other = chunks["pick up the red cube"], chunks["stack the blue cube on the green cube"][0]
+    np.testing.assert_array_equal(same[0], same[1])
+    assert np.abs(same[0] - other).max() > 1e-3
+
+
+def test_a_language_policy_refuses_an_infer_without_instruction(smolvla: Path, tmp_path: Path) -> None:
+    from common.wire.protocol import ProtocolError
+
+    runtime = make_runtime(tmp_path, smolvla)
+    with pytest.raises(ProtocolError) as info:
+        runtime.infer("robot-a", observation(runtime.config, 4))
+    assert info.value.field == "meta.instruction" and "field is missing" in str(info.value)
+
+
+def test_rtc_uses_lerobots_real_time_chunking(smolvla: Path, tmp_path: Path) -> None:
+    # LeRobot's guidance pulls the new chunk's first rows towards the prefix: much closer than the same request
+    # without a prefix (same session noise).
+    runtime = make_runtime(tmp_path, smolvla)
+    config = runtime.config
+    first = runtime.infer("robot-a", _with_instruction(observation(config, 5), "lift the cube")).actions
+    prefix = np.ascontiguousarray(first[3:13])
+    plain_msg = _with_instruction(observation(config, 6), "lift the cube")
+    runtime.reset("robot-b")
+    plain = runtime.infer("robot-b", plain_msg).actions
+    runtime.reset("robot-b")
+    rtc_msg = _with_instruction(observation(config, 6), "lift the cube")
+    rtc_msg.arrays["rtc_prefix"] = prefix
+    rtc_msg.meta["rtc_delay_rows"] = 4
+    guided = runtime.infer("robot-b", rtc_msg).actions
+    far = np.abs(plain[:4] - prefix[:4]).mean()
+    near = np.abs(guided[:4] - prefix[:4]).mean()
+    assert near < 0.5 * far, (near, far)
+    # Without a prefix the guidance is off: the plain path exactly.
+    runtime.reset("robot-b")
+    np.testing.assert_array_equal(runtime.infer("robot-b", plain_msg).actions, plain)
+
+
+def _hub_named_copy(checkpoint: Path, target: Path) -> Path:
+    """The tiny checkpoint as a real one reads: vlm_model_name and the tokenizer step name the hub id."""
+    shutil.copytree(checkpoint, target)
+    shutil.rmtree(target / "vlm")
+    config = json.loads((target / "config.json").read_text())
+    config["vlm_model_name"] = SMOLVLM_HUB_ID
+    config["load_vlm_weights"] = True  # as lerobot/smolvla_base has it: the node never fetches the VLM's weights
+    (target / "config.json").write_text(json.dumps(config))
+    pre = json.loads((target / "policy_preprocessor.json").read_text())
+    for step in pre["steps"]:
+        if step["registry_name"] == "tokenizer_processor":
+            step["config"]["tokenizer_name"] = SMOLVLM_HUB_ID
+    (target / "policy_preprocessor.json").write_text(json.dumps(pre))
+    return target
+
+
+def test_missing_vlm_files_are_refused_with_exit_2_naming_them_and_vlm_dir_serves(smolvla: Path,
+                                                                                 tmp_path: Path) -> None:
+    checkpoint = _hub_named_copy(smolvla, tmp_path / "hub-named")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf-cache")}
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    config_path = write_config(tmp_path / "a", "lift", {"policy": {"checkpoint": str(checkpoint), "cpu_threads": 1}})
+    node = NodeProcess("policy", config_path, env=env).start()
+    assert node.proc is not None
+    code = node.proc.wait(timeout=TIMEOUT_S)
+    node.stop()
+    log = node.log()
+    assert code == 2, log[-3000:]
+    assert f"smolvla needs the config, processor and tokenizer of its VLM '{SMOLVLM_HUB_ID}'" in log
+    assert "config.json, processor_config.json" in log and "policy.vlm_dir" in log
+    assert "Traceback" not in log
+
+    # The same files in a folder that policy.vlm_dir names, one subfolder per hub id: the node serves.
+    vlm_dir = tmp_path / "vlm-assets"
+    shutil.copytree(smolvla / "vlm", vlm_dir / SMOLVLM_HUB_ID)
+    config_path = write_config(tmp_path / "b", "lift", {"policy": {"checkpoint": str(checkpoint), "cpu_threads": 1,
+                                                                    "vlm_dir": str(vlm_dir), "warmup": 1}})
+    node = NodeProcess("policy", config_path, env=env).start()
+    try:
+        node.wait_ready(timeout_s=TIMEOUT_S)
+        config = load_config(config_path)
+        client = PolicyClient(SocketFactory(), config.policy.endpoint, client_id="robot", timeout_s=TIMEOUT_S)
+        contract = client.metadata()
+        assert contract.takes_instruction is True and contract.policy_type == "smolvla"
+        rng = np.random.default_rng(0)
+        images = {name: rng.integers(0, 256, (cam.height, cam.width, 3), dtype=np.uint8)
+                  for name, cam in config.cameras.items()}
+        state = np.zeros(6, np.float32)
+        reply = client.infer(images, state, obs_t=1.0, instruction="pick up the red cube")
+        assert reply.actions.shape == (contract.chunk_length, 6)
+        with pytest.raises(RemoteError) as info:  # no instruction: a named error, and the node keeps serving
+            client.infer(images, state, obs_t=2.0)
+        assert info.value.field == "meta.instruction"
+        assert client.infer(images, state, obs_t=3.0, instruction="lift").actions.shape == (50, 6)
+        client.close()
+    finally:
+        assert node.stop() == 0, node.log()[-3000:]
+
+
+def test_missing_paligemma_tokenizer_is_named(smolvla: Path, tmp_path: Path) -> None:
+    # pi0 / pi0.5 name the PaliGemma tokenizer in their saved preprocessor; the refusal names it and its files.
+    from nodes.policy.vla import LanguageAssetsMissing, resolve_language_assets
+
+    checkpoint = tmp_path / "pi0-like"
+    checkpoint.mkdir()
+    (checkpoint / "policy_preprocessor.json").write_text(json.dumps(
+        {"steps": [{"registry_name": "tokenizer_processor",
+                    "config": {"tokenizer_name": "google/paligemma-3b-pt-224"}}]}))
+    with pytest.raises(LanguageAssetsMissing) as info:
+        resolve_language_assets("pi0", checkpoint, object(), None)
+    assert "pi0 needs the tokenizer 'google/paligemma-3b-pt-224' (tokenizer_config.json with tokenizer.json" in str(
+        info.value)
+    # A Hugging Face cache that holds the tokenizer (as `hf download` leaves it) is found without the network.
+    cache = Path(os.environ["HF_HUB_CACHE"]) / "models--google--paligemma-3b-pt-224"
+    snapshot = cache / "snapshots" / ("0" * 40)
+    shutil.copytree(smolvla / "vlm", snapshot)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("0" * 40)
+    assets = resolve_language_assets("pi0", checkpoint, object(), None)
+    assert Path(assets.tokenizer) == snapshot
