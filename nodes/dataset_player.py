@@ -149,8 +149,10 @@ class DatasetPlayer:
             arrays={"action": np.ascontiguousarray(rows.actions[row], dtype=np.float32)}))
         for name, publisher in self.states.items():
             arm = self.config.arms[name]
+            # meta.task: the episode's own task string (its first in meta/episodes), for an actuator whose
+            # language policy replays the dataset's tasks (actuator.instruction_source: dataset).
             sent = publisher.publish(Message(kind=KIND_STATE, t=t, meta={
-                "arm": name, "names": arm.joint_names(), **common},
+                "arm": name, "names": arm.joint_names(), **common, **({"task": rows.task} if rows.task else {})},
                 arrays={"position": np.ascontiguousarray(rows.states[row, self.arm_slices[name]], dtype=np.float32)}))
             self._pending_seqs[name] = sent.seq
         for name, publisher in self.frames.items():

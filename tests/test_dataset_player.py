@@ -18,7 +18,7 @@ from conftest import NodeProcess, write_config
 
 from common.config import load_config
 from common.dataset_source import DatasetError, DatasetSource
-from common.tools.demo_data import DemoSpec, generate_demo_dataset, render_camera
+from common.tools.demo_data import TASK_PROMPTS, DemoSpec, generate_demo_dataset, render_camera
 from common.wire.images import decode_jpeg
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
 from common.wire.transport import Publisher, SocketFactory, recv_message
@@ -171,6 +171,8 @@ def test_realtime_replay_publishes_every_frame_in_order(task: str, datasets: dic
         states = [m for m in messages if m.kind == KIND_STATE and m.meta["arm"] == arm_name][:frames_total]
         assert [m.meta["frame_index"] for m in states] == list(range(frames_total))
         assert all(m.meta["names"] == arm.joint_names() and m.meta["source"] == "dataset" for m in states)
+        # The episode's own task string rides on every state (actuator.instruction_source: dataset).
+        assert {m.meta.get("task") for m in states} == {TASK_PROMPTS[task]}
         positions = np.stack([m.arrays["position"] for m in states])
         assert positions.dtype == np.float32 and positions.shape == (frames_total, 6)
         np.testing.assert_array_equal(positions, truth["state"][:, offset:offset + 6])

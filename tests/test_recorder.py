@@ -113,12 +113,12 @@ class Streams:
             self.tick(k, -1, self.observation(k), hold_reason="idle")
             time.sleep(0.03)
 
-    def start_episode(self, output_dir: Path, episode_index: int, recorder_name: str) -> None:
+    def start_episode(self, output_dir: Path, episode_index: int, recorder_name: str, **meta: Any) -> None:
         """Send episode_start until the recorder has opened the episode's work directory."""
         work = output_dir / ".work" / recorder_name
 
         def opened() -> bool:
-            self.event("episode_start", episode_index=episode_index, label="", reason="")
+            self.event("episode_start", episode_index=episode_index, label="", reason="", **meta)
             return work.is_dir()
 
         wait_for(opened, timeout_s=30, interval_s=0.2, message=f"recorder never opened {work}")
@@ -337,7 +337,9 @@ def test_metrics_for_a_replayed_episode(streams: Any, node_processes: list) -> N
     pub.preroll()
 
     holds = {5: "queue_empty", 6: "queue_empty", 7: "stale_frame"}
-    pub.start_episode(output_dir, 3, "episode_000000")
+    # A language policy's instruction (episode_start's ``instruction``) is the episode's task in the recording.
+    instruction = "put the red cube in the box"
+    pub.start_episode(output_dir, 3, "episode_000000", instruction=instruction)
     pub.event("hold", reason="queue_empty", count=1)
     run_episode(pub, 3, 30, player_episode=0, holds=holds, gt_offset=0.5)
     pub.event("episode_stop", episode_index=3, label="", reason="stop")
@@ -359,6 +361,9 @@ def test_metrics_for_a_replayed_episode(streams: Any, node_processes: list) -> N
     assert metrics["dropped_stale_rows"] == 4
 
     root = output_dir / "episode_000000"
+    assert metrics["task"] == instruction
+    dataset = load_dataset(root)
+    assert dataset.meta.tasks.index.tolist() == [instruction] and dataset[0]["task"] == instruction
     ticks = pd.read_parquet(root / "armpipe" / "ticks.parquet")
     assert list(ticks["frame_index"]) == list(range(30))
     assert ticks["hold"].sum() == 3 and ticks["inputs_matched"].all()

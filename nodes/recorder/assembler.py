@@ -185,12 +185,13 @@ class TickAssembler:
     def _put(self, item: Any) -> None:
         self.work.put(item)
 
-    def _start(self, actuator_episode: int, key: str, t: float, *, implicit: bool) -> None:
+    def _start(self, actuator_episode: int, key: str, t: float, *, implicit: bool, task: str = "") -> None:
         if self.episode is not None:
             self._stop("", "superseded", t)
         info = EpisodeInfo(name=f"episode_{self.next_index:06d}", recorder_index=self.next_index,
                            actuator_episode=actuator_episode, started_wall=time.time(), started_t=t,
-                           implicit_start=implicit, episode_id=key if not key.startswith("index-") else "")
+                           implicit_start=implicit, episode_id=key if not key.startswith("index-") else "",
+                           task=task)
         self.next_index += 1
         self.episode = _OpenEpisode(info, key)
         log.info("episode %d (%s) started -> %s%s", actuator_episode, key, info.name,
@@ -219,7 +220,9 @@ class TickAssembler:
         if event == "episode_start" and isinstance(index, int) and key:
             if self.episode is not None and self.episode.key == key:
                 return  # a repeated start of the episode already open
-            self._start(index, key, msg.t, implicit=False)
+            instruction = msg.meta.get("instruction")  # a language policy's task for this episode
+            self._start(index, key, msg.t, implicit=False,
+                        task=instruction.strip() if isinstance(instruction, str) else "")
         elif event == "episode_stop":
             if self.episode is None or (key and key != self.episode.key):
                 log.info("episode_stop for episode %s (%s), which is not being recorded", index, key)

@@ -75,6 +75,7 @@ def episode_metrics(outcome: EpisodeOutcome, names: list[str]) -> dict[str, Any]
         "dataset": str(outcome.path),
         "recorder_index": info.recorder_index,
         "actuator_episode": info.actuator_episode,
+        "task": info.task,
         "label": outcome.label,
         "stop_reason": outcome.stop_reason,
         "started_wall": info.started_wall,

@@ -84,6 +84,7 @@ class EpisodeInfo:
     started_t: float  # robot monotonic time of episode_start
     implicit_start: bool = False  # opened from executed ticks because the episode_start event was missed
     episode_id: str = ""  # the actuator's identity of the episode (a uuid; survives actuator restarts)
+    task: str = ""  # the episode's instruction (episode_start's ``instruction``); "" -> the config's task name
 
 
 @dataclass
@@ -177,7 +178,8 @@ class EpisodeWriter:
         self.root.parent.mkdir(parents=True, exist_ok=True)
         self.dataset = OneEpisodeDataset(config, self.root, vcodec, video_preset)
         self.features = dataset_features(config)
-        self.task = config.task
+        # The episode's task in the dataset (meta/tasks, task_index): the instruction it ran with, else the task name.
+        self.task = info.task or config.task
         self.journal = (self.root / JOURNAL).open("a", encoding="utf-8")
         self.frames = 0
         self.tick_rows: list[dict[str, Any]] = []
@@ -456,7 +458,7 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
     videos = {key: VideoResult(frames=frames, codec="", histogram=decoded_histogram(dataset.stream_path(key), frames))
               for key in dataset.camera_keys}
     parts = split_parts(tick_rows, config.fps, lockstep=config.actuator.lockstep)
-    dataset.save(config.task, videos, parts=parts)
+    dataset.save(info.task or config.task, videos, parts=parts)
     dropped = {str(k): int(v) for k, v in (stop.get("dropped") or {}).items()}
     if len(ticks) > frames:
         dropped[DROP_RECORDER_CRASHED] = dropped.get(DROP_RECORDER_CRASHED, 0) + len(ticks) - frames
