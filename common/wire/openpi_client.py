@@ -100,7 +100,7 @@ class OpenpiPolicyClient:
         try:
             ws = websockets.sync.client.connect(self.endpoint, additional_headers=headers, ssl=self._ssl,
                                                 compression=None, max_size=MAX_REPLY_BYTES,
-                                                open_timeout=self.settings.connect_timeout_s)
+                                                open_timeout=self.settings.connect_timeout_s, legacy=True)
         except InvalidStatus as exc:
             status = exc.response.status_code
             body = bytes(exc.response.body or b"").decode("utf-8", "replace").strip()
