@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.latency [--seconds 20] [--policy-type diffusion|act] [--size tiny|default]
         [--steps 10] [--scheduler DDIM|DDPM] [--device cpu|cuda] [--fast]
-        [--variants armpipe-raw,armpipe-jpeg,openpi-ws,lerobot-grpc] [--out DIR] [--label NAME]
+        [--variants armpipe-raw,armpipe-jpeg,openpi-ws,lerobot-grpc,openpi-gateway,armpipe-openpi]
+        [--out DIR] [--label NAME]
 
 Starts the whole pipeline as real processes on free ports in a temporary directory: a servo emulator
 and a state-reader per arm, one synthetic 480x640 camera node per camera, the policy node (a checkpoint
@@ -20,6 +21,12 @@ arm and checkpoint, one after the other:
   gRPC + pickle) with a client that follows ``RobotClient``'s loop (observation when the queue is at or
   below half a chunk, actions aggregated by timestep). It cannot serve DiffusionPolicy; the table then
   says so with the server's error, and ``--grpc-act`` runs it with an ACT checkpoint of the same size.
+- ``openpi-gateway`` (row "openpi-client through the gateway"): the openpi-ws client, unchanged, talking to
+  ``nodes.openpi_gateway`` in front of the policy node (issue 24's first door).
+- ``armpipe-openpi`` (row "armpipe robot side on an openpi server"): armpipe's actuator with
+  ``policy.backend: openpi`` on the openpi-ws server (the second door): latency compensation, refill and
+  safety as armpipe-raw, on openpi's wire. Its server part is openpi's ``infer_ms`` only (decode and encode
+  on the server count as network).
 
 Baselines write the same stamps (their server part: what their server reports; LeRobot's reports
 nothing, so its round trip counts as network). Output under ``--out``: ``latency.json`` (every record
@@ -62,7 +69,10 @@ from common.wire.transport import LatestSubscriber, SocketFactory
 
 log = logging.getLogger("bench.latency")
 
-VARIANTS = ("armpipe-raw", "armpipe-jpeg", "openpi-ws", "lerobot-grpc")
+VARIANTS = ("armpipe-raw", "armpipe-jpeg", "openpi-ws", "lerobot-grpc", "openpi-gateway", "armpipe-openpi")
+# Issue 24's two doors, by the names their rows carry.
+GATEWAY_ROW = "openpi-client through the gateway"
+ROBOT_ON_OPENPI_ROW = "armpipe robot side on an openpi server"
 BASELINE_TIMEOUT_S = 60.0
 
 
@@ -93,6 +103,13 @@ def bench_config(source: Path, work: Path, checkpoint: Path, args: argparse.Name
                            auto_start=True, refill_rows=args.refill_rows, overlap=args.overlap,
                            max_chunk_age_s=max(2.0, args.policy_timeout))
     raw["player"]["gt_endpoint"] = free_endpoint()
+    # openpi's doors (issue 24): the keys the openpi-style client and server of this bench use.
+    from bench.harness import free_port
+
+    keys = {"images": {f"observation.images.{name}": name for name in raw["cameras"]}, "state": ["observation.state"]}
+    raw["openpi"] = {"gateway": {"port": free_port(), "layouts": ["flat"], "flat": keys,
+                                 "timeout_s": args.policy_timeout},
+                     "server": {"layout": "flat", "keys": keys}}
     raw["run_dir"] = str(work / "run")
     path = work / f"{'jpeg' if jpeg else 'raw'}-{source.name}"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -309,7 +326,8 @@ def serve_openpi(config_path: Path, port: int, ready_file: Path) -> None:
     packer = openpi_msgpack.Packer()
 
     async def handler(websocket: Any) -> None:
-        await websocket.send(packer.pack({"server": "openpi-style", "chunk_length": runtime.contract.chunk_length}))
+        await websocket.send(packer.pack({"server": "openpi-style", "chunk_length": runtime.contract.chunk_length,
+                                          "action_horizon": runtime.contract.chunk_length}))
         async for message in websocket:
             received = time.perf_counter()
             obs = openpi_msgpack.unpackb(message)
@@ -317,7 +335,8 @@ def serve_openpi(config_path: Path, port: int, ready_file: Path) -> None:
             request = Message(kind=KIND_REQUEST, meta={"op": "infer", "client": "openpi", "obs_t": 0.0},
                               arrays={k: v for k, v in obs.items() if isinstance(v, np.ndarray)})
             result = runtime.infer("openpi", request)
-            timings = {**result.timings, "unpack_s": unpacked - received, "encode_s": 0.0, "server_s": 0.0}
+            timings = {**result.timings, "unpack_s": unpacked - received, "encode_s": 0.0, "server_s": 0.0,
+                       "infer_ms": result.timings["total_s"] * 1000}  # openpi's own field
             reply = {"actions": result.actions, "server_timing": timings}
             start = time.perf_counter()
             packer.pack(reply)  # measured once, as the policy node does (a header cannot time itself)
@@ -343,7 +362,8 @@ def run_openpi_client(config_path: Path, port: int, seconds: float, warmup_s: fl
     sensors = Sensors(config)
     bus = BusOut(config)
     policy = WebsocketClientPolicy(host="127.0.0.1", port=port)
-    chunk_length = int(policy.get_server_metadata().get("chunk_length", 0))
+    metadata = policy.get_server_metadata()
+    chunk_length = int(metadata.get("chunk_length") or metadata.get("action_horizon") or 0)
     wait_complete(sensors)
     records: list[Record] = []
     queue: list[tuple[int, np.ndarray]] = []
@@ -361,7 +381,12 @@ def run_openpi_client(config_path: Path, port: int, seconds: float, warmup_s: fl
                 stamps["sent_t"] = time.monotonic()
                 reply = policy.infer(obs)
                 stamps["replied_t"] = stamps["scheduled_t"] = time.monotonic()
-                chain = {"stamps": stamps, "server": reply["server_timing"]}
+                server = reply["server_timing"]
+                if isinstance(reply.get("policy_timing"), dict):
+                    # armpipe's openpi gateway: the policy node's own durations; the gateway's hop is network
+                    server = {f"{key.removesuffix('_ms')}_s": value / 1000
+                              for key, value in reply["policy_timing"].items()}
+                chain = {"stamps": stamps, "server": server}
                 rows = reply["actions"][: chunk_length or None]
                 queue = list(enumerate(rows))
                 chunks += 1
@@ -659,6 +684,46 @@ def run_openpi(config_path: Path, args: argparse.Namespace, work: Path) -> Varia
         stop_child(server)
 
 
+def run_gateway(config_path: Path, processes: Processes, args: argparse.Namespace, work: Path) -> VariantResult:
+    """openpi-client's loop (as openpi-ws) through nodes.openpi_gateway to the policy node."""
+    config = load_config(config_path)
+    processes.start("openpi_gateway")
+    try:
+        out = work / "openpi-gateway.json"
+        result = run_client(["openpi-client", "--config", str(config_path), "--port",
+                             str(config.openpi.gateway.port), "--seconds", str(args.seconds), "--warmup",
+                             str(args.warmup), "--out", str(out)], out, work, GATEWAY_ROW,
+                            args.seconds + args.warmup + 120)
+    finally:
+        stop_named(processes, "openpi_gateway")
+    # The gateway's own durations are not in the client's chain: the policy node's timings are under
+    # policy_timing, and server_timing.infer_ms is the gateway's round trip to the policy node.
+    return result
+
+
+def run_robot_on_openpi(config_path: Path, cameras: Processes, args: argparse.Namespace,
+                        work: Path) -> VariantResult:
+    """armpipe's actuator (policy.backend: openpi) on the openpi-style server of openpi-ws."""
+    from bench.harness import free_port
+
+    port = free_port()
+    ready = work / "openpi-backend.ready"
+    ready.unlink(missing_ok=True)
+    log_file = work / "openpi-backend-server.log"
+    server = child(["serve-openpi", "--config", str(config_path), "--port", str(port), "--ready", str(ready)],
+                   log_file)
+    try:
+        wait_file(ready, server, 600, log_file)
+        config = load_config(config_path)
+        cameras.start("actuator", "", "--policy.backend=openpi", f"--openpi.server.endpoint=ws://127.0.0.1:{port}")
+        try:
+            return collect_armpipe(config.actuator.events_endpoint, ROBOT_ON_OPENPI_ROW, args.seconds, args.warmup)
+        finally:
+            stop_named(cameras, "actuator")
+    finally:
+        stop_child(server)
+
+
 def build_checkpoints(base: DeploymentConfig, args: argparse.Namespace, work: Path) -> tuple[Path, Path | None]:
     from common.tools.checkpoint_maker import build_checkpoint
 
@@ -693,7 +758,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             for arm in config.arms:
                 processes.start("servo_emulator", arm)
                 processes.start("state_reader", arm)
-            armpipe = [v for v in args.variants if v.startswith("armpipe")]
+            armpipe = [v for v in args.variants if v in ("armpipe-raw", "armpipe-jpeg", "openpi-gateway")]
             if armpipe:
                 processes.start("policy", timeout_s=900)
             for variant in args.variants:
@@ -704,7 +769,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 for camera in names:
                     cameras.start("camera", camera)
                 try:
-                    if variant.startswith("armpipe"):
+                    if variant == "openpi-gateway":
+                        result = run_gateway(raw_path, processes, args, work)
+                    elif variant == "armpipe-openpi":
+                        result = run_robot_on_openpi(raw_path, cameras, args, work)
+                    elif variant.startswith("armpipe"):
                         cameras.start("actuator")
                         result = collect_armpipe(config.actuator.events_endpoint, variant, args.seconds, args.warmup)
                         stop_named(cameras, "actuator")

@@ -28,14 +28,13 @@ import numpy as np
 from openpi_client import msgpack_numpy
 
 from common.config import DeploymentConfig, OpenpiKeys
-from common.wire.protocol import ProtocolError
+from common.wire.protocol import MAX_INSTRUCTION_BYTES, ProtocolError
 
 # The dtypes an array may have on this wire (numpy's dtype.str); little-endian or byte-order-free only.
 ALLOWED_DTYPES = frozenset({"|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8"})
 MAX_ARRAY_BYTES = 256 << 20
 MAX_DIMS = 8
 MAX_DEPTH = 8
-MAX_PROMPT_CHARS = 2000
 
 NESTED_IMAGES = "images"
 NESTED_STATES = "states"
@@ -210,10 +209,11 @@ class ObservationKeys:
             parts.append(vector)
         state = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         prompt = obs.get(self.prompt)
-        if prompt is not None and (not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS):
-            raise ProtocolError(self.prompt, f"UTF-8 text of at most {MAX_PROMPT_CHARS} characters",
-                                type(prompt).__name__ if not isinstance(prompt, str) else f"{len(prompt)} chars")
-        return images, state, prompt
+        if prompt is not None and (not isinstance(prompt, str) or len(prompt.encode()) > MAX_INSTRUCTION_BYTES):
+            raise ProtocolError(self.prompt, f"UTF-8 text of at most {MAX_INSTRUCTION_BYTES} bytes (the instruction)",
+                                f"{len(prompt.encode())} bytes" if isinstance(prompt, str) else type(prompt).__name__)
+        # An empty prompt is no instruction (openpi clients send "" for none).
+        return images, state, prompt if prompt and prompt.strip() else None
 
     def build(self, images: dict[str, np.ndarray], state: np.ndarray, prompt: str | None) -> dict[str, Any]:
         """One observation in this layout (the robot side's request)."""

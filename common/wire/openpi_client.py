@@ -165,6 +165,7 @@ class OpenpiPolicyClient:
             state_names=config.state_names(), action_names=actions, chunk_length=max(chunk, 0), n_obs_steps=1,
             fps=fps, checkpoint_id=checkpoint_id, checkpoint_path=self.endpoint,
             untrained=bool(metadata.get("untrained", False)), device="remote",
+            takes_instruction=metadata.get("takes_instruction") is True,
             extra={"backend": "openpi", "rtc_max_prefix_rows": 0, "layout": self.keys.layout,
                    "limitations": list(LIMITATIONS), "problems": problems})
 

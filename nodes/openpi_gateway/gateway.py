@@ -58,7 +58,7 @@ def gateway_metadata(contract: PolicyContract, layouts: dict[str, ObservationKey
         "policy_type": contract.policy_type,
         "checkpoint_id": contract.checkpoint_id,
         "untrained": contract.untrained,
-        "takes_instruction": bool(getattr(contract, "takes_instruction", False)),
+        "takes_instruction": contract.takes_instruction,
         "layouts": {name: {"images": keys.images, "state": keys.state, "prompt": keys.prompt}
                     for name, keys in layouts.items()},
         "armpipe_contract": contract.to_meta(),
@@ -117,7 +117,6 @@ class Gateway:
         self.ssl_context = ssl_context
         self.metadata = packer().pack(gateway_metadata(contract, layouts))
         self.shapes = {camera: list(shape) for camera, shape in contract.cameras.items()}
-        self.takes_instruction = getattr(contract, "takes_instruction", None)
         self.open_connections = 0
         self.counter = itertools.count(1)
         self.served = 0
@@ -216,16 +215,11 @@ class Gateway:
         if session.client is None:
             session.client = PolicyClient(self.factory, self.config.policy.endpoint, client_id=session.client_id,
                                           timeout_s=self.settings.timeout_s, retries=1)
-        extra: dict[str, Any] = {}
-        if prompt is not None:
-            if self.takes_instruction is None:  # the policy's wire has no instruction (armpipe before issue 23)
-                if not session.prompt_ignored:
-                    log.warning("connection %s: prompt %r ignored: this policy node takes no instruction",
-                                session.client_id, prompt[:80])
-                    session.prompt_ignored = True
-            else:
-                extra["instruction"] = prompt
-        return session.client.infer(images, state, obs_t, **extra)
+        if prompt is not None and not self.contract.takes_instruction and not session.prompt_ignored:
+            log.info("connection %s: this %s policy takes no instruction; its prompt %r is passed on and ignored",
+                     session.client_id, self.contract.policy_type, prompt[:80])
+            session.prompt_ignored = True
+        return session.client.infer(images, state, obs_t, instruction=prompt)
 
     @staticmethod
     def _close_client(session: Session) -> None:
