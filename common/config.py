@@ -31,11 +31,13 @@ from common.wire.curve import (
     is_loopback,
     load_certificate_file,
 )
+from common.wire.protocol import INSTRUCTION_KEY, ProtocolError, check_instruction
 
 SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 CAMERA_BACKENDS = ("synthetic", "opencv", "realsense")
 ENCODINGS = ("raw", "jpeg")
 OVERLAP_RULES = ("replace", "blend", "rtc")
+INSTRUCTION_SOURCES = ("config", "dataset")
 POLICY_ROWS = ("n_action_steps", "horizon")
 RTC_GUIDANCE = ("exp", "linear")  # policy.rtc_guidance: how the soft prefix rows' weight falls
 PLAYER_MODES = ("realtime", "lockstep")
@@ -214,7 +216,7 @@ class PolicyConfig:
 
 @dataclass
 class ActuatorConfig:
-    control_endpoint: str = "tcp://127.0.0.1:5571"  # start / stop / label commands (REQ -> ROUTER)
+    control_endpoint: str = "tcp://127.0.0.1:5571"  # start / stop / label / status / instruction (REQ -> ROUTER)
     events_endpoint: str = "tcp://127.0.0.1:5570"  # executed actions, events, loop stats (PUB)
     dry_run: bool = False  # publish commands but never write them to the bus
     # Ask for the next chunk when this many rows remain queued; None (the default): when the rows left cover
@@ -250,6 +252,13 @@ class ActuatorConfig:
     # The checkpoint's dataset stats are checked against the arms' units (degrees or -100..100) and joint
     # limits before moving; true accepts a disagreement that is intended (logged and published, not refused).
     units_mismatch_intended: bool = False
+    # The task in words for a language policy (its contract says takes_instruction: SmolVLA, pi0, pi0.5), sent
+    # with every infer request (UTF-8, 1..512 bytes); the control socket's instruction op changes it between
+    # episodes. A language policy with none is refused at the contract check.
+    instruction: str = ""
+    # Where the instruction comes from: config (actuator.instruction, or what the control socket set) or dataset
+    # (the task the dataset player sends with each state, meta.task; actuator.instruction until one arrives)
+    instruction_source: str = "config"
 
 
 @dataclass
@@ -478,6 +487,12 @@ class DeploymentConfig:
         _one_of("policy.device", self.policy.device, DEVICES)
         _one_of("policy.dtype", self.policy.dtype, DTYPES)
         _one_of("actuator.overlap", self.actuator.overlap, OVERLAP_RULES)
+        _one_of("actuator.instruction_source", self.actuator.instruction_source, INSTRUCTION_SOURCES)
+        if self.actuator.instruction:
+            try:
+                check_instruction({INSTRUCTION_KEY: self.actuator.instruction}, required=True)
+            except ProtocolError as exc:
+                raise ConfigError("actuator.instruction", f"expected {exc.expected}; got {exc.got}") from None
         _one_of("player.mode", self.player.mode, PLAYER_MODES)
         _one_of("recorder.video_preset", self.recorder.video_preset, X264_PRESETS)
         if not 0.0 <= self.actuator.blend_old_weight <= 1.0:

@@ -7,9 +7,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common.wire.protocol import CONTROL_OPS, KIND_REPLY, KIND_REQUEST, Message, ProtocolError, decode, error_message
+from common.wire.protocol import (
+    CONTROL_OPS,
+    INSTRUCTION_KEY,
+    KIND_REPLY,
+    KIND_REQUEST,
+    Message,
+    ProtocolError,
+    check_instruction,
+    decode,
+    error_message,
+)
 from nodes.actuator import PROGRAM
-from nodes.actuator.episodes import EpisodeError
+from nodes.actuator.episodes import RUNNING, STOPPING, EpisodeError
 
 log = logging.getLogger("actuator")
 
@@ -56,6 +66,29 @@ class ControlOps:
         log.info("episode %d labelled %s", record.index, record.label)
         return {"episode_index": record.index, "label": record.label}
 
+    def _op_instruction(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Change the instruction (``meta.text``) between episodes; the next episode's requests carry it."""
+        episodes = self.core.episodes
+        if episodes.state in (RUNNING, STOPPING):
+            raise EpisodeError("meta.op", "an instruction change between episodes (stop the episode first)",
+                               f"the instruction changes only between episodes: episode {episodes.episode_index} is "
+                               f"{episodes.state}; stop it first")
+        expected = "the task instruction as UTF-8 text of 1..512 bytes"
+        if "text" not in meta:
+            raise ProtocolError("meta.text", f"{expected} (field is missing)")
+        try:
+            text = check_instruction({INSTRUCTION_KEY: meta["text"]}, required=True)
+        except ProtocolError as exc:
+            raise ProtocolError("meta.text", exc.expected, exc.got) from None
+        assert text is not None
+        self.instruction = text
+        log.info("instruction set by %s: %r", meta.get("client", "?"), text)
+        self._publish_event("instruction", instruction=text, source=self.settings.instruction_source)
+        if self.contract is not None:
+            self._contract_checked(self.contract)  # a refusal for want of an instruction ends now
+        return {"instruction": self.current_instruction(), "instruction_source": self.settings.instruction_source,
+                "state": episodes.public_state}
+
     def _op_status(self, meta: dict[str, Any]) -> dict[str, Any]:
         del meta
         episodes = self.core.episodes
@@ -65,6 +98,7 @@ class ControlOps:
                 "differences": episodes.differences, "hold_reason": self.core.hold_reason or "",
                 "queue_depth": len(self.core.queue), "dry_run": self.settings.dry_run,
                 "lockstep": self.settings.lockstep,
+                "instruction": self.current_instruction(), "instruction_source": self.settings.instruction_source,
                 "checkpoint_id": contract.checkpoint_id if contract else "",
                 "untrained": bool(contract.untrained) if contract else False,
                 "last_stopped": episodes.last_stopped.index if episodes.last_stopped else -1,

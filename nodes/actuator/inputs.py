@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from common.config import DeploymentConfig
-from common.wire.protocol import KIND_FRAME, KIND_STATE, Message, ProtocolError
+from common.wire.protocol import INSTRUCTION_KEY, KIND_FRAME, KIND_STATE, Message, ProtocolError, check_instruction
 from nodes.actuator.core import HOLD_MISSING_INPUT, HOLD_STALE_FRAME, HOLD_STALE_STATE, JOINTS_PER_ARM
 
 log = logging.getLogger("actuator")
@@ -44,6 +44,7 @@ class InputBook:
         self.refused_future = 0  # messages stamped ahead of the actuator's clock
         self.refusals: list[dict[str, Any]] = []  # future_capture_time refusals not yet published
         self.max_future_s = config.actuator.max_future_s
+        self.task: str | None = None  # the newest valid meta.task of a state (the dataset player's episode task)
         self._last_warning: dict[str, float] = {}
 
     def ingest(self, msg: Message, now: float | None = None) -> None:
@@ -104,6 +105,15 @@ class InputBook:
             raise ProtocolError("arrays[position]", "finite joint positions", position.tolist())
         self.states[arm_name] = msg
         self.received[f"arm:{arm_name}"] = time.monotonic()
+        if "task" in msg.meta:
+            # The dataset player's episode task, for actuator.instruction_source: dataset. A bad one is refused like
+            # a bad instruction (it would be one), and the state itself is still used.
+            try:
+                self.task = check_instruction({INSTRUCTION_KEY: msg.meta["task"]}, required=True)
+            except ProtocolError as exc:
+                self.bad_inputs += 1
+                self._warn(f"task:{msg.src}", f"ignored the task of a state from {msg.src or '?'}: meta.task: "
+                           f"expected {exc.expected}; got {exc.got}")
 
     def _warn(self, key: str, text: str, every_s: float = 5.0) -> None:
         now = time.monotonic()

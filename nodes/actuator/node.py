@@ -39,6 +39,7 @@ from nodes.actuator.core import (
     HOLD_BAD_ACTION,
     HOLD_BUS_ERROR,
     HOLD_IDLE,
+    HOLD_MISSING_INPUT,
     HOLD_POLICY_ERROR,
     HOLD_POLICY_UNREACHABLE,
     JOINTS_PER_ARM,
@@ -101,6 +102,9 @@ class ActuatorNode(ControlOps):
         self.started_at = time.monotonic()
         self.contract: PolicyContract | None = None
         self.contract_checked = False
+        # The task in words for a language policy: actuator.instruction, changed between episodes by the control
+        # socket's instruction op (with instruction_source: dataset, the fallback until the player sends a task).
+        self.instruction = self.settings.instruction
         self._readiness_detail: dict[str, Any] | None = None  # what the readiness file says now
         self.needs_contract = True
         self.next_contract_check = 0.0
@@ -292,8 +296,26 @@ class ActuatorNode(ControlOps):
         self.next_request_at = time.monotonic() + backoff
         self._publish_event("policy_error", op=op, message=text, count=self.policy_errors, backoff_s=backoff)
 
+    def current_instruction(self) -> str:
+        """The instruction the next infer request carries ("" when there is none): the dataset player's task under
+        ``instruction_source: dataset`` once one came, else ``actuator.instruction`` (or what the control socket
+        set)."""
+        if self.settings.instruction_source == "dataset" and self.inputs.task:
+            return self.inputs.task
+        return self.instruction
+
+    def _instruction_differences(self, contract: PolicyContract) -> list[str]:
+        """A language policy needs an instruction before it may move (with instruction_source: dataset, the
+        player's task may still bring one, so only the request waits for it)."""
+        if not contract.takes_instruction or self.instruction or self.settings.instruction_source == "dataset":
+            return []
+        return [f"instruction: the policy ({contract.policy_type}) takes a language instruction and "
+                "actuator.instruction is empty: set actuator.instruction in the config (or "
+                "--actuator.instruction='pick up the cube'), send the control socket's instruction op, or set "
+                "actuator.instruction_source: dataset to use the dataset player's task"]
+
     def _contract_checked(self, contract: PolicyContract) -> None:
-        differences = contract_differences(contract, self.config)
+        differences = contract_differences(contract, self.config) + self._instruction_differences(contract)
         units = units_differences(contract, self.config)
         if units and self.settings.units_mismatch_intended:
             if contract.checkpoint_id != getattr(self.contract, "checkpoint_id", None):
@@ -332,10 +354,18 @@ class ActuatorNode(ControlOps):
             self._mark_ready()  # a refusal that began or ended, or now differs: make status shows the current one
 
     def submit_infer(self, observation: Observation, obs_t: float, age: float) -> None:
-        """Ask for the next chunk; under ``overlap: rtc`` with the rows that ran or will run meanwhile."""
+        """Ask for the next chunk; under ``overlap: rtc`` with the rows that ran or will run meanwhile, and with the
+        current instruction for a policy that takes one (none yet: no request, the loop holds saying why)."""
+        instruction: str | None = None
+        if self.contract is not None and self.contract.takes_instruction:
+            instruction = self.current_instruction()
+            if not instruction:
+                self.core.on_policy_failure(HOLD_MISSING_INPUT, "no instruction yet: the dataset player's states carry "
+                                            "no meta.task and actuator.instruction is empty")
+                return
         prefix, delay = self.core.rtc_prefix(obs_t, age)
         self.worker.submit(Job("infer", self.core.generation, observation, obs_t=obs_t, sent_at=time.monotonic(),
-                               rtc_prefix=prefix, rtc_delay_rows=delay))
+                               rtc_prefix=prefix, rtc_delay_rows=delay, instruction=instruction))
 
     def _chunking_known(self, contract: PolicyContract) -> None:
         """The contract's chunk length drives the refill; a refill_rows it cannot honour is said once."""
@@ -458,7 +488,7 @@ class ActuatorNode(ControlOps):
             writer.request_present(self.core.generation)  # the new episode's step limit starts there
         # A fresh policy session per episode: DiffusionPolicy keeps observation history per client.
         self.worker.submit(Job("reset", self.core.generation))
-        self._publish_episode("episode_start", record, reason="start")
+        self._publish_episode("episode_start", record, reason="start", instruction=self.current_instruction())
         log.info("episode %d started", record.index)
         return record
 
@@ -480,9 +510,9 @@ class ActuatorNode(ControlOps):
     def _publish_event(self, event: str, arrays: dict[str, np.ndarray] | None = None, **meta: Any) -> None:
         self.events.publish(Message(kind=KIND_EVENT, meta={"event": event, **meta}, arrays=arrays or {}))
 
-    def _publish_episode(self, event: str, record: EpisodeRecord, reason: str) -> None:
+    def _publish_episode(self, event: str, record: EpisodeRecord, reason: str, **extra: Any) -> None:
         self._publish_event(event, episode_index=record.index, episode_id=record.uid, label=record.label,
-                            reason=reason, ticks=record.ticks)
+                            reason=reason, ticks=record.ticks, **extra)
 
     def maybe_report(self) -> None:
         now = time.monotonic()

@@ -41,6 +41,7 @@ class Job:
     sent_at: float = 0.0  # monotonic time of the submit: the round trip is measured from here
     rtc_prefix: np.ndarray | None = None  # overlap rtc: rows the chunk must continue (robot units)
     rtc_delay_rows: int = 0
+    instruction: str | None = None  # the task in words, for a policy whose contract takes_instruction
 
 
 @dataclass
@@ -109,7 +110,8 @@ class PolicyWorker(threading.Thread):
         images = {camera: JpegImage.of_message(msg) if "image" in msg.jpeg else msg.arrays["image"]
                   for camera, msg in observation.frames.items()}
         return JobResult(job=job, reply=client.infer(images, observation.state, job.obs_t, jpeg=self.jpeg_quality,
-                                                     rtc_prefix=job.rtc_prefix, rtc_delay_rows=job.rtc_delay_rows))
+                                                     rtc_prefix=job.rtc_prefix, rtc_delay_rows=job.rtc_delay_rows,
+                                                     instruction=job.instruction))
 
 
 # ==================================================================================================
