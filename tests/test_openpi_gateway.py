@@ -3,12 +3,18 @@
 Real processes throughout: the policy node serves a tiny real ACT checkpoint (the project's checkpoint
 maker; ACT is deterministic, so a chunk through the gateway can be compared with one asked for directly),
 the gateway runs as ``python -m nodes.openpi_gateway``, and the client is
-``openpi-client`` 0.1.2's ``WebsocketClientPolicy`` as installed from PyPI.
+``openpi-client`` 0.1.2's ``WebsocketClientPolicy`` as installed from PyPI. Also both doors at once (the actuator
+with ``policy.backend: openpi`` through the gateway, driving emulated servos) and the server role under
+supervisord with the gateway enabled.
+
+Beyond loopback: the gateway listens on a non-loopback address of this machine's own interfaces (the test skips
+where there is none), with a self-signed certificate made by ``openssl`` and an API key.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -20,8 +26,10 @@ import numpy as np
 import pytest
 import websockets.exceptions
 import websockets.sync.client
-from conftest import NodeProcess, free_port, write_config
+import yaml
+from conftest import NodeProcess, free_port, wait_for, write_config
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from test_actuator import EventTap, SensorFeed, control, ready_detail, start_actuator
 
 from common.config import DeploymentConfig, load_config
 from common.refusal import EXIT_REFUSED
@@ -64,8 +72,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Dep
 
 def gateway_config(served: tuple[Path, DeploymentConfig], tmp_path: Path, **gateway: Any) -> Path:
     """The served config with a gateway section on a free port, written next to the test's own run dir."""
-    import yaml
-
     raw = yaml.safe_load(served[0].read_text())
     raw["openpi"] = {"gateway": {"port": free_port(), "flat": {"images": LIBERO_KEYS}, **gateway}}
     raw["run_dir"] = str(tmp_path / "run")
@@ -255,3 +261,77 @@ def test_beyond_loopback_a_client_without_the_api_key_is_refused(
     images, state = observation(config)
     assert client.infer({"images": images, "states": {"main": state}})["actions"].shape[1] == 6
     assert "missing or wrong API key" in gateway.log()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Both doors at once: armpipe's robot side (policy.backend: openpi) through the gateway to the policy node
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_the_robot_side_drives_emulated_servos_through_the_gateway(
+        served: tuple[Path, DeploymentConfig], tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    config_path = gateway_config(served, tmp_path)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["policy"]["backend"] = "openpi"
+    raw["openpi"]["server"] = {"endpoint": f"ws://127.0.0.1:{raw['openpi']['gateway']['port']}", "layout": "nested"}
+    raw["actuator"].update(dry_run=False, max_chunk_age_s=2.0)
+    for camera in raw["cameras"].values():
+        camera["max_age_s"] = 0.5
+    raw["arms"]["main"].update(max_state_age_s=0.5, port=str(tmp_path / "so101_main.tty"),
+                               lock_file=str(tmp_path / "bus_main.lock"))
+    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    config = load_config(config_path)
+    start_gateway(node_processes, config_path).wait_ready(60)
+    emulator = NodeProcess("servo_emulator", config_path, name="main").start()
+    node_processes.append(emulator)
+    emulator.wait_ready(60)
+    tap = EventTap(config)
+    rest = np.asarray(config.arms["main"].rest_pose, np.float32)
+    feed = SensorFeed(config, hz=30, position=rest).start()
+    try:
+        actuator = start_actuator(node_processes, config_path).wait_ready(60)
+        # The contract came from the gateway's metadata (its armpipe_contract's chunk length) plus the config.
+        assert ready_detail(actuator)["contract"] == "ok", actuator.log()[-2000:]
+        control(config, "start")
+        acting = tap.wait_action(lambda m: not m.meta["hold"], 60,
+                                 message=f"no row executed:\n{actuator.log()[-3000:]}")
+        chunk = tap.events("chunk")[0]
+        assert chunk.arrays["chunk"].shape == (config_chunk(served), 6)
+        assert acting.meta["obs_t"] in {e.meta["obs_t"] for e in tap.events("chunk")}
+        # Goals reached the emulated servos (the emulator counts every Goal_Position write).
+        stats_path = Path(config.run_dir) / "stats" / "servo_emulator-main.json"
+
+        def goals_written() -> bool:
+            if not stats_path.exists():
+                return False
+            servos = json.loads(stats_path.read_text())["servos"]
+            return any(int(servo["max_goal_step"]) > 0 for servo in servos.values())
+
+        wait_for(goals_written, 10, message=f"no goal reached the servos: {stats_path}")
+        assert tap.events("latency"), "no goal written to the bus came with a latency event"
+    finally:
+        feed.close()
+        tap.close()
+
+
+def test_the_server_role_runs_the_gateway_under_supervisord(
+        served: tuple[Path, DeploymentConfig], tmp_path: Path) -> None:
+    from bench.harness import Supervised
+
+    raw = yaml.safe_load(served[0].read_text())
+    port = free_port()
+    policy = f"tcp://127.0.0.1:{free_port()}"
+    raw["policy"].update(bind=policy, endpoint=policy)
+    raw["openpi"] = {"gateway": {"enabled": True, "port": free_port()}}
+    raw["run_dir"] = str(tmp_path / "run")
+    config_path = tmp_path / "server.yaml"
+    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    stack = Supervised("server", "lift", config_path, tmp_path / "supervisor", port).start()
+    try:
+        stack.wait_all_ready(180)
+        assert {proc.full_name for proc in stack.processes()} == {"server:policy", "server:openpi_gateway"}
+        client = WebsocketClientPolicy(host="127.0.0.1", port=raw["openpi"]["gateway"]["port"])
+        images, state = observation(served[1])
+        assert client.infer({"images": images, "states": {"main": state}})["actions"].shape[1] == 6
+    finally:
+        stack.shutdown()
