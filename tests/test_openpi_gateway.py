@@ -33,6 +33,7 @@ from test_actuator import EventTap, SensorFeed, control, ready_detail, start_act
 
 from common.config import DeploymentConfig, load_config
 from common.refusal import EXIT_REFUSED
+from common.wire.openpi_client import OpenpiPolicyClient
 from common.wire.policy_client import PolicyClient
 from common.wire.transport import SocketFactory
 
@@ -152,6 +153,9 @@ def test_flat_layout_with_a_prompt(served: tuple[Path, DeploymentConfig], tmp_pa
     reply = client.infer(obs)
     assert reply["actions"].shape == (config_chunk(served), 6)
     np.testing.assert_array_equal(reply["actions"], direct_chunk(config, images, state))
+    # The prompt is the wire's instruction: bounded as meta.instruction is, named when it is not.
+    with pytest.raises(RuntimeError, match="prompt: expected UTF-8 text of at most 512 bytes"):
+        client.infer({**obs, "prompt": "x" * 600})
 
 
 def test_a_wrong_layout_is_refused_with_a_message_and_the_gateway_keeps_serving(
@@ -261,6 +265,26 @@ def test_beyond_loopback_a_client_without_the_api_key_is_refused(
     images, state = observation(config)
     assert client.infer({"images": images, "states": {"main": state}})["actions"].shape[1] == 6
     assert "missing or wrong API key" in gateway.log()
+
+    # armpipe's robot side over wss: the CA file and the API key from the config (no SSL_CERT_FILE needed).
+    monkeypatch.delenv("SSL_CERT_FILE")
+    robot = load_config(config_path, ["--policy.backend=openpi", f"--openpi.server.endpoint={url}",
+                                      f"--openpi.server.ca_file={cert}", "--openpi.server.layout=nested",
+                                      f"--openpi.server.api_key_file={tmp_path / 'api.key'}"])
+    robot_client = OpenpiPolicyClient(robot)
+    try:
+        assert robot_client.metadata().chunk_length == config_chunk(served)
+        assert robot_client.infer(images, state, 5.0).actions.shape == (config_chunk(served), 6)
+    finally:
+        robot_client.close()
+
+    # insecure: true lets it listen in clear beyond loopback, with a loud warning.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    insecure = start_gateway(node_processes, gateway_config(served, plain, host=address), "--insecure=true")
+    insecure.wait_ready(60)
+    assert "INSECURE" in insecure.log() and "without openpi.gateway.tls_cert_file and openpi.gateway.api_key_file" \
+        in insecure.log()
 
 
 # ----------------------------------------------------------------------------------------------------
