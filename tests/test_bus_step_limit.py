@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import NodeProcess, wait_for
 from test_actuator import control
 from test_lying_peer import Rig
@@ -28,7 +29,10 @@ from common.config import SO101_JOINTS
 from common.wire.protocol import KIND_REPLY, Message
 from nodes.servo_emulator.sts3215 import INITIAL_CALIBRATION, ticks_for
 
-STALL_PERIODS = 18  # the bus writer is kept off the bus this long (below ArmBus's 1 s lock timeout at 30 fps)
+# How long the bus writer is kept off the bus, in control periods (30 fps): 18 stays below ArmBus's 1 s lock
+# timeout (the write waits, then goes through); 45 passes it (the write fails, the writer reconnects and reads
+# the servos' goal back while the loop holds bus_error).
+STALL_PERIODS = (18, 45)
 SIGNS = np.array([1, 1, -1, -1, 1, 0], np.float64)  # directions that keep the plan inside lift's limits
 AMPLITUDE = 60.0  # robot units each moving joint swings away from the rest pose and back
 
@@ -64,8 +68,9 @@ def goal_writes(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.parametrize("stall_periods", STALL_PERIODS)
 def test_a_stalled_bus_writer_resumes_at_the_step_limit_and_catches_up(
-        tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+        tmp_path: Path, node_processes: list[NodeProcess], stall_periods: int) -> None:
     rest = np.array([0, -90, 90, 60, 0, 10], np.float32)
     plan_holder: list[Plan] = []
     rig = Rig(tmp_path, node_processes, lambda request, rows: plan_holder[0].reply(request, rows),
@@ -103,7 +108,7 @@ def test_a_stalled_bus_writer_resumes_at_the_step_limit_and_catches_up(
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             stall_start = time.monotonic()
-            time.sleep(STALL_PERIODS / config.fps)
+            time.sleep(stall_periods / config.fps)
             stall_end = time.monotonic()
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
@@ -126,7 +131,7 @@ def test_a_stalled_bus_writer_resumes_at_the_step_limit_and_catches_up(
         # could not write (else the test would prove nothing).
         during = [np.asarray(m.arrays["action"], np.float64) for m in rig.executed(since=stall_start,
                                                                                     until=stall_end)]
-        assert len(during) >= STALL_PERIODS // 2, f"the loop did not tick through the stall: {len(during)} rows"
+        assert len(during) >= 9, f"the loop did not tick through the stall: {len(during)} rows"
         moved = np.abs(during[-1] - during[0])[:5] / max_step[:5]
         assert np.max(moved) >= 4, f"the commanded target moved only {moved} max_steps during the stall"
 
@@ -136,7 +141,7 @@ def test_a_stalled_bus_writer_resumes_at_the_step_limit_and_catches_up(
         # The servos really went without a goal for the stall.
         times = sorted({w["t"] for w in torque_on})
         gaps = np.diff(times)
-        assert gaps.max() >= 0.8 * STALL_PERIODS / config.fps, f"no stall seen at the servos (longest gap {gaps.max()})"
+        assert gaps.max() >= 0.8 * stall_periods / config.fps, f"no stall seen at the servos (longest gap {gaps.max()})"
         # Every goal each servo received is within max_step of the one it received before.
         jumps = [(w["id"], w["goal"] - w["before"], round(w["t"] - stall_end, 3)) for w in torque_on
                  if abs(w["goal"] - w["before"]) > step_ticks[w["id"] - 1]]
@@ -147,6 +152,9 @@ def test_a_stalled_bus_writer_resumes_at_the_step_limit_and_catches_up(
         full_steps = [w for w in after[:40] if abs(w["goal"] - w["before"]) >= step_ticks[0] - 2]
         pairs = [(w["before"], w["goal"]) for w in after[:20]]
         assert len(full_steps) >= 3, f"no catch-up at max_step after the stall (servo 1 goals): {pairs}"
-        assert "catching up at max_step" in rig.actuator.log()
+        log = rig.actuator.log()
+        assert "catching up at max_step" in log
+        if stall_periods / config.fps > 1.0:  # past the lock timeout: reconnected, and the goal read back again
+            assert log.count("the servos' goal read back") >= 2 and "reconnecting" in log, log[-3000:]
     finally:
         rig.close()
