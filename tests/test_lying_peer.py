@@ -147,6 +147,9 @@ class Rig:
         self.feed = SensorFeed(self.config, hz=30, position=position).start()
         self.node_processes = node_processes
         self.actuator = start_actuator(node_processes, self.config_path).wait_ready(60)
+        # The tap hears the actuator before the episode starts: a one-off event of the first chunk (a clamped
+        # stretch) must not fall into the subscriber's slow join (an openpi server answers within 60 ms).
+        wait_for(lambda: self.tap.actions(), 10, message="the event tap never heard the actuator")
         if start:
             self.start_t = time.monotonic()
             control(self.config, "start")
