@@ -190,3 +190,26 @@ def test_missing_paligemma_tokenizer_is_named(smolvla: Path, tmp_path: Path) -> 
     (cache / "refs" / "main").write_text("0" * 40)
     assets = resolve_language_assets("pi0", checkpoint, object(), None)
     assert Path(assets.tokenizer) == snapshot
+
+
+def test_offline_eval_sends_each_episodes_task_to_a_language_policy(smolvla: Path, tmp_path: Path) -> None:
+    # The predict path of offline_eval against a real SmolVLA node: the dataset's own task string is the
+    # instruction (without it every request would be refused on meta.instruction).
+    from common.tools.demo_data import DemoSpec, generate_demo_dataset
+    from common.tools.offline_eval import evaluate_predictions
+
+    (tmp_path / "base").mkdir()
+    base = load_config(write_config(tmp_path / "base", "lift", {}))
+    dataset = generate_demo_dataset(base, tmp_path / "lift-demo", DemoSpec(episodes=1, frames=6, codec="h264"))
+    (tmp_path / "eval").mkdir()
+    config_path = write_config(tmp_path / "eval", "lift", {
+        "policy": {"checkpoint": str(smolvla), "timeout_s": 60.0, "cpu_threads": 1},
+        "player": {"dataset": str(dataset), "episodes": [0]}})
+    node = NodeProcess("policy", config_path).start()
+    try:
+        node.wait_ready(timeout_s=TIMEOUT_S)
+        report, _ = evaluate_predictions(load_config(config_path), episodes=[0])
+        assert report.episodes[0].frames == 6 and all(np.isfinite(report.episodes[0].mae))
+        assert "meta.instruction" not in node.log()
+    finally:
+        assert node.stop() == 0, node.log()[-3000:]

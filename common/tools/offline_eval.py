@@ -282,6 +282,8 @@ def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None
                       f"reset before episode {episode}", done)
             progress.set_postfix_str(f"episode {episode}")
             accumulator = ErrorAccumulator(len(names), contract.chunk_length)
+            # A language policy gets the episode's own task string (meta/tasks), as it was trained with.
+            instruction = rows.task if contract.takes_instruction and rows.task else None
             first_rows = np.full((rows.length, len(names)), np.nan, dtype=np.float32)
             reader = EpisodeReader(source, episode, config.player.prefetch_frames)
             try:
@@ -292,8 +294,8 @@ def evaluate_predictions(config: DeploymentConfig, *, episodes: list[int] | None
                     # obs_t: the frame's time in the episode; only echoed back, never compared to a clock.
                     state, obs_t = rows.states[i], float(rows.timestamps[i])
                     chunk = patiently(
-                        lambda timeout, images=images, state=state, obs_t=obs_t: client.infer(
-                            images, state, obs_t=obs_t, timeout_s=timeout).actions,
+                        lambda timeout, images=images, state=state, obs_t=obs_t, task=instruction: client.infer(
+                            images, state, obs_t=obs_t, timeout_s=timeout, instruction=task).actions,
                         patience, endpoint, f"infer for episode {episode} frame {i}",
                         f"{len(results)} of {len(lengths)} episode(s) and {scored} frame(s) were scored")
                     score_chunk(accumulator, chunk, rows.actions[:count], i, row_offset)
