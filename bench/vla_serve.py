@@ -7,7 +7,8 @@ SmolVLA, its VLM config made locally), start the real policy node (``python -m n
 on ``configs/lift.yaml`` (two 480x640 cameras, 6 joints), and send ``--requests`` infer requests from a
 ``PolicyClient`` with raw uint8 frames and an instruction (two instructions, alternating), one at a time after
 the node's own warm-up. Recorded per type: seconds to build the checkpoint and to the node's readiness, the
-client's round trip (p50, p90, min) and the node's ``inference_s`` and ``total_s`` (p50), plus one
+client's round trip (p50, p90, min) and the node's ``inference_s`` and ``total_s`` (p50); whether another
+instruction changes the chunk and the same one replays it (after a reset: the same session noise); one
 ``overlap: rtc`` request (a prefix of 10 rows, 4 frozen) to show LeRobot's real-time chunking runs on the card.
 This is LeRobot's plain path inside the node (issue 20); the fast path is issue 21.
 
@@ -85,8 +86,14 @@ def serve(policy_type: str, checkpoint: Path, device: str, requests: int, work: 
             inference.append(reply.timings["inference_s"])
             total.append(reply.timings["total_s"])
             chunks.append(reply.actions)
-        # The instruction reaches the model: the two instructions' chunks differ (different noise too: a session
-        # draws new noise per request, so this shows only that both run; the CPU tests check the instruction).
+        # The instruction reaches the model: after a reset (the session's noise reseeded) the same observation with
+        # another instruction gives another chunk, and with the same instruction the same chunk again.
+        told = []
+        for text in (INSTRUCTIONS[0], INSTRUCTIONS[1], INSTRUCTIONS[0]):
+            client.reset()
+            told.append(client.infer(images, state, obs_t=0.0, instruction=text).actions)
+        instruction_gap = float(np.abs(told[0] - told[1]).max())
+        replay_gap = float(np.abs(told[0] - told[2]).max())
         prefix = np.ascontiguousarray(chunks[-1][2:12])
         rtc = client.infer(images, state, obs_t=float(requests), instruction=INSTRUCTIONS[0], rtc_prefix=prefix,
                            rtc_delay_rows=4)
@@ -102,6 +109,7 @@ def serve(policy_type: str, checkpoint: Path, device: str, requests: int, work: 
                               "p90": 1000 * float(np.percentile(round_trips, 90)), "min": 1000 * min(round_trips)},
             "inference_ms_p50": 1000 * statistics.median(inference), "total_ms_p50": 1000 * statistics.median(total),
             "rtc_round_trip_ms": 1000 * rtc.round_trip_s, "rtc_frozen_rows_mean_abs_gap": rtc_gap,
+            "other_instruction_max_diff": instruction_gap, "same_instruction_replay_max_diff": replay_gap,
             "startup_line": next((line for line in log_path.read_text().splitlines() if "start-up:" in line), ""),
         }
     finally:
@@ -115,17 +123,18 @@ def serve(policy_type: str, checkpoint: Path, device: str, requests: int, work: 
 def markdown(rows: list[dict[str, Any]], card: str) -> str:
     lines = [f"card: {card}", "",
              "| policy | weights | chunk | node ready | round trip p50 / p90 / min | node inference p50 "
-             "| node total p50 | rtc request |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| node total p50 | rtc request | other instruction / replay max diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['policy_type']} | failed: {row['error'][:200]} | | | | | | |")
+            lines.append(f"| {row['policy_type']} | failed: {row['error'][:200]} | | | | | | | |")
             continue
         rt = row["round_trip_ms"]
         lines.append(f"| {row['policy_type']} | {row['weights_gb']} GB | {row['chunk'][0]}x{row['chunk'][1]} | "
                      f"{row['ready_s']} s | {rt['p50']:.1f} / {rt['p90']:.1f} / {rt['min']:.1f} ms | "
                      f"{row['inference_ms_p50']:.1f} ms | {row['total_ms_p50']:.1f} ms | "
-                     f"{row['rtc_round_trip_ms']:.1f} ms |")
+                     f"{row['rtc_round_trip_ms']:.1f} ms | {row['other_instruction_max_diff']:.3g} / "
+                     f"{row['same_instruction_replay_max_diff']:.3g} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,9 @@
 """SmolVLA, pi0 and pi0.5 through LeRobot's own classes and saved processors: the instruction reaches LeRobot's
 ``task``, chunks match LeRobot's plain path, nothing is downloaded (a missing tokenizer is a refusal), and
 LeRobot's real-time chunking continues a prefix. The CPU tests use the maker's tiny SmolVLA; pi0 and pi0.5 have
-no tiny size (LeRobot hard-codes their widths) and run on a GPU only: ARMPIPE_GPU_VLA=1 (bench/device_policy.sh)."""
+no tiny size (LeRobot hard-codes their widths): they are served end to end on the GPU machine by
+bench/vla_serve.py (bench/device_vla.sh), which also checks there that another instruction changes the chunk and
+the same one replays it, and runs one rtc request (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
