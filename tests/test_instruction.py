@@ -9,7 +9,8 @@ player's ``meta.task``.
   ``instruction`` op ends the refusal, and every request then carries it.
 - The op is refused during an episode and for a bad text (``meta.text``); ``status`` and ``episode_start``
   carry the instruction; a new one set between episodes goes out with the next episode's requests.
-- ``instruction_source: dataset``: the requests carry the task of the states, and follow when it changes.
+- ``instruction_source: dataset``: the requests carry the task of the states, and follow when it changes;
+  with the real dataset player replaying a demo dataset, its episodes' task reaches the policy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import NodeProcess, wait_for
+from conftest import NodeProcess, wait_for, write_config
 from test_actuator import EventTap, SensorFeed, ready_detail, start_actuator
 from test_lying_peer import FakePolicy, fast_config
 
@@ -160,3 +161,41 @@ def test_instruction_source_dataset_sends_the_players_task(
     # The player moves to an episode with another task: the requests follow it.
     setup.feed.task = "sort the parts into the left and right bins"
     setup.wait_instruction("sort the parts into the left and right bins", time.monotonic())
+
+
+def test_the_dataset_players_task_reaches_the_policy(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
+    """The real dataset player replaying a demo dataset: its episodes' task ("lift the cube") goes out with
+    every request of an actuator whose instruction_source is dataset (and no instruction configured)."""
+    from common.tools.demo_data import TASK_PROMPTS, DemoSpec, generate_demo_dataset
+
+    cameras = {name: {"width": 96, "height": 64, "max_age_s": 0.5} for name in ("front", "wrist")}
+    base = {"cameras": cameras, "arms": {"main": {"max_state_age_s": 0.5}},
+            "actuator": {"dry_run": True, "refill_rows": 10, "max_chunk_age_s": 1.0, "instruction": "",
+                         "instruction_source": "dataset"},
+            "policy": {"timeout_s": 1.0, "retries": 1}}
+    (tmp_path / "make").mkdir()
+    config = load_config(write_config(tmp_path / "make", "lift", base))
+    dataset = generate_demo_dataset(config, tmp_path / "lift-demo", DemoSpec(episodes=2, frames=60, width=96,
+                                                                             height=64))
+    config_path = write_config(tmp_path, "lift", {**base, "player": {"dataset": str(dataset), "loop": True}})
+    config = load_config(config_path)
+    policy = FakePolicy(config)
+    policy.contract = dataclasses.replace(policy.contract, takes_instruction=True)
+    client = ActuatorClient(SocketFactory(), config.actuator.control_endpoint, client="test", timeout_s=3.0,
+                            retries=1)
+    try:
+        player = NodeProcess("dataset_player", config_path).start()
+        node_processes.append(player)
+        player.wait_ready(120)
+        actuator = start_actuator(node_processes, config_path).wait_ready(60)
+        assert ready_detail(actuator)["contract"] == "ok"
+        started = time.monotonic()
+        client.send("start")
+        wait_for(lambda: any(arrived >= started for arrived, _ in list(policy.infers)), 60,
+                 message=f"no request reached the policy:\n{actuator.log()[-3000:]}")
+        sent = {msg.meta.get("instruction") for arrived, msg in list(policy.infers) if arrived >= started}
+        assert sent == {TASK_PROMPTS["lift"]}, sent
+        assert client.send("status").meta["instruction"] == TASK_PROMPTS["lift"]
+    finally:
+        client.close()
+        policy.close()
