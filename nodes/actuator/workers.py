@@ -255,7 +255,8 @@ class BusWriter(threading.Thread):
         goal = sent + np.clip(wanted - sent, -self.max_step, self.max_step)
         short = not np.array_equal(goal, wanted)
         with self._lock:
-            self._behind = wanted if short else None
+            # A new episode asked for the present position meanwhile: its own targets come next, not this one's.
+            self._behind = wanted if short and self._present_wanted is None else None
         if short:
             if not self._catching_up:
                 log.warning("arm %s: the servos' goal is %.2f from the commanded target (a write came late); "
