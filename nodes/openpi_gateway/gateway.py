@@ -17,13 +17,14 @@ import logging
 import ssl
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import websockets
-from websockets.asyncio.server import Request, Response, ServerConnection
+from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
 
 from common.config import DeploymentConfig
 from common.wire.contract import PolicyContract
@@ -38,11 +39,12 @@ from common.wire.openpi import (
     packer,
     unpack,
 )
-from common.wire.policy_client import PolicyClient
+from common.wire.policy_client import ChunkReply, PolicyClient
 from common.wire.protocol import ProtocolError
 from common.wire.transport import PeerUnavailable, RemoteError, SocketFactory
 
 log = logging.getLogger("openpi_gateway")
+Array = np.ndarray[Any, Any]
 
 HEALTH_PATH = "/healthz"
 
@@ -102,7 +104,6 @@ class Session:
     layout: str = ""
     served: int = 0
     prev_total_ms: float | None = None
-    timing: dict[str, float] = field(default_factory=dict)
 
 
 class Gateway:
@@ -184,8 +185,7 @@ class Gateway:
             session.executor.submit(self._close_client, session)
             session.executor.shutdown(wait=False)
 
-    def _observation(self, session: Session, data: str | bytes) -> tuple[float, dict[str, np.ndarray], np.ndarray,
-                                                                         str | None]:
+    def _observation(self, session: Session, data: str | bytes) -> tuple[float, dict[str, Array], Array, str | None]:
         obs_t = time.monotonic()
         if isinstance(data, str):
             raise ProtocolError("message", "a binary msgpack observation", "a text message")
@@ -210,8 +210,8 @@ class Gateway:
                 + ("" if keys is not None else f" ({detect_layout(obs)} layout, not accepted here: "
                                                "openpi.gateway.layouts)"))
 
-    def _infer(self, session: Session, images: dict[str, np.ndarray], state: np.ndarray, obs_t: float,
-               prompt: str | None) -> Any:
+    def _infer(self, session: Session, images: dict[str, Array], state: Array, obs_t: float,
+               prompt: str | None) -> ChunkReply:
         if session.client is None:
             session.client = PolicyClient(self.factory, self.config.policy.endpoint, client_id=session.client_id,
                                           timeout_s=self.settings.timeout_s, retries=1)
