@@ -36,7 +36,6 @@ def write_arm(tmp_path: Path, **arm: object) -> Path:
      "arms.main.rest_pose", ["shoulder_lift rests at -90", "-85..85"]),
     ({"upper_limits": [110, 100, 100, 100, 150, 4095]}, "arms.main.upper_limits", ["gripper is 4095", "0..100"]),
     ({"upper_limits": [110, 100, 100, 100, 200, 100]}, "arms.main.upper_limits", ["wrist_roll is 200", "-180..180"]),
-    ({"max_step": [3, 300, 3, 3, 5, 5]}, "arms.main.max_step", ["shoulder_lift moves up to 300", "whole range"]),
     ({"rest_pose": [0, -120, 90, 60, 0, 10]}, "arms.main.rest_pose", ["shoulder_lift rests at -120", "-100..100"]),
 ])
 def test_numbers_that_cannot_be_in_the_arms_units_are_refused_naming_the_field(
