@@ -155,6 +155,11 @@ class SupervisorClient:
         except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
             raise SupervisorUnavailable(self.url, f"{type(exc).__name__}: {exc}") from exc
 
+    def state(self) -> str:
+        """supervisord's own state (``supervisor.getState``): ``RUNNING``, or ``SHUTDOWN`` while it stops every
+        program (``supervisorctl shutdown``, ``make stop``), ``RESTARTING`` while it reloads."""
+        return str(self._call("getState")["statename"])
+
     def processes(self) -> list[ProcessStatus]:
         """Every program supervisord runs, with readiness merged in where ``ready_dir`` is set."""
         infos = self._call("getAllProcessInfo")

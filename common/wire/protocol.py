@@ -41,7 +41,7 @@ SOURCE_DATASET = "dataset"
 
 # Policy node ops, then the actuator control socket's ops (same request/reply framing).
 POLICY_OPS = ("metadata", "infer", "reset", "ping")
-CONTROL_OPS = ("start", "stop", "label", "status", "instruction")
+CONTROL_OPS = ("start", "stop", "label", "status", "instruction", "backlog")
 REQUEST_OPS = POLICY_OPS + CONTROL_OPS
 
 # dtype name on the wire -> numpy dtype. Little-endian only; nothing else is accepted.

@@ -89,6 +89,10 @@ class ControlOps:
         return {"instruction": self.current_instruction(), "instruction_source": self.settings.instruction_source,
                 "state": episodes.public_state}
 
+    def _op_backlog(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """What a recorder restarted mid-episode missed (nodes/actuator/backlog.py; docs/protocol.md section 6)."""
+        return self.backlog.serve(meta)
+
     def _op_status(self, meta: dict[str, Any]) -> dict[str, Any]:
         del meta
         episodes = self.core.episodes

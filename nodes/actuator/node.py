@@ -33,6 +33,7 @@ from common.wire.protocol import (
 from common.wire.transport import LatestSubscriber, PeerUnavailable, Publisher, RemoteError, RouterServer, SocketFactory
 from nodes.actuator import PROGRAM
 from nodes.actuator.autostart import AutoStartWait
+from nodes.actuator.backlog import Backlog
 from nodes.actuator.chunk_queue import CoverageNotice
 from nodes.actuator.control import ControlOps
 from nodes.actuator.core import (
@@ -86,7 +87,11 @@ class ActuatorNode(ControlOps):
         self.inputs = InputBook(config)
         self.factory = SocketFactory()
         self.subscriber = LatestSubscriber(self.factory, sensor_endpoints(config))
-        self.events = Publisher(self.factory, self.settings.events_endpoint, PROGRAM)
+        # Everything published is also kept a while for a recorder restarted mid-episode (the control socket's
+        # backlog op; nodes/actuator/backlog.py): the small streams it missed, filled in when it resumes.
+        self.backlog = Backlog(config.fps, lambda: self.inputs.measured(),
+                               lambda: self.core.episodes.active.uid if self.core.episodes.active else "")
+        self.events = self.backlog.wrap(Publisher(self.factory, self.settings.events_endpoint, PROGRAM))
         self.control = RouterServer(self.factory, self.settings.control_endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.subscriber.sock, zmq.POLLIN)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import queue
 import sys
 import threading
@@ -42,8 +44,23 @@ from typing import Any
 from common.config import DeploymentConfig
 from common.node import Readiness, start_node
 from common.streams import pipeline_endpoints
-from common.wire.transport import LatestSubscriber, SocketFactory
-from nodes.recorder.assembler import HoldItem, LabelItem, RejectItem, StartItem, StopItem, TickAssembler
+from common.supervisor_client import SupervisorClient
+from common.wire.actuator_client import ActuatorClient
+from common.wire.protocol import ProtocolError
+from common.wire.transport import LatestSubscriber, PeerUnavailable, RemoteError, SocketFactory
+from nodes.recorder.assembler import (
+    BackfillItem,
+    HoldItem,
+    LabelItem,
+    RejectItem,
+    ResumeItem,
+    StartItem,
+    StopItem,
+    SuspendItem,
+    TickAssembler,
+    chunk_record,
+    latency_record,
+)
 from nodes.recorder.metrics import (
     METRICS_FILE,
     SUMMARY_FILE,
@@ -61,6 +78,7 @@ from nodes.recorder.writer import (
     ChunkRecord,
     EpisodeOutcome,
     EpisodeWriter,
+    JournalState,
     LatencyRecord,
     TickRecord,
     TickRejected,
@@ -68,6 +86,7 @@ from nodes.recorder.writer import (
     load_outcome,
     pending_work,
     recover_episode,
+    replay_journal,
 )
 
 log = logging.getLogger("recorder")
@@ -175,8 +194,12 @@ class Writer(threading.Thread):
         self.assembler = assembler
         self.finisher = finisher
         self.current: EpisodeWriter | None = None
+        self.factory = SocketFactory()  # the actuator's control socket, for its backlog
+        self.suspending = threading.Event()  # the recorder alone is restarting: leave quickly
 
     def run(self) -> None:
+        import av  # noqa: F401  (PyAV, the camera encoders': here rather than before the node is ready)
+
         while True:
             item = self.work.get()
             if item is None:
@@ -193,8 +216,8 @@ class Writer(threading.Thread):
         if isinstance(item, TickRecord):
             with self.assembler.lock:
                 self.assembler.ticks_waiting -= 1
-            if self.current is None:
-                return
+            if self.current is None or self.suspending.is_set():
+                return  # suspending: ticks still queued are left to the next process (the actuator's backlog)
             try:
                 # Blocks while a camera's encoder is a second behind: the bounded tick queue absorbs (or drops).
                 self.current.add_tick(item)
@@ -206,6 +229,17 @@ class Writer(threading.Thread):
                 self.current.abandon()
             self.current = EpisodeWriter(self.config, self.output_dir, item.info, vcodec=self.config.recorder.vcodec,
                                          video_preset=self.config.recorder.video_preset)
+        elif isinstance(item, ResumeItem):
+            if self.current is not None:
+                self.current.abandon()
+            self.current = EpisodeWriter(self.config, self.output_dir, item.state.info,
+                                         video_preset=self.config.recorder.video_preset, resume=item.state)
+        elif isinstance(item, BackfillItem) and self.current is not None:
+            self.backfill(item)
+        elif isinstance(item, SuspendItem) and self.current is not None:
+            episode, self.current = self.current, None
+            episode.suspend()
+            log.info("%s left in %s for the next recorder to resume", episode.info.name, episode.root)
         elif isinstance(item, ChunkRecord) and self.current is not None:
             self.current.add_chunk(item)
         elif isinstance(item, LatencyRecord) and self.current is not None:
@@ -231,36 +265,122 @@ class Writer(threading.Thread):
             self.finisher.jobs.put(item)
 
 
+    def backfill(self, item: BackfillItem) -> None:
+        """The ticks and small events of the recorder's downtime, from the actuator's backlog (control op
+        ``backlog``, a page at a time): ticks into gap_ticks.parquet (no frames), chunks, latencies and holds
+        into their side files. An actuator that cannot say leaves the gap unfilled (logged)."""
+        assert self.current is not None
+        client = ActuatorClient(self.factory, self.config.actuator.control_endpoint, client="recorder",
+                                timeout_s=1.0, retries=2)
+        after_tick = item.after_tick
+        after_t = item.after_t if math.isfinite(item.after_t) else -1e300
+        rows: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        oldest = -1
+        try:
+            while True:
+                reply = client.send("backlog", episode_id=item.episode_id, after_tick=after_tick, after_t=after_t)
+                ticks = [row for row in reply.meta.get("ticks") or [] if isinstance(row, dict)]
+                oldest = int(reply.meta.get("oldest_tick", -1)) if oldest < 0 else oldest
+                wanted = [row for row in ticks if item.until_tick is None or int(row["episode_tick"]) < item.until_tick]
+                rows += wanted
+                events += [event for event in reply.meta.get("events") or []
+                           if isinstance(event, dict) and float(event.get("t", math.inf)) < item.until_t]
+                if not reply.meta.get("more") or len(wanted) < len(ticks) or not ticks:
+                    break
+                after_tick, after_t = int(ticks[-1]["episode_tick"]), float(ticks[-1]["t"])
+        except (PeerUnavailable, RemoteError, ProtocolError, KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: the ticks of the recorder's downtime could not be filled from the actuator's backlog "
+                        "(%s); the gap stays a marked gap", self.current.info.name, exc)
+        finally:
+            client.close()
+        self.current.add_gap_ticks(rows)
+        for event in events:
+            kind, t = event.get("event"), float(event["t"])
+            if kind == "chunk":
+                self.current.add_chunk(chunk_record(event, t, None))
+            elif kind == "latency":
+                self.current.add_latency(latency_record(event, t))
+            elif kind == "hold":
+                self.current.add_hold_event(str(event.get("reason", "")))
+        missing = "" if oldest <= item.after_tick + 1 else f"; the backlog began at episode_tick {oldest}"
+        log.warning("%s: %d tick(s) and %d event(s) of the recorder's downtime filled in from the actuator's "
+                    "backlog (after episode_tick %d)%s", self.current.info.name, len(rows), len(events),
+                    item.after_tick, missing)
+
+
 # --------------------------------------------------------------------------------------------------
 # The node
 # --------------------------------------------------------------------------------------------------
+
+
+def restarting_alone() -> bool:
+    """Whether only this program is stopping (``supervisorctl restart|stop recorder``, supervisord running on)
+    rather than everything (``make stop``: supervisord in SHUTDOWN) or a recorder run by hand."""
+    url = os.environ.get("SUPERVISOR_SERVER_URL", "")
+    if not os.environ.get("SUPERVISOR_ENABLED") or not url:
+        return False
+    try:
+        return SupervisorClient(url, timeout_s=2.0).state() == "RUNNING"
+    except Exception as exc:  # cannot ask: end the recording here, as before (never leave it unsaved)
+        log.info("cannot ask supervisord at %s whether it is shutting down (%s)", url, exc)
+        return False
+
+
+def running_episode(config: DeploymentConfig, factory: SocketFactory) -> str:
+    """The id of the episode the actuator runs now ("" when idle or not answering), from its backlog op."""
+    client = ActuatorClient(factory, config.actuator.control_endpoint, client="recorder", timeout_s=0.5, retries=2)
+    try:
+        active = client.send("backlog", max_ticks=0).meta.get("active_episode_id", "")
+        return active if isinstance(active, str) else ""
+    except (PeerUnavailable, RemoteError, ProtocolError) as exc:
+        log.info("the actuator did not say which episode runs (%s): episodes left unfinished are rebuilt", exc)
+        return ""
+    finally:
+        client.close()
+
+
+def resumable(config: DeploymentConfig, pending: list[Path], active: str) -> JournalState | None:
+    """The work directory of the episode the actuator still runs, left by this recorder's previous process."""
+    if not active or not pending:
+        return None
+    state = replay_journal(config, pending[-1], config.recorder.vcodec)
+    if state is None or state.info.episode_id != active or state.stop:
+        return None
+    return state
 
 
 def run(config: DeploymentConfig, stop: threading.Event, readiness: Readiness) -> None:
     output_dir = config.resolve(config.recorder.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     finisher = Finisher(config, output_dir)
-    # Episodes a crashed recorder left in .work/ are rebuilt by the finisher while we already record: new
+    factory = SocketFactory()
+    # Subscribed first: what is published while this process looks for an episode to resume waits in the queue.
+    # A deep receive queue: the recorder wants every tick, not only the newest (publishers still drop at
+    # their own high-water mark rather than wait for us).
+    subscriber = LatestSubscriber(factory, pipeline_endpoints(config), hwm=256)
+    # The episode the actuator still runs, if a restart (kill -9, supervisorctl restart) interrupted its
+    # recording: resumed as the same recording, its downtime a marked gap filled from the actuator's backlog.
+    pending = pending_work(output_dir)
+    resume = resumable(config, pending, running_episode(config, factory) if pending else "")
+    # Other episodes a crashed recorder left in .work/ are rebuilt by the finisher while we already record: new
     # episodes get numbers after theirs (next_recorder_index counts the work directories).
-    for work_root in pending_work(output_dir):
+    for work_root in pending:
+        if resume is not None and work_root.name == resume.info.name:
+            continue
         log.warning("%s was left unfinished by a previous recorder; rebuilding it", work_root.name)
         finisher.jobs.put(work_root)
     for finished in finished_without_metrics(output_dir):
         log.warning("%s was saved but its metrics were not; writing them", finished.name)
         finisher.jobs.put(finished)
-    # The video encoder and the PNG writer are imported before we report ready, so the first episode does not wait.
-    import av  # noqa: F401
-    import PIL.Image  # noqa: F401
 
     work: queue.Queue[Any] = queue.Queue()
     assembler = TickAssembler(config, output_dir, work)
     writer = Writer(config, output_dir, work, assembler, finisher)
+    if resume is not None:
+        assembler.resume(resume)
     finisher.start()
-    writer.start()
-    factory = SocketFactory()
-    # A deep receive queue: the recorder wants every tick, not only the newest (publishers still drop at
-    # their own high-water mark rather than wait for us).
-    subscriber = LatestSubscriber(factory, pipeline_endpoints(config), hwm=256)
+    writer.start()  # imports the video encoder first; ticks wait for it in the bounded queue meanwhile
     readiness.ready(output_dir=str(output_dir), endpoints=subscriber.endpoints)
     log.info("recording into %s from %s", output_dir, subscriber.endpoints)
     last_report = time.monotonic()
@@ -282,7 +402,11 @@ def run(config: DeploymentConfig, stop: threading.Event, readiness: Readiness) -
         readiness.clear()
         subscriber.close()
         assembler.process(time.monotonic() + config.recorder.input_wait_s)  # ticks still waiting for inputs
-        assembler.shutdown()
+        if assembler.episode is not None and restarting_alone():
+            writer.suspending.set()
+            assembler.suspend()  # supervisorctl restart recorder: the next process resumes the same recording
+        else:
+            assembler.shutdown()
         work.put(None)
         writer.join(timeout=max(1.0, deadline - time.monotonic()))
         if writer.is_alive():

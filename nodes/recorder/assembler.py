@@ -22,9 +22,11 @@ from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE
 from nodes.recorder.writer import (
     DROP_BEFORE_RECORDER,
     DROP_LOST,
+    DROP_RECORDER_RESTARTED,
     DROP_WRITER_BEHIND,
     ChunkRecord,
     EpisodeInfo,
+    JournalState,
     LatencyRecord,
     TickRecord,
     next_recorder_index,
@@ -75,6 +77,30 @@ class HoldItem:
     reason: str
 
 
+@dataclass
+class SuspendItem:
+    """The recorder alone is stopping while the episode runs on: its work directory stays, to be resumed."""
+
+
+@dataclass
+class ResumeItem:
+    """The recorder restarted while this episode ran: the writer goes on with its work directory."""
+
+    state: JournalState
+
+
+@dataclass
+class BackfillItem:
+    """Ask the actuator's backlog for the ticks (and small events) of ``episode_id`` the recorder missed:
+    after ``after_tick`` / ``after_t`` up to, not including, ``until_tick`` / ``until_t`` (None / inf: all)."""
+
+    episode_id: str
+    after_tick: int
+    after_t: float
+    until_tick: int | None
+    until_t: float
+
+
 # --------------------------------------------------------------------------------------------------
 # Receiver: pairing ticks with their inputs and deciding episode boundaries
 # --------------------------------------------------------------------------------------------------
@@ -95,6 +121,9 @@ class _OpenEpisode:
     last_episode_tick: int = -1  # the actuator's episode_tick of the last tick seen
     backlog_max_ticks: int = 0
     shedding: bool = False  # the writer fell behind: ticks are dropped until its queue is half empty
+    resumed: bool = False  # reopened after a recorder restart: the downtime's ticks are still to be filled in
+    resumed_after_t: float = math.nan  # the last tick kept before the restart (robot clock)
+    first_live_t: float = math.inf  # the first actuator message received after the restart
 
     def drop(self, reason: str, count: int = 1) -> int:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -174,6 +203,8 @@ class TickAssembler:
         """Handle actuator messages in arrival order; a tick waits (bounded) for the inputs it names."""
         while self.pending:
             head = self.pending[0]
+            if self.episode is not None and self.episode.resumed:
+                self.episode.first_live_t = min(self.episode.first_live_t, head.msg.t)
             if head.msg.kind == KIND_ACTION:
                 force = now - head.received >= self.input_wait_s
                 if not self._on_tick(head.msg, force, now):
@@ -201,12 +232,45 @@ class TickAssembler:
     def _stop(self, label: str, reason: str, t: float) -> None:
         assert self.episode is not None
         episode = self.episode
+        self._backfill(episode, None)  # resumed, and it ended before a tick came: the backlog has its tail
         self._put(StopItem(label=label, reason=reason, ended_t=t, dropped=dict(episode.dropped),
                            backlog_max_ticks=episode.backlog_max_ticks))
         log.info("episode %d stopped (%s, label %r) -> %s%s", episode.info.actuator_episode, reason, label,
                  episode.info.name, f"; ticks not recorded: {episode.dropped}" if episode.dropped else "")
         self.closed.append(episode.key)
         self.episode = None
+
+    def resume(self, state: JournalState) -> None:
+        """Reopen the episode a restarted recorder was recording (its work directory goes on, ``ResumeItem``)."""
+        info = state.info
+        rows = [*state.tick_rows, *state.gap_rows]
+        last = max(rows, key=lambda row: int(row.get("episode_tick", -1)), default=None)
+        self.episode = _OpenEpisode(info, info.episode_id, resumed=True,
+                                    last_episode_tick=int(last["episode_tick"]) if last else -1,
+                                    resumed_after_t=float(last["t"]) if last else math.nan)
+        if last is not None:
+            self.last_tick_t = float(last["t"])
+        self._put(ResumeItem(state))
+        log.warning("resuming %s (actuator episode %d, %s) after a recorder restart: %d frames kept, its last "
+                    "episode_tick %s", info.name, info.actuator_episode, info.episode_id, state.frames,
+                    last["episode_tick"] if last else "none")
+
+    def _backfill(self, episode: _OpenEpisode, until_tick: int | None) -> None:
+        """Once per resumed episode: the writer asks the actuator's backlog for the downtime's small streams."""
+        if not episode.resumed:
+            return
+        episode.resumed = False
+        self._put(BackfillItem(episode.key, episode.last_episode_tick, episode.resumed_after_t, until_tick,
+                               episode.first_live_t))
+
+    def suspend(self) -> None:
+        """Only the recorder is being restarted (supervisord itself keeps running): leave the open episode's work
+        directory complete for the next process to resume, instead of ending the recording here."""
+        if self.episode is not None:
+            log.info("%s suspended: the next recorder resumes it if the actuator still runs episode %d",
+                     self.episode.info.name, self.episode.info.actuator_episode)
+            self._put(SuspendItem())
+            self.episode = None
 
     def shutdown(self) -> None:
         """The recorder is stopping: end the open episode here, so it is saved complete (not left for recovery)."""
@@ -233,20 +297,9 @@ class TickAssembler:
             self._put(LabelItem(index, str(msg.meta.get("label") or ""),
                                 episode_id if isinstance(episode_id, str) else ""))
         elif event == "chunk" and self.episode is not None:
-            chunk = msg.arrays.get("chunk")
-            timings = msg.meta.get("timings") if isinstance(msg.meta.get("timings"), dict) else {}
-            self._put(ChunkRecord(
-                t=msg.t, obs_t=_float(msg.meta.get("obs_t")), rows=_int(msg.meta.get("rows")),
-                dropped_stale=_int(msg.meta.get("dropped_stale")), round_trip_s=_float(msg.meta.get("round_trip_s")),
-                queue_depth=_int(msg.meta.get("queue_depth")),
-                timings={str(k): _float(v) for k, v in timings.items() if isinstance(v, (int, float))},
-                chunk=None if chunk is None else np.array(chunk, dtype=np.float32)))
+            self._put(chunk_record(msg.meta, msg.t, msg.arrays.get("chunk")))
         elif event == "latency" and self.episode is not None:
-            stages = msg.meta.get("stages") if isinstance(msg.meta.get("stages"), dict) else {}
-            self._put(LatencyRecord(
-                t=msg.t, tick=_int(msg.meta.get("tick")), row=_int(msg.meta.get("row")),
-                first_row=bool(msg.meta.get("first_row")), end_to_end_s=_float(msg.meta.get("end_to_end_s")),
-                stages={str(k): _float(v) for k, v in stages.items() if isinstance(v, (int, float))}))
+            self._put(latency_record(msg.meta, msg.t))
         elif event == "hold" and self.episode is not None:
             self._put(HoldItem(str(msg.meta.get("reason", ""))))
 
@@ -281,8 +334,11 @@ class TickAssembler:
         episode_tick = _int(msg.meta.get("episode_tick"), -1)
         if episode_tick >= 0:
             missed = episode_tick - episode.last_episode_tick - 1
+            restarted = episode.resumed
+            self._backfill(episode, episode_tick)  # before this tick: the writer fills the gap first
             if missed > 0:
-                reason = DROP_BEFORE_RECORDER if episode.last_episode_tick < 0 else DROP_LOST
+                reason = (DROP_RECORDER_RESTARTED if restarted else DROP_BEFORE_RECORDER
+                          if episode.last_episode_tick < 0 else DROP_LOST)
                 episode.drop(reason, missed)
                 self.counters["dropped"] += missed
                 log.warning("%s: %d tick(s) of episode %d not received (%s)", episode.info.name, missed,
@@ -371,6 +427,26 @@ class TickAssembler:
             np.zeros(0, np.float32), images=images, ground_truth=ground_truth,
             inputs={str(k): v for k, v in inputs.items() if isinstance(v, int)}, inputs_matched=matched,
             episode_tick=_int(msg.meta.get("episode_tick"), -1))
+
+
+def chunk_record(meta: dict[str, Any], t: float, chunk: np.ndarray | None) -> ChunkRecord:
+    """A ``chunk`` event as the writer keeps it (``chunk``: its rows, None when not at hand)."""
+    timings = meta.get("timings") if isinstance(meta.get("timings"), dict) else {}
+    return ChunkRecord(
+        t=t, obs_t=_float(meta.get("obs_t")), rows=_int(meta.get("rows")),
+        dropped_stale=_int(meta.get("dropped_stale")), round_trip_s=_float(meta.get("round_trip_s")),
+        queue_depth=_int(meta.get("queue_depth")),
+        timings={str(k): _float(v) for k, v in timings.items() if isinstance(v, (int, float))},
+        chunk=None if chunk is None else np.array(chunk, dtype=np.float32))
+
+
+def latency_record(meta: dict[str, Any], t: float) -> LatencyRecord:
+    """A ``latency`` event as the writer keeps it."""
+    stages = meta.get("stages") if isinstance(meta.get("stages"), dict) else {}
+    return LatencyRecord(
+        t=t, tick=_int(meta.get("tick")), row=_int(meta.get("row")), first_row=bool(meta.get("first_row")),
+        end_to_end_s=_float(meta.get("end_to_end_s")),
+        stages={str(k): _float(v) for k, v in stages.items() if isinstance(v, (int, float))})
 
 
 def _float(value: Any, default: float = math.nan) -> float:

@@ -10,9 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from common.config import DeploymentConfig
 from common.layout import dataset_features
@@ -52,7 +49,7 @@ class OneEpisodeDataset:
     """
 
     def __init__(self, config: DeploymentConfig, root: Path, vcodec: str, video_preset: str = "ultrafast", *,
-                 encode: bool = True) -> None:
+                 encode: bool = True, segment: int = 0) -> None:
         self.root = root
         self.fps = int(config.fps)
         self.features = dataset_features(config)
@@ -64,19 +61,22 @@ class OneEpisodeDataset:
         self.states: list[np.ndarray] = []
         self.actions: list[np.ndarray] = []
         self.videos: dict[str, CameraVideo] = {}
+        self.segment = segment  # which of the recording's video segments the encoders write (a restart adds one)
         if encode:
             for key in self.camera_keys:
                 height, width = self.features[key]["shape"][:2]
                 # About a second of frames waits per camera at most (the writer blocks on it).
-                self.videos[key] = CameraVideo(key, self.stream_path(key), width=width, height=height, fps=self.fps,
-                                               vcodec=vcodec, preset=video_preset, max_pending=self.fps)
+                self.videos[key] = CameraVideo(key, self.stream_path(key, segment), width=width, height=height,
+                                               fps=self.fps, vcodec=vcodec, preset=video_preset, max_pending=self.fps)
 
     @property
     def frames(self) -> int:
         return len(self.states)
 
-    def stream_path(self, key: str) -> Path:
-        return self.root / STREAM_DIR / f"{key}.mp4"
+    def stream_path(self, key: str, segment: int = 0) -> Path:
+        """A camera's video as encoded while recording: segment 0, then one more per recorder restart that
+        resumed the recording (``nodes.recorder.writer``), each its own fragmented MP4."""
+        return self.root / STREAM_DIR / (f"{key}.mp4" if segment == 0 else f"{key}.seg{segment}.mp4")
 
     def add_frame(self, images: dict[str, np.ndarray | JpegImage], state: np.ndarray, action: np.ndarray) -> None:
         """Hand the frame's images to the camera encoders (the arrays must not change afterwards; blocks
@@ -89,13 +89,14 @@ class OneEpisodeDataset:
     def pending_images(self) -> int:
         return sum(video.pending() for video in self.videos.values())
 
-    def close(self) -> dict[str, VideoResult]:
-        """Encode what is queued and close every camera's stream (it stays in the work directory)."""
+    def close(self, *, discard: bool = False) -> dict[str, VideoResult]:
+        """Encode what is queued (``discard``: drop it) and close every camera's stream (it stays in the work
+        directory)."""
         results: dict[str, VideoResult] = {}
         errors: list[str] = []
         for key, video in self.videos.items():
             try:
-                results[key] = video.close()
+                results[key] = video.close(discard=discard)
             except RuntimeError as exc:
                 errors.append(str(exc))
         self.videos = {}
@@ -104,25 +105,39 @@ class OneEpisodeDataset:
         return results
 
     def save(self, task: str, videos: dict[str, VideoResult] | None = None,
-             parts: list[dict[str, Any]] | None = None) -> None:
+             parts: list[dict[str, Any]] | None = None, segments: list[int] | None = None) -> None:
         """Write the videos, parquet and json files of the finished episode.
 
         ``videos``: the camera streams already closed (recovery passes what it read back); by default the
         encoders of this episode are closed here. ``parts``: where the recording was cut at gaps in time
         (``nodes.recorder.parts.split_parts``): each part becomes one LeRobot episode of this dataset whose
-        timestamps run at ``fps`` from 0, so no part compresses time; by default the whole is one part."""
+        timestamps run at ``fps`` from 0, so no part compresses time; by default the whole is one part.
+        ``segments``: frames per video segment (``stream_path``), in order; each becomes its own LeRobot video
+        file (``file_index``), and no part may span two of them. By default one segment."""
+        import pandas as pd  # here, not at import: a (re)started recorder is recording sooner
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         if videos is None:
             videos = self.close()
         count = self.frames
         if count == 0:
             raise ValueError("an episode without frames cannot be saved")
+        segments = segments or [count]
+        if sum(segments) != count:
+            raise ValueError(f"the video segments hold {sum(segments)} frames, the episode {count}")
         video_info: dict[str, dict[str, Any]] = {}
         for key in self.camera_keys:
-            target = self.root / V3_VIDEO_PATH.format(video_key=key, chunk_index=0, file_index=0)
-            copied, codec = remux(self.stream_path(key), target, count)
-            if copied != count:
-                raise RuntimeError(f"{key}: the video has {copied} frames, the episode {count}")
-            video_info[key] = self._video_info(key, codec)
+            for segment, frames in enumerate(segments):
+                if frames == 0:  # a segment a restart left without a complete frame: no file, no part in it
+                    continue
+                target = self.root / V3_VIDEO_PATH.format(video_key=key, chunk_index=0, file_index=segment)
+                copied, codec = remux(self.stream_path(key, segment), target, frames)
+                if copied != frames:
+                    raise RuntimeError(f"{key}: video segment {segment} has {copied} frames, the episode {frames} "
+                                       "there")
+                video_info.setdefault(key, self._video_info(key, codec))
+        segment_starts = np.cumsum([0, *segments])
         states, actions = np.stack(self.states), np.stack(self.actions)
         if not parts:
             parts = [{"part": 0, "from_frame": 0, "frames": count, "start_s": 0.0}]
@@ -156,11 +171,15 @@ class OneEpisodeDataset:
                 "data/chunk_index": 0, "data/file_index": 0, "dataset_from_index": first,
                 "dataset_to_index": first + length,
             }
+            # Each part lies in one video segment (file): its stretch of that file's frames.
+            segment = int(np.searchsorted(segment_starts, first, side="right") - 1)
+            if first + length > segment_starts[segment + 1]:
+                raise ValueError(f"part {index} (frames {first}..{first + length - 1}) spans two video segments")
+            offset = first - int(segment_starts[segment])
             for key in self.camera_keys:
-                # One video per camera for the whole recording: a part is its stretch of frames.
-                episode.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
-                                f"videos/{key}/from_timestamp": first / self.fps,
-                                f"videos/{key}/to_timestamp": (first + length) / self.fps})
+                episode.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": segment,
+                                f"videos/{key}/from_timestamp": offset / self.fps,
+                                f"videos/{key}/to_timestamp": (offset + length) / self.fps})
             rows = slice(first, first + length)
             part_stats = stats if len(parts) == 1 else {
                 name: _feature_stats(values[rows] if values.ndim == 2 else values[rows].reshape(-1, 1))

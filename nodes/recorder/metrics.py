@@ -8,13 +8,15 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from nodes.recorder.parts import gap_summary
 from nodes.recorder.writer import EpisodeOutcome
+
+if TYPE_CHECKING:  # imported where a file is read: a (re)started recorder is recording sooner
+    import pandas as pd
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -99,6 +101,10 @@ def episode_metrics(outcome: EpisodeOutcome, names: list[str]) -> dict[str, Any]
         "inputs_matched_fraction": float(ticks["inputs_matched"].mean()) if not ticks.empty else None,
         "implicit_start": info.implicit_start,
         "recovered": outcome.recovered,
+        # Recorder restarts the recording was resumed across, and the downtime's ticks the actuator's backlog
+        # filled in (armpipe/gap_ticks.parquet: no frames).
+        "resumed": outcome.resumed,
+        "gap_ticks_filled": outcome.gap_ticks,
         # A recording cut at gaps in time (nodes.recorder.parts): its parts and the gaps between them.
         **gap_summary(outcome.parts),
     }
@@ -120,6 +126,8 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
 
 
 def summarize(output_dir: Path) -> dict[str, Any]:
+    import pandas as pd
+
     episodes = read_metrics(output_dir)
     labels = [entry.get("label", "") for entry in episodes]
     success, failure = labels.count("success"), labels.count("failure")

@@ -29,10 +29,13 @@ def _scheduled(row: dict[str, Any]) -> float:
     return t
 
 
-def split_parts(rows: Sequence[dict[str, Any]], fps: float, *, lockstep: bool = False) -> list[dict[str, Any]]:
+def split_parts(rows: Sequence[dict[str, Any]], fps: float, *, lockstep: bool = False,
+                breaks: Sequence[int] = ()) -> list[dict[str, Any]]:
     """The parts of a recording whose frames are ``rows`` (ticks.parquet rows: ``t``, ``lateness_s``,
     ``episode_tick``), in order. Each part: ``part``, ``from_frame``, ``frames``, ``start_s``,
-    ``first_episode_tick``, and the gap before it (``gap_ticks``: ticks not recorded, ``gap_s``)."""
+    ``first_episode_tick``, and the gap before it (``gap_ticks``: ticks not recorded, ``gap_s``).
+    ``breaks``: frame indices where a part starts in any case (a new video segment after a restart)."""
+    forced = set(breaks)
     period = 1.0 / float(fps)
     parts: list[dict[str, Any]] = []
     first_t = previous_t = math.nan
@@ -48,7 +51,7 @@ def split_parts(rows: Sequence[dict[str, Any]], fps: float, *, lockstep: bool = 
                 missing = max(missing, round((scheduled - previous_t) / period) - 1)
         if not parts:
             first_t = scheduled
-        if not parts or missing > 0:
+        if not parts or missing > 0 or index in forced:
             start_s = scheduled - first_t if math.isfinite(scheduled) and math.isfinite(first_t) else math.nan
             if lockstep or not math.isfinite(start_s):
                 # Time in lockstep is the tick count: where this part would start had nothing been missed.

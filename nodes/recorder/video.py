@@ -105,8 +105,16 @@ class CameraVideo(threading.Thread):
     def pending(self) -> int:
         return self.frames.qsize()
 
-    def close(self) -> VideoResult:
-        """Encode what is queued, flush the encoder and close the file; raises if encoding failed."""
+    def close(self, *, discard: bool = False) -> VideoResult:
+        """Encode what is queued, flush the encoder and close the file; raises if encoding failed.
+
+        ``discard``: drop the frames still queued instead (a recorder being restarted exits sooner; the
+        next one fills those ticks in from the actuator's backlog, without frames)."""
+        while discard:
+            try:
+                self.frames.get_nowait()
+            except queue.Empty:
+                break
         self.frames.put(None)
         self.join()
         if self.error is not None or self.result is None:

@@ -35,10 +35,9 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from common.config import DeploymentConfig
 from common.layout import dataset_features
@@ -46,7 +45,11 @@ from common.wire.contract import ACTION_KEY, STATE_KEY, image_key
 from common.wire.images import JpegImage
 from nodes.recorder.lerobot_v3 import STREAM_DIR, OneEpisodeDataset
 from nodes.recorder.parts import split_parts
+
+if TYPE_CHECKING:  # pandas is imported where a file is written: a restarted recorder is back sooner
+    import pandas as pd
 from nodes.recorder.video import (
+    PixelHistogram,
     VideoResult,
     decoded_histogram,
     readable_frames,
@@ -65,6 +68,10 @@ DROP_WRITER_BEHIND = "writer_behind"  # more than recorder.queue_ticks waited fo
 DROP_BEFORE_RECORDER = "before_recorder"  # the episode's first ticks ran before the recorder saw it
 DROP_LOST = "lost_in_transit"  # gaps in the episode's tick numbers (messages the recorder never got)
 DROP_RECORDER_CRASHED = "recorder_crashed"  # the unfinished tail of an episode cut by a crash
+# Ticks that ran while the recorder restarted in the middle of the episode (it resumed the same recording):
+# no frames, but their small streams are in gap_ticks.parquet where the actuator's backlog still had them.
+DROP_RECORDER_RESTARTED = "recorder_restarted"
+GAP_TICKS_FILE = "gap_ticks.parquet"
 
 
 class TickRejected(ValueError):
@@ -152,6 +159,8 @@ class EpisodeOutcome:
     path: Path
     backlog_max_ticks: int = 0  # the most ticks that waited for the writer during the episode
     parts: list[dict[str, Any]] = field(default_factory=list)  # nodes.recorder.parts.split_parts
+    gap_ticks: int = 0  # ticks without frames filled in from the actuator's backlog (gap_ticks.parquet)
+    resumed: int = 0  # recorder restarts this recording was resumed across
 
     @property
     def dropped_ticks(self) -> int:
@@ -166,17 +175,134 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def read_journal(work_root: Path) -> list[dict[str, Any]]:
+    """The journal's entries up to the first line a killed process left unfinished."""
+    entries: list[dict[str, Any]] = []
+    path = work_root / JOURNAL
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                break  # the line being written when the process died
+    return entries
+
+
+@dataclass
+class JournalState:
+    """What a work directory holds: the episode's frames per video segment (each segment's ticks cut to the
+    frames every camera's stream of that segment has on disk), its side rows and how it ended, if it did."""
+
+    info: EpisodeInfo
+    vcodec: str
+    segments: list[list[dict[str, Any]]]  # tick rows (ticks.parquet rows) per video segment
+    journaled: int  # tick entries in the journal, complete frames or not
+    gap_rows: list[dict[str, Any]] = field(default_factory=list)
+    chunk_rows: list[dict[str, Any]] = field(default_factory=list)
+    latency_rows: list[dict[str, Any]] = field(default_factory=list)
+    hold_events: dict[str, int] = field(default_factory=dict)
+    stop: dict[str, Any] = field(default_factory=dict)
+    suspended: bool = False  # the last process stopped on purpose (SIGTERM) rather than crashed
+
+    @property
+    def tick_rows(self) -> list[dict[str, Any]]:
+        return [row for rows in self.segments for row in rows]
+
+    @property
+    def frames(self) -> int:
+        return sum(len(rows) for rows in self.segments)
+
+    @property
+    def segment_frames(self) -> list[int]:
+        return [len(rows) for rows in self.segments]
+
+    @property
+    def resumed(self) -> int:
+        return len(self.segments) - 1
+
+
+def replay_journal(config: DeploymentConfig, work_root: Path, vcodec: str = "h264") -> JournalState | None:
+    """Read a work directory's journal and cut each segment's ticks to the frames on disk (None: no start entry)."""
+    entries = read_journal(work_root)
+    start = next((entry for entry in entries if entry.get("type") == "start"), None)
+    if start is None:
+        return None
+    info = EpisodeInfo(**{key: start[key] for key in EpisodeInfo.__dataclass_fields__ if key in start})
+    state = JournalState(info=info, vcodec=str(start.get("vcodec", vcodec)), segments=[[]], journaled=0)
+    for entry in entries:
+        kind = entry.pop("type", "")
+        if kind == "tick":
+            state.segments[-1].append(entry)
+            state.journaled += 1
+        elif kind == "segment":  # the recorder restarted and resumed: a new video segment starts here
+            state.segments.append([])
+            state.suspended = False
+        elif kind == "suspend":
+            state.suspended = True
+        elif kind == "gap_tick":
+            state.gap_rows.append(entry)
+        elif kind == "chunk":
+            state.chunk_rows.append(entry)
+        elif kind == "latency":
+            state.latency_rows.append(entry)
+        elif kind == "hold":
+            state.hold_events[entry["reason"]] = state.hold_events.get(entry["reason"], 0) + 1
+        elif kind == "stop":
+            state.stop = entry
+    dataset = OneEpisodeDataset(config, work_root, state.vcodec, encode=False)
+    for segment, rows in enumerate(state.segments):
+        if rows:
+            readable = min(readable_frames(dataset.stream_path(key, segment)) for key in dataset.camera_keys)
+            del rows[readable:]
+    return state
+
+
+def segment_histograms(dataset: OneEpisodeDataset, key: str, segment_frames: list[int]) -> PixelHistogram:
+    """The pixel histogram of a camera's frames in the segments given (decoded back from their streams)."""
+    histogram = PixelHistogram()
+    for segment, frames in enumerate(segment_frames):
+        if frames:
+            histogram.counts += decoded_histogram(dataset.stream_path(key, segment), frames).counts
+    return histogram
+
+
+def _segment_breaks(segment_frames: list[int]) -> list[int]:
+    """The frame index where each video segment after the first starts."""
+    return [int(start) for start in np.cumsum(segment_frames)[:-1]]
+
+
+def _count_restarts(dropped: dict[str, int], parts: list[dict[str, Any]], breaks: list[int]) -> dict[str, int]:
+    """``dropped`` with the ticks of every restart's downtime (the gaps where a video segment starts), counted
+    from the recording itself: a killed process could not hand its count on."""
+    restarted = sum(int(part["gap_ticks"]) for part in parts if int(part["from_frame"]) in set(breaks))
+    counted = {**dropped}
+    counted.pop(DROP_RECORDER_RESTARTED, None)
+    if restarted:
+        counted[DROP_RECORDER_RESTARTED] = restarted
+    return counted
+
+
 class EpisodeWriter:
-    """Writes one episode: a dataset frame per tick plus the journal; ``finish`` makes it final."""
+    """Writes one episode: a dataset frame per tick plus the journal; ``finish`` makes it final.
+
+    With ``resume`` (the journal of the same episode, left by a recorder that was restarted while it ran),
+    the recording goes on in the same work directory: what the journal and the streams hold is kept, the
+    camera encoders start a new video segment, and the ticks missed meanwhile leave a gap (a new part).
+    """
 
     def __init__(self, config: DeploymentConfig, output_dir: Path, info: EpisodeInfo, *, vcodec: str = "h264",
-                 video_preset: str = "ultrafast") -> None:
+                 video_preset: str = "ultrafast", resume: JournalState | None = None) -> None:
         self.config = config
         self.output_dir = output_dir
         self.info = info
         self.root = output_dir / WORK_DIR / info.name
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        self.dataset = OneEpisodeDataset(config, self.root, vcodec, video_preset)
+        if resume is not None:
+            vcodec = resume.vcodec
+            # Segments without a frame on disk are kept (empty) so the numbering of the streams stays as on disk.
+            self._rewrite_journal(resume)
+        self.segment_frames: list[int] = resume.segment_frames if resume is not None else []
+        self.dataset = OneEpisodeDataset(config, self.root, vcodec, video_preset, segment=len(self.segment_frames))
         self.features = dataset_features(config)
         # The episode's task in the dataset (meta/tasks, task_index): the instruction it ran with, else the task name.
         self.task = info.task or config.task
@@ -193,7 +319,57 @@ class EpisodeWriter:
         self.stop_reason = ""
         self.ended_t = 0.0
         self.ended_wall = 0.0
-        self._write_journal({"type": "start", **asdict(info), "vcodec": vcodec})
+        self.gap_rows: list[dict[str, Any]] = []
+        if resume is None:
+            self._write_journal({"type": "start", **asdict(info), "vcodec": vcodec})
+            return
+        for row in resume.tick_rows:
+            self.dataset.states.append(np.asarray(row["state"], dtype=np.float32))
+            self.dataset.actions.append(np.asarray(row["action"], dtype=np.float32))
+        self.tick_rows, self.frames = resume.tick_rows, resume.frames
+        self.chunk_rows, self.latency_rows = resume.chunk_rows, resume.latency_rows
+        self.hold_events, self.gap_rows = resume.hold_events, resume.gap_rows
+        self._write_journal({"type": "segment", "index": len(self.segment_frames), "resumed_wall": time.time()})
+
+    def _rewrite_journal(self, state: JournalState) -> None:
+        """The journal as it is kept: each segment's ticks cut to its frames on disk (what a restart loses
+        from the tail is filled from the actuator's backlog, without frames), replaced atomically."""
+        lines = [{"type": "start", **asdict(state.info), "vcodec": state.vcodec}]
+        for segment, rows in enumerate(state.segments):
+            if segment:
+                lines.append({"type": "segment", "index": segment})
+            lines += [{"type": "tick", **row} for row in rows]
+        lines += [{"type": "gap_tick", **row} for row in state.gap_rows]
+        lines += [{"type": "chunk", **row} for row in state.chunk_rows]
+        lines += [{"type": "latency", **row} for row in state.latency_rows]
+        lines += [{"type": "hold", "reason": reason} for reason, count in state.hold_events.items()
+                  for _ in range(count)]
+        tmp = self.root / f"{JOURNAL}.tmp"
+        tmp.write_text("".join(json.dumps(line, default=_jsonable, separators=(",", ":")) + "\n" for line in lines),
+                       encoding="utf-8")
+        tmp.replace(self.root / JOURNAL)
+
+    def abandon(self, *, discard: bool = False) -> None:
+        """Stop writing (encoders and journal closed; ``discard``: frames not yet encoded dropped) and leave the
+        work directory for recovery at the next start."""
+        try:
+            self.dataset.close(discard=discard)
+        except RuntimeError as exc:
+            log.warning("%s: %s", self.info.name, exc)
+        self.journal.close()
+
+    def suspend(self) -> None:
+        """The recorder is restarted while the episode runs: streams closed complete, journal marked, work
+        directory left for the next process (``replay_journal``)."""
+        self._write_journal({"type": "suspend", "wall": time.time()})
+        self.abandon(discard=True)  # quick: the next process is back sooner; the backlog fills those ticks
+
+    def add_gap_ticks(self, rows: list[dict[str, Any]]) -> None:
+        """Ticks that ran while the recorder was down, from the actuator's backlog: kept (gap_ticks.parquet,
+        journaled), never dataset frames (no images)."""
+        for row in rows:
+            self.gap_rows.append(row)
+            self._write_journal({"type": "gap_tick", **row})
 
     # ------------------------------------------------------------------ recording
     def _write_journal(self, entry: dict[str, Any]) -> None:
@@ -298,8 +474,16 @@ class EpisodeWriter:
             log.warning("%s: no frames recorded; nothing saved", self.info.name)
             return None
         started = time.monotonic()
-        parts = split_parts(self.tick_rows, self.config.fps, lockstep=self.config.actuator.lockstep)
-        self.dataset.save(self.task, parts=parts)
+        live = self.dataset.close()  # this segment's encoders; earlier segments were closed by a restart
+        segments = [*self.segment_frames, self.frames - sum(self.segment_frames)]
+        videos = {key: VideoResult(frames=self.frames, codec=result.codec, histogram=result.histogram)
+                  for key, result in live.items()}
+        for key, video in videos.items():
+            video.histogram.counts += segment_histograms(self.dataset, key, self.segment_frames).counts
+        breaks = _segment_breaks(segments)
+        parts = split_parts(self.tick_rows, self.config.fps, lockstep=self.config.actuator.lockstep, breaks=breaks)
+        self.dataset.save(self.task, videos, parts=parts, segments=segments)
+        self.dropped = _count_restarts(self.dropped, parts, breaks)
         if len(parts) > 1:
             log.warning("%s: cut into %d parts at gaps in time (%s)", self.info.name, len(parts),
                         ", ".join(f"{p['gap_ticks']} tick(s) before {p['start_s']:.2f} s" for p in parts[1:]))
@@ -310,7 +494,8 @@ class EpisodeWriter:
                          tick_rows=self.tick_rows, chunk_rows=self.chunk_rows, latency_rows=self.latency_rows,
                          hold_events=self.hold_events,
                          rejected=self.rejected, dropped=self.dropped, recovered=False,
-                         backlog_max_ticks=self.backlog_max_ticks, parts=parts)
+                         backlog_max_ticks=self.backlog_max_ticks, parts=parts, gap_rows=self.gap_rows,
+                         resumed=len(self.segment_frames))
 
 
 def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, stop_reason: str, ended_t: float,
@@ -318,8 +503,11 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
               hold_events: dict[str, int], rejected: dict[str, int], dropped: dict[str, int],
               recovered: bool, backlog_max_ticks: int = 0,
               latency_rows: list[dict[str, Any]] | None = None,
-              parts: list[dict[str, Any]] | None = None) -> EpisodeOutcome:
+              parts: list[dict[str, Any]] | None = None, gap_rows: list[dict[str, Any]] | None = None,
+              resumed: int = 0) -> EpisodeOutcome:
     """Write the side files into a finalised dataset root and rename it into ``output_dir``."""
+    import pandas as pd
+
     side = root / SIDE_DIR
     side.mkdir(exist_ok=True)
     parts = parts or []
@@ -334,11 +522,14 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
     chunks.to_parquet(side / "chunks.parquet")
     pd.DataFrame(latency_rows or [], columns=None if latency_rows else ["tick", "end_to_end_s"]).to_parquet(
         side / "latency.parquet")
+    if gap_rows:  # ticks of a recorder's downtime, from the actuator's backlog (no frames)
+        pd.DataFrame(gap_rows).to_parquet(side / GAP_TICKS_FILE)
     # Enough to redo the metrics if the process dies between the rename below and writing them.
     (side / OUTCOME_FILE).write_text(json.dumps({
         "info": asdict(info), "label": label, "stop_reason": stop_reason, "ended_t": ended_t,
         "ended_wall": ended_wall, "frames": frames, "hold_events": hold_events, "rejected": rejected,
-        "dropped": dropped, "recovered": recovered, "backlog_max_ticks": backlog_max_ticks, "parts": parts}))
+        "dropped": dropped, "recovered": recovered, "backlog_max_ticks": backlog_max_ticks, "parts": parts,
+        "gap_ticks": len(gap_rows or []), "resumed": resumed}))
     shutil.rmtree(root / STREAM_DIR, ignore_errors=True)  # the camera streams, now copied into videos/
     (root / JOURNAL).unlink(missing_ok=True)
     final = output_dir / info.name
@@ -348,7 +539,8 @@ def _complete(output_dir: Path, root: Path, info: EpisodeInfo, *, label: str, st
     return EpisodeOutcome(info=info, label=label, stop_reason=stop_reason, ended_t=ended_t, ended_wall=ended_wall,
                           frames=frames, ticks=ticks, chunks=chunks, hold_events=hold_events,
                           rejected_ticks=rejected, dropped=dropped, recovered=recovered, path=final,
-                          backlog_max_ticks=backlog_max_ticks, parts=parts)
+                          backlog_max_ticks=backlog_max_ticks, parts=parts, gap_ticks=len(gap_rows or []),
+                          resumed=resumed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,6 +559,8 @@ def finished_without_metrics(output_dir: Path) -> list[Path]:
 
 def load_outcome(path: Path) -> EpisodeOutcome:
     """The ``EpisodeOutcome`` of a finished episode directory, from its side files."""
+    import pandas as pd
+
     saved = json.loads((path / SIDE_DIR / OUTCOME_FILE).read_text())
     info = EpisodeInfo(**saved["info"])
     return EpisodeOutcome(info=info, label=saved["label"], stop_reason=saved["stop_reason"], ended_t=saved["ended_t"],
@@ -376,7 +570,8 @@ def load_outcome(path: Path) -> EpisodeOutcome:
                           hold_events=saved["hold_events"], rejected_ticks=saved["rejected"],
                           dropped=saved.get("dropped", {}), recovered=saved["recovered"], path=path,
                           backlog_max_ticks=int(saved.get("backlog_max_ticks", 0)),
-                          parts=list(saved.get("parts") or []))
+                          parts=list(saved.get("parts") or []), gap_ticks=int(saved.get("gap_ticks", 0)),
+                          resumed=int(saved.get("resumed", 0)))
 
 
 def pending_work(output_dir: Path) -> list[Path]:
@@ -411,64 +606,42 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
     counted in ``dropped`` as ``recorder_crashed``. The work directory becomes the episode; without a
     single complete frame it is renamed ``.unrecoverable`` and left for a person to look at.
     """
-    journal_path = work_root / JOURNAL
-    entries: list[dict[str, Any]] = []
-    if journal_path.exists():
-        for line in journal_path.read_text(encoding="utf-8").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                break  # the line being written when the process died
-    start = next((entry for entry in entries if entry.get("type") == "start"), None)
-    if start is None:
+    state = replay_journal(config, work_root, vcodec)
+    if state is None:
         log.warning("%s: no journal start entry; removing the unusable work directory", work_root)
         shutil.rmtree(work_root, ignore_errors=True)
         return None
-    info = EpisodeInfo(**{key: start[key] for key in EpisodeInfo.__dataclass_fields__ if key in start})
-    dataset = OneEpisodeDataset(config, work_root, start.get("vcodec", vcodec), encode=False)
-    ticks = [entry for entry in entries if entry.get("type") == "tick"]
-    readable = {key: readable_frames(dataset.stream_path(key)) for key in dataset.camera_keys}
-    frames = min([len(ticks), *readable.values()])
+    info, frames = state.info, state.frames
+    dataset = OneEpisodeDataset(config, work_root, state.vcodec, encode=False)
     if frames == 0:
         # Kept (renamed out of the way, never retried) so a person can look at what was left.
         kept = work_root.with_name(f"{work_root.name}.unrecoverable")
         work_root.rename(kept)
-        log.warning("%s: none of %d journaled ticks has every camera's frame on disk (%s); nothing to recover "
-                    "(left in %s)", info.name, len(ticks), readable, kept)
+        log.warning("%s: none of %d journaled ticks has every camera's frame on disk; nothing to recover "
+                    "(left in %s)", info.name, state.journaled, kept)
         return None
-    tick_rows: list[dict[str, Any]] = []
-    chunk_rows: list[dict[str, Any]] = []
-    latency_rows: list[dict[str, Any]] = []
-    hold_events: dict[str, int] = {}
-    stop: dict[str, Any] = {}
-    for entry in entries:
-        kind = entry.pop("type", "")
-        if kind == "tick" and len(tick_rows) < frames:
-            dataset.states.append(np.asarray(entry["state"], dtype=np.float32))
-            dataset.actions.append(np.asarray(entry["action"], dtype=np.float32))
-            tick_rows.append(entry)
-        elif kind == "chunk":
-            chunk_rows.append(entry)
-        elif kind == "latency":
-            latency_rows.append(entry)
-        elif kind == "hold":
-            hold_events[entry["reason"]] = hold_events.get(entry["reason"], 0) + 1
-        elif kind == "stop":
-            stop = entry
-    videos = {key: VideoResult(frames=frames, codec="", histogram=decoded_histogram(dataset.stream_path(key), frames))
+    tick_rows = state.tick_rows
+    for row in tick_rows:
+        dataset.states.append(np.asarray(row["state"], dtype=np.float32))
+        dataset.actions.append(np.asarray(row["action"], dtype=np.float32))
+    videos = {key: VideoResult(frames=frames, codec="",
+                               histogram=segment_histograms(dataset, key, state.segment_frames))
               for key in dataset.camera_keys}
-    parts = split_parts(tick_rows, config.fps, lockstep=config.actuator.lockstep)
-    dataset.save(info.task or config.task, videos, parts=parts)
-    dropped = {str(k): int(v) for k, v in (stop.get("dropped") or {}).items()}
-    if len(ticks) > frames:
-        dropped[DROP_RECORDER_CRASHED] = dropped.get(DROP_RECORDER_CRASHED, 0) + len(ticks) - frames
+    breaks = _segment_breaks(state.segment_frames)
+    parts = split_parts(tick_rows, config.fps, lockstep=config.actuator.lockstep, breaks=breaks)
+    dataset.save(info.task or config.task, videos, parts=parts, segments=state.segment_frames)
+    stop = state.stop
+    dropped = _count_restarts({str(k): int(v) for k, v in (stop.get("dropped") or {}).items()}, parts, breaks)
+    if state.journaled > frames:
+        dropped[DROP_RECORDER_CRASHED] = dropped.get(DROP_RECORDER_CRASHED, 0) + state.journaled - frames
     last_t = float(tick_rows[-1]["t"])
     outcome = _complete(output_dir, work_root, info, label=stop.get("label", ""),
-                        stop_reason=stop.get("reason", "recorder_crashed"), ended_t=stop.get("ended_t", last_t),
+                        stop_reason=stop.get("reason", "recorder_stopped" if state.suspended else "recorder_crashed"),
+                        ended_t=stop.get("ended_t", last_t),
                         ended_wall=stop.get("ended_wall", time.time()), frames=frames, tick_rows=tick_rows,
-                        chunk_rows=chunk_rows, latency_rows=latency_rows, hold_events=hold_events,
-                        rejected=stop.get("rejected", {}),
-                        dropped=dropped, recovered=True,
-                        backlog_max_ticks=int(stop.get("backlog_max_ticks", 0)), parts=parts)
-    log.warning("%s: recovered %d of %d journaled frames after a recorder crash", info.name, frames, len(ticks))
+                        chunk_rows=state.chunk_rows, latency_rows=state.latency_rows, hold_events=state.hold_events,
+                        rejected=stop.get("rejected", {}), dropped=dropped, recovered=True,
+                        backlog_max_ticks=int(stop.get("backlog_max_ticks", 0)), parts=parts,
+                        gap_rows=state.gap_rows, resumed=state.resumed)
+    log.warning("%s: recovered %d of %d journaled frames after a recorder crash", info.name, frames, state.journaled)
     return outcome

@@ -1,0 +1,186 @@
+"""A recorder restarted during an episode resumes the same recording (issue 25, item 3), under the real
+supervisord with the demo's programs (dataset player, emulated servos, tiny policy, actuator, recorder).
+
+The recorder is killed (``kill -9``) and later restarted (``supervisorctl restart``) while the auto-started
+episode runs. Afterwards there is one recording of that episode, not two: its downtimes are gaps in true
+time (the recording is cut into parts there; each part's timestamps plus its ``start_s`` are the
+actuator's scheduled tick times), the ticks of the downtimes are filled in from the actuator's backlog
+(``gap_ticks.parquet``: the very targets the actuator published), and the recorder was back within 2 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import zmq
+from conftest import REPO_ROOT, free_port, wait_for, write_config
+
+from bench.harness import Supervised
+from common.config import load_config
+from common.tools.demo_data import DemoSpec, generate_demo_dataset
+from common.wire.actuator_client import ActuatorClient
+from common.wire.protocol import KIND_ACTION, Message
+from common.wire.transport import LatestSubscriber, SocketFactory
+
+pytestmark = pytest.mark.timeout(1200)
+BACK_WITHIN_S = 2.0
+
+
+class TickTap:
+    """Every executed tick of every episode as the actuator published it: time, lateness and target."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ticks: dict[str, dict[int, tuple[float, float, np.ndarray]]] = {}
+        self.order: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(endpoint,), daemon=True)
+        self._thread.start()
+
+    def _run(self, endpoint: str) -> None:
+        factory = SocketFactory(zmq.Context())
+        subscriber = LatestSubscriber(factory, [endpoint], hwm=100000)
+        try:
+            while not self._stop.is_set():
+                for msg in subscriber.poll(0.1):
+                    self._take(msg)
+        finally:
+            subscriber.close()
+            factory.context.term()
+
+    def _take(self, msg: Message) -> None:
+        episode_id = msg.meta.get("episode_id")
+        if msg.kind != KIND_ACTION or msg.meta.get("role") != "executed" or not episode_id:
+            return
+        with self._lock:
+            if episode_id not in self.ticks:
+                self.ticks[episode_id] = {}
+                self.order.append(episode_id)
+            self.ticks[episode_id][int(msg.meta["episode_tick"])] = (
+                msg.t, float(msg.meta.get("lateness_s") or 0.0), np.array(msg.arrays["action"], dtype=np.float32))
+
+    def count(self, index: int = 0) -> int:
+        with self._lock:
+            return len(self.ticks[self.order[index]]) if len(self.order) > index else 0
+
+    def episode(self, index: int = 0) -> tuple[str, dict[int, tuple[float, float, np.ndarray]]]:
+        with self._lock:
+            return self.order[index], dict(self.ticks[self.order[index]])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+def recorder_pid(stack: Supervised) -> int:
+    for status in stack.client.processes():
+        if status.name == "recorder" and status.state == "RUNNING":
+            return int(status.pid)
+    return 0
+
+
+def journaled(work: Path) -> int:
+    journal = work / "journal.jsonl"
+    return journal.read_text().count('"type":"tick"') if journal.exists() else 0
+
+
+def test_a_restarted_recorder_resumes_the_same_recording_in_true_time(tmp_path: Path, tiny_checkpoint: Any) -> None:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
+    dataset = generate_demo_dataset(config, tmp_path / "lift-demo", DemoSpec(episodes=1, frames=300),
+                                    repo_id="armpipe/lift-demo")
+    port = free_port()
+    config_path = write_config(tmp_path, "lift", {
+        "player": {"dataset": str(dataset), "loop": True},
+        "policy": {"checkpoint": str(tiny_checkpoint("lift", chunk=48)), "timeout_s": 5.0},
+        "monitor": {"supervisor_url": f"http://127.0.0.1:{port}/RPC2"},
+    })
+    stack = Supervised("demo", "lift", config_path, tmp_path / "run", port)
+    tap = TickTap(stack.config.actuator.events_endpoint)
+    output_dir = Path(stack.config.recorder.output_dir)
+    work = output_dir / ".work" / "episode_000000"
+    recorder_log = tmp_path / "run" / "logs" / "recorder.log"
+    stack.start()
+    try:
+        wait_for(lambda: journaled(work) >= 90, timeout_s=600, interval_s=0.5,
+                 message="the auto-started episode was never recorded for 3 s")
+        # kill -9: supervisord starts it again; it resumes the recording.
+        first = recorder_pid(stack)
+        restarts = [time.monotonic()]  # the robot's monotonic clock: the actuator's stamps are on it too
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: recorder_pid(stack) not in (0, first), timeout_s=30, message="recorder not respawned")
+        seen = tap.count()
+        wait_for(lambda: tap.count() >= seen + 150, timeout_s=300, interval_s=0.5, message="the episode stalled")
+        # supervisorctl restart: SIGTERM while supervisord runs on, so the recording is suspended, not ended.
+        restarts.append(time.monotonic())
+        restart = stack.ctl("restart", "robot:recorder")
+        assert restart.returncode == 0, restart.stdout + restart.stderr
+        seen = tap.count()
+        wait_for(lambda: tap.count() >= seen + 150, timeout_s=300, interval_s=0.5, message="the episode stalled")
+        control = ActuatorClient(SocketFactory(), stack.config.actuator.control_endpoint, client="test")
+        try:
+            control.send("stop", label="success")
+        finally:
+            control.close()
+        wait_for(lambda: (output_dir / "metrics.jsonl").exists(), timeout_s=180, interval_s=0.5,
+                 message=f"the episode was never saved:\n{recorder_log.read_text(errors='replace')[-4000:]}")
+    finally:
+        stack.shutdown(timeout_s=90)
+        tap.close()
+    log_text = recorder_log.read_text(errors="replace")
+    episode_id, ticks = tap.episode(0)
+    entries = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["episode_id"] for entry in entries].count(episode_id) == 1, (entries, log_text[-4000:])
+    assert len({entry["episode"] for entry in entries}) == 1, "the episode was split into two recordings"
+    metrics = entries[-1]
+    assert metrics["label"] == "success" and metrics["resumed"] == 2, (metrics, log_text[-4000:])
+    # Both downtimes are counted, the one a kill -9 cut short as well as the one a restart ended.
+    restart_ticks = sorted((part["gap_ticks"] for part in json.loads(
+        (Path(metrics["dataset"]) / "meta" / "info.json").read_text())["armpipe_parts"][1:]), reverse=True)[:2]
+    assert metrics["dropped_ticks_by_reason"].get("recorder_restarted") == sum(restart_ticks), metrics
+    assert metrics["gap_ticks_filled"] == sum(restart_ticks), metrics
+
+    root = Path(metrics["dataset"])
+    info = json.loads((root / "meta" / "info.json").read_text())
+    parts = info["armpipe_parts"]
+    assert len(parts) >= 3 and metrics["parts"] == len(parts), parts
+    frames = pd.read_parquet(root / "armpipe" / "ticks.parquet")
+    gap = pd.read_parquet(root / "armpipe" / "gap_ticks.parquet")
+    recorded, filled = set(frames["episode_tick"]), set(gap["episode_tick"])
+    assert not recorded & filled
+    # The downtime's ticks come from the actuator's backlog: exactly what it published for them.
+    for row in gap.itertuples():
+        np.testing.assert_allclose(np.asarray(row.action, dtype=np.float32), ticks[row.episode_tick][2], atol=1e-5)
+    # Every tick of the episode is a frame or filled in, but those lost for another reason (counted as such).
+    last = max(recorded)
+    other = sum(count for reason, count in metrics["dropped_ticks_by_reason"].items() if reason != "recorder_restarted")
+    missing = set(range(last + 1)) - recorded - filled
+    assert len(missing) <= other, (sorted(missing)[:20], metrics["dropped_ticks_by_reason"])
+
+    # True time: each frame's timestamp plus its part's start is its tick's scheduled time on the actuator.
+    loaded = LeRobotDataset(f"armpipe/{root.name}", root=root, video_backend="pyav")
+    assert loaded.num_episodes == len(parts) and loaded.num_frames == len(frames)
+    scheduled = {tick: t - lateness for tick, (t, lateness, _) in ticks.items()}
+    origin = scheduled[int(frames["episode_tick"].iloc[0])]
+    timestamps = np.asarray(loaded.hf_dataset["timestamp"], dtype=np.float64)
+    part_of = np.asarray(loaded.hf_dataset["episode_index"])
+    for index, episode_tick in enumerate(frames["episode_tick"]):
+        true_s = scheduled[int(episode_tick)] - origin
+        assert abs(parts[int(part_of[index])]["start_s"] + timestamps[index] - true_s) < 2e-3, (index, episode_tick)
+    # Back within 2 s: from the kill (or the restart command) to the first frame recorded after it. (The frames
+    # still in the killed encoders are lost: their ticks are among those filled in from the backlog.)
+    frame_times = sorted(scheduled[int(tick)] for tick in frames["episode_tick"])
+    back = [next(t for t in frame_times if t > when) - when for when in restarts]
+    assert max(back) <= BACK_WITHIN_S, (back, parts)
+    last_frame = loaded[loaded.num_frames - 1]["observation.images.front"]
+    assert tuple(last_frame.shape) == (3, 480, 640)
