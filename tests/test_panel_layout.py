@@ -240,6 +240,22 @@ def test_panel_layout_and_charts_at_three_widths(tmp_path: Path, supervisors: li
                 expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
                 feed.refusing.set()
                 feed.unit_mismatch()
+                # Its readiness file says why it refuses (as the actuator writes it): the Nodes table shows it as
+                # plainly as the refused, EXITED dataset player: REFUSES, and the reason under the row.
+                actuator_pid = wait_for(lambda: supervisor_pid(supervisor, "actuator"), timeout_s=10)
+                (ready_dir / "actuator.json").write_text(json.dumps({
+                    "pid": actuator_pid, "since": time.time(), "contract": "mismatch", "refusing": REFUSING,
+                    "differences": ["state names differ"]}))
+                expect(page.locator('#nodes tr[data-why="dataset_player"]')).to_contain_text(
+                    "refused: config field player.dataset", timeout=30_000)
+                why = page.locator('#nodes tr[data-why="actuator"]')
+                expect(why).to_contain_text(REFUSING, timeout=20_000)
+                expect(page.locator('#nodes tr[data-node="actuator"] td.ready')).to_have_text("REFUSES",
+                                                                                               timeout=20_000)
+                refused_why = page.locator('#nodes tr[data-why="dataset_player"]')
+                assert why.get_attribute("class") == refused_why.get_attribute("class") == "why refused"
+                assert why.evaluate("(row) => getComputedStyle(row.querySelector('td')).color") == \
+                    refused_why.evaluate("(row) => getComputedStyle(row.querySelector('td')).color")
                 time.sleep(config.monitor.history_s + 1)  # the ticks from before the refusal leave the window
                 assert page.evaluate(COLOUR_PIXELS, ["#joints canvas", "--action"]) < 5
                 assert page.evaluate(COLOUR_PIXELS, ["#joints canvas", "--state"]) > 20
