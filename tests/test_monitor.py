@@ -395,6 +395,8 @@ def drive_panel(page: Any, expect: Any, supervisor: Supervisord, config: Deploym
         expect(row.locator("td.ready")).to_have_text("yes", timeout=60_000)
     serving, standby = policy_roles(page, expect)
     expect(page.locator("#contract")).to_have_text("ok", timeout=30_000)
+    # The task instruction a language policy gets: the config's (actuator.instruction), asked of the actuator.
+    expect(page.locator("#instruction-now")).to_have_text(f"“{config.actuator.instruction}”", timeout=30_000)
 
     # Start, then stop with a label: both reach the actuator, whose events come back to the page.
     page.click("#btn-start")
@@ -407,6 +409,13 @@ def drive_panel(page: Any, expect: Any, supervisor: Supervisord, config: Deploym
     page.click("#btn-stop-success")
     expect(page.locator("#message")).to_have_text("episode 0 stopped (success)", timeout=20_000)
     expect(page.locator("#episode")).to_have_text("0 stopped (success)", timeout=20_000)
+
+    # Between episodes the instruction changes from the page; the actuator's reply and its event show it.
+    expect(page.locator("#actuator-state")).to_have_text("idle", timeout=60_000)  # back at its rest pose
+    page.fill("#instruction", "put the red cube in the box")
+    page.click("#btn-instruction")
+    expect(page.locator("#message")).to_have_text("instruction set: 'put the red cube in the box'", timeout=20_000)
+    expect(page.locator("#instruction-now")).to_have_text("“put the red cube in the box”", timeout=20_000)
 
     # Bad commands: a clear message on the page, and the pipeline carries on.
     actuator_pid = page.locator('#nodes tr[data-node="actuator"] td.pid').inner_text()
@@ -428,6 +437,12 @@ def drive_panel(page: Any, expect: Any, supervisor: Supervisord, config: Deploym
     assert reply["status"] == 409 and "cannot restart itself" in reply["body"]["message"]
     page.click("#btn-start")
     expect(page.locator("#message")).to_have_text("episode 1 started", timeout=20_000)
+    # During an episode the actuator refuses a new instruction, and the page says why.
+    page.fill("#instruction", "stack the cubes")
+    page.click("#btn-instruction")
+    expect(page.locator("#message")).to_have_class("error", timeout=20_000)
+    expect(page.locator("#message")).to_contain_text("between episodes", timeout=20_000)
+    expect(page.locator("#instruction-now")).to_have_text("“put the red cube in the box”")
     page.click("#btn-stop-failure")
     expect(page.locator("#message")).to_have_text("episode 1 stopped (failure)", timeout=20_000)
     assert page.locator('#nodes tr[data-node="actuator"] td.pid').inner_text() == actuator_pid

@@ -36,7 +36,7 @@ from common.config import DeploymentConfig
 from common.node import Readiness, start_node
 from common.streams import pipeline_endpoints
 from common.wire.transport import LatestSubscriber, SocketFactory
-from nodes.monitor.commands import PROGRAM, Commands
+from nodes.monitor.commands import PROGRAM, CommandError, Commands
 from nodes.monitor.http import MonitorServer
 from nodes.monitor.panel import EventHub, PanelState
 
@@ -75,6 +75,12 @@ def pump(panel: PanelState, stop: threading.Event) -> None:
 def poll_nodes(panel: PanelState, commands: Commands, stop: threading.Event) -> None:
     while not stop.is_set():
         panel.set_nodes(commands.poll_nodes())
+        if panel.instruction["text"] is None:  # not told yet: ask the actuator once it answers
+            try:
+                reply = commands.actuator("status", {})
+                panel.set_instruction(reply.get("instruction"), reply.get("instruction_source"))
+            except CommandError:
+                pass
         stop.wait(NODES_PERIOD_S)
 
 

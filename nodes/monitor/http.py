@@ -163,8 +163,16 @@ class MonitorHandler(BaseHTTPRequestHandler):
                         "reply": reply}
             if op == "status":
                 return {"message": "actuator status", "reply": commands.actuator("status", {})}
+            if op == "instruction":
+                # A language policy's task, changed between episodes (the actuator refuses during one: 409).
+                text = _pick(body, "text", str).get("text")
+                if text is None:
+                    raise CommandError(HTTPStatus.BAD_REQUEST, "text: expected the instruction (a string)")
+                reply = commands.actuator("instruction", {"text": text})
+                self.server.panel.set_instruction(reply.get("instruction"), reply.get("instruction_source"))
+                return {"message": f"instruction set: {reply.get('instruction')!r}", "reply": reply}
             raise CommandError(HTTPStatus.NOT_FOUND, f"unknown episode command {op!r}: expected start, stop, "
-                               "label or status")
+                               "label, status or instruction")
         if parts[:2] == ["api", "nodes"] and len(parts) == 4 and parts[3] == "restart":
             status = commands.restart(parts[2])
             self.server.panel.set_nodes(commands.poll_nodes())

@@ -143,6 +143,8 @@ class PanelState:
         self.player: dict[str, Any] | None = None
         self.nodes: dict[str, Any] = {"programs": [], "error": "not polled yet", "unsupervised": []}
         self.contract: dict[str, Any] = {"ok": None, "differences": []}
+        # The task instruction a language policy gets (the actuator's): None until an event or status says it.
+        self.instruction: dict[str, Any] = {"text": None, "source": ""}
         self.bad_messages = 0
 
     # ------------------------------------------------------------------ ingest (reader thread)
@@ -234,7 +236,12 @@ class PanelState:
             with self.lock:
                 self.player = {"event": event, "episode_index": meta.get("episode_index"), "frames": meta.get("frames")}
             self.hub.publish("player", self.player)
+        elif event == "instruction":
+            self.set_instruction(meta.get("instruction"), meta.get("source"))
+            self._note("info", f"instruction: {meta.get('instruction')!r}")
         elif event in ("episode_start", "episode_stop", "episode_label"):
+            if event == "episode_start" and "instruction" in meta:
+                self.set_instruction(meta.get("instruction"), None)
             episode = {"event": event, "episode_index": meta.get("episode_index"), "label": meta.get("label", ""),
                        "reason": meta.get("reason", ""), "t": msg.t, "wall": time.time()}
             with self.lock:
@@ -312,6 +319,16 @@ class PanelState:
                 "episode_index": msg.meta.get("episode_index"), "stats": view.stats,
                 "jpeg": base64.b64encode(jpeg.tobytes()).decode("ascii")}
 
+    def set_instruction(self, text: Any, source: Any) -> None:
+        """The actuator's current instruction ("" when it has none), from its events or its status reply."""
+        if not isinstance(text, str):
+            return
+        with self.lock:
+            self.instruction = {"text": text,
+                                "source": source if isinstance(source, str) else self.instruction.get("source", "")}
+            payload = dict(self.instruction)
+        self.hub.publish("instruction", payload)
+
     def set_nodes(self, nodes: dict[str, Any]) -> None:
         with self.lock:
             self.nodes = nodes
@@ -332,6 +349,7 @@ class PanelState:
                 "player": self.player,
                 "nodes": self.nodes,
                 "contract": dict(self.contract),
+                "instruction": dict(self.instruction),
                 "log": list(self.log),
                 "bad_messages": self.bad_messages,
             }

@@ -89,6 +89,7 @@ function onSnapshot(snapshot) {
   if (snapshot.player) onPlayer(snapshot.player);
   onNodes(snapshot.nodes);
   showContract(snapshot.contract);
+  if (snapshot.instruction) onInstruction(snapshot.instruction);
   $("#log").replaceChildren();
   snapshot.log.forEach(onLog);
   state.dirty = true;
@@ -197,6 +198,18 @@ function onEpisode(episode) {
   $("#episode").textContent = `${episode.episode_index} ${what}${label}`;
 }
 
+// The task instruction a language policy gets; changed between episodes from the form (the actuator refuses
+// a change during an episode, and the page says so).
+function onInstruction(instruction) {
+  if (instruction.text === null || instruction.text === undefined) return;
+  const node = $("#instruction-now");
+  node.textContent = instruction.text === "" ? "none" : `“${instruction.text}”`;
+  node.title = instruction.source === "dataset" ? "the dataset player's task (actuator.instruction_source: dataset)"
+    : "the task a language policy gets";
+  const input = $("#instruction");
+  if (document.activeElement !== input && !input.value) input.placeholder = instruction.text || "instruction for the next episode";
+}
+
 function onPlayer(player) {
   $("#player").textContent = `episode ${player.episode_index} ${player.event === "episode_end" ? "ended" : "playing"}` +
     (player.frames ? ` (${player.frames} frames)` : "");
@@ -279,6 +292,10 @@ async function command(path, body, button) {
 }
 
 $("#btn-start").addEventListener("click", (e) => command("/api/episode/start", {}, e.currentTarget));
+$("#instruction-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  command("/api/episode/instruction", { text: $("#instruction").value }, $("#btn-instruction"));
+});
 $("#btn-stop-success").addEventListener("click", (e) => command("/api/episode/stop", { label: "success" }, e.currentTarget));
 $("#btn-stop-failure").addEventListener("click", (e) => command("/api/episode/stop", { label: "failure" }, e.currentTarget));
 
@@ -565,7 +582,7 @@ function connect() {
   source.onerror = () => { badge.textContent = "reconnecting…"; badge.className = "badge bad"; };
   const handlers = {
     snapshot: onSnapshot, frame: onFrame, series: onSeries, chunk: onChunk, latency: onLatency, loop_stats: onLoopStats,
-    episode: onEpisode, player: onPlayer, nodes: onNodes, log: onLog,
+    episode: onEpisode, player: onPlayer, nodes: onNodes, log: onLog, instruction: onInstruction,
   };
   for (const [event, handler] of Object.entries(handlers)) {
     source.addEventListener(event, (message) => {
