@@ -19,14 +19,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, Message, ProtocolError
 
 BACKLOG_S = 60.0  # seconds of executed ticks kept
 EVENTS_KEPT = 8000  # small events kept (latency events come once per goal written: ~30 a second)
-PAGE_TICKS = 200  # ticks per reply at most (a reply's header stays well under the protocol's 256 KiB)
-PAGE_EVENTS = 600
+PAGE_TICKS = 200  # ticks per reply at most
+PAGE_BYTES = 150_000  # entries per reply at most (packed): the reply's header stays under the protocol's 256 KiB
 EVENTS = ("hold", "chunk", "latency", "episode_start", "episode_stop", "episode_label", "instruction")
 
 
@@ -84,26 +85,46 @@ class Backlog:
                                    or v is None}, "t": msg.t})
 
     def serve(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """The ``backlog`` op: ticks of ``episode_id`` after ``after_tick`` (its episode_tick), and the events
-        after ``after_t``, a page at a time (``more``: ask again from the last tick returned)."""
+        """The ``backlog`` op: ticks of ``episode_id`` after ``after_tick`` (its episode_tick) and the events after
+        ``after_t``, oldest first, a page at a time: at most ``max_ticks`` ticks and ``PAGE_BYTES`` of entries, so
+        a reply always fits the protocol's header limit (``more``: ask again from ``next_after_tick`` /
+        ``next_after_t``). ``max_ticks`` 0 asks only which episode runs."""
         episode_id = meta.get("episode_id", "")
         if not isinstance(episode_id, str):
             raise ProtocolError("meta.episode_id", "the episode's id (str)", type(episode_id).__name__)
-        after_tick, after_t = meta.get("after_tick", -1), meta.get("after_t", -math.inf)
+        after_tick, after_t = meta.get("after_tick", -1), meta.get("after_t", -1e300)
         if not isinstance(after_tick, int) or isinstance(after_tick, bool):
             raise ProtocolError("meta.after_tick", "an episode_tick (int)", type(after_tick).__name__)
-        if _number(after_t) is None and after_t != -math.inf:
-            raise ProtocolError("meta.after_t", "a time on the robot's clock (float)", type(after_t).__name__)
+        if _number(after_t) is None:
+            raise ProtocolError("meta.after_t", "a time on the robot's clock (a finite float)", repr(after_t))
         limit = meta.get("max_ticks", PAGE_TICKS)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= PAGE_TICKS:
             raise ProtocolError("meta.max_ticks", f"an int 0..{PAGE_TICKS}", repr(limit))
-        matching = [row for row in self.ticks if row["episode_id"] == episode_id
-                    and isinstance(row["episode_tick"], int) and row["episode_tick"] > after_tick]
-        ticks = matching[:limit]
-        more = len(matching) > len(ticks)
-        until = ticks[-1]["t"] if more and ticks else math.inf
-        events = [event for event in self.events if float(after_t) < event["t"] <= until][:PAGE_EVENTS]
         held = [row["episode_tick"] for row in self.ticks if row["episode_id"] == episode_id]
-        return {"active_episode_id": self.active_episode(), "episode_id": episode_id, "ticks": ticks,
-                "events": events, "more": more, "oldest_tick": min(held) if held else -1,
-                "kept_s": BACKLOG_S}
+        reply: dict[str, Any] = {"active_episode_id": self.active_episode(), "episode_id": episode_id, "ticks": [],
+                                 "events": [], "more": False, "next_after_tick": after_tick,
+                                 "next_after_t": float(after_t), "oldest_tick": min(held) if held else -1,
+                                 "kept_s": BACKLOG_S}
+        if limit == 0:
+            return reply
+        # Ticks and events in time order; the page ends at a tick count or a size, whichever comes first.
+        entries = sorted([(row["t"], 0, row) for row in self.ticks if row["episode_id"] == episode_id
+                          and isinstance(row["episode_tick"], int) and row["episode_tick"] > after_tick]
+                         + [(event["t"], 1, event) for event in self.events if event["t"] > float(after_t)],
+                         key=lambda entry: (entry[0], entry[1]))
+        size = 0
+        for t, kind, entry in entries:
+            if kind == 0 and len(reply["ticks"]) >= limit:
+                reply["more"] = True
+                break
+            size += len(msgpack.packb(entry, default=str))
+            if size > PAGE_BYTES:
+                reply["more"] = True
+                break
+            if kind == 0:
+                reply["ticks"].append(entry)
+                reply["next_after_tick"] = entry["episode_tick"]
+            else:
+                reply["events"].append(entry)
+            reply["next_after_t"] = t
+        return reply

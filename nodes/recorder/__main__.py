@@ -284,11 +284,12 @@ class Writer(threading.Thread):
                 oldest = int(reply.meta.get("oldest_tick", -1)) if oldest < 0 else oldest
                 wanted = [row for row in ticks if item.until_tick is None or int(row["episode_tick"]) < item.until_tick]
                 rows += wanted
-                events += [event for event in reply.meta.get("events") or []
-                           if isinstance(event, dict) and float(event.get("t", math.inf)) < item.until_t]
-                if not reply.meta.get("more") or len(wanted) < len(ticks) or not ticks:
+                page_events = [event for event in reply.meta.get("events") or [] if isinstance(event, dict)]
+                events += [event for event in page_events if float(event.get("t", math.inf)) < item.until_t]
+                if not reply.meta.get("more") or len(wanted) < len(ticks) or any(
+                        float(event.get("t", math.inf)) >= item.until_t for event in page_events):
                     break
-                after_tick, after_t = int(ticks[-1]["episode_tick"]), float(ticks[-1]["t"])
+                after_tick, after_t = int(reply.meta["next_after_tick"]), float(reply.meta["next_after_t"])
         except (PeerUnavailable, RemoteError, ProtocolError, KeyError, TypeError, ValueError) as exc:
             log.warning("%s: the ticks of the recorder's downtime could not be filled from the actuator's backlog "
                         "(%s); the gap stays a marked gap", self.current.info.name, exc)

@@ -33,7 +33,7 @@ def split_parts(rows: Sequence[dict[str, Any]], fps: float, *, lockstep: bool = 
                 breaks: Sequence[int] = ()) -> list[dict[str, Any]]:
     """The parts of a recording whose frames are ``rows`` (ticks.parquet rows: ``t``, ``lateness_s``,
     ``episode_tick``), in order. Each part: ``part``, ``from_frame``, ``frames``, ``start_s``,
-    ``first_episode_tick``, and the gap before it (``gap_ticks``: ticks not recorded, ``gap_s``).
+    ``first_episode_tick``, the gap before it (``gap_ticks``: ticks not recorded, ``gap_s``) and ``segment``.
     ``breaks``: frame indices where a part starts in any case (a new video segment after a restart)."""
     forced = set(breaks)
     period = 1.0 / float(fps)
@@ -58,7 +58,9 @@ def split_parts(rows: Sequence[dict[str, Any]], fps: float, *, lockstep: bool = 
                 start_s = (parts[-1]["start_s"] + (parts[-1]["frames"] + missing) * period) if parts else 0.0
             parts.append({"part": len(parts), "from_frame": index, "frames": 0, "start_s": float(start_s),
                           "first_episode_tick": episode_tick, "gap_ticks": int(max(missing, 0)),
-                          "gap_s": float(max(missing, 0) * period)})
+                          "gap_s": float(max(missing, 0) * period),
+                          # the video segment (file) it is in: one more after each recorder restart
+                          "segment": sum(1 for start in forced if start <= index)})
         parts[-1]["frames"] += 1
         previous_t, previous_tick = scheduled, episode_tick
     return parts
