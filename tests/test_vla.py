@@ -215,3 +215,46 @@ def test_offline_eval_sends_each_episodes_task_to_a_language_policy(smolvla: Pat
         assert "meta.instruction" not in node.log()
     finally:
         assert node.stop() == 0, node.log()[-3000:]
+
+
+def test_lockstep_replay_through_the_actuator_with_smolvla(smolvla: Path, tmp_path: Path,
+                                                           node_processes: list[NodeProcess]) -> None:
+    # The dataset player drives the actuator in lockstep through a real SmolVLA policy node; the actuator sends the
+    # dataset's own task (instruction_source: dataset). Two runs of the episode execute the same targets, and no
+    # tick is held (a request without instruction would be refused and every tick held).
+    from common.tools.demo_data import DemoSpec, generate_demo_dataset
+    from common.tools.offline_eval import ExecutedRecorder, evaluate_executed
+
+    frames = 8
+    (tmp_path / "base").mkdir()
+    dataset = generate_demo_dataset(load_config(write_config(tmp_path / "base", "lift", {})), tmp_path / "lift-demo",
+                                    DemoSpec(episodes=1, frames=frames, codec="h264"))
+    (tmp_path / "run").mkdir()
+    config_path = write_config(tmp_path / "run", "lift", {
+        "policy": {"checkpoint": str(smolvla), "timeout_s": 60.0, "cpu_threads": 1},
+        "player": {"dataset": str(dataset), "episodes": [0]},
+        "actuator": {"instruction": "", "instruction_source": "dataset"},
+        "arms": {"main": {"rest_pose": []}},  # lockstep ticks only when the player publishes: no rest move
+    })
+    common = ["--actuator.lockstep=true", "--actuator.dry_run=true", "--player.mode=lockstep",
+              "--player.follow_episodes=true", "--player.loop=true", "--player.episodes=[0]"]
+    policy = NodeProcess("policy", config_path).start()
+    node_processes.append(policy)
+    policy.wait_ready(TIMEOUT_S)
+    config = load_config(config_path, common)
+    recorder = ExecutedRecorder(config)
+    actuator = NodeProcess("actuator", config_path, args=common).start()
+    node_processes.append(actuator)
+    player = NodeProcess("dataset_player", config_path, args=common).start()
+    node_processes.append(player)
+    try:
+        actuator.wait_ready(180)
+        player.wait_ready(180)
+        report, traces = evaluate_executed(config, count=2, drive=True, timeout_s=240, recorder=recorder)
+    finally:
+        recorder.close()
+    first, second = report.episodes
+    assert first.compared == second.compared == frames, actuator.log()[-3000:]
+    assert first.holds == 0 and second.holds == 0 and np.all(np.isfinite(first.mae))
+    np.testing.assert_array_equal(traces[0].predicted, traces[1].predicted)
+    assert "meta.instruction" not in actuator.log() + policy.log()
