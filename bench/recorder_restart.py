@@ -5,15 +5,17 @@
 While the auto-started episode runs, the recorder is interrupted ``--tries`` times each way, alternating:
 ``kill -9`` (supervisord's autorestart brings it back) and ``supervisorctl restart robot:recorder``. Then
 the episode is stopped and its one recording read back. Per interruption (robot monotonic clock):
-- ready: from the kill (or the command) to the new process's readiness file;
-- recording: from the kill (or the command) to the scheduled time of the first frame recorded after it;
-- gap: the gap in the recording there (from the last frame kept to the first after; the frames the
-  killed encoders still held are among the ticks filled in from the actuator's backlog), and those ticks.
+- ready: from the kill (or running ``supervisorctl restart``) to the new process's readiness file;
+- first new frame: from then to the scheduled time of the new process's first frame;
+- downtime: from the last frame the old process kept to the new one's first (the frames a killed process's
+  encoders still held are lost: their ticks are among those filled in from the actuator's backlog), and the
+  ticks filled in.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -92,22 +94,27 @@ def measure(task: str, tries: int) -> list[dict[str, float | str]]:
     ticks = pd.read_parquet(root / "armpipe" / "ticks.parquet")
     scheduled = sorted((ticks["t"] - ticks["lateness_s"].fillna(0.0)).tolist())
     parts = json.loads((root / "meta" / "info.json").read_text())["armpipe_parts"]
+    # Each interruption began a new video segment: its gap is the part where the segment changes, in order.
+    restarts = [part for previous, part in itertools.pairwise(parts) if part["segment"] != previous["segment"]]
     results: list[dict[str, float | str]] = []
-    for how, when, ready_s in interruptions:
-        first = next(t for t in scheduled if t > when)
-        gap = max((part for part in parts[1:] if part["start_s"] + scheduled[0] <= first + 1e-3),
-                  key=lambda part: part["start_s"])
-        results.append({"how": how, "ready_s": ready_s, "recording_s": first - when, "gap_s": gap["gap_s"],
-                        "gap_ticks": gap["gap_ticks"]})
+    for (how, when, ready_s), gap in zip(interruptions, restarts, strict=True):
+        # The first frame of the new process: where its part starts in true time.
+        first = scheduled[0] + gap["start_s"]
+        results.append({"how": how, "ready_s": ready_s, "recording_s": first - when,
+                        "downtime_s": gap["gap_s"] + 1.0 / stack.config.fps, "gap_ticks": gap["gap_ticks"]})
     log.info("one recording: %d frames, %d parts, %d ticks filled from the backlog, resumed %d times",
              metrics["frames"], metrics["parts"], metrics["gap_ticks_filled"], metrics["resumed"])
     return results
 
 
 def to_markdown(task: str, results: list[dict[str, float | str]]) -> str:
-    lines = [f"Task {task}; seconds from the interruption (robot monotonic clock).", "",
-             "| interruption | ready p50 | ready max | first frame p50 | first frame max | gap in the recording p50 |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"Task {task}; seconds (robot monotonic clock). ready / first frame: from the kill or from running "
+             "`supervisorctl restart` (its own start and supervisord's stop-then-start included); downtime: from the "
+             "last frame the old process kept to the first of the new one (the ticks between are filled in from the "
+             "actuator's backlog).", "",
+             "| interruption | ready p50 | ready max | first new frame p50 | first new frame max | downtime p50 | "
+             "downtime max | ticks filled p50 |",
+             "|---|---|---|---|---|---|---|---|"]
     for how in ("kill -9", "supervisorctl restart"):
         rows = [row for row in results if row["how"] == how]
         if not rows:
@@ -117,9 +124,9 @@ def to_markdown(task: str, results: list[dict[str, float | str]]) -> str:
             values = [float(row[key]) for row in rows]
             return statistics.median(values), max(values)
 
-        ready, first, gap = stat("ready_s"), stat("recording_s"), stat("gap_s")
+        ready, first, down, ticks = stat("ready_s"), stat("recording_s"), stat("downtime_s"), stat("gap_ticks")
         lines.append(f"| {how} (x{len(rows)}) | {ready[0]:.2f} | {ready[1]:.2f} | {first[0]:.2f} | {first[1]:.2f} | "
-                     f"{gap[0]:.2f} |")
+                     f"{down[0]:.2f} | {down[1]:.2f} | {ticks[0]:.0f} |")
     return "\n".join(lines)
 
 
