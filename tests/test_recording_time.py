@@ -147,3 +147,54 @@ def test_a_stalled_writer_cuts_the_recording_into_parts_that_keep_true_time(tmp_
         episode_tick = int(ticks["episode_tick"].iloc[int(part["from_frame"])])
         image = frame["observation.images.front"].permute(1, 2, 0).numpy()
         assert np.abs(image - image_for(0, episode_tick).astype(np.float32) / 255.0).mean() < 0.06
+
+
+def test_a_recording_in_parts_and_video_segments_is_what_lerobot_reads_and_merges(tmp_path: Path) -> None:
+    """Parts (LeRobot episodes) over two video segments (a recorder restart): LeRobot's reader finds each
+    part's frames in its own segment's file, and its merger keeps them."""
+    from lerobot.datasets.aggregate import aggregate_datasets
+
+    from common.wire.contract import image_key
+    from nodes.recorder.lerobot_v3 import OneEpisodeDataset
+    from nodes.recorder.parts import split_parts
+    from nodes.recorder.video import VideoResult
+
+    config = load_config(small_config(tmp_path))
+    root = tmp_path / "episode_000000"
+    # Ticks 0-5 in segment 0 (a gap after tick 2: writer behind), then ticks 9-13 in segment 1 (a restart).
+    ticks = [0, 1, 2, 4, 5, 6, 9, 10, 11, 12, 13]
+    first = OneEpisodeDataset(config, root, "h264", "ultrafast", segment=0)
+    second: OneEpisodeDataset | None = None
+    for index, k in enumerate(ticks):
+        if index == 6:
+            closed = first.close()
+            second = OneEpisodeDataset(config, root, "h264", "ultrafast", segment=1)
+            second.states, second.actions = list(first.states), list(first.actions)
+        target = second or first
+        state = np.arange(6, dtype=np.float32) + k
+        target.add_frame({image_key(camera): image_for(c, k) for c, camera in enumerate(config.cameras)}, state,
+                         state + 1)
+    assert second is not None
+    videos = second.close()
+    for key, video in videos.items():
+        video.histogram.counts += closed[key].histogram.counts
+    rows = [{"t": 100.0 + k / config.fps, "lateness_s": 0.0, "episode_tick": k} for k in ticks]
+    parts = split_parts(rows, config.fps, breaks=[6])
+    assert [(p["from_frame"], p["frames"], p["segment"]) for p in parts] == [(0, 3, 0), (3, 3, 0), (6, 5, 1)]
+    second.save(config.task, {key: VideoResult(frames=len(ticks), codec=v.codec, histogram=v.histogram)
+                              for key, v in videos.items()}, parts=parts, segments=[6, 5])
+
+    dataset = load_dataset(root)
+    assert dataset.num_episodes == 3 and dataset.num_frames == len(ticks)
+    for index, k in enumerate(ticks):
+        row = dataset[index]
+        part = parts[int(row["episode_index"])]
+        assert abs(part["start_s"] + float(row["timestamp"]) - (k - ticks[0]) / config.fps) < 1e-4
+        image = row["observation.images.front"].permute(1, 2, 0).numpy()
+        assert np.abs(image - image_for(0, k).astype(np.float32) / 255.0).mean() < 0.06, k
+    aggregate_datasets(repo_ids=["armpipe/a", "armpipe/b"], aggr_repo_id="armpipe/all", roots=[root, root],
+                       aggr_root=tmp_path / "all")
+    merged = load_dataset(tmp_path / "all")
+    assert merged.num_episodes == 6 and merged.num_frames == 2 * len(ticks)
+    image = merged[len(ticks) + 7]["observation.images.wrist"].permute(1, 2, 0).numpy()
+    assert np.abs(image - image_for(1, ticks[7]).astype(np.float32) / 255.0).mean() < 0.06
