@@ -2,9 +2,12 @@
 #   make demo [TASK=lift|stack|sort]   set up, then run the whole pipeline under supervisord (CPU demo)
 #   make demo CONFIG=my.yaml           the same with a deployment config of one's own (robot, server,
 #                                      robot-sim and status take CONFIG too; its task is the config's)
+#   make demo POLICY=smolvla           the demo with a tiny untrained SmolVLA (a language policy) instead
+#                                      of the tiny DiffusionPolicy
 #   make test                          set up, then run the test suite
 TASK ?= lift
 CONFIG ?=
+POLICY ?=
 SHELL := /bin/bash
 
 .PHONY: setup demo robot robot-sim server stop status test lint bench-transport
@@ -13,7 +16,7 @@ setup:
 	@bash .ci/setup
 
 demo: setup
-	@bash .ci/demo $(TASK) $(CONFIG)
+	@POLICY=$(POLICY) bash .ci/demo $(TASK) $(CONFIG)
 
 robot: setup
 	@bash .ci/supervise robot $(TASK) $(CONFIG)
