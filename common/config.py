@@ -39,6 +39,7 @@ ENCODINGS = ("raw", "jpeg")
 OVERLAP_RULES = ("replace", "blend", "rtc")
 INSTRUCTION_SOURCES = ("config", "dataset")
 POLICY_ROWS = ("n_action_steps", "horizon")
+MAX_POLICY_BATCH = 64  # policy.max_batch: the largest batch (and CUDA graph bucket) the policy node runs
 RTC_GUIDANCE = ("exp", "linear")  # policy.rtc_guidance: how the soft prefix rows' weight falls
 PLAYER_MODES = ("realtime", "lockstep")
 DEVICES = ("cpu", "cuda", "auto")
@@ -172,6 +173,12 @@ class PolicyConfig:
     # Costs a second copy of the model in (GPU) memory and a second start-up. docs/operations.md, "Standby"
     standby: bool = False
     max_sessions: int = 64  # client sessions kept (least recently used dropped)
+    # Cross-session batching: requests of different sessions waiting for the model run as one batch of up to
+    # this many (1 = one request at a time). docs/nodes/policy.md, "Many robots: batching"
+    max_batch: int = 16
+    # How long the first waiting request may wait for others to join its batch, milliseconds; 0 = none: a
+    # batch is whatever waits when the model comes free (requests that arrive while it is busy batch anyway).
+    batch_window_ms: float = 0.0
     seed: int = 0  # diffusion noise is seeded per session from this, so a replay is reproducible
     # Rows per reply. n_action_steps: what LeRobot executes of a prediction. horizon (DiffusionPolicy): every
     # predicted row from the newest observation on, a longer chunk that covers a longer round trip.
@@ -500,6 +507,12 @@ class DeploymentConfig:
                               f"{self.actuator.rtc_soft_rows}")
         _one_of("policy.rows", self.policy.rows, POLICY_ROWS)
         _one_of("policy.rtc_guidance", self.policy.rtc_guidance, RTC_GUIDANCE)
+        if not 1 <= self.policy.max_batch <= MAX_POLICY_BATCH:
+            raise ConfigError("policy.max_batch", f"expected a batch size in 1..{MAX_POLICY_BATCH} (1: no batching), "
+                              f"got {self.policy.max_batch}")
+        if not 0.0 <= self.policy.batch_window_ms <= 100.0:
+            raise ConfigError("policy.batch_window_ms", f"expected milliseconds in 0..100, got "
+                              f"{self.policy.batch_window_ms}")
         if not self.actuator.max_future_s >= 0:
             raise ConfigError("actuator.max_future_s",
                               f"expected a non-negative time, got {self.actuator.max_future_s}")

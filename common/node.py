@@ -36,10 +36,16 @@ class Readiness:
         self.clear()
 
     def ready(self, **detail: object) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "since": time.time(), **detail}, default=str))
-        tmp.replace(self.path)
+        self.since = time.time()
+        self.update(**detail)
         logging.getLogger(__name__).info("READY %s", self.path.stem)
+
+    def update(self, **detail: object) -> None:
+        """Rewrite the file of a node that is ready with new detail (figures a node keeps current), quietly."""
+        tmp = self.path.with_suffix(".tmp")
+        since = getattr(self, "since", time.time())
+        tmp.write_text(json.dumps({"pid": os.getpid(), "since": since, **detail}, default=str))
+        tmp.replace(self.path)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

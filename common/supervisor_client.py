@@ -75,6 +75,9 @@ class ProcessStatus:
     # A node that runs and is ready but refuses its work (the actuator on a contract mismatch): why, from its
     # readiness file's "refusing"; "" otherwise
     refusing: str = ""
+    # The policy node's capacity over its last 10 s (chunks/s, batch sizes, queue wait), from its readiness file's
+    # "capacity"; "" for other nodes
+    capacity: str = ""
 
     @property
     def full_name(self) -> str:
@@ -196,6 +199,8 @@ class SupervisorClient:
                     status.role = "serving" if entry["serving"] else "standby"
                 if status.ready and entry and entry.get("refusing"):
                     status.refusing = str(entry["refusing"])
+                if status.ready and entry and isinstance(entry.get("capacity"), dict):
+                    status.capacity = describe_capacity(entry["capacity"])
         return statuses
 
     def config_info(self) -> list[dict[str, Any]]:
@@ -256,6 +261,14 @@ def last_error_line(log_text: str) -> tuple[str, bool]:
         if ERROR_LINE.search(line):
             return LOG_PREFIX.sub("", line)[:MAX_REASON_CHARS], False
     return "", False
+
+
+def describe_capacity(figures: dict[str, Any]) -> str:
+    """The policy node's readiness ``capacity`` in one line (docs/nodes/policy.md, "Many robots")."""
+    return (f"{figures.get('chunks_per_s', 0)} chunks/s, batch mean {figures.get('batch_mean', 0)} max "
+            f"{figures.get('batch_max', 0)}/{figures.get('max_batch', '?')}, queue wait p99 "
+            f"{figures.get('queue_ms_p99', 0)} ms, superseded {figures.get('superseded', 0)}, busy "
+            f"{figures.get('refused_busy', 0)}")
 
 
 def read_readiness(ready_dir: Path) -> dict[str, dict[str, Any]]:

@@ -67,7 +67,8 @@ def test_contract_infer_reset_and_ping(lift_node) -> None:
     reply = policy.infer(images, state, obs_t=1234.5)
     assert reply.actions.shape == (8, 6) and reply.actions.dtype == np.float32
     assert reply.obs_t == 1234.5
-    assert set(reply.timings) == {"unpack_s", "decode_s", "preprocess_s", "inference_s", "postprocess_s", "total_s",
+    assert set(reply.timings) == {"unpack_s", "decode_s", "queue_s", "preprocess_s", "inference_s", "postprocess_s",
+                                  "total_s",
                                   "encode_s", "server_s"}
     assert reply.timings["total_s"] >= reply.timings["inference_s"] > 0
     # The server's time covers its stages and fits inside the client's round trip (docs/protocol.md).
@@ -382,17 +383,21 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_refused_with_the_reason(ti
 
 
 
-def test_chunk_times_are_logged_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
-    from nodes.policy.__main__ import TimingLog
+def test_capacity_is_logged_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    from nodes.policy.batching import Capacity
 
-    timing = TimingLog(period_s=10.0)
+    capacity = Capacity(max_batch=8, period_s=10.0)
     with caplog.at_level("INFO", logger="policy"):
-        for total_s in (0.1, 0.4, 0.2):
-            timing.add(total_s)
-        assert not caplog.records  # within the period: nothing yet
-        timing.since -= 10.0  # the period is over
-        timing.add(0.3)
+        capacity.add_batch([0.001, 0.003], [0.1, 0.4], failed=0)
+        capacity.add_batch([0.002], [0.2], failed=1)
+        capacity.count(superseded=2)
+        assert capacity.roll(now=capacity.since + 5) is None  # within the period: nothing yet
+        assert not caplog.records
+        figures = capacity.roll(now=capacity.since + 10)
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert message.startswith("4 chunks in 10 s") and "p50 300.0" in message and "max 400.0" in message
-    assert timing.totals_ms == []  # the next period starts empty
+    assert message.startswith("3 chunks in 10 s (0.3 chunks/s): 2 batches, size mean 1.5 max 2 (max_batch 8)")
+    assert "2 superseded" in message and "1 failed" in message
+    assert figures is not None and figures["chunks"] == 3 and figures["batch_max"] == 2
+    assert figures["queue_ms_p50"] == 2.0 and figures["total_ms_max"] == 400.0
+    assert capacity.last == figures and capacity.sizes == []  # the next period starts empty

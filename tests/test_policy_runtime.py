@@ -65,7 +65,7 @@ def test_diffusion_chunks_match_lerobot_plain_path_with_history(lift_diffusion: 
     chunk2 = runtime.infer("robot-a", second)
     assert chunk1.actions.shape == (runtime.contract.chunk_length, 6) == (8, 6)
     assert chunk1.actions.dtype == np.float32
-    assert set(chunk1.timings) == {"decode_s", "preprocess_s", "inference_s", "postprocess_s", "total_s"}
+    assert set(chunk1.timings) == {"decode_s", "queue_s", "preprocess_s", "inference_s", "postprocess_s", "total_s"}
 
     _, policy, pre, post = load_lerobot_policy(runtime.path, torch.device("cpu"))
     a, b = lerobot_batch(pre, first), lerobot_batch(pre, second)

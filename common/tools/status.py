@@ -40,7 +40,8 @@ def detail(proc: ProcessStatus) -> str:
     if proc.refusing:
         return f"REFUSING: {proc.refusing}"
     if not proc.reason:
-        return f"{proc.role}; {proc.description}" if proc.role else proc.description
+        text = f"{proc.role}; {proc.description}" if proc.role else proc.description
+        return f"{text}; {proc.capacity}" if proc.capacity else text
     why = "refused" if proc.refused else "last error in its log"
     code = f"exit {proc.exit_status}; " if proc.state == "EXITED" else ""
     return f"{code}{why}: {proc.reason}"

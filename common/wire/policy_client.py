@@ -25,6 +25,7 @@ class ChunkReply:
     sent_t: float = 0.0  # client's monotonic clock just before the request was encoded and sent (the chain's sent_t)
     # rtc: the rows predicted after the chunk (guide_rows, action_dim), robot units; None when the reply has none
     guide: np.ndarray | None = None
+    batch: int = 1  # the requests that ran in the same model call on the policy node (meta.batch; 1 when absent)
 
 
 def echoed_obs_t(meta: Mapping[str, object], sent: float) -> float:
@@ -33,6 +34,11 @@ def echoed_obs_t(meta: Mapping[str, object], sent: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolError("meta.obs_t", "the observation time the request sent (a number)", value)
     return float(value)
+
+
+def _batch_size(meta: Mapping[str, object]) -> int:
+    value = meta.get("batch", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
 
 class PolicyClient:
@@ -118,7 +124,8 @@ class PolicyClient:
                 raise ProtocolError(f"arrays[{RTC_GUIDE_KEY}]", expected, "non-finite values")
         return ChunkReply(actions=actions, obs_t=echoed_obs_t(reply.meta, obs_t),
                           timings=dict(reply.meta.get("timings", {})), round_trip_s=received - start,
-                          received_t=received, sent_t=start, guide=guide if guide is not None and len(guide) else None)
+                          received_t=received, sent_t=start, guide=guide if guide is not None and len(guide) else None,
+                          batch=_batch_size(reply.meta))
 
     def close(self) -> None:
         self.requests.close()

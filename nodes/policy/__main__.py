@@ -1,4 +1,4 @@
-"""Policy node: serves action chunks from a LeRobot checkpoint over ZeroMQ (ROUTER, one request at a time).
+"""Policy node: serves action chunks from a LeRobot checkpoint over ZeroMQ (ROUTER; sessions batched).
 
     python -m nodes.policy --config configs/lift.yaml [--policy.device=cuda --policy.cuda_graphs=true ...]
 
@@ -6,11 +6,14 @@ Ops (meta ``op``; sessions keyed by meta ``client``): ``metadata`` (the contract
 ``reset`` (clears this client's history), ``ping``. Every failure is an ``error`` reply naming the
 field; the node keeps serving. A checkpoint that does not fit the config is refused at start (exit 2,
 started once: ``common.refusal``). All the model work lives in ``nodes.policy.runtime`` and the other
-``nodes.policy`` modules it uses; this file is the loop.
+``nodes.policy`` modules it uses; this file is the socket loop: it decodes and checks requests, answers
+what needs no model, and hands ``infer`` / ``reset`` to the model thread of ``nodes.policy.batching``, which
+runs the waiting requests of different sessions as one batch and hands the replies back to be sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -18,6 +21,7 @@ import time
 from typing import Any
 
 import msgpack
+import zmq
 
 from common.node import start_node
 from common.refusal import process_age_s
@@ -34,11 +38,13 @@ from common.wire.protocol import (
     error_message,
 )
 from common.wire.transport import RouterServer, SocketFactory
+from nodes.policy.batching import BatchScheduler, Done, Waiting
 from nodes.policy.checkpoint import CheckpointError
 from nodes.policy.runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
 from nodes.policy.standby import ServingLock, bind_when_free
 
 PROGRAM = "policy"
+MAX_READS_PER_WAKE = 256  # requests read in a row before the loop sends the replies that are ready
 
 log = logging.getLogger(PROGRAM)
 
@@ -58,38 +64,26 @@ def request_seq(frames: list[Any]) -> int:
         return 0
 
 
-class TimingLog:
-    """Logs the chunk times of the last ``period_s`` once per period, so a slow policy shows in its log
-    (the actuator only sees the round trip; this separates inference from the network)."""
-
-    def __init__(self, period_s: float = 10.0) -> None:
-        self.period_s = period_s
-        self.totals_ms: list[float] = []
-        self.since = time.monotonic()
-
-    def add(self, total_s: float) -> None:
-        self.totals_ms.append(total_s * 1000)
-        now = time.monotonic()
-        if now - self.since >= self.period_s:
-            ordered = sorted(self.totals_ms)
-            log.info("%d chunks in %.0f s: total ms p50 %.1f, max %.1f", len(ordered), now - self.since,
-                     ordered[len(ordered) // 2], ordered[-1])
-            self.totals_ms.clear()
-            self.since = now
-
-
 class PolicyServer:
-    def __init__(self, runtime: PolicyRuntime, server: RouterServer) -> None:
+    """The socket side of the node: answers what needs no model at once, hands ``infer`` and ``reset`` to the
+    batch scheduler, and sends the replies the model thread hands back."""
+
+    def __init__(self, runtime: PolicyRuntime, server: RouterServer, scheduler: BatchScheduler) -> None:
         self.runtime = runtime
         self.server = server
+        self.scheduler = scheduler
         self.served = 0
         self.errors = 0
-        self.timing_log = TimingLog()
 
-    def handle(self, frames: list[Any], received_at: float | None = None) -> Message:
-        """Answer one request. ``received_at`` (``time.perf_counter()`` when its frames were read) starts
-        the reply's ``timings.server_s``."""
-        received_at = time.perf_counter() if received_at is None else received_at
+    def on_request(self, envelope: list[bytes], frames: list[Any], received_at: float) -> None:
+        """Take one request: ``received_at`` (``time.perf_counter()`` when its frames were read) starts the
+        reply's ``timings.server_s``."""
+        reply = self.intake(envelope, frames, received_at)
+        if reply is not None:
+            self.send(envelope, reply)
+
+    def intake(self, envelope: list[bytes], frames: list[Any], received_at: float) -> Message | None:
+        """The reply to send now, or None when the request waits for the model thread."""
         try:
             request = decode(frames)
             unpacked_at = time.perf_counter()
@@ -99,23 +93,24 @@ class PolicyServer:
             return error_message(exc, src=PROGRAM, seq=request_seq(frames))
         op = str(request.meta.get("op", ""))
         try:
-            reply = self.dispatch(request, op)
+            outcome = self.dispatch(request, op, envelope, received_at, unpacked_at)
         except ProtocolError as exc:
             self.errors += 1
             log.warning("client %s op %s refused: %s", request.meta.get("client"), op, exc)
             return error_message(exc, src=PROGRAM, seq=request.seq, op=op, obs_t=_obs_t(request))
-        except Exception as exc:  # a bug or a device error must not take the node down
+        except Exception as exc:  # a bug must not take the node down
             self.errors += 1
             log.exception("client %s op %s failed", request.meta.get("client"), op)
             failure = ProtocolError("inference", "a request the policy can run", f"{type(exc).__name__}: {exc}")
             return error_message(failure, src=PROGRAM, seq=request.seq, op=op, obs_t=_obs_t(request))
-        timings = reply.meta.get("timings")
-        if isinstance(timings, dict):
-            timings["unpack_s"] = unpacked_at - received_at
-            add_encode_time(reply, received_at)
-        return reply
+        if isinstance(outcome, Message):
+            return outcome
+        for done in self.scheduler.submit(outcome):  # a superseded or refused request is answered now
+            self.send_done(done)
+        return None
 
-    def dispatch(self, request: Message, op: str) -> Message:
+    def dispatch(self, request: Message, op: str, envelope: list[bytes], received_at: float,
+                 unpacked_at: float) -> Message | Waiting:
         if request.kind != KIND_REQUEST:
             raise ProtocolError("kind", f"'{KIND_REQUEST}'", request.kind)
         if op not in POLICY_OPS:
@@ -123,23 +118,52 @@ class PolicyServer:
         client = request.meta["client"]
         if not client or len(client) > MAX_CLIENT_ID_LEN:
             raise ProtocolError("meta.client", f"a session id of 1..{MAX_CLIENT_ID_LEN} characters", client)
-        reply = Message(kind=KIND_REPLY, src=PROGRAM, seq=request.seq, meta={"op": op, "client": client})
         if op == "metadata":
-            reply.meta["contract"] = self.runtime.contract.to_meta()
-        elif op == "ping":
-            reply.meta["server_time"] = time.monotonic()
-        elif op == "reset":
-            self.runtime.reset(client)
+            return self.reply_to(request, op, contract=self.runtime.contract.to_meta())
+        if op == "ping":
+            return self.reply_to(request, op, server_time=time.monotonic())
+        waiting = Waiting(envelope=envelope, request=request, op=op, client=client, received_at=received_at,
+                          unpacked_at=unpacked_at)
+        if op == "infer":
+            checking = time.perf_counter()
+            waiting.obs = self.runtime.check(request)  # a bad observation is answered here, never queued
+            waiting.checked_s = time.perf_counter() - checking
+            waiting.queued_at = time.perf_counter()
+        return waiting
+
+    def reply_to(self, request: Message, op: str, **meta: Any) -> Message:
+        return Message(kind=KIND_REPLY, src=PROGRAM, seq=request.seq,
+                       meta={"op": op, "client": request.meta["client"], **meta})
+
+    def send_done(self, done: Done) -> None:
+        waiting, result = done.waiting, done.result
+        request = waiting.request
+        if result is None:  # a reset
+            reply = self.reply_to(request, waiting.op)
+        elif isinstance(result, Exception):
+            self.errors += 1
+            failure = result if isinstance(result, ProtocolError) else ProtocolError(
+                "inference", "a request the policy can run", f"{type(result).__name__}: {result}")
+            if failure.field != "superseded":
+                log.warning("client %s op %s refused: %s", waiting.client, waiting.op, failure)
+            reply = error_message(failure, src=PROGRAM, seq=request.seq, op=waiting.op, obs_t=_obs_t(request))
         else:
-            result = self.runtime.infer(client, request)
-            reply.meta["obs_t"] = request.meta["obs_t"]
-            reply.meta["timings"] = result.timings
+            reply = self.reply_to(request, waiting.op, obs_t=request.meta["obs_t"], timings=result.timings,
+                                  batch=result.batch_size)
             reply.arrays["action"] = result.actions
             if self.runtime.rtc_max_rows and len(result.guide):
                 reply.arrays[RTC_GUIDE_KEY] = result.guide
+            result.timings["unpack_s"] = waiting.unpacked_at - waiting.received_at
+            add_encode_time(reply, waiting.received_at)
             self.served += 1
-            self.timing_log.add(result.timings["total_s"])
-        return reply
+        self.send(waiting.envelope, reply)
+
+    def send(self, envelope: list[bytes], reply: Message) -> None:
+        try:
+            self.server.reply(envelope, reply)
+        except ProtocolError as exc:  # a reply we could not encode: say so instead of going silent
+            log.error("could not encode reply: %s", exc)
+            self.server.reply(envelope, error_message(exc, src=PROGRAM, seq=reply.seq))
 
 
 def add_encode_time(reply: Message, received_at: float) -> None:
@@ -219,26 +243,54 @@ def main(argv: list[str] | None = None) -> None:
         readiness.clear()
         factory.close()
         return
-    policy_server = PolicyServer(runtime, server)
-    readiness.ready(**ready_detail, serving=True, standby=False)
+    # The model thread wakes the socket loop through a pipe when replies are ready (a zmq socket belongs to
+    # one thread: only this one touches the ROUTER).
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+
+    def wake() -> None:
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: the loop is awake already
+            os.write(wake_write, b"\0")
+
+    settings = config.policy
+    scheduler = BatchScheduler(runtime, max_batch=settings.max_batch, window_s=settings.batch_window_ms / 1000,
+                               max_sessions=settings.max_sessions, notify=wake)
+    log.info("batching: up to %d requests of different sessions per model call%s, window %.1f ms",
+             scheduler.max_batch, "" if runtime.max_batch > 1 else f" ({contract.policy_type}: one at a time)",
+             scheduler.window_s * 1000)
+    policy_server = PolicyServer(runtime, server, scheduler)
+    serving_detail = {**ready_detail, "serving": True, "standby": False}
+    readiness.ready(**serving_detail, capacity=scheduler.capacity.last)
+    scheduler.start(stop)
+    poller = zmq.Poller()
+    poller.register(server.sock, zmq.POLLIN)
+    poller.register(wake_read, zmq.POLLIN)
     try:
         while not stop.is_set():
-            received = server.receive(timeout_s=0.2)
-            if received is None:
-                continue
-            received_at = time.perf_counter()
-            envelope, frames = received
-            reply = policy_server.handle(frames, received_at)
-            try:
-                server.reply(envelope, reply)
-            except ProtocolError as exc:  # a reply we could not encode: say so instead of going silent
-                log.error("could not encode reply: %s", exc)
-                server.reply(envelope, error_message(exc, src=PROGRAM, seq=reply.seq))
+            events = dict(poller.poll(200))
+            if wake_read in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_read, 4096)
+            for done in scheduler.finished():
+                policy_server.send_done(done)
+            if server.sock in events:
+                for _ in range(MAX_READS_PER_WAKE):  # what has arrived, then the replies again
+                    received = server.receive(timeout_s=0)
+                    if received is None:
+                        break
+                    policy_server.on_request(*received, time.perf_counter())
+            figures = scheduler.capacity.roll()
+            if figures is not None:
+                readiness.update(**serving_detail, capacity=figures)
     finally:
         readiness.clear()
+        scheduler.join()
         server.close()
         factory.close()
         lock.release()
+        os.close(wake_read)
+        os.close(wake_write)
         log.info("stopped after %d chunks (%d errors, %d refused handshakes)", policy_server.served,
                  policy_server.errors, factory.refusals.refused)
 

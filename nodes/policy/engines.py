@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from common.wire.contract import STATE_KEY
 from nodes.policy.checkpoint import CheckpointError
 from nodes.policy.sessions import Session
-from nodes.policy.speed import MaybeGraphed, SpeedOptions, convs_as_matmul
+from nodes.policy.speed import BucketedGraphs, SpeedOptions, convs_as_matmul
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +186,18 @@ class FastDenoiser:
         return unet.final_conv(x).transpose(1, 2)
 
     def films(self, global_cond: Tensor) -> list[Tensor]:
-        """Every block's FiLM embedding for every step: a list of (steps, channels) tensors."""
+        """Every block's FiLM embedding for every step and batch row: a list of (steps, batch, channels)."""
         with self.options.autocast():
             embeddings = self.unet.diffusion_step_encoder(self.timesteps)
-            feature = torch.cat([embeddings, global_cond.expand(len(self.timesteps), -1)], dim=-1)
+            steps, batch = len(self.timesteps), global_cond.shape[0]
+            feature = torch.cat([embeddings.unsqueeze(1).expand(steps, batch, -1),
+                                 global_cond.unsqueeze(0).expand(steps, batch, -1)], dim=-1)
             return [block.cond_encoder(feature) for block in self.blocks]
 
     def _step(self, sample: Tensor, films: list[Tensor], index: Tensor, step_noise: Tensor,
               noise_index: Tensor, prefix: Tensor, weight: Tensor, noise0: Tensor) -> Tensor:
         with self.options.autocast():
-            model_output = self._unet(sample, [film.index_select(0, index) for film in films]).float()
+            model_output = self._unet(sample, [film.index_select(0, index)[0] for film in films]).float()
         (eps_coeff, x0_div, c_x0, c_sample, c_eps, noise_std, keep_signal,
          keep_noise) = self.coeffs.index_select(0, index)[0].unbind()
         if self.prediction_type == "epsilon":
@@ -206,7 +208,7 @@ class FastDenoiser:
             eps = (sample - x0_div * x0) / eps_coeff
         if self.clip:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
-        noise = step_noise.index_select(0, noise_index)[0]
+        noise = step_noise.index_select(1, noise_index)[:, 0]
         sample = c_x0 * x0 + c_sample * sample + c_eps * eps + noise_std * noise
         return inpaint(sample, prefix, weight, noise0, keep_signal, keep_noise)
 
@@ -265,8 +267,6 @@ class DiffusionEngine:
         self.noise_draws = sum(step.noise_std is not None for step in self.steps)
         # rtc: the prefix (normalised) and its per-row weights over the whole horizon; fixed shapes.
         self.rtc_max_rows = self.horizon - self.start if self.mirrored else 0
-        self.rtc_prefix = torch.zeros((1, self.horizon, self.action_dim), dtype=torch.float32, device=self.device)
-        self.rtc_weight = torch.zeros((1, self.horizon, 1), dtype=torch.float32, device=self.device)
 
         if not options.exact:
             torch.backends.cudnn.benchmark = True
@@ -283,9 +283,10 @@ class DiffusionEngine:
         graphs = options.cuda_graphs
         if graphs and not self.mirrored:
             log.warning("this scheduler configuration is not mirrored; the sampler runs without CUDA graphs")
-        self.encode = MaybeGraphed(self._encode_inputs, "diffusion encoder", graphs)
-        self.sample = MaybeGraphed(self.fast.sample if self.fast else self._sample, "diffusion sampler",
-                                   graphs and self.mirrored)
+        # One CUDA graph per batch-size bucket (nodes.policy.speed.BucketedGraphs); every input is batch-first.
+        self.encode = BucketedGraphs(self._encode_inputs, "diffusion encoder", graphs)
+        self.sample = BucketedGraphs(self.fast.sample if self.fast else self._sample, "diffusion sampler",
+                                     graphs and self.mirrored)
 
     # -------------------------------------------------------------- scheduler mirror
     def _mirror_supported(self) -> bool:
@@ -296,7 +297,7 @@ class DiffusionEngine:
 
     def _unet(self, sample: Tensor, step: _DenoiseStep, global_cond: Tensor) -> Tensor:
         with self.options.autocast():
-            return self.unet(sample, step.unet_t, global_cond=global_cond).float()
+            return self.unet(sample, step.unet_t.expand(sample.shape[0]), global_cond=global_cond).float()
 
     def _sample(self, global_cond: Tensor, noise: Tensor, step_noise: Tensor, prefix: Tensor,
                 weight: Tensor) -> Tensor:
@@ -317,7 +318,7 @@ class DiffusionEngine:
             if self.scheduler_type == "DDPM":
                 sample = step.prev_x0_coeff * pred_original + step.prev_sample_coeff * sample
                 if step.noise_std is not None:
-                    sample = sample + step.noise_std * step_noise[step.noise_index]
+                    sample = sample + step.noise_std * step_noise[:, step.noise_index]
             else:
                 direction = step.prev_sample_coeff * pred_epsilon
                 sample = step.prev_x0_coeff * pred_original + direction
@@ -325,61 +326,90 @@ class DiffusionEngine:
         return sample
 
     def _draw_noise(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Initial sample then one draw per noisy step, in the order diffusers draws them; a zero row last."""
+        """One session's initial sample (1, H, A), then its step noise (1, draws + 1, H, A): one draw per noisy
+        step, in the order diffusers draws them, and a zero row last (read by the steps without noise)."""
         shape = (1, self.horizon, self.action_dim)
         noise = torch.randn(shape, dtype=torch.float32, device=self.device, generator=generator)
-        step_noise = torch.zeros((self.noise_draws + 1, *shape), dtype=torch.float32, device=self.device)
+        step_noise = torch.zeros((1, self.noise_draws + 1, self.horizon, self.action_dim), dtype=torch.float32,
+                                 device=self.device)
         for index in range(self.noise_draws):
-            torch.randn(shape, generator=generator, out=step_noise[index])
+            torch.randn(shape, generator=generator, out=step_noise[:, index])
         return noise, step_noise
 
     # -------------------------------------------------------------- encoder
     def _encode_inputs(self, *tensors: Tensor) -> Tensor:
-        """One frame's inputs (uint8 images, state; or already normalised) -> fp32 conditioning (1, C)."""
+        """A batch of one frame per row (uint8 images, state; or already normalised) -> fp32 conditioning (B, C)."""
         batch = self.prepare(dict(zip(self.input_keys, tensors, strict=True)))
-        images = torch.stack([batch[key] for key in self.config.image_features], dim=1)  # (1, n_cams, 3, H, W)
+        images = torch.stack([batch[key] for key in self.config.image_features], dim=1)  # (B, n_cams, 3, H, W)
         frame = {STATE_KEY: batch[STATE_KEY].unsqueeze(1), "observation.images": images.unsqueeze(1)}
         with self.options.autocast():
             return self.model._prepare_global_conditioning(frame).float()
 
     # -------------------------------------------------------------- public
-    def _set_prefix(self, rtc: tuple[Tensor, Tensor] | None) -> None:
-        """Fill the fixed-size rtc buffers: prefix row k (normalised) at sample row start + k."""
-        self.rtc_prefix.zero_()
-        self.rtc_weight.zero_()
+    def _prefix(self, rtc: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """One row's rtc buffers over the whole horizon: the prefix (1, H, A), normalised, with prefix row k at
+        sample row start + k, and its weights (1, H, 1); all zero (the plain sample) without a prefix."""
+        prefix_rows = torch.zeros((1, self.horizon, self.action_dim), dtype=torch.float32, device=self.device)
+        weights = torch.zeros((1, self.horizon, 1), dtype=torch.float32, device=self.device)
         if rtc is None:
-            return
+            return prefix_rows, weights
         prefix, weight = rtc
         rows = prefix.shape[0]
         if not 1 <= rows <= self.rtc_max_rows:
             raise ValueError(f"rtc prefix: expected 1..{self.rtc_max_rows} rows, got {rows}")
-        self.rtc_prefix[0, self.start:self.start + rows] = prefix.to(self.rtc_prefix.dtype)
-        self.rtc_weight[0, self.start:self.start + rows, 0] = weight.to(self.rtc_weight.dtype)
+        prefix_rows[0, self.start:self.start + rows] = prefix.to(torch.float32)
+        weights[0, self.start:self.start + rows, 0] = weight.to(torch.float32)
+        return prefix_rows, weights
 
     @torch.no_grad()
     def chunk(self, session: Session, inputs: dict[str, Tensor], rtc: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """One chunk for the session, then its ``guide_rows`` guidance rows: (1, chunk_rows + guide_rows, A),
-        normalised. ``rtc``: (normalised prefix (n, A), weights (n,)) to continue."""
-        if rtc is not None and not self.mirrored:
+        """One chunk for the session (``inputs`` a batch of one row): ``chunk_batch`` of one."""
+        return self.chunk_batch([session], inputs, [rtc])
+
+    @torch.no_grad()
+    def chunk_batch(self, sessions: list[Session], inputs: dict[str, Tensor],
+                    rtcs: list[tuple[Tensor, Tensor] | None]) -> Tensor:
+        """One chunk per session, row i of ``inputs`` being session i's observation (each session at most once):
+        (B, chunk_rows + guide_rows, A), normalised, the chunk's rows then its ``guide_rows`` guidance rows.
+        ``rtcs[i]``: (normalised prefix (n, A), weights (n,)) for session i to continue, or None.
+
+        Each row keeps its session's own state exactly: its history of conditioning vectors, its seeded noise
+        (drawn from its own generator, in the order it would be alone) and its prefix; only the model calls are
+        shared. Row i's chunk is the one the session gets alone, up to the rounding of batched kernels."""
+        if any(rtc is not None for rtc in rtcs) and not self.mirrored:
             raise ValueError("rtc needs the mirrored sampler (DDIM, or DDPM with fixed_small variance)")
-        cond = self.encode(*(inputs[key] for key in self.input_keys)).clone()
-        history = list(session.history) or [cond] * (self.n_obs_steps - 1)  # LeRobot repeats the first frame
-        frames = [*history[len(history) - (self.n_obs_steps - 1):], cond] if self.n_obs_steps > 1 else [cond]
-        global_cond = torch.cat(frames, dim=-1)
+        if len({id(session) for session in sessions}) != len(sessions):
+            raise ValueError("a batch holds each session at most once (its history moves on with each chunk)")
+        conds = self.encode(*(inputs[key] for key in self.input_keys)).clone()
+        global_conds: list[Tensor] = []
+        for row, session in enumerate(sessions):
+            cond = conds[row:row + 1]
+            history = list(session.history) or [cond] * (self.n_obs_steps - 1)  # LeRobot repeats the first frame
+            frames = [*history[len(history) - (self.n_obs_steps - 1):], cond] if self.n_obs_steps > 1 else [cond]
+            global_conds.append(torch.cat(frames, dim=-1))
+        global_cond = torch.cat(global_conds)
         if self.mirrored:
-            noise, step_noise = self._draw_noise(session.generator)
-            self._set_prefix(rtc)
-            sample = self.sample(global_cond, noise, step_noise, self.rtc_prefix, self.rtc_weight)
+            draws = [self._draw_noise(session.generator) for session in sessions]
+            buffers = [self._prefix(rtc) for rtc in rtcs]
+            sample = self.sample(global_cond, torch.cat([noise for noise, _ in draws]),
+                                 torch.cat([step_noise for _, step_noise in draws]),
+                                 torch.cat([prefix for prefix, _ in buffers]),
+                                 torch.cat([weight for _, weight in buffers]))
         else:
+            # LeRobot's own sampler draws from one generator for the whole batch: row by row keeps each session's.
             self.model.noise_scheduler = self.scheduler
             self.model.num_inference_steps = self.num_steps
-            sample = self.model.conditional_sample(1, global_cond=global_cond, generator=session.generator).float()
+            sample = torch.cat([self.model.conditional_sample(1, global_cond=global_conds[row],
+                                                              generator=session.generator).float()
+                                for row, session in enumerate(sessions)])
         start = self.start
         actions = sample[:, start:start + self.chunk_rows + self.guide_rows].clone()
         # Only a successful chunk moves the history on, so a failed request leaves the session as it was.
-        if not session.history:
-            session.history.extend([cond] * (self.n_obs_steps - 1))
-        session.history.append(cond)
+        for row, session in enumerate(sessions):
+            cond = conds[row:row + 1]
+            if not session.history:
+                session.history.extend([cond] * (self.n_obs_steps - 1))
+            session.history.append(cond)
         return actions
 
     @property
@@ -419,8 +449,8 @@ class ChunkEngine:
             forward = torch.compile(self._forward, dynamic=False)
         self.forward = forward
         # The device context only while recording: eagerly it would only add per-op overhead.
-        self.run = MaybeGraphed(self._forward_on_device if options.cuda_graphs else self.forward,
-                                f"{self.config.type} forward", options.cuda_graphs)
+        self.run = BucketedGraphs(self._forward_on_device if options.cuda_graphs else self.forward,
+                                  f"{self.config.type} forward", options.cuda_graphs)
 
     def _forward(self, *tensors: Tensor) -> Tensor:
         batch = self.prepare(dict(zip(self.input_keys, tensors, strict=True)))
@@ -438,7 +468,14 @@ class ChunkEngine:
 
     @torch.no_grad()
     def chunk(self, session: Session, inputs: dict[str, Tensor], rtc: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        if rtc is not None:
+        return self.chunk_batch([session], inputs, [rtc])
+
+    @torch.no_grad()
+    def chunk_batch(self, sessions: list[Session], inputs: dict[str, Tensor],
+                    rtcs: list[tuple[Tensor, Tensor] | None]) -> Tensor:
+        """One chunk per row of ``inputs`` (B, n_action_steps, A): these policies keep no per-session state and
+        draw no noise, so a batch is one forward pass of the stacked observations."""
+        if any(rtc is not None for rtc in rtcs):
             raise ValueError(f"rtc is not available for policy type '{self.config.type}'")
         return self.run(*(inputs[key] for key in self.input_keys)).clone()
 

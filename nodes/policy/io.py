@@ -141,36 +141,61 @@ def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int
 
 
 class InputLoader:
-    """Wire arrays -> device tensors: images uint8 (3, H, W), state float32 (D,).
+    """Wire arrays of a batch of observations -> device tensors: images uint8 (B, 3, H, W), state float32 (B, D).
 
-    JPEG images are decoded on the GPU (nvJPEG through torchvision) when the device is cuda, else with
-    OpenCV. Raw images and the state go through pinned host buffers, so uploads are asynchronous.
+    JPEG images are decoded on the GPU (nvJPEG through torchvision) when the device is cuda, else with OpenCV
+    (``decode_on_host``, which the node runs on its socket thread, before the request joins a batch). Raw
+    images and the state go through pinned host buffers of ``max_batch`` rows, so uploads are asynchronous.
     """
 
-    def __init__(self, cameras: dict[str, list[int]], state_dim: int, device: torch.device) -> None:
+    def __init__(self, cameras: dict[str, list[int]], state_dim: int, device: torch.device, max_batch: int = 1) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.staging = {name: torch.empty(tuple(shape), dtype=torch.uint8, pin_memory=self.cuda)
-                        for name, shape in cameras.items()}
-        self.state_staging = torch.empty(state_dim, dtype=torch.float32, pin_memory=self.cuda)
+        self.max_batch = max(1, max_batch)
+        self.staging = {name: torch.empty((self.max_batch, *shape), dtype=torch.uint8, pin_memory=self.cuda)
+                        for name, shape in cameras.items()} if self.cuda else {}
+        self.state_staging = torch.empty((self.max_batch, state_dim), dtype=torch.float32, pin_memory=self.cuda)
         self.shapes = cameras
 
+    def decode_on_host(self, obs: Observation) -> None:
+        """On a CPU device: decode ``obs``'s JPEG images in place (OpenCV), checking their shape; a bad one
+        raises ``ProtocolError`` naming it. On a GPU nvJPEG decodes them in ``load``; nothing happens here."""
+        if self.cuda or not obs.jpeg:
+            return
+        for name, image in self._decode_jpeg(obs, sorted(obs.jpeg)).items():
+            obs.images[name[len(IMAGE_KEY_PREFIX):]] = image.permute(1, 2, 0).numpy()
+        obs.jpeg = set()
+
     def load(self, obs: Observation) -> dict[str, Tensor]:
-        """``observation.images.<cam>`` -> uint8 (3, H, W) and ``observation.state`` -> float32 (D,)."""
+        """One observation as a batch of one row."""
+        return self.load_batch([obs])
+
+    def load_batch(self, observations: list[Observation]) -> dict[str, Tensor]:
+        """``observation.images.<cam>`` -> uint8 (B, 3, H, W) and ``observation.state`` -> float32 (B, D), row i
+        from ``observations[i]`` (at most ``max_batch`` of them)."""
+        count = len(observations)
+        if not 1 <= count <= self.max_batch:
+            raise ValueError(f"a batch of 1..{self.max_batch} observations, got {count}")
+        decoded = [self._decode_jpeg(obs, sorted(obs.jpeg)) if obs.jpeg else {} for obs in observations]
         out: dict[str, Tensor] = {}
-        jpeg_names = sorted(obs.jpeg)
-        if jpeg_names:
-            out.update(self._decode_jpeg(obs, jpeg_names))
-        for name, image in obs.images.items():
-            if name in obs.jpeg:
+        for name in self.shapes:
+            key = image_key(name)
+            if any(name in obs.jpeg for obs in observations) or not self.cuda:
+                rows = [decoded[row][key] if name in obs.jpeg else
+                        torch.from_numpy(np.array(obs.images[name], dtype=np.uint8)).to(self.device).permute(2, 0, 1)
+                        for row, obs in enumerate(observations)]
+                out[key] = torch.stack(rows)
                 continue
-            buffer = self.staging[name]
+            buffer = self.staging[name][:count]
             # Copy through numpy: the received frame is a read-only view, which torch.from_numpy refuses.
-            # The previous request's upload from this buffer has finished: every request ends in a sync.
-            np.copyto(buffer.numpy(), image)
-            out[image_key(name)] = buffer.to(self.device, non_blocking=True).permute(2, 0, 1)
-        np.copyto(self.state_staging.numpy(), obs.state)
-        out[STATE_KEY] = self.state_staging.to(self.device, non_blocking=True)
+            # The previous batch's upload from this buffer has finished: every batch ends in a sync.
+            for row, obs in enumerate(observations):
+                np.copyto(buffer[row].numpy(), obs.images[name])
+            out[key] = buffer.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        states = self.state_staging[:count]
+        for row, obs in enumerate(observations):
+            np.copyto(states[row].numpy(), obs.state)
+        out[STATE_KEY] = states.to(self.device, non_blocking=True)
         if not self.cuda:
             out[STATE_KEY] = out[STATE_KEY].clone()
         return out
@@ -304,7 +329,7 @@ class Normaliser:
                      sorted(pre_names - self.KNOWN_PRE), sorted(post_names - self.KNOWN_POST))
 
     def prepare(self, inputs: dict[str, Tensor], task: str | None = None) -> dict[str, Tensor]:
-        """uint8 (3, H, W) images and the (D,) state -> the normalised (1, ...) batch.
+        """uint8 (B, 3, H, W) images and the (B, D) state -> the normalised (B, ...) batch.
 
         Images become float32 in [0, 1] first: LeRobot's convention for robot frames. ``task``: a language
         policy's instruction, LeRobot's ``task`` input; its pipeline's tokenizer step adds the
@@ -317,7 +342,7 @@ class Normaliser:
                 batch["task"] = task
             out = self.preprocessor(batch)
             return {key: out[key] for key in out if key in inputs or key.startswith(LANGUAGE_KEY_PREFIX)}
-        return {key: self.inputs[key].normalise(value.unsqueeze(0)) for key, value in batch.items()}
+        return {key: self.inputs[key].normalise(value) for key, value in batch.items()}
 
     def normalise_action(self, actions: Tensor) -> Tensor:
         """Robot-unit actions -> the model's normalised action space (the rtc prefix); direct pipelines only."""

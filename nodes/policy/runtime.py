@@ -32,9 +32,9 @@ from nodes.policy.checkpoint import (
     resolve_checkpoint,
 )
 from nodes.policy.engines import ChunkEngine, DiffusionEngine
-from nodes.policy.io import InputLoader, Normaliser, validate_request
-from nodes.policy.sessions import SessionStore
-from nodes.policy.speed import SpeedOptions, use_compile_cache
+from nodes.policy.io import InputLoader, Normaliser, Observation, validate_request
+from nodes.policy.sessions import Session, SessionStore
+from nodes.policy.speed import BATCH_BUCKETS, SpeedOptions, use_compile_cache
 from nodes.policy.vla import LANGUAGE_TYPES, WARMUP_INSTRUCTION, FlowMatchingEngine
 
 MAX_CLIENT_ID_LEN = 128
@@ -74,6 +74,17 @@ class ChunkResult:
     # DiffusionPolicy: the predicted rows after the chunk (guide_rows, action_dim), never executed; an rtc
     # client sends them back as soft prefix rows. (0, action_dim) for other policies.
     guide: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    batch_size: int = 1  # the requests that ran in the same model call as this one
+
+
+@dataclass
+class BatchItem:
+    """One checked ``infer`` request on its way into a batch."""
+
+    client: str
+    obs: Observation
+    checked_s: float = 0.0  # validating it (and, on a CPU, decoding its JPEG images): the socket thread's part
+    queued_s: float = 0.0  # waiting for the model (a batch to start)
 
 
 class PolicyRuntime:
@@ -134,7 +145,10 @@ class PolicyRuntime:
         # rtc prefixes are normalised with the checkpoint's action stats: only with LeRobot's plain pipelines.
         self.language = isinstance(self.engine, FlowMatchingEngine)
         self.rtc_max_rows = self.engine.rtc_max_rows if self.normaliser.direct or self.language else 0
-        self.inputs = InputLoader(self.cameras, self.state_dim, self.device)
+        # Cross-session batching (nodes.policy.batching): the language policies run one request at a time
+        # (LeRobot's SmolVLA / pi0 / pi0.5 draw one noise tensor and one instruction per call).
+        self.max_batch = 1 if self.language else max(1, settings.max_batch)
+        self.inputs = InputLoader(self.cameras, self.state_dim, self.device, self.max_batch)
         history = getattr(self.policy_config, "n_obs_steps", 1)
         self.sessions = SessionStore(settings.max_sessions, settings.seed, history, self.device)
         self.contract = PolicyContract(
@@ -162,43 +176,91 @@ class PolicyRuntime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.no_grad()
-    def infer(self, client: str, request: Message) -> ChunkResult:
-        """One chunk for ``client``. Timings are host wall times per stage; GPU work queued in one stage
-        and finished in a later one counts there (the chunk's copy to the host waits for all of it)."""
-        start = time.perf_counter()
+    def check(self, request: Message) -> Observation:
+        """An ``infer`` request's observation, checked against the contract (``ProtocolError`` naming the field);
+        on a CPU device its JPEG images are decoded here too. The node runs this on its socket thread, so a
+        slow or bad request never holds up a batch."""
         obs = validate_request(request, self.cameras, self.state_dim, action_dim=self.action_dim,
                                rtc_rows=self.rtc_max_rows, takes_instruction=self.contract.takes_instruction)
-        inputs = self.inputs.load(obs)
+        self.inputs.decode_on_host(obs)
+        return obs
+
+    @torch.no_grad()
+    def infer(self, client: str, request: Message) -> ChunkResult:
+        """One chunk for ``client``: ``check`` then a batch of one. Raises what the request failed with."""
+        start = time.perf_counter()
+        obs = self.check(request)
+        result = self.infer_batch([BatchItem(client, obs, checked_s=time.perf_counter() - start)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.no_grad()
+    def infer_batch(self, items: list[BatchItem]) -> list[ChunkResult | Exception]:
+        """One chunk per item, each session at most once, in one model call: result i is item i's chunk, or the
+        exception its request failed with (errors are per request: when the batch as a whole fails, each item
+        is run again alone from the session state it had, so only the request that fails gets the error)."""
+        if len(items) > self.max_batch:
+            raise ValueError(f"a batch of at most {self.max_batch} requests, got {len(items)}")
+        sessions = [self.sessions.get(item.client) for item in items]
+        saved = [session.generator.get_state() for session in sessions]
+        try:
+            return self._run_batch(items, sessions)
+        except Exception as exc:
+            for session, state in zip(sessions, saved, strict=True):  # the noise drawn for the failed batch
+                session.generator.set_state(state)
+            if len(items) == 1:
+                return [exc]
+        return [self.infer_batch([item])[0] for item in items]
+
+    def _run_batch(self, items: list[BatchItem], sessions: list[Session]) -> list[ChunkResult | Exception]:
+        """Timings are host wall times per stage; GPU work queued in one stage and finished in a later one
+        counts there (the chunk's copy to the host waits for all of it). The batch's stages are shared by its
+        requests; each request adds its own check and queue wait."""
+        start = time.perf_counter()
+        inputs = self.inputs.load_batch([item.obs for item in items])
         decoded = time.perf_counter()
         if not self.normaliser.direct:
-            inputs = self.normaliser.prepare(inputs, task=obs.instruction if self.language else None)
+            inputs = self.normaliser.prepare(inputs, task=items[0].obs.instruction if self.language else None)
         preprocessed = time.perf_counter()
-        prefix = None if obs.rtc is None else torch.from_numpy(np.array(obs.rtc.rows, dtype=np.float32)).to(self.device)
-        session = self.sessions.get(client)
+        prefixes = [None if item.obs.rtc is None else
+                    torch.from_numpy(np.array(item.obs.rtc.rows, dtype=np.float32)).to(self.device) for item in items]
         if isinstance(self.engine, FlowMatchingEngine):
             # LeRobot's real-time chunking: the prefix (robot units) and its frozen rows; its own weights
-            actions = self.engine.chunk(session, inputs, None if obs.rtc is None or prefix is None
+            obs, prefix = items[0].obs, prefixes[0]
+            actions = self.engine.chunk(sessions[0], inputs, None if obs.rtc is None or prefix is None
                                         else (prefix, obs.rtc.delay_rows))
         else:
-            rtc = None
-            if obs.rtc is not None and prefix is not None:
-                weights = obs.rtc.weights(self.config.policy.rtc_guidance)
-                rtc = (self.normaliser.normalise_action(prefix), torch.from_numpy(weights).to(self.device))
-            actions = self.engine.chunk(session, inputs, rtc)
+            rtcs: list[tuple[Tensor, Tensor] | None] = []
+            for item, prefix in zip(items, prefixes, strict=True):
+                if item.obs.rtc is None or prefix is None:
+                    rtcs.append(None)
+                    continue
+                weights = item.obs.rtc.weights(self.config.policy.rtc_guidance)
+                rtcs.append((self.normaliser.normalise_action(prefix), torch.from_numpy(weights).to(self.device)))
+            actions = self.engine.chunk_batch(sessions, inputs, rtcs)
         self._sync()
         inferred = time.perf_counter()
-        rows = self.normaliser.unnormalise(actions).reshape(-1, self.action_dim).to("cpu", torch.float32).numpy()
-        chunk, guide = rows[:self.engine.chunk_length], rows[self.engine.chunk_length:]
+        rows = self.normaliser.unnormalise(actions).reshape(len(items), -1, self.action_dim).to(
+            "cpu", torch.float32).numpy()
         finished = time.perf_counter()
-        if not np.all(np.isfinite(rows)):
-            # Never pass non-finite actions on: the actuator would have to catch them.
-            raise ProtocolError("action", "finite actions from the policy (the checkpoint produced NaN or inf)")
-        session.requests += 1
-        timings = {"decode_s": decoded - start, "preprocess_s": preprocessed - decoded,
-                   "inference_s": inferred - preprocessed, "postprocess_s": finished - inferred,
-                   "total_s": finished - start}
-        return ChunkResult(actions=np.ascontiguousarray(chunk), timings=timings, guide=np.ascontiguousarray(guide))
+        shared = {"preprocess_s": preprocessed - decoded, "inference_s": inferred - preprocessed,
+                  "postprocess_s": finished - inferred}
+        results: list[ChunkResult | Exception] = []
+        for item, session, item_rows in zip(items, sessions, rows, strict=True):
+            if not np.all(np.isfinite(item_rows)):
+                # Never pass non-finite actions on: the actuator would have to catch them.
+                results.append(ProtocolError("action", "finite actions from the policy (the checkpoint produced "
+                                             "NaN or inf)"))
+                continue
+            session.requests += 1
+            decode_s = item.checked_s + (decoded - start)
+            timings = {"decode_s": decode_s, "queue_s": item.queued_s, **shared,
+                       "total_s": item.checked_s + item.queued_s + (finished - start)}
+            chunk, guide = item_rows[:self.engine.chunk_length], item_rows[self.engine.chunk_length:]
+            results.append(ChunkResult(actions=np.ascontiguousarray(chunk), timings=timings,
+                                       guide=np.ascontiguousarray(guide), batch_size=len(items)))
+        return results
 
     def reset(self, client: str) -> None:
         self.sessions.reset(client)
@@ -217,12 +279,24 @@ class PolicyRuntime:
         return Message(kind=KIND_REQUEST, meta=meta, arrays=arrays)
 
     def warmup(self, passes: int) -> list[float]:
-        """Run ``passes`` chunks on a throwaway session (compiles, records graphs); returns their durations."""
+        """Run ``passes`` chunks on a throwaway session (compiles, records graphs); returns their durations.
+        With CUDA graphs or torch.compile, one batch of each batch-size bucket up to ``max_batch`` follows, so
+        every bucket's graph is recorded (and compiled) before the node reports ready."""
         durations: list[float] = []
         request = self.warmup_request()
         for _ in range(max(0, passes)):
             durations.append(self.infer("__warmup__", request).timings["total_s"])
-        self.sessions.sessions.pop("__warmup__", None)
+        if passes > 0 and self.max_batch > 1 and (self.options.cuda_graphs or self.options.compile):
+            obs = self.check(request)
+            for bucket in BATCH_BUCKETS:
+                if 1 < bucket <= self.max_batch:
+                    items = [BatchItem(f"__warmup__{row}", obs) for row in range(bucket)]
+                    for result in self.infer_batch(items):
+                        if isinstance(result, Exception):
+                            raise result
+        for client in list(self.sessions.sessions):
+            if client.startswith("__warmup__"):
+                self.sessions.sessions.pop(client, None)
         return durations
 
 

@@ -154,6 +154,48 @@ class MaybeGraphed:
         return self.graph(*inputs)
 
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes that get a CUDA graph of their own (policy.max_batch caps them)
+
+
+def batch_bucket(size: int) -> int:
+    """The smallest bucket that holds ``size`` rows (``size`` itself beyond the largest)."""
+    return next((bucket for bucket in BATCH_BUCKETS if bucket >= size), size)
+
+
+def pad_rows(tensor: Tensor, rows: int) -> Tensor:
+    """``tensor`` with its last row repeated along dim 0 up to ``rows`` rows (the padding is computed and dropped)."""
+    missing = rows - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
+
+
+class BucketedGraphs:
+    """``fn`` over a batch (dim 0 of every input and of the output), eager at the batch's own size, or with
+    CUDA graphs: one recording per batch-size bucket (``BATCH_BUCKETS``), the batch padded to its bucket by
+    repeating its last row and the output cut back to the batch. A graph's shapes are fixed, so one graph
+    per bucket keeps the recordings few while any batch size up to ``policy.max_batch`` replays one.
+    The output is a view of the graph's static buffer: consume or clone it before the next call.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], name: str, enabled: bool) -> None:
+        self.fn = fn
+        self.name = name
+        self.enabled = enabled
+        self.graphs: dict[int, MaybeGraphed] = {}
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.fn(*inputs)
+        size = int(inputs[0].shape[0])
+        bucket = batch_bucket(size)
+        graph = self.graphs.get(bucket)
+        if graph is None:
+            graph = self.graphs[bucket] = MaybeGraphed(self.fn, f"{self.name} (batch {bucket})", True)
+        out: Tensor = graph(*(pad_rows(tensor, bucket) for tensor in inputs))
+        return out[:size]
+
+
 @dataclass
 class SpeedOptions:
     device: torch.device
