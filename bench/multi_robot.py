@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = args.checkpoint
     label = args.policy_type
     if not checkpoint:
+        from common.lerobot_guard import guard_lerobot_imports
+
+        guard_lerobot_imports()
         from common.tools.checkpoint_maker import build_checkpoint
 
         base = load_config(REPO_ROOT / "configs" / f"{args.task}.yaml")
