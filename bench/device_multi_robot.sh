@@ -22,8 +22,11 @@ run() {  # name, then bench.multi_robot arguments
   echo "== $name (exit $?)"; grep -E "^\||^###|Error|Traceback" "$OUT/multi-robot-$name.log" | cut -c1-300
   tail -n 3 /tmp/multi-robot-"$name"/policy-on.log 2>/dev/null | cut -c1-300
 }
-run diffusion --policy-type diffusion --fast --ddim10
-run act --policy-type act --fast
+# COMPILE=false (the default here) drops torch.compile from the fast options: its cold compile of every batch
+# bucket takes minutes, more than a short device lease holds; bf16, CUDA graphs and the fast UNet stay.
+COMPILE="${COMPILE:-false}"
+run diffusion --policy-type diffusion --fast --ddim10 "--policy.compile=$COMPILE"
+run act --policy-type act --fast "--policy.compile=$COMPILE"
 # Keep the node logs of the batching-on runs (capacity lines) for the record.
 for name in diffusion act; do
   grep -E "chunks in|batching:|start-up:|CUDA graph" "/tmp/multi-robot-$name/policy-on.log" > "$OUT/policy-on-$name.log" 2>/dev/null

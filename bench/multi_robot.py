@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="", help="JSON lines, one per row")
     parser.add_argument("--markdown", default="", help="write the table here too")
     parser.add_argument("--work-dir", default="")
-    parser.add_argument("overrides", nargs="*", help="more --policy.X=Y for the node")
-    args = parser.parse_args(argv)
+    # Anything else (--policy.X=Y) goes to the node's command line, after the fields above.
+    args, node_overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="multi-robot-"))
@@ -236,14 +236,15 @@ def main(argv: list[str] | None = None) -> None:
         policy.update(DDIM10)
     config_path = write_config(work, args.task, {"policy": policy})
     endpoint = load_config(config_path).policy.endpoint
-    options = ", ".join(f"{key}={value}" for key, value in policy.items() if key not in ("checkpoint",))
+    options = ", ".join([*(f"{key}={value}" for key, value in policy.items() if key not in ("checkpoint",)),
+                         *node_overrides])
     heading = (f"### {label} on {machine_name(args.device)}: {args.rate:g} Hz per robot, {args.phase} phases, "
                f"{args.duration:g} s per row ({options})")
     rows: list[dict[str, Any]] = []
     counts = [int(value) for value in args.robots.split(",") if value]
     for mode in [value.strip() for value in args.batching.split(",") if value.strip()]:
         max_batch = 1 if mode == "off" else args.max_batch
-        node_args = [f"--policy.max_batch={max_batch}", *args.overrides]
+        node_args = [f"--policy.max_batch={max_batch}", *node_overrides]
         with PolicyNode(config_path, work / f"policy-{mode}.log", node_args):
             for count in counts:
                 row = {"batching": mode, "max_batch": max_batch, "policy": label, "machine": machine_name(args.device),
