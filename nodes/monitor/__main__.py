@@ -42,6 +42,7 @@ from nodes.monitor.panel import EventHub, PanelState
 
 log = logging.getLogger("monitor")
 
+INSTRUCTION_ASK_S = 5.0  # how often the actuator's status is asked for its instruction until known
 NODES_PERIOD_S = 1.0
 
 
@@ -73,9 +74,13 @@ def pump(panel: PanelState, stop: threading.Event) -> None:
 
 
 def poll_nodes(panel: PanelState, commands: Commands, stop: threading.Event) -> None:
+    asked = 0.0
     while not stop.is_set():
         panel.set_nodes(commands.poll_nodes())
-        if panel.instruction["text"] is None:  # not told yet: ask the actuator once it answers
+        if panel.instruction["text"] is None and time.monotonic() - asked > INSTRUCTION_ASK_S:
+            # Not told yet (no instruction or episode_start event since the monitor started): ask the actuator,
+            # now and then only, so a button never waits long behind the question while the actuator is down.
+            asked = time.monotonic()
             try:
                 reply = commands.actuator("status", {})
                 panel.set_instruction(reply.get("instruction"), reply.get("instruction_source"))
