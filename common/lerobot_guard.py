@@ -27,18 +27,25 @@ def transformers_outside_lerobot_pin(version: str) -> bool:
     return not low <= (int(match.group(1)), int(match.group(2))) < high
 
 
-def guard_lerobot_imports() -> None:
+def guard_lerobot_imports(needs_transformers: bool = True) -> None:
     """Keep an unsupported transformers (and peft, which imports it) away from lerobot's import.
 
     Call before the first lerobot import. DiffusionPolicy and ACT need neither package; with
     ``sys.modules[name] = None`` lerobot's availability probe (``importlib.util.find_spec``) reports them
-    missing and lerobot takes its without-transformers branches, as in this project's own environment.
+    missing and lerobot takes its without-transformers branches. ``needs_transformers=False`` (a process that
+    will only ever load one of those: the policy node serving DiffusionPolicy or ACT) hides them whatever their
+    version, which saves their import (seconds); SmolVLA, pi0 and pi0.5 need them.
     """
     if "lerobot" in sys.modules:
         return
     try:
         version = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
+        return
+    if not needs_transformers:
+        for name in ("transformers", "peft"):
+            sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+        log.info("transformers kept out of lerobot's import (this policy does not use it)")
         return
     if transformers_outside_lerobot_pin(version):
         for name in ("transformers", "peft"):

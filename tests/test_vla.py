@@ -258,3 +258,27 @@ def test_lockstep_replay_through_the_actuator_with_smolvla(smolvla: Path, tmp_pa
     assert first.holds == 0 and second.holds == 0 and np.all(np.isfinite(first.mae))
     np.testing.assert_array_equal(traces[0].predicted, traces[1].predicted)
     assert "meta.instruction" not in actuator.log() + policy.log()
+
+
+def test_a_diffusion_or_act_node_keeps_transformers_out_of_lerobots_import(tiny_checkpoint) -> None:
+    # transformers is installed for the language policies; LeRobot would import it (seconds) for any policy. A
+    # process serving a DiffusionPolicy keeps it out and still loads; one serving SmolVLA keeps it.
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    script = """
+import sys, torch
+from nodes.policy.checkpoint import keep_unused_transformers_out, load_lerobot_policy, resolve_checkpoint
+path = resolve_checkpoint(sys.argv[1])
+keep_unused_transformers_out(path)
+policy_config = load_lerobot_policy(path, torch.device("cpu"))[0]
+print(policy_config.type, sys.modules.get("transformers", "absent") is None)
+"""
+    for policy_type, hidden in (("diffusion", True), ("smolvla", False)):
+        result = subprocess.run([sys.executable, "-c", script, str(tiny_checkpoint("lift", policy_type))],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split()[-2:] == [policy_type, str(hidden)], result.stdout

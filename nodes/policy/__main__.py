@@ -39,7 +39,7 @@ from common.wire.protocol import (
 )
 from common.wire.transport import RouterServer, SocketFactory
 from nodes.policy.batching import BatchScheduler, Done, Waiting
-from nodes.policy.checkpoint import CheckpointError
+from nodes.policy.checkpoint import CheckpointError, keep_unused_transformers_out
 from nodes.policy.runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
 from nodes.policy.standby import ServingLock, bind_when_free
 
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                          curve_side="server", program=program_name())
     config, readiness, stop, curve = started.config, started.readiness, started.stop, started.curve
     imported_s = process_age_s()  # interpreter, torch and this node's modules (LeRobot's come next)
+    keep_unused_transformers_out(config.resolve(config.policy.checkpoint))
     loading = time.perf_counter()
     try:
         runtime = PolicyRuntime(config)

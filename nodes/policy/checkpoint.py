@@ -246,6 +246,19 @@ def load_lerobot_policy(path: Path, device: torch.device, clock: StageClock | No
 NARROW_TYPES = ("diffusion", "act", "smolvla", "pi0", "pi05")
 
 
+def keep_unused_transformers_out(checkpoint: str | Path) -> None:
+    """For a process that serves one checkpoint (the policy node): when it is a DiffusionPolicy or ACT, keep
+    transformers (installed for SmolVLA, pi0 and pi0.5) out of LeRobot's import, which would otherwise load it
+    for its tokenizer step whenever it is installed: seconds of every start. Anything else, or a path that does
+    not resolve (the load says why), leaves it."""
+    try:
+        declared = _declared_type(resolve_checkpoint(checkpoint))
+    except CheckpointError:
+        return
+    if declared in ("diffusion", "act"):
+        guard_lerobot_imports(needs_transformers=False)
+
+
 def _declared_type(path: Path) -> str:
     """The ``type`` config.json names ("" if unreadable: the full config parse then says what is wrong)."""
     try:
