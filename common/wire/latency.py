@@ -26,13 +26,13 @@ SERVER_TIMINGS = ("unpack_s", "decode_s", "preprocess_s", "inference_s", "postpr
 STAGES: tuple[tuple[str, str], ...] = (
     ("publish", "capture -> published: the sensor node's time from capture to handing the message to ZeroMQ"),
     ("to_actuator", "published -> received by the actuator: encoding (JPEG), transport, the actuator's poll"),
-    ("to_request", "received -> request sent: waiting for the refill decision at a tick, JPEG decode, request"),
+    ("to_request", "received -> request sent: the rest of the frame set, JPEG decode, building the request"),
     ("network", "round trip minus the policy's server time: both directions on the wire and in the sockets, "
                 "and the encode of the reply as it is sent"),
     ("server_decode", "policy: unpack the frames, validate, decode JPEG, upload (unpack_s + decode_s)"),
     ("inference", "policy: normalise, model, unnormalise (preprocess_s + inference_s + postprocess_s)"),
     ("server_encode", "policy: the rest of its time, mostly encoding the reply (server_s - unpack - total)"),
-    ("to_queue", "reply received -> row scheduled: the chunk waits for the control loop to queue it"),
+    ("to_queue", "reply received -> row scheduled: the worker hands the chunk to the control loop, which queues it"),
     ("to_tick", "row scheduled -> row executed: the row waits for the tick it is meant for"),
     ("bus_write", "row executed -> goal written: the bus writer's sync write of the goal positions"),
 )

@@ -1,6 +1,7 @@
 """The actuator node: the control loop between the sensors, the policy and the servo bus.
 
-Each tick (``config.fps`` on the monotonic clock, or once per new observation in lockstep) it:
+Each tick (``config.fps`` on the monotonic clock, phase-locked to the replies by ``nodes.actuator.pacer``, or once
+per new observation in lockstep) it:
 
 1. drains the newest frame of every camera and the newest state of every arm;
 2. decides hold or act: stale or missing inputs, no episode, a refused contract, an unreachable or
@@ -10,8 +11,8 @@ Each tick (``config.fps`` on the monotonic clock, or once per new observation in
 4. writes the target to each arm's bus (unless ``actuator.dry_run``) and publishes one ``action`` message;
 5. asks the policy for the next chunk when the rows left cover the measured round trip (a running p90;
    ``actuator.refill_rows`` overrides it; with ``overlap: rtc`` the request carries the rows that will
-   still run meanwhile), in a worker thread
-   so inference overlaps execution.
+   still run meanwhile), in a worker thread so inference overlaps execution. In real time a due request
+   leaves when its frames land and a reply is queued when it lands, between ticks (``RealtimeLoop``).
 
 The room: ``core`` (``ControlCore``, the decisions and hold reasons: pure logic, no sockets, the property
 tests drive it directly), ``inputs`` (the newest frame and state, validated), ``workers`` (the policy
@@ -38,57 +39,99 @@ from nodes.actuator import PROGRAM
 from nodes.actuator.core import HOLD_MISSING_INPUT, ControlCore
 from nodes.actuator.episodes import RUNNING
 from nodes.actuator.node import ActuatorNode
+from nodes.actuator.pacer import MAX_SHIFT, MIN_GAP, PhaseLockedPacer
 from nodes.actuator.workers import Job
 
 log = logging.getLogger("actuator")
 
 
 class RealtimeLoop(ActuatorNode):
-    """Ticks at ``config.fps`` on the monotonic clock; the next chunk is asked for in the background."""
+    """One goal per period at ``config.fps``, acting when the data arrives (issue 23): a due request leaves when
+    a frame lands, a reply is checked and queued when it lands, and the ticks' phase follows the replies
+    (``nodes.actuator.pacer``: the tick executing a new chunk's first usable row comes right after it lands)."""
 
     def __init__(self, config: DeploymentConfig, stop: threading.Event, readiness: Readiness,
                  curve: CurveKeys | None = None) -> None:
         super().__init__(config, stop, ControlCore(config), readiness, curve)
+        self.pacer = PhaseLockedPacer(self.period)
+        self.core.queue.lookahead = MAX_SHIFT * self.period  # a tick moved early takes the next row, never holds
+        self.last_frame_at: float | None = None  # when the last frame landed, and the frames' running spacing
+        self.frame_interval = self.period
+        self.due_since: float | None = None  # when the pending request became due (it waits for a fresh frame)
 
     def timing(self) -> str:
-        return f"{self.config.fps} Hz"
+        return f"{self.config.fps} Hz, phase-locked to the replies"
 
     def input_clock(self) -> float | None:
         return time.monotonic()
 
     def loop(self) -> None:
-        deadline = time.monotonic()
+        self.pacer.start(time.monotonic())
         while not self.stop_event.is_set():
-            self._wait_until(deadline)
+            self._wait_until_tick()
             started = time.monotonic()
-            lateness = started - deadline
-            self.tick(now=started, scheduled=deadline, lateness=lateness)
-            deadline += self.period
-            behind = time.monotonic() - deadline
-            if behind > self.period:
-                # Whole ticks were missed: skip them rather than run a burst of late ticks.
-                skipped = int(behind // self.period)
-                self.stats.missed_ticks += skipped
-                deadline += skipped * self.period
+            deadline = self.pacer.deadline
+            self.tick(now=started, scheduled=deadline, lateness=started - deadline)
+            self.stats.missed_ticks += self.pacer.advance(time.monotonic())
 
     def tick(self, *, now: float, scheduled: float, lateness: float) -> None:
         self.ingest_inputs()
-        self.take_results(now)
+        self.take_results()
         self.maybe_check_contract(now)
         input_problem = self.inputs.problem(now)
         self.act(now=now, scheduled=scheduled, lateness=lateness, input_problem=input_problem,
                  measured=self.inputs.measured(), frame_index=self.inputs.frame_index())
-        if (not input_problem and not self.needs_contract and self.worker.pending == 0
-                and now >= self.next_request_at and self.core.wants_chunk(scheduled)):
-            observation = self.inputs.observation()
-            self.submit_infer(observation, observation.obs_t, age=now - observation.obs_t)
+        # A request due now waits for the next frame when one is expected before the next tick, once: frames
+        # slower than the ticks, none coming or never a fresh set do not starve the queue (it leaves now).
+        waited = self.due_since is not None and self.due_since <= now - self.period
+        expected = self.last_frame_at is not None and self.last_frame_at + self.frame_interval < scheduled + self.period
+        if waited or not expected:
+            self._maybe_request(now, scheduled + self.period)
         self.stats.window.append(lateness)
         self.maybe_report()
 
-    def _wait_until(self, deadline: float) -> None:
-        """Serve inputs and control requests until ``deadline`` (zmq polls in ms; the rest is a short sleep)."""
+    def take_results(self, now: float | None = None) -> None:
+        """Every policy result that is ready, handled now: a chunk counts as arriving when it is taken."""
+        while (result := self.worker.take()) is not None:
+            self.handle_result(result, now=time.monotonic() if now is None else now)
+
+    def on_results(self) -> None:
+        self.take_results()
+
+    def chunk_queued(self, job: Job) -> None:
+        # Only a reply to a request that left with its frames sets the phase: one sent at a tick (the frames were
+        # late) lands at that tick's phase plus the round trip, and following it would chase the loop's own tail.
+        if job.on_frame:
+            self.pacer.arrived(time.monotonic())
+
+    def on_frames(self) -> None:
+        """A frame landed: if a request is due (the rows left at the next tick cover no more than the round
+        trip) and the frames are now fresh (the oldest younger than ``MIN_GAP`` of a period: with cameras in
+        step, the set is complete), the request leaves now with them, not at the next tick."""
+        now = time.monotonic()
+        if self.last_frame_at is not None:
+            self.frame_interval += 0.2 * (now - self.last_frame_at - self.frame_interval)
+        self.last_frame_at = now
+        self._maybe_request(now, self.pacer.deadline, fresh_within=MIN_GAP * self.period)
+
+    def _maybe_request(self, now: float, next_tick: float, fresh_within: float = math.inf) -> None:
+        if (self.needs_contract or self.worker.pending != 0 or now < self.next_request_at
+                or self.inputs.problem(now) or not self.core.wants_chunk(next_tick)):
+            self.due_since = None
+            return
+        if self.due_since is None:
+            self.due_since = now
+        if now - min(msg.t for msg in self.inputs.frames.values()) >= fresh_within:
+            return
+        self.due_since = None
+        observation = self.inputs.observation()
+        self.submit_infer(observation, observation.obs_t, age=now - observation.obs_t, on_frame=fresh_within < math.inf)
+
+    def _wait_until_tick(self) -> None:
+        """Serve inputs, results and control requests until the next deadline (which a landing reply may move;
+        zmq polls in ms, the rest is a short sleep)."""
         while not self.stop_event.is_set():
-            remaining = deadline - time.monotonic()
+            remaining = self.pacer.deadline - time.monotonic()
             if remaining <= 0:
                 return
             if remaining < 0.002:

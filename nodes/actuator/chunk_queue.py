@@ -75,6 +75,10 @@ class ChunkQueue:
         self._guide_times = np.zeros(0, dtype=np.float64)
         self._guide_rows = np.zeros((0, action_dim or 0), dtype=np.float32)
         self.expired = 0  # rows that were never executed because their slot passed
+        # How much earlier than its slot the next row may run (seconds; 0: never). The real-time loop's ticks move
+        # their phase by up to a quarter period (nodes/actuator/pacer.py); a tick moved early then takes the next
+        # row instead of holding for a row meant a moment later. Rows whose slot passed are dropped all the same.
+        self.lookahead = 0.0
 
     # ------------------------------------------------------------------ arrival
     def insert(self, chunk: np.ndarray, obs_t: float, now: float, guide: np.ndarray | None = None) -> InsertResult:
@@ -143,7 +147,7 @@ class ChunkQueue:
         tick (the queue is empty, or its next row is for a later tick).
         """
         self._expire(now)
-        if not len(self._times) or self._times[0] >= self._slot_end(now):
+        if not len(self._times) or self._times[0] >= self._slot_end(now) + self.lookahead:
             return None
         row, row_t, obs_t = self._rows[0].copy(), float(self._times[0]), float(self._obs_t[0])
         self._times, self._rows, self._obs_t = self._times[1:], self._rows[1:], self._obs_t[1:]

@@ -28,6 +28,7 @@ from common.wire.policy_client import ChunkReply
 from common.wire.protocol import (
     KIND_ACTION,
     KIND_EVENT,
+    KIND_FRAME,
     Message,
 )
 from common.wire.transport import LatestSubscriber, PeerUnavailable, Publisher, RemoteError, RouterServer, SocketFactory
@@ -100,6 +101,7 @@ class ActuatorNode(ControlOps):
         # The policy link may cross hosts (CURVE, common.wire.curve); every other socket here is loopback.
         policy_factory = SocketFactory(curve=curve) if curve is not None else self.factory
         self.worker = PolicyWorker(policy_factory, config, self.client_id)
+        self.poller.register(self.worker.wakeup_fd, zmq.POLLIN)  # a policy result landed
         self.writers: dict[str, BusWriter] = {}
         if not self.settings.dry_run:
             self.writers = {name: BusWriter(name, config, stop) for name in config.arms}
@@ -122,6 +124,9 @@ class ActuatorNode(ControlOps):
         self.policy_errors = 0  # policy_error events, and how many came in a row (for the back-off)
         self.policy_error_streak = 0
         self.latency = LatencyTracker(1.0 if self.settings.lockstep else config.fps, list(self.writers))
+
+    def chunk_queued(self, job: Job) -> None:
+        """A chunk's rows were just queued (real time: the ticks' phase follows it)."""
 
     # ------------------------------------------------------------------ lifecycle
     def timing(self) -> str:
@@ -166,24 +171,37 @@ class ActuatorNode(ControlOps):
             log.info("actuator stopped after %d ticks", self.core.ticks)
 
     def service(self, timeout_s: float) -> None:
-        """Take inputs and answer control requests for up to ``timeout_s``."""
+        """Take inputs, policy results and control requests for up to ``timeout_s``; what arrived is acted on
+        at once (``on_results``, ``on_frames``), not at the next tick."""
         ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
         self._publish_latency()
-        if self.subscriber.sock in ready:
-            self.ingest_inputs()
+        if self.worker.wakeup_fd in ready:
+            self.worker.drain_wakeups()
+            self.on_results()
+        if self.subscriber.sock in ready and self.ingest_inputs():
+            self.on_frames()
         if self.control.sock in ready:
             while (request := self.control.receive(0.0)) is not None:
                 self._handle_control(*request)
 
-    def ingest_inputs(self) -> None:
-        """Take every input that arrived since the last look, without waiting."""
+    def on_results(self) -> None:
+        """Policy results landed between ticks (real time: handled now; lockstep: at its own tick)."""
+
+    def on_frames(self) -> None:
+        """New frames arrived between ticks (real time: a due request leaves now; lockstep: at its tick)."""
+
+    def ingest_inputs(self) -> int:
+        """Take every input that arrived since the last look, without waiting; returns how many were frames."""
+        frames = 0
         for msg in self.subscriber.poll(0.0):
             self.inputs.ingest(msg, self.input_clock())
+            frames += msg.kind == KIND_FRAME
         for refusal in self.inputs.refusals:
             self._publish_event("input_refused", **refusal)
         self.inputs.refusals.clear()
         for recovery in self.subscriber.take_reconnects():
             self._publish_event("reconnected", endpoint=recovery.endpoint, reason=recovery.reason)
+        return frames
 
     # ------------------------------------------------------------------ the shared part of a tick
     def act(self, *, now: float, scheduled: float, lateness: float, input_problem: str,
@@ -358,7 +376,7 @@ class ActuatorNode(ControlOps):
         elif self.readiness.path.exists():
             self._mark_ready()  # a refusal that began or ended, or now differs: make status shows the current one
 
-    def submit_infer(self, observation: Observation, obs_t: float, age: float) -> None:
+    def submit_infer(self, observation: Observation, obs_t: float, age: float, on_frame: bool = False) -> None:
         """Ask for the next chunk; under ``overlap: rtc`` with the rows that ran or will run meanwhile, and with the
         current instruction for a policy that takes one (none yet: no request, the loop holds saying why)."""
         instruction: str | None = None
@@ -369,8 +387,8 @@ class ActuatorNode(ControlOps):
                                             "no meta.task and actuator.instruction is empty")
                 return
         prefix, delay = self.core.rtc_prefix(obs_t, age)
-        self.worker.submit(Job("infer", self.core.generation, observation, obs_t=obs_t, sent_at=time.monotonic(),
-                               rtc_prefix=prefix, rtc_delay_rows=delay, instruction=instruction))
+        self.worker.submit(Job("infer", self.core.generation, observation, obs_t=obs_t,
+                               rtc_prefix=prefix, rtc_delay_rows=delay, instruction=instruction, on_frame=on_frame))
 
     def _chunking_known(self, contract: PolicyContract) -> None:
         """The contract's chunk length drives the refill; a refill_rows it cannot honour is said once."""
@@ -421,8 +439,9 @@ class ActuatorNode(ControlOps):
         if problem:
             self._policy_error("infer", problem)
             return
-        # Lockstep waits for the chunk before the tick: in frame time its round trip is 0.
-        round_trip = 0.0 if self.settings.lockstep else time.monotonic() - job.sent_at
+        # The round trip is the client's one pair of instants (request sent, reply read), the same the latency
+        # chain reports. Lockstep waits for the chunk before the tick: in frame time its round trip is 0.
+        round_trip = 0.0 if self.settings.lockstep else reply.received_t - reply.sent_t
         notice = self.core.on_round_trip(round_trip, reply.timings.get("total_s"))
         if notice is not None:
             self._schedule_notice(notice)
@@ -436,6 +455,7 @@ class ActuatorNode(ControlOps):
         if job.observation is not None and result.accepted:
             self.latency.chunk_queued(float(job.obs_t), job.observation.stamps, reply.sent_t, reply.received_t,
                                       time.monotonic(), reply.timings)
+            self.chunk_queued(job)
         self.policy_error_streak = 0
         self._publish_event("chunk", arrays={"chunk": np.ascontiguousarray(reply.actions, dtype=np.float32)},
                             rows=result.rows, accepted=result.accepted, dropped_stale=result.dropped_stale,

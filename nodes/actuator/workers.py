@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,6 +23,7 @@ from common.wire.openpi_client import OpenpiPolicyClient
 from common.wire.policy_client import ChunkReply, PolicyClient
 from common.wire.transport import SocketFactory
 from nodes.actuator.inputs import Observation
+from nodes.actuator.pacer import MIN_GAP
 
 log = logging.getLogger("actuator")
 
@@ -38,10 +41,10 @@ class Job:
     generation: int = 0
     observation: Observation | None = None
     obs_t: float = 0.0  # the time sent to the policy (lockstep: the frame index)
-    sent_at: float = 0.0  # monotonic time of the submit: the round trip is measured from here
     rtc_prefix: np.ndarray | None = None  # overlap rtc: rows the chunk must continue (robot units)
     rtc_delay_rows: int = 0
     instruction: str | None = None  # the task in words, for a policy whose contract takes_instruction
+    on_frame: bool = False  # sent when its frames arrived (real time): its reply sets the ticks' phase
 
 
 @dataclass
@@ -66,6 +69,22 @@ class PolicyWorker(threading.Thread):
         # Frames go to the policy as they came: a JPEG camera's bytes as received (never decoded and encoded
         # again), a raw frame raw unless its camera asks for JPEG (then at that camera's jpeg_quality).
         self.jpeg_quality = {name: cam.jpeg_quality for name, cam in config.cameras.items() if cam.encoding == "jpeg"}
+        # A byte per result on a pipe the control loop polls with its sockets: a reply is handled when it lands,
+        # not at the next tick.
+        self.wakeup_fd, self._wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_fd, False)
+        os.set_blocking(self._wakeup_w, False)
+
+    def drain_wakeups(self) -> None:
+        """Empty the wake-up pipe (the results themselves are in ``results``)."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wakeup_fd, 4096):
+                pass
+
+    def _put(self, result: JobResult) -> None:
+        self.results.put(result)
+        with contextlib.suppress(BlockingIOError):  # a full pipe of wake-ups: the loop wakes anyway
+            os.write(self._wakeup_w, b"r")
 
     def submit(self, job: Job) -> None:
         self.pending += 1
@@ -93,9 +112,9 @@ class PolicyWorker(threading.Thread):
         try:
             while (job := self.jobs.get()) is not None:
                 try:
-                    self.results.put(self._run(client, job))
+                    self._put(self._run(client, job))
                 except Exception as exc:  # reported to the loop, which holds; the worker keeps serving
-                    self.results.put(JobResult(job=job, error=exc))
+                    self._put(JobResult(job=job, error=exc))
         finally:
             client.close()
 
@@ -144,6 +163,7 @@ class BusWriter(threading.Thread):
         self.sent: np.ndarray | None = None
         self._behind: np.ndarray | None = None  # a target the last write fell short of (step-limited)
         self._last_write = 0.0
+        self._last_start = -1.0  # when the last write began: the next begins MIN_GAP of a period later at the soonest
         # (tick, monotonic time) of every tagged goal whose write returned; the loop drains it (deque
         # append/popleft are atomic, so no lock is needed between the two threads).
         self.written: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
@@ -223,7 +243,18 @@ class BusWriter(threading.Thread):
                     target = self._behind  # catching up: the last target again, one more step
             if target is None or self._present_wanted is not None:
                 continue
+            # Never two goals closer than MIN_GAP of a period, even after this thread came late to the last one.
+            early = self._last_start + MIN_GAP * self.period - time.monotonic()
+            if early > 0:
+                self.stop_event.wait(early)
+                with self._lock:
+                    if self._target is not None:  # a newer goal came meanwhile: it goes instead
+                        target, self._target = self._target, None
+                        tag, self._tag = self._tag, None
+                if self._present_wanted is not None:
+                    continue
             try:
+                self._last_start = time.monotonic()
                 goal = self._step_limited(bus, target)
                 bus.write_goals(goal)
                 self.sent = goal

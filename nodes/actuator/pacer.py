@@ -1,0 +1,72 @@
+"""When the real-time loop ticks: one tick per period, its phase locked to the data (issue 23).
+
+The servo gets one goal per period at the task's fps, but a free-running clock would make every chunk wait
+for the next tick after it lands (on average half a period, up to a whole one). ``PhaseLockedPacer`` instead
+steers the ticks so that the tick executing a new chunk's first usable row comes right after the reply
+lands (``arrived``): each reply sets the phase the ticks should fall on (its arrival plus ``LEAD_S``), and
+each tick moves towards that phase by at most ``MAX_SHIFT`` of a period. Since the requests leave when a
+frame arrives, the replies arrive at the frames' phase plus the round trip, so the ticks follow the
+cameras' clock and the measured round trip, drifting with them.
+
+The phase moves smoothly: two consecutive deadlines are never less than ``MIN_GAP`` (3/4) of a period
+apart, nor more than 5/4 of one (unless the loop itself fell behind: whole ticks missed are skipped, never
+burst). Pure arithmetic on the monotonic clock, no sockets; lockstep does not use it.
+"""
+
+from __future__ import annotations
+
+import math
+
+MAX_SHIFT = 0.25  # the most a deadline moves from one period after the last, as a fraction of a period
+MIN_GAP = 1.0 - MAX_SHIFT  # so no two ticks are closer than this fraction of a period
+LEAD_S = 0.002  # a tick this long after the reply's arrival: room for the reply's handling and its jitter
+
+
+class PhaseLockedPacer:
+    """Deadlines one period apart, steered towards the phase of the replies' arrivals."""
+
+    def __init__(self, period: float, *, lead_s: float = LEAD_S, max_shift: float = MAX_SHIFT) -> None:
+        self.period = period
+        self.lead_s = min(lead_s, period / 4)
+        self.max_shift_s = max_shift * period
+        self.deadline = 0.0  # the next tick's time
+        self.nominal = 0.0  # one period after the last tick's deadline (plus whole ticks skipped)
+        self.target: float | None = None  # a time (mod period) the ticks should fall on; None before any reply
+
+    def start(self, now: float) -> None:
+        self.deadline = self.nominal = now
+
+    def advance(self, now: float) -> int:
+        """The tick at ``deadline`` ran and ``now`` it is done: plan the next one. Returns the whole ticks that
+        were missed (skipped, not run late in a burst)."""
+        self.nominal = self.deadline + self.period
+        skipped = 0
+        behind = now - self.nominal
+        if behind > self.period:
+            skipped = int(behind // self.period)
+            self.nominal += skipped * self.period
+        self.deadline = self._steered()
+        return skipped
+
+    def arrived(self, t: float) -> None:
+        """A reply landed at ``t``: the ticks should fall just after ``t`` (mod period). The pending tick moves to
+        the earliest time after ``t`` the bounds allow (never sooner than ``MIN_GAP`` after the last tick)."""
+        self.target = t + self.lead_s
+        last = self.nominal - self.period
+        self.deadline = min(max(self.target, last + self.period - self.max_shift_s),
+                            last + self.period + self.max_shift_s)
+
+    def phase_error(self) -> float:
+        """How far (seconds, wrapped) the next deadline still is from the locked phase (0 before any reply)."""
+        if self.target is None:
+            return 0.0
+        return (self.target - self.deadline + self.period / 2) % self.period - self.period / 2
+
+    def _steered(self) -> float:
+        if self.target is None or not math.isfinite(self.target):
+            return self.nominal
+        # Towards the target phase: later only when the tick would come just before it (by up to MAX_SHIFT of a
+        # period), earlier otherwise, so a tick never waits a whole period after the reply it follows.
+        error = (self.target - self.nominal + self.period - self.max_shift_s) % self.period - (
+            self.period - self.max_shift_s)
+        return self.nominal + max(-self.max_shift_s, min(self.max_shift_s, error))
