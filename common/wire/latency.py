@@ -1,11 +1,12 @@
-"""The latency chain of one executed goal: from the camera's capture to the goal written to the bus.
+"""The latency chain of one executed goal, from the camera's capture to the goal written to the bus: what
+the two programs that build it share, the actuator (``nodes/actuator/latency.py``, its ``latency`` events) and
+the latency bench (``bench/latency.py``, the same chain for its baselines and its tables).
 
-The actuator publishes one ``latency`` event per goal that reached the bus (docs/protocol.md, section
-"The latency chain"). Its ``stamps`` are times on the robot's monotonic clock (camera, state-reader and
-actuator share it: one machine); the policy's part is the durations it reports in its reply's
-``timings``, so the two machines' clocks never need to agree. ``stages`` turns both into consecutive
-durations whose sum is exactly ``written_t - capture_t``; the bench, the monitor and the recorder
-read them from here.
+A ``latency`` event (docs/protocol.md, section "The latency chain") carries ``stamps``, times on the robot's
+monotonic clock (camera, state-reader and actuator share it: one machine), and the policy's own durations from
+its reply's ``timings``, so the two machines' clocks never need to agree. ``stages`` turns both into
+consecutive durations whose sum is exactly ``written_t - capture_t``. The recorder and the panel read the
+finished events, not this module.
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ from typing import Any
 # Robot-clock stamps, in the order the goal's information passes them.
 STAMPS = ("capture_t", "published_t", "received_t", "sent_t", "replied_t", "scheduled_t", "executed_t",
           "written_t")
-
-# Policy-side durations (reply meta ``timings``) the chain uses.
-SERVER_TIMINGS = ("unpack_s", "decode_s", "preprocess_s", "inference_s", "postprocess_s", "total_s", "encode_s",
-                  "server_s")
 
 # (stage name, what it is): consecutive, non-overlapping; their sum is written_t - capture_t.
 STAGES: tuple[tuple[str, str], ...] = (
@@ -68,8 +65,3 @@ def stages(stamps: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, fl
         "to_tick": t["executed_t"] - t["scheduled_t"],
         "bus_write": t["written_t"] - t["executed_t"],
     }
-
-
-def end_to_end(stamps: Mapping[str, Any]) -> float:
-    """capture -> goal written, seconds."""
-    return _number(stamps, "written_t", "stamps") - _number(stamps, "capture_t", "stamps")
