@@ -6,7 +6,8 @@ steers the ticks so that the tick executing a new chunk's first usable row comes
 lands (``arrived``): each reply sets the phase the ticks should fall on (its arrival plus ``LEAD_S``), and
 each tick moves towards that phase by at most ``MAX_SHIFT`` of a period. Since the requests leave when a
 frame arrives, the replies arrive at the frames' phase plus the round trip, so the ticks follow the
-cameras' clock and the measured round trip, drifting with them.
+cameras' clock and the measured round trip, drifting with them; where the replies' phase slips later from
+one reply to the next (a camera slower than the ticks), the target leads by the measured slip.
 
 The phase moves smoothly: two consecutive deadlines are never less than ``MIN_GAP`` (3/4) of a period
 apart, nor more than 5/4 of one (unless the loop itself fell behind: whole ticks missed are skipped, never
@@ -20,6 +21,7 @@ import math
 MAX_SHIFT = 0.25  # the most a deadline moves from one period after the last, as a fraction of a period
 MIN_GAP = 1.0 - MAX_SHIFT  # so no two ticks are closer than this fraction of a period
 LEAD_S = 0.002  # a tick this long after the reply's arrival: room for the reply's handling and its jitter
+SLIP_GAIN = 0.3  # how fast the expected phase slip between two replies follows the measured one
 
 
 class PhaseLockedPacer:
@@ -32,6 +34,8 @@ class PhaseLockedPacer:
         self.deadline = 0.0  # the next tick's time
         self.nominal = 0.0  # one period after the last tick's deadline (plus whole ticks skipped)
         self.target: float | None = None  # a time (mod period) the ticks should fall on; None before any reply
+        self.last_arrival: float | None = None
+        self.slip = 0.0  # how far (seconds, mod period) each reply's phase moved from the last one's, smoothed
 
     def start(self, now: float) -> None:
         self.deadline = self.nominal = now
@@ -51,7 +55,13 @@ class PhaseLockedPacer:
     def arrived(self, t: float) -> None:
         """A reply landed at ``t``: the ticks should fall just after ``t`` (mod period). The pending tick moves to
         the earliest time after ``t`` the bounds allow (never sooner than ``MIN_GAP`` after the last tick)."""
-        self.target = t + self.lead_s
+        if self.last_arrival is not None:
+            # A camera whose clock drifts against the ticks moves the replies' phase by about as much each time:
+            # aim at where the next one will land, not where this one did.
+            moved = (t - self.last_arrival + self.period / 2) % self.period - self.period / 2
+            self.slip += SLIP_GAIN * (max(-self.max_shift_s, min(self.max_shift_s, moved)) - self.slip)
+        self.last_arrival = t
+        self.target = t + self.lead_s + max(0.0, self.slip)
         last = self.nominal - self.period
         self.deadline = min(max(self.target, last + self.period - self.max_shift_s),
                             last + self.period + self.max_shift_s)
