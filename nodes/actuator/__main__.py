@@ -36,8 +36,9 @@ from common.config import DeploymentConfig
 from common.node import Readiness, start_node
 from common.wire.curve import CurveKeys
 from nodes.actuator import PROGRAM
-from nodes.actuator.core import HOLD_MISSING_INPUT, ControlCore
+from nodes.actuator.core import ControlCore
 from nodes.actuator.episodes import RUNNING
+from nodes.actuator.holds import HOLD_MISSING_INPUT
 from nodes.actuator.node import ActuatorNode
 from nodes.actuator.pacer import MAX_SHIFT, MIN_GAP, PhaseLockedPacer
 from nodes.actuator.workers import Job

@@ -17,22 +17,17 @@ import numpy as np
 from common.config import DeploymentConfig
 from nodes.actuator.chunk_queue import ChunkQueue, CoverageNotice, InsertResult, RefillPlanner
 from nodes.actuator.episodes import RUNNING, STOPPING, EpisodeRecord, Episodes
+from nodes.actuator.holds import (
+    HOLD_ALL_ROWS_STALE,
+    HOLD_BAD_ACTION,
+    HOLD_CONTRACT_MISMATCH,
+    HOLD_IDLE,
+    HOLD_MISSING_INPUT,
+    HOLD_POLICY_UNREACHABLE,
+    HOLD_QUEUE_EMPTY,
+    HOLD_STOPPED,
+)
 from nodes.actuator.safety import SafetyFilter
-
-# Hold reasons (exact strings; see docs streams). ``bus_error`` is this node's addition: a bus that
-# cannot be written (port gone) while an episode runs.
-HOLD_IDLE = "idle"
-HOLD_QUEUE_EMPTY = "queue_empty"
-HOLD_POLICY_UNREACHABLE = "policy_unreachable"
-HOLD_POLICY_ERROR = "policy_error"
-HOLD_STALE_STATE = "stale_state"
-HOLD_STALE_FRAME = "stale_frame"
-HOLD_MISSING_INPUT = "missing_input"
-HOLD_ALL_ROWS_STALE = "all_rows_stale"
-HOLD_BAD_ACTION = "bad_action"
-HOLD_CONTRACT_MISMATCH = "contract_mismatch"
-HOLD_STOPPED = "stopped"
-HOLD_BUS_ERROR = "bus_error"
 
 REST_REACHED_TOLERANCE = 1e-3
 JOINTS_PER_ARM = 6

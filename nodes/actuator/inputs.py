@@ -13,7 +13,8 @@ import numpy as np
 
 from common.config import DeploymentConfig
 from common.wire.protocol import INSTRUCTION_KEY, KIND_FRAME, KIND_STATE, Message, ProtocolError, check_instruction
-from nodes.actuator.core import HOLD_MISSING_INPUT, HOLD_STALE_FRAME, HOLD_STALE_STATE, JOINTS_PER_ARM
+from nodes.actuator.core import JOINTS_PER_ARM
+from nodes.actuator.holds import HOLD_MISSING_INPUT, HOLD_STALE_FRAME, HOLD_STALE_STATE
 
 log = logging.getLogger("actuator")
 

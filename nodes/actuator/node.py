@@ -37,18 +37,16 @@ from nodes.actuator.autostart import AutoStartWait
 from nodes.actuator.backlog import Backlog
 from nodes.actuator.chunk_queue import CoverageNotice
 from nodes.actuator.control import ControlOps
-from nodes.actuator.core import (
+from nodes.actuator.core import JOINTS_PER_ARM, ControlCore, TickDecision
+from nodes.actuator.episodes import IDLE, RUNNING, EpisodeRecord
+from nodes.actuator.holds import (
     HOLD_BAD_ACTION,
     HOLD_BUS_ERROR,
     HOLD_IDLE,
     HOLD_MISSING_INPUT,
     HOLD_POLICY_ERROR,
     HOLD_POLICY_UNREACHABLE,
-    JOINTS_PER_ARM,
-    ControlCore,
-    TickDecision,
 )
-from nodes.actuator.episodes import IDLE, RUNNING, EpisodeRecord
 from nodes.actuator.inputs import InputBook, Observation
 from nodes.actuator.latency import LatencyTracker
 from nodes.actuator.workers import BusWriter, Job, JobResult, PolicyWorker
