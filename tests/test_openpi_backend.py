@@ -22,9 +22,9 @@ from websockets.sync.client import connect
 
 from bench.harness import OpenpiStandIn
 from common.config import load_config
-from common.wire.openpi_client import OpenpiPolicyClient, OpenpiServerError
 from common.wire.protocol import Message
 from common.wire.transport import RemoteError
+from nodes.actuator.openpi_client import OpenpiPolicyClient, OpenpiServerError
 
 SERVER_DELAY_S = 0.2  # the stand-in's "inference": rows meant for the first 0.2 s are stale on arrival
 

@@ -33,9 +33,9 @@ from test_actuator import EventTap, SensorFeed, control, ready_detail, start_act
 
 from common.config import DeploymentConfig, load_config
 from common.refusal import EXIT_REFUSED
-from common.wire.openpi_client import OpenpiPolicyClient
 from common.wire.policy_client import PolicyClient
 from common.wire.transport import SocketFactory
+from nodes.actuator.openpi_client import OpenpiPolicyClient
 
 # openpi-client 0.1.2 opens its connection without a context manager; websockets 15 warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")

@@ -88,7 +88,7 @@ def contract_differences(contract: PolicyContract, config: DeploymentConfig) -> 
                 problems.append(f"action names differ: policy {contract.action_names}, config {ours}")
             case "fps":
                 problems.append(f"fps: policy was set up for {contract.fps}, config runs at {config.fps}")
-    # What a client found when it built the contract itself (policy.backend openpi: common.wire.openpi_client).
+    # What a client found when it built the contract itself (policy.backend openpi: nodes.actuator.openpi_client).
     problems += [str(problem) for problem in contract.extra.get("problems", []) or []]
     if contract.chunk_length < 1 and not contract.extra.get("problems"):
         problems.append(f"chunk_length: policy returns {contract.chunk_length} rows")

@@ -19,10 +19,10 @@ import numpy as np
 from common.config import DeploymentConfig
 from common.wire.contract import PolicyContract
 from common.wire.images import JpegImage
-from common.wire.openpi_client import OpenpiPolicyClient
 from common.wire.policy_client import ChunkReply, PolicyClient
 from common.wire.transport import SocketFactory
 from nodes.actuator.inputs import Observation
+from nodes.actuator.openpi_client import OpenpiPolicyClient
 from nodes.actuator.pacer import MIN_GAP
 
 log = logging.getLogger("actuator")
