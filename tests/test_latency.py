@@ -37,6 +37,12 @@ def test_stages_tile_capture_to_written_and_name_a_bad_field() -> None:
     assert durations["network"] == pytest.approx(0.020 - 0.0145)
     assert durations["inference"] == pytest.approx(0.011)
     assert durations["server_encode"] == pytest.approx(0.0145 - 0.001 - 0.013)
+    assert durations["server_queue"] == 0.0  # a server from before batching sends no queue_s
+    # A request that waited 4 ms for another batch: the wait is its own stage and the stages still tile.
+    queued = stages(stamps, {**SERVER, "queue_s": 0.004, "total_s": 0.017, "server_s": 0.0185})
+    assert queued["server_queue"] == pytest.approx(0.004)
+    assert queued["server_encode"] == pytest.approx(0.0185 - 0.001 - 0.017)
+    assert sum(queued.values()) == pytest.approx(0.061)
     with pytest.raises(LatencyError, match=r"stamps\.written_t"):
         stages({**stamps, "written_t": float("nan")}, SERVER)
     with pytest.raises(LatencyError, match=r"server\.server_s"):

@@ -27,6 +27,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("network", "round trip minus the policy's server time: both directions on the wire and in the sockets, "
                 "and the encode of the reply as it is sent"),
     ("server_decode", "policy: unpack the frames, validate, decode JPEG, upload (unpack_s + decode_s)"),
+    ("server_queue", "policy: waiting for the model while it runs another batch (queue_s; 0 from older servers)"),
     ("inference", "policy: normalise, model, unnormalise (preprocess_s + inference_s + postprocess_s)"),
     ("server_encode", "policy: the rest of its time, mostly encoding the reply (server_s - unpack - total)"),
     ("to_queue", "reply received -> row scheduled: the worker hands the chunk to the control loop, which queues it"),
@@ -52,6 +53,8 @@ def stages(stamps: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, fl
     t = {key: _number(stamps, key, "stamps") for key in STAMPS}
     s = {key: _number(server, key, "server") for key in ("unpack_s", "decode_s", "preprocess_s", "inference_s",
                                                         "postprocess_s", "total_s", "server_s")}
+    # queue_s came with cross-session batching; a server without it never queued (total_s has no wait in it).
+    s["queue_s"] = _number(server, "queue_s", "server") if "queue_s" in server else 0.0
     round_trip = t["replied_t"] - t["sent_t"]
     return {
         "publish": t["published_t"] - t["capture_t"],
@@ -59,6 +62,7 @@ def stages(stamps: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, fl
         "to_request": t["sent_t"] - t["received_t"],
         "network": round_trip - s["server_s"],
         "server_decode": s["unpack_s"] + s["decode_s"],
+        "server_queue": s["queue_s"],
         "inference": s["preprocess_s"] + s["inference_s"] + s["postprocess_s"],
         "server_encode": s["server_s"] - s["unpack_s"] - s["total_s"],
         "to_queue": t["scheduled_t"] - t["replied_t"],
