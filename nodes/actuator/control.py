@@ -48,7 +48,13 @@ class ControlOps:
         except Exception as exc:  # a bug must not take the control loop down: answer, log, carry on
             log.exception("control %s failed", op)
             reply = error_message(exc, src=PROGRAM, seq=request.seq, op=op)
-        self.control.reply(envelope, reply)
+        try:
+            self.control.reply(envelope, reply)
+        except ProtocolError as exc:
+            # A reply the wire cannot carry (over the header limit, a field it does not allow) is a bug in the op,
+            # not a reason to end the control loop: the client gets an error naming what failed, the loop goes on.
+            log.error("control %s: the reply could not be encoded: %s", op or "?", exc)
+            self.control.reply(envelope, error_message(exc, src=PROGRAM, seq=request.seq, op=op))
 
     def _op_start(self, meta: dict[str, Any]) -> dict[str, Any]:
         record = self._start_episode(meta.get("episode_index"))
