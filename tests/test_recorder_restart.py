@@ -149,10 +149,15 @@ def test_a_restarted_recorder_resumes_the_same_recording_in_true_time(tmp_path: 
     assert metrics["label"] == "success" and metrics["resumed"] == 2, (metrics, log_text[-4000:])
     # Both downtimes are counted, the one a kill -9 cut short as well as the one a restart ended.
     saved_parts = json.loads((Path(metrics["dataset"]) / "meta" / "info.json").read_text())["armpipe_parts"]
-    # The restarts' gaps: where a new video segment begins (other gaps may come from a loaded machine).
-    restart_ticks = [part["gap_ticks"] for previous, part in itertools.pairwise(saved_parts)
-                     if part["segment"] != previous["segment"]]
+    recorded_ticks = pd.read_parquet(Path(metrics["dataset"]) / "armpipe" / "ticks.parquet")["episode_tick"]
+    # The restarts' gaps: where a new video segment begins (other gaps may come from a loaded machine), in the
+    # actuator's episode_tick numbers: the ticks it ran meanwhile. A part's gap_ticks is the gap in true time,
+    # one more where the actuator itself skipped a slot in the downtime (it fell behind): no tick to fill there.
+    restarts_at = [part for previous, part in itertools.pairwise(saved_parts) if part["segment"] != previous["segment"]]
+    restart_ticks = [part["first_episode_tick"] - int(recorded_ticks.iloc[part["from_frame"] - 1]) - 1
+                     for part in restarts_at]
     assert len(restart_ticks) == 2, saved_parts
+    assert all(part["gap_ticks"] >= ticks > 0 for part, ticks in zip(restarts_at, restart_ticks, strict=True))
     assert metrics["dropped_ticks_by_reason"].get("recorder_restarted") == sum(restart_ticks), metrics
     assert metrics["gap_ticks_filled"] == sum(restart_ticks), metrics
 

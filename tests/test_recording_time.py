@@ -198,3 +198,21 @@ def test_a_recording_in_parts_and_video_segments_is_what_lerobot_reads_and_merge
     assert merged.num_episodes == 6 and merged.num_frames == 2 * len(ticks)
     image = merged[len(ticks) + 7]["observation.images.wrist"].permute(1, 2, 0).numpy()
     assert np.abs(image - image_for(1, ticks[7]).astype(np.float32) / 255.0).mean() < 0.06
+
+
+def test_a_restarts_downtime_counts_the_ticks_the_actuator_ran_not_the_slots_it_skipped() -> None:
+    """The actuator fell behind during a recorder restart and skipped a slot: the part after the restart
+    starts one slot later in true time (its gap_ticks), but the ticks of the downtime (recorder_restarted)
+    are the episode_tick numbers the actuator ran, which its backlog fills in: one fewer. (Counted from the
+    part's gap, a loaded machine's run once had recorder_restarted 38 with 37 ticks filled.)"""
+    from nodes.recorder.parts import split_parts
+    from nodes.recorder.writer import DROP_RECORDER_RESTARTED, DROP_WRITER_BEHIND, _count_restarts
+
+    fps = 30.0
+    # episode_tick k ran in slot k, but from tick 10 on one slot later (slot 10 skipped); ticks 6-12 not recorded.
+    ticks = [0, 1, 2, 3, 4, 5, 13, 14, 15]
+    rows = [{"t": 100.0 + (k + (k >= 10)) / fps, "lateness_s": 0.0, "episode_tick": k} for k in ticks]
+    parts = split_parts(rows, fps, breaks=[6])
+    assert [(p["from_frame"], p["gap_ticks"], p["segment"]) for p in parts] == [(0, 0, 0), (6, 8, 1)]
+    counted = _count_restarts({DROP_RECORDER_RESTARTED: 3, DROP_WRITER_BEHIND: 2}, rows, [6])
+    assert counted == {DROP_RECORDER_RESTARTED: 7, DROP_WRITER_BEHIND: 2}

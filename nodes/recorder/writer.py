@@ -271,10 +271,18 @@ def _segment_breaks(segment_frames: list[int]) -> list[int]:
     return [int(start) for start in np.cumsum(segment_frames)[:-1]]
 
 
-def _count_restarts(dropped: dict[str, int], parts: list[dict[str, Any]], breaks: list[int]) -> dict[str, int]:
-    """``dropped`` with the ticks of every restart's downtime (the gaps where a video segment starts), counted
-    from the recording itself: a killed process could not hand its count on."""
-    restarted = sum(int(part["gap_ticks"]) for part in parts if int(part["from_frame"]) in set(breaks))
+def _count_restarts(dropped: dict[str, int], rows: list[dict[str, Any]], breaks: list[int]) -> dict[str, int]:
+    """``dropped`` with the ticks of every restart's downtime (where a video segment starts), counted from the
+    recording itself (a killed process could not hand its count on): the actuator's ``episode_tick`` numbers
+    between the last frame before the break and the first after it, the very ticks the backlog fills in.
+    Not the part's ``gap_ticks``: that is the gap in true time, which also spans slots the actuator itself
+    skipped (it fell behind) or a phase shift of its ticks, where no tick ran and nothing is to be filled."""
+    restarted = 0
+    for start in breaks:
+        if 0 < start < len(rows):
+            before, after = int(rows[start - 1].get("episode_tick", -1)), int(rows[start].get("episode_tick", -1))
+            if before >= 0 and after >= 0:
+                restarted += max(after - before - 1, 0)
     counted = {**dropped}
     counted.pop(DROP_RECORDER_RESTARTED, None)
     if restarted:
@@ -483,7 +491,7 @@ class EpisodeWriter:
         breaks = _segment_breaks(segments)
         parts = split_parts(self.tick_rows, self.config.fps, lockstep=self.config.actuator.lockstep, breaks=breaks)
         self.dataset.save(self.task, videos, parts=parts, segments=segments)
-        self.dropped = _count_restarts(self.dropped, parts, breaks)
+        self.dropped = _count_restarts(self.dropped, self.tick_rows, breaks)
         if len(parts) > 1:
             log.warning("%s: cut into %d parts at gaps in time (%s)", self.info.name, len(parts),
                         ", ".join(f"{p['gap_ticks']} tick(s) before {p['start_s']:.2f} s" for p in parts[1:]))
@@ -631,7 +639,8 @@ def recover_episode(config: DeploymentConfig, output_dir: Path, work_root: Path,
     parts = split_parts(tick_rows, config.fps, lockstep=config.actuator.lockstep, breaks=breaks)
     dataset.save(info.task or config.task, videos, parts=parts, segments=state.segment_frames)
     stop = state.stop
-    dropped = _count_restarts({str(k): int(v) for k, v in (stop.get("dropped") or {}).items()}, parts, breaks)
+    dropped = _count_restarts({str(k): int(v) for k, v in (stop.get("dropped") or {}).items()}, tick_rows,
+                              breaks)
     if state.journaled > frames:
         dropped[DROP_RECORDER_CRASHED] = dropped.get(DROP_RECORDER_CRASHED, 0) + state.journaled - frames
     last_t = float(tick_rows[-1]["t"])
