@@ -55,7 +55,6 @@ class RealtimeLoop(ActuatorNode):
                  curve: CurveKeys | None = None) -> None:
         super().__init__(config, stop, ControlCore(config), readiness, curve)
         self.pacer = PhaseLockedPacer(self.period)
-        self.core.queue.lookahead = MAX_SHIFT * self.period  # a tick moved early takes the next row, never holds
         self.last_frame_at: float | None = None  # when the last frame landed, and the frames' running spacing
         self.frame_interval = self.period
         self.due_since: float | None = None  # when the pending request became due (it waits for a fresh frame)
@@ -80,6 +79,8 @@ class RealtimeLoop(ActuatorNode):
         self.take_results()
         self.maybe_check_contract(now)
         input_problem = self.inputs.problem(now)
+        # Only a tick the pacer moved early takes the next row ahead of its slot (instead of holding for it).
+        self.core.queue.lookahead = MAX_SHIFT * self.period if scheduled < self.pacer.nominal - 1e-6 else 0.0
         self.act(now=now, scheduled=scheduled, lateness=lateness, input_problem=input_problem,
                  measured=self.inputs.measured(), frame_index=self.inputs.frame_index())
         # A request due now waits for the next frame when one is expected before the next tick, once: frames
