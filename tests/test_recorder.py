@@ -93,12 +93,16 @@ class Streams:
             "timestamp": k / self.config.fps}, arrays={"action": action}))
 
     def tick(self, k: int, episode_index: int, inputs: dict[str, int], *, hold_reason: str = "",
-             frame_index: int = -1, action: np.ndarray | None = None, queue_depth: int = 5) -> None:
+             frame_index: int = -1, action: np.ndarray | None = None, queue_depth: int = 5,
+             scheduled_t: float | None = None) -> None:
+        """One executed tick. ``scheduled_t``: the slot it was meant for (the actuator's ``t - lateness_s``)."""
         self.tick_count += 1
-        self.actuator.publish(Message(kind=KIND_ACTION, meta={
+        now = time.monotonic()
+        lateness_s = 0.001 * (k % 5) if scheduled_t is None else now - scheduled_t
+        self.actuator.publish(Message(kind=KIND_ACTION, t=now, meta={
             "role": "executed", "names": self.names, "tick": self.tick_count, "hold": bool(hold_reason),
             "hold_reason": hold_reason, "episode_index": episode_index, "obs_t": time.monotonic(), "inputs": inputs,
-            "frame_index": frame_index, "queue_depth": queue_depth, "lateness_s": 0.001 * (k % 5)},
+            "frame_index": frame_index, "queue_depth": queue_depth, "lateness_s": lateness_s},
             arrays={"action": self.action_for(k) if action is None else action}))
 
     def chunk(self, round_trip_s: float, rows: int = 8) -> None:
@@ -131,9 +135,14 @@ class Streams:
 def run_episode(streams: Streams, episode_index: int, frames: int, *, first_k: int = 0,
                 player_episode: int | None = None, holds: dict[int, str] | None = None,
                 gt_offset: float = 0.0, running: threading.Event | None = None) -> None:
+    # Paced like the real-time actuator: tick k is meant for the slot start + k / fps, and says how late it ran.
+    period = 1.0 / streams.config.fps
+    start = time.monotonic()
     for k in range(first_k, first_k + frames):
         if running is not None and not running.is_set():
             return
+        slot = start + (k - first_k) * period
+        time.sleep(max(0.0, slot - time.monotonic()))
         inputs = streams.observation(k, player_episode=player_episode)
         if player_episode is not None:
             streams.ground_truth(player_episode, k, streams.action_for(k) + np.float32(gt_offset))
@@ -141,12 +150,11 @@ def run_episode(streams: Streams, episode_index: int, frames: int, *, first_k: i
             streams.chunk(0.010 + 0.001 * (k % 3))
         hold_reason = (holds or {}).get(k, "")
         streams.tick(k, episode_index, inputs, hold_reason=hold_reason,
-                     frame_index=k if player_episode is not None else -1)
+                     frame_index=k if player_episode is not None else -1, scheduled_t=slot)
         if not hold_reason:  # the goal went to the bus: its latency chain follows (docs/protocol.md section 8)
             streams.event("latency", tick=streams.tick_count, episode_index=episode_index, row=k % 8,
                           first_row=k % 8 == 0, end_to_end_s=0.05 + 0.001 * k,
                           stages={"inference": 0.01, "to_tick": 0.04 + 0.001 * k})
-        time.sleep(1.0 / 60)  # 60 Hz: faster than the task's 30 fps but paced like a real loop
 
 
 def load_dataset(root: Path) -> Any:

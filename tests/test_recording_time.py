@@ -216,3 +216,25 @@ def test_a_restarts_downtime_counts_the_ticks_the_actuator_ran_not_the_slots_it_
     assert [(p["from_frame"], p["gap_ticks"], p["segment"]) for p in parts] == [(0, 0, 0), (6, 8, 1)]
     counted = _count_restarts({DROP_RECORDER_RESTARTED: 3, DROP_WRITER_BEHIND: 2}, rows, [6])
     assert counted == {DROP_RECORDER_RESTARTED: 7, DROP_WRITER_BEHIND: 2}
+
+
+def test_ticks_whose_phase_drifts_off_the_grid_are_cut_so_no_frame_is_half_a_period_off() -> None:
+    """The actuator's pacer moves ticks to follow the data (here a camera slower than the loop: every tick a
+    tenth of a period later than the grid). No tick is missing, yet on one 1/fps grid the frames would run
+    ahead of true time without bound: a part is cut where a tick is more than half a period off its grid."""
+    from nodes.recorder.parts import MAX_DRIFT_PERIODS, split_parts
+
+    fps = 30.0
+    period = 1.0 / fps
+    rows = [{"t": 5.0 + k * 1.1 * period, "lateness_s": 0.0, "episode_tick": k} for k in range(40)]
+    parts = split_parts(rows, fps)
+    assert len(parts) > 1 and all(part["gap_ticks"] == 0 for part in parts)
+    assert sum(part["frames"] for part in parts) == len(rows)
+    for part in parts:
+        for offset in range(part["frames"]):
+            true_s = rows[part["from_frame"] + offset]["t"] - rows[0]["t"]
+            assert abs(part["start_s"] + offset * period - true_s) <= MAX_DRIFT_PERIODS * period + 1e-9
+    # Ticks on the grid (late by their lateness_s, as the actuator reports it) are never cut for drift.
+    on_grid = [{"t": 5.0 + k * period + 0.004 * (k % 3), "lateness_s": 0.004 * (k % 3), "episode_tick": k}
+               for k in range(40)]
+    assert len(split_parts(on_grid, fps)) == 1

@@ -9,9 +9,13 @@ actuator, and the part's ``start_s`` says where it starts in true time (seconds 
 first frame). The parts are listed in ``meta/info.json`` (``armpipe_parts``), in the metrics and in
 ``summary.json``.
 
-A tick's true time is when the actuator scheduled it: its ``t`` minus its ``lateness_s`` (a real-time
-actuator schedules ticks exactly ``1/fps`` apart). In lockstep (``actuator.lockstep``) time is the
-replayed frames', so only gaps in the actuator's ``episode_tick`` numbers cut.
+A tick's true time is when the actuator scheduled it: its ``t`` minus its ``lateness_s``. A real-time
+actuator schedules ticks one period apart, but its phase follows the data (nodes/actuator/pacer.py moves a
+tick by up to a quarter period to land right after a policy reply, and so the ticks follow the cameras'
+clock), so they can drift off a part's ``1/fps`` grid without any tick missing. A part is also cut where a
+tick is more than ``MAX_DRIFT_PERIODS`` of a period off its part's grid: every frame's time in the recording
+is within that of its true time. In lockstep (``actuator.lockstep``) time is the replayed frames', so only
+gaps in the actuator's ``episode_tick`` numbers cut.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+
+MAX_DRIFT_PERIODS = 0.5  # a frame's time in the recording is within half a period of when the actuator scheduled it
 
 
 def _scheduled(row: dict[str, Any]) -> float:
@@ -38,20 +44,25 @@ def split_parts(rows: Sequence[dict[str, Any]], fps: float, *, lockstep: bool = 
     forced = set(breaks)
     period = 1.0 / float(fps)
     parts: list[dict[str, Any]] = []
-    first_t = previous_t = math.nan
+    first_t = previous_t = part_t = math.nan
     previous_tick = -1
     for index, row in enumerate(rows):
         scheduled = _scheduled(row)
         episode_tick = int(row.get("episode_tick", -1))
         missing = 0
+        drifted = False
         if parts:
             if episode_tick >= 0 and previous_tick >= 0:
                 missing = episode_tick - previous_tick - 1
             if not lockstep and math.isfinite(scheduled) and math.isfinite(previous_t):
                 missing = max(missing, round((scheduled - previous_t) / period) - 1)
+            if not lockstep and math.isfinite(scheduled) and math.isfinite(part_t):
+                # On the part's grid this frame sits at part_t + frames * period.
+                drifted = abs(scheduled - (part_t + parts[-1]["frames"] * period)) > MAX_DRIFT_PERIODS * period
         if not parts:
             first_t = scheduled
-        if not parts or missing > 0 or index in forced:
+        if not parts or missing > 0 or drifted or index in forced:
+            part_t = scheduled
             start_s = scheduled - first_t if math.isfinite(scheduled) and math.isfinite(first_t) else math.nan
             if lockstep or not math.isfinite(start_s):
                 # Time in lockstep is the tick count: where this part would start had nothing been missed.
