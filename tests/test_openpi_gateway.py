@@ -7,8 +7,8 @@ the gateway runs as ``python -m nodes.openpi_gateway``, and the client is
 with ``policy.backend: openpi`` through the gateway, driving emulated servos) and the server role under
 supervisord with the gateway enabled.
 
-Beyond loopback: the gateway listens on a non-loopback address of this machine's own interfaces (the test skips
-where there is none), with a self-signed certificate made by ``openssl`` and an API key.
+Beyond loopback: the gateway listens on 0.0.0.0 (beyond loopback by its config) with a self-signed certificate
+made by ``openssl`` and an API key; the test's clients reach it through 127.0.0.1, so no traffic leaves.
 """
 
 from __future__ import annotations
