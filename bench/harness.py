@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,7 +36,33 @@ log = logging.getLogger(__name__)
 BIN = Path(sys.executable).parent
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range: a port the kernel hands out itself (bind to
+    0) can be taken as the source port of some outgoing connection (every ZeroMQ connect makes one) between this
+    pick and the node's bind, which a suite run once saw as EADDRINUSE. Never the same port twice per process."""
+    low = _ephemeral_low()
+    if low > 12000:
+        for _ in range(500):
+            port = random.randrange(10000, low)
+            if port in _PORTS_GIVEN:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _PORTS_GIVEN.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
