@@ -72,7 +72,7 @@ class RealtimeLoop(ActuatorNode):
             started = time.monotonic()
             deadline = self.pacer.deadline
             self.tick(now=started, scheduled=deadline, lateness=started - deadline)
-            self.stats.missed_ticks += self.pacer.advance(time.monotonic())
+            self.stats.missed_ticks += self.pacer.advance(time.monotonic(), started=started)
 
     def tick(self, *, now: float, scheduled: float, lateness: float) -> None:
         self.ingest_inputs()

@@ -11,7 +11,9 @@ one reply to the next (a camera slower than the ticks), the target leads by the 
 
 The phase moves smoothly: two consecutive deadlines are never less than ``MIN_GAP`` (3/4) of a period
 apart, nor more than 5/4 of one (unless the loop itself fell behind: whole ticks missed are skipped, never
-burst). Pure arithmetic on the monotonic clock, no sockets; lockstep does not use it.
+burst). The lower bound holds on the ticks' actual start times too: a tick that started late (a loaded
+machine) pushes the next deadline to at least ``MIN_GAP`` after that start, so the servo never gets two goals
+closer than that. Pure arithmetic on the monotonic clock, no sockets; lockstep does not use it.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ class PhaseLockedPacer:
         self.target: float | None = None  # a time (mod period) the ticks should fall on; None before any reply
         self.last_arrival: float | None = None
         self.slip = 0.0  # how far (seconds, mod period) each reply's phase moved from the last one's, smoothed
+        self.last_started = -math.inf  # when the last tick actually started (it may start after its deadline)
 
     def start(self, now: float) -> None:
         self.deadline = self.nominal = now
 
-    def advance(self, now: float) -> int:
-        """The tick at ``deadline`` ran and ``now`` it is done: plan the next one. Returns the whole ticks that
-        were missed (skipped, not run late in a burst)."""
+    def advance(self, now: float, started: float | None = None) -> int:
+        """The tick at ``deadline`` started at ``started`` (default: on time) and ``now`` it is done: plan the next
+        one. Returns the whole ticks that were missed (skipped, not run late in a burst)."""
+        self.last_started = self.deadline if started is None else max(started, self.deadline)
         self.nominal = self.deadline + self.period
         skipped = 0
         behind = now - self.nominal
@@ -63,8 +67,8 @@ class PhaseLockedPacer:
         self.last_arrival = t
         self.target = t + self.lead_s + max(0.0, self.slip)
         last = self.nominal - self.period
-        self.deadline = min(max(self.target, last + self.period - self.max_shift_s),
-                            last + self.period + self.max_shift_s)
+        self.deadline = self._spaced(min(max(self.target, last + self.period - self.max_shift_s),
+                                         last + self.period + self.max_shift_s))
 
     def phase_error(self) -> float:
         """How far (seconds, wrapped) the next deadline still is from the locked phase (0 before any reply)."""
@@ -72,11 +76,15 @@ class PhaseLockedPacer:
             return 0.0
         return (self.target - self.deadline + self.period / 2) % self.period - self.period / 2
 
+    def _spaced(self, deadline: float) -> float:
+        """``deadline``, or later where the last tick started late: never sooner than ``MIN_GAP`` after it."""
+        return max(deadline, self.last_started + self.period - self.max_shift_s)
+
     def _steered(self) -> float:
         if self.target is None or not math.isfinite(self.target):
-            return self.nominal
+            return self._spaced(self.nominal)
         # Towards the target phase: later only when the tick would come just before it (by up to MAX_SHIFT of a
         # period), earlier otherwise, so a tick never waits a whole period after the reply it follows.
         error = (self.target - self.nominal + self.period - self.max_shift_s) % self.period - (
             self.period - self.max_shift_s)
-        return self.nominal + max(-self.max_shift_s, min(self.max_shift_s, error))
+        return self._spaced(self.nominal + max(-self.max_shift_s, min(self.max_shift_s, error)))

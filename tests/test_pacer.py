@@ -1,0 +1,67 @@
+"""The actuator's pacer (``nodes.actuator.pacer``): pure arithmetic, driven with made-up clocks.
+
+What the servo depends on: the ticks' actual start times are never closer than ``MIN_GAP`` of a period, even when
+a tick starts late on a loaded machine, and whole ticks missed are skipped rather than run in a burst.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from nodes.actuator.pacer import MIN_GAP, PhaseLockedPacer
+
+PERIOD = 1 / 30
+
+
+def run_ticks(seed: int, ticks: int = 2000) -> list[float]:
+    """Start times of ``ticks`` ticks with random lateness and replies landing at random phases."""
+    rng = random.Random(seed)
+    pacer = PhaseLockedPacer(PERIOD)
+    now = 100.0
+    pacer.start(now)
+    starts = []
+    for _ in range(ticks):
+        # Wait for the deadline, sometimes late (up to 1.5 periods: some ticks are skipped).
+        late = rng.choice([0.0, 0.0, 0.0, rng.uniform(0, 0.5 * PERIOD), rng.uniform(0, 1.5 * PERIOD)])
+        started = max(now, pacer.deadline) + late
+        starts.append(started)
+        now = started + rng.uniform(0.0005, 0.004)  # the tick's own work
+        pacer.advance(now, started=started)
+        if rng.random() < 0.3:  # a reply lands before the next deadline, anywhere in the period
+            now += rng.uniform(0, PERIOD)
+            pacer.arrived(now)
+    return starts
+
+
+def test_late_ticks_never_bring_the_next_one_closer_than_min_gap() -> None:
+    for seed in range(20):
+        starts = run_ticks(seed)
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert min(gaps) >= MIN_GAP * PERIOD - 1e-9, (seed, min(gaps))
+
+
+def test_a_late_tick_is_followed_a_min_gap_later_not_on_the_old_grid() -> None:
+    pacer = PhaseLockedPacer(PERIOD)
+    pacer.start(0.0)
+    pacer.advance(0.001, started=0.0)
+    assert abs(pacer.deadline - PERIOD) < 1e-9  # on time: one period later
+    # The second tick started 20 ms after its deadline: the next one is not at 2 periods (13 ms later) but
+    # MIN_GAP of a period after that start.
+    started = PERIOD + 0.020
+    pacer.advance(started + 0.001, started=started)
+    assert abs(pacer.deadline - (started + MIN_GAP * PERIOD)) < 1e-9
+
+
+def test_on_time_ticks_keep_the_period_and_missed_ones_are_skipped() -> None:
+    pacer = PhaseLockedPacer(PERIOD)
+    pacer.start(0.0)
+    deadlines = []
+    for _ in range(10):
+        deadlines.append(pacer.deadline)
+        pacer.advance(pacer.deadline + 0.001, started=pacer.deadline)
+    assert all(abs(b - a - PERIOD) < 1e-9 for a, b in itertools.pairwise(deadlines))
+    # A tick that ran 3.5 periods long: the two whose slots passed while it ran are skipped, not run back to back.
+    start = pacer.deadline
+    assert pacer.advance(start + 3.5 * PERIOD, started=start) == 2
+    assert pacer.deadline >= start + 3 * PERIOD - 1e-9
