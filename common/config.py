@@ -179,6 +179,9 @@ class PolicyConfig:
     # How long the first waiting request may wait for others to join its batch, milliseconds; 0 = none: a
     # batch is whatever waits when the model comes free (requests that arrive while it is busy batch anyway).
     batch_window_ms: float = 0.0
+    # The period of the node's capacity figures (chunks/s, batch sizes, queue wait): logged once per period, kept
+    # in the readiness file (make status) and in every ping reply (the panel asks for them). Seconds, 1..600
+    capacity_period_s: float = 10.0
     seed: int = 0  # diffusion noise is seeded per session from this, so a replay is reproducible
     # Rows per reply. n_action_steps: what LeRobot executes of a prediction. horizon (DiffusionPolicy): every
     # predicted row from the newest observation on, a longer chunk that covers a longer round trip.
@@ -510,6 +513,9 @@ class DeploymentConfig:
         if not 1 <= self.policy.max_batch <= MAX_POLICY_BATCH:
             raise ConfigError("policy.max_batch", f"expected a batch size in 1..{MAX_POLICY_BATCH} (1: no batching), "
                               f"got {self.policy.max_batch}")
+        if not 1.0 <= self.policy.capacity_period_s <= 600.0:
+            raise ConfigError("policy.capacity_period_s", f"expected seconds in 1..600, got "
+                              f"{self.policy.capacity_period_s}")
         if not 0.0 <= self.policy.batch_window_ms <= 100.0:
             raise ConfigError("policy.batch_window_ms", f"expected milliseconds in 0..100, got "
                               f"{self.policy.batch_window_ms}")

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +62,13 @@ class PolicyClient:
         start = time.monotonic()
         self._request("ping", timeout_s=timeout_s)
         return time.monotonic() - start
+
+    def capacity(self, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """The policy node's capacity figures of its last period (a ``ping`` reply's ``meta.capacity``:
+        ``chunks_per_s``, ``sessions``, batch sizes, queue wait; docs/protocol.md section 5); None from a
+        server that does not send them."""
+        figures = self._request("ping", timeout_s=timeout_s).meta.get("capacity")
+        return figures if isinstance(figures, dict) else None
 
     def reset(self, timeout_s: float | None = None) -> None:
         self._request("reset", timeout_s=timeout_s)

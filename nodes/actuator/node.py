@@ -458,7 +458,7 @@ class ActuatorNode(ControlOps):
         self._publish_event("chunk", arrays={"chunk": np.ascontiguousarray(reply.actions, dtype=np.float32)},
                             rows=result.rows, accepted=result.accepted, dropped_stale=result.dropped_stale,
                             blended=result.blended, replaced=result.replaced, obs_t=reply.obs_t, arrival_t=now,
-                            round_trip_s=reply.round_trip_s, timings=reply.timings,
+                            round_trip_s=reply.round_trip_s, timings=reply.timings, batch=reply.batch,
                             queue_depth=self.core.queue.depth(now), refill_rows=self.core.refill.threshold(),
                             round_trip_p90_s=self._round_trip_p90_s(), rtc_delay_rows=job.rtc_delay_rows,
                             rtc_prefix_rows=0 if job.rtc_prefix is None else len(job.rtc_prefix))

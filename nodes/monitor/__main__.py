@@ -5,8 +5,9 @@
 What it shows: every camera (JPEG-encoded *here*, at most ``monitor.frame_hz`` per camera, never in
 the control loop), joint states and executed actions over time with the replayed ground truth
 overlaid, policy round trip and inference time per chunk, queue depth, holds and faults with their
-reasons, the actuator's loop statistics, and every node's state from supervisord's XML-RPC interface
-plus its readiness file. Buttons: restart a node (supervisord), start an episode, stop it with a
+reasons, the actuator's loop statistics, the policy node's capacity (chunks/s, sessions, batch sizes, queue
+wait: its ``ping`` reply, asked over the policy link), and every node's state from supervisord's XML-RPC
+interface plus its readiness file. Buttons: restart a node (supervisord), start an episode, stop it with a
 success or failure label (the actuator's control socket, Lazy Pirate REQ).
 
 Exposure: it listens on ``monitor.host`` (127.0.0.1 by default). ``--monitor.host=0.0.0.0`` serves the
@@ -44,6 +45,7 @@ log = logging.getLogger("monitor")
 
 INSTRUCTION_ASK_S = 5.0  # how often the actuator's status is asked for its instruction until known
 NODES_PERIOD_S = 1.0
+POLICY_PERIOD_S = 2.0  # how often the policy node is asked for its capacity figures (a ping)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,6 +91,13 @@ def poll_nodes(panel: PanelState, commands: Commands, stop: threading.Event) -> 
         stop.wait(NODES_PERIOD_S)
 
 
+def poll_policy(panel: PanelState, commands: Commands, stop: threading.Event) -> None:
+    """The policy node's capacity (chunks/s, sessions, batch sizes, queue wait), asked over the policy link."""
+    while not stop.is_set():
+        panel.set_capacity(commands.policy_capacity())
+        stop.wait(POLICY_PERIOD_S)
+
+
 def run(config: DeploymentConfig, stop: threading.Event, readiness: Readiness) -> None:
     hub = EventHub()
     panel = PanelState(config, hub)
@@ -106,6 +115,7 @@ def run(config: DeploymentConfig, stop: threading.Event, readiness: Readiness) -
         threading.Thread(target=read_streams, args=(panel, subscriber, stop), name="streams", daemon=True),
         threading.Thread(target=pump, args=(panel, stop), name="pump", daemon=True),
         threading.Thread(target=poll_nodes, args=(panel, commands, stop), name="nodes", daemon=True),
+        threading.Thread(target=poll_policy, args=(panel, commands, stop), name="policy", daemon=True),
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True),
     ]
     for thread in threads:

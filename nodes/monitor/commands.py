@@ -9,7 +9,7 @@ import time
 from http import HTTPStatus
 from typing import Any
 
-from common.config import DeploymentConfig
+from common.config import ConfigError, DeploymentConfig, curve_keys_for
 from common.supervisor_client import (
     SupervisorClient,
     SupervisorError,
@@ -18,6 +18,7 @@ from common.supervisor_client import (
     read_readiness,
 )
 from common.wire.actuator_client import ActuatorClient
+from common.wire.policy_client import PolicyClient
 from common.wire.protocol import ProtocolError
 from common.wire.transport import (
     PeerUnavailable,
@@ -45,6 +46,7 @@ class Commands:
         self.factory = factory
         self.control_lock = threading.Lock()  # one REQ socket, one request at a time
         self.control: ActuatorClient | None = None
+        self.policy: tuple[SocketFactory, PolicyClient] | None = None  # its own socket factory (CURVE keys)
         self.supervisor = SupervisorClient(config.monitor.supervisor_url,
                                            ready_dir=config.resolve(config.run_dir) / "ready")
 
@@ -84,6 +86,32 @@ class Commands:
             raise CommandError(HTTPStatus.BAD_GATEWAY, str(exc)) from exc
         return status.to_dict()
 
+    def policy_capacity(self) -> dict[str, Any]:
+        """The policy node's capacity figures (its ``ping`` reply's ``capacity``: chunks/s, sessions, batch sizes,
+        queue wait over its last ``policy.capacity_period_s``), asked over the policy link, so the policy may run
+        on another machine. ``{"endpoint", "figures": dict | None, "error": str, "polled_wall"}``."""
+        endpoint = self.config.policy.endpoint
+        out: dict[str, Any] = {"endpoint": endpoint, "figures": None, "error": "", "polled_wall": time.time()}
+        if self.config.policy.backend != "armpipe":
+            out["error"] = f"policy.backend is {self.config.policy.backend}: no armpipe policy node to ask"
+            return out
+        try:
+            if self.policy is None:
+                # The robot's own client keys when the link uses CURVE (the actuator's, from the same file).
+                factory = SocketFactory(curve=curve_keys_for(self.config, "client"))
+                self.policy = (factory, PolicyClient(factory, endpoint, client_id=PROGRAM,
+                                                     timeout_s=self.config.monitor.control_timeout_s, retries=1))
+            figures = self.policy[1].capacity()
+            if figures is not None:
+                out["figures"] = figures
+            else:
+                out["error"] = "the policy node does not report its capacity (an older version)"
+        except ConfigError as exc:
+            out["error"] = f"cannot ask the policy: {exc}"
+        except (PeerUnavailable, RemoteError, ProtocolError, TimeoutError, OSError) as exc:
+            out["error"] = f"policy unreachable at {endpoint}: {exc}"
+        return out
+
     def poll_nodes(self) -> dict[str, Any]:
         """supervisord's programs with readiness, plus ready files of nodes it does not run."""
         ready = read_readiness(self.config.resolve(self.config.run_dir) / "ready")
@@ -105,3 +133,6 @@ class Commands:
         with self.control_lock:
             if self.control is not None:
                 self.control.close()
+        if self.policy is not None:
+            self.policy[1].close()
+            self.policy[0].close()

@@ -143,6 +143,8 @@ class PanelState:
         self.player: dict[str, Any] | None = None
         self.nodes: dict[str, Any] = {"programs": [], "error": "not polled yet", "unsupervised": []}
         self.contract: dict[str, Any] = {"ok": None, "differences": []}
+        # The policy node's capacity figures (Commands.policy_capacity): None until first asked.
+        self.capacity: dict[str, Any] | None = None
         # The task instruction a language policy gets (the actuator's): None until an event or status says it.
         self.instruction: dict[str, Any] = {"text": None, "source": ""}
         self.bad_messages = 0
@@ -207,7 +209,7 @@ class PanelState:
             chunk = msg.arrays.get("chunk")
             sample = {"t": msg.t, "obs_t": _finite(meta.get("obs_t")), "rows": meta.get("rows"),
                       "dropped_stale": meta.get("dropped_stale"), "round_trip_s": _finite(meta.get("round_trip_s")),
-                      "queue_depth": meta.get("queue_depth"),
+                      "queue_depth": meta.get("queue_depth"), "batch": meta.get("batch"),
                       "timings": {str(k): _finite(v) for k, v in timings.items()},
                       "chunk": None if chunk is None else np.asarray(chunk, dtype=np.float64).tolist()}
             with self.lock:
@@ -334,6 +336,11 @@ class PanelState:
             self.nodes = nodes
         self.hub.publish("nodes", nodes)
 
+    def set_capacity(self, capacity: dict[str, Any]) -> None:
+        with self.lock:
+            self.capacity = capacity
+        self.hub.publish("capacity", capacity)
+
     def snapshot(self) -> dict[str, Any]:
         """Everything a newly connected page needs to draw itself at once."""
         with self.lock:
@@ -348,6 +355,7 @@ class PanelState:
                 "episode": self.episode,
                 "player": self.player,
                 "nodes": self.nodes,
+                "capacity": self.capacity,
                 "contract": dict(self.contract),
                 "instruction": dict(self.instruction),
                 "log": list(self.log),

@@ -38,7 +38,7 @@ from common.wire.protocol import (
     error_message,
 )
 from common.wire.transport import RouterServer, SocketFactory
-from nodes.policy.batching import BatchScheduler, Done, Waiting
+from nodes.policy.batching import BatchScheduler, Capacity, Done, Waiting
 from nodes.policy.checkpoint import CheckpointError, keep_unused_transformers_out
 from nodes.policy.runtime import MAX_CLIENT_ID_LEN, PolicyRuntime
 from nodes.policy.standby import ServingLock, bind_when_free
@@ -120,8 +120,8 @@ class PolicyServer:
             raise ProtocolError("meta.client", f"a session id of 1..{MAX_CLIENT_ID_LEN} characters", client)
         if op == "metadata":
             return self.reply_to(request, op, contract=self.runtime.contract.to_meta())
-        if op == "ping":
-            return self.reply_to(request, op, server_time=time.monotonic())
+        if op == "ping":  # the capacity figures of the last period too: the panel reads them from here
+            return self.reply_to(request, op, server_time=time.monotonic(), capacity=self.scheduler.capacity.last)
         waiting = Waiting(envelope=envelope, request=request, op=op, client=client, received_at=received_at,
                           unpacked_at=unpacked_at)
         if op == "infer":
@@ -255,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
             os.write(wake_write, b"\0")
 
     settings = config.policy
-    scheduler = BatchScheduler(runtime, max_batch=settings.max_batch, window_s=settings.batch_window_ms / 1000,
-                               max_sessions=settings.max_sessions, notify=wake)
+    max_batch = max(1, min(settings.max_batch, runtime.max_batch))
+    scheduler = BatchScheduler(runtime, max_batch=max_batch, window_s=settings.batch_window_ms / 1000,
+                               max_sessions=settings.max_sessions, notify=wake,
+                               capacity=Capacity(max_batch, period_s=settings.capacity_period_s))
     log.info("batching: up to %d requests of different sessions per model call%s, window %.1f ms",
              scheduler.max_batch, "" if runtime.max_batch > 1 else f" ({contract.policy_type}: one at a time)",
              scheduler.window_s * 1000)

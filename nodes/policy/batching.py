@@ -20,8 +20,8 @@ Fairness and isolation:
   (``infer_batch`` runs the batch's requests one by one when the batch as a whole fails).
 - ``reset`` runs on the model thread, in the session's order with its ``infer`` requests.
 
-``Capacity`` counts what the batches did (chunks/s, batch sizes, queue wait) for the node's log and its
-readiness file (``make status``).
+``Capacity`` counts what the batches did (chunks/s, sessions served, batch sizes, queue wait) for the node's log,
+its readiness file (``make status``) and its ``ping`` replies (the panel).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 from typing import Any
@@ -81,10 +81,12 @@ class Capacity:
         self.superseded = 0
         self.refused = 0
         self.failed = 0
-        self.last: dict[str, Any] = {"max_batch": max_batch, "chunks_per_s": 0.0}
+        self.clients: set[str] = set()
+        self.last: dict[str, Any] = {"max_batch": max_batch, "chunks_per_s": 0.0, "period_s": 0.0}
 
-    def add_batch(self, waits_s: list[float], totals_s: list[float], failed: int) -> None:
+    def add_batch(self, waits_s: list[float], totals_s: list[float], failed: int, clients: Iterable[str] = ()) -> None:
         with self.lock:
+            self.clients.update(clients)
             self.sizes.append(len(waits_s))
             self.waits_ms.extend(wait * 1000 for wait in waits_s)
             self.totals_ms.extend(total * 1000 for total in totals_s)
@@ -103,8 +105,8 @@ class Capacity:
             return None
         with self.lock:
             sizes, waits, totals = self.sizes, sorted(self.waits_ms), sorted(self.totals_ms)
-            superseded, refused, failed = self.superseded, self.refused, self.failed
-            self.sizes, self.waits_ms, self.totals_ms = [], [], []
+            superseded, refused, failed, sessions = self.superseded, self.refused, self.failed, len(self.clients)
+            self.sizes, self.waits_ms, self.totals_ms, self.clients = [], [], [], set()
             self.superseded = self.refused = self.failed = 0
             self.since = now
         chunks = len(totals)
@@ -114,14 +116,15 @@ class Capacity:
             "batch_max": max(sizes, default=0), "max_batch": self.max_batch,
             "queue_ms_p50": round(_quantile(waits, 0.5), 2), "queue_ms_p99": round(_quantile(waits, 0.99), 2),
             "total_ms_p50": round(_quantile(totals, 0.5), 2), "total_ms_max": round(totals[-1], 2) if totals else 0.0,
-            "superseded": superseded, "refused_busy": refused, "failed": failed}
+            "superseded": superseded, "refused_busy": refused, "failed": failed, "sessions": sessions}
         self.last = figures
         if chunks or superseded or refused or failed:
-            log.info("%d chunks in %.0f s (%.1f chunks/s): %d batches, size mean %.1f max %d (max_batch %d); queue "
-                     "wait ms p50 %.1f p99 %.1f; total ms p50 %.1f, max %.1f; %d superseded, %d refused busy, "
-                     "%d failed", chunks, elapsed, figures["chunks_per_s"], len(sizes), figures["batch_mean"],
-                     figures["batch_max"], self.max_batch, figures["queue_ms_p50"], figures["queue_ms_p99"],
-                     figures["total_ms_p50"], figures["total_ms_max"], superseded, refused, failed)
+            log.info("%d chunks in %.0f s (%.1f chunks/s, %d sessions): %d batches, size mean %.1f max %d "
+                     "(max_batch %d); queue wait ms p50 %.1f p99 %.1f; total ms p50 %.1f, max %.1f; %d superseded, "
+                     "%d refused busy, %d failed", chunks, elapsed, figures["chunks_per_s"], sessions, len(sizes),
+                     figures["batch_mean"], figures["batch_max"], self.max_batch, figures["queue_ms_p50"],
+                     figures["queue_ms_p99"], figures["total_ms_p50"], figures["total_ms_max"], superseded, refused,
+                     failed)
         return figures
 
 
@@ -267,4 +270,5 @@ class BatchScheduler:
             self.done.put(Done(waiting, result))
         self.capacity.add_batch([item.queued_s for item in items],
                                 [result.timings["total_s"] for result in results if isinstance(result, ChunkResult)],
-                                sum(isinstance(result, Exception) for result in results))
+                                sum(isinstance(result, Exception) for result in results),
+                                [waiting.client for waiting in infers])

@@ -10,6 +10,7 @@ const state = {
   latency: [],        // latency events {t, tick, first_row, end_to_end_s, stages}
   chunks: [],         // chunk events {t, obs_t, round_trip_s, timings, queue_depth, chunk?}
   lastChunk: null,
+  capacity: null,     // the policy node's capacity figures (its ping reply), or why they are missing
   serverNow: 0,       // robot monotonic clock (s) at lastLocal
   lastLocal: 0,
   dirty: true,
@@ -88,6 +89,7 @@ function onSnapshot(snapshot) {
   if (snapshot.episode) onEpisode(snapshot.episode);
   if (snapshot.player) onPlayer(snapshot.player);
   onNodes(snapshot.nodes);
+  if (snapshot.capacity) onCapacity(snapshot.capacity);
   showContract(snapshot.contract);
   if (snapshot.instruction) onInstruction(snapshot.instruction);
   $("#log").replaceChildren();
@@ -156,6 +158,41 @@ function showLatency() {
     `over ${samples.length} goals · mean ${largest}`;
 }
 
+// The policy node's capacity over its last period (its ping reply, asked by the monitor every 2 s): how busy the
+// GPU server is with every robot it serves, and this robot's own share (its last chunk's batch and queue wait).
+function onCapacity(capacity) {
+  state.capacity = capacity;
+  showCapacity();
+}
+
+function showCapacity() {
+  const capacity = state.capacity;
+  if (!capacity) return;
+  const figures = capacity.figures || {};
+  const note = $("#capacity-note");
+  note.textContent = capacity.error || (figures.period_s ? `over its last ${fmt(figures.period_s, 0, " s")}`
+    : "no period finished yet");
+  note.className = capacity.error ? "error" : "";
+  const chunk = state.lastChunk;
+  const timings = (chunk && chunk.timings) || {};
+  const served = Boolean(figures.chunks);
+  const rows = [
+    ["chunks/s", fmt(figures.chunks_per_s, 1)],
+    ["sessions served", figures.sessions ?? "—"],
+    ["batch size", served ? `mean ${fmt(figures.batch_mean, 1)} · max ${figures.batch_max} of ${figures.max_batch}`
+      : `— (at most ${figures.max_batch ?? "?"})`],
+    ["queue wait", served ? `p50 ${fmt(figures.queue_ms_p50, 1, " ms")} · p99 ${fmt(figures.queue_ms_p99, 1, " ms")}` : "—"],
+    ["server time", served ? `p50 ${fmt(figures.total_ms_p50, 1, " ms")} · max ${fmt(figures.total_ms_max, 1, " ms")}` : "—"],
+    ["superseded · busy · failed", capacity.figures
+      ? `${figures.superseded ?? 0} · ${figures.refused_busy ?? 0} · ${figures.failed ?? 0}` : "—"],
+    ["this robot's last chunk", chunk
+      ? `batch ${chunk.batch ?? 1} · queue wait ${fmt(timings.queue_s === undefined ? null : timings.queue_s * 1000, 1, " ms")}`
+      : "—"],
+  ];
+  $("#capacity").replaceChildren(...rows.flatMap(([key, value]) => [
+    el("dt", {}, key), el("dd", { "data-key": key }, String(value))]));
+}
+
 function onChunk(chunk) {
   state.lastChunk = chunk;
   state.chunks.push(chunk);
@@ -163,6 +200,7 @@ function onChunk(chunk) {
   $("#timing-latest").textContent = `round trip ${fmt(chunk.round_trip_s * 1000, 1, " ms")} · inference ` +
     `${fmt((timings.inference_s ?? timings.total_s) * 1000, 1, " ms")} · ${chunk.rows} rows` +
     (chunk.dropped_stale ? `, ${chunk.dropped_stale} stale dropped` : "");
+  showCapacity();
   state.dirty = true;
 }
 
@@ -582,7 +620,7 @@ function connect() {
   source.onerror = () => { badge.textContent = "reconnecting…"; badge.className = "badge bad"; };
   const handlers = {
     snapshot: onSnapshot, frame: onFrame, series: onSeries, chunk: onChunk, latency: onLatency, loop_stats: onLoopStats,
-    episode: onEpisode, player: onPlayer, nodes: onNodes, log: onLog, instruction: onInstruction,
+    episode: onEpisode, player: onPlayer, nodes: onNodes, log: onLog, instruction: onInstruction, capacity: onCapacity,
   };
   for (const [event, handler] of Object.entries(handlers)) {
     source.addEventListener(event, (message) => {

@@ -1,0 +1,92 @@
+"""The policy node's capacity in the panel, real processes and a real browser: a policy node (tiny
+DiffusionPolicy, CPU) serving two robots' sessions and the monitor that asks it for its figures over the policy
+link (its ``ping`` reply); the page in Debian's Chromium shows chunks/s, the sessions served, batch sizes and
+queue wait, and says so when the policy node is gone."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import NodeProcess, wait_for, write_config
+from test_monitor import CHROMIUM, CHROMIUM_ARGS
+from test_policy_node import SMALL, client, observation
+
+from common.config import load_config
+from common.tools.checkpoint_maker import build_checkpoint
+
+MAX_BATCH = 8
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")
+def test_panel_shows_the_policy_capacity(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    small = {"cameras": {"front": SMALL, "wrist": SMALL}}
+    checkpoint = build_checkpoint(load_config(write_config(tmp_path, "lift", small)), tmp_path / "checkpoint",
+                                  policy_type="diffusion", size="tiny")
+    config_path = write_config(tmp_path, "lift", {**small, "policy": {
+        "checkpoint": str(checkpoint), "cpu_threads": 1, "warmup": 1, "noise_scheduler": "DDIM",
+        "num_inference_steps": 2, "max_batch": MAX_BATCH, "batch_window_ms": 20, "capacity_period_s": 1.0,
+        "timeout_s": 20.0}})
+    config = load_config(config_path)
+    policy = NodeProcess("policy", config_path).start()
+    monitor = NodeProcess("monitor", config_path).start()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def robot(name: str, seed: int) -> None:
+        """A robot asking for chunks back to back until the test ends."""
+        try:
+            policy_client = client(config, name)
+            images, state = observation(config, seed)
+            step = 0
+            while not stop.is_set():
+                policy_client.infer(images, state, obs_t=float(step))
+                step += 1
+            policy_client.close()
+        except BaseException as exc:  # reported by the test
+            failures.append(exc)
+
+    robots = [threading.Thread(target=robot, args=(f"robot-{index}", index), daemon=True) for index in range(2)]
+    try:
+        policy.wait_ready(timeout_s=180)
+        monitor.wait_ready(timeout_s=60)
+        for thread in robots:
+            thread.start()
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{config.monitor.port}/")
+                expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
+                figure = page.locator("#capacity dd")
+                # The node rolls its figures once a second (policy.capacity_period_s), the monitor asks every 2 s:
+                # both robots served within one period, in batches of at most max_batch.
+                expect(page.locator('#capacity dd[data-key="sessions served"]')).to_have_text("2", timeout=60_000)
+                expect(page.locator("#capacity-note")).to_contain_text("over its last")
+                chunks_per_s = float(page.locator('#capacity dd[data-key="chunks/s"]').inner_text())
+                assert chunks_per_s > 0, figure.all_inner_texts()
+                batch = page.locator('#capacity dd[data-key="batch size"]').inner_text()
+                match = re.fullmatch(rf"mean ([\d.]+) · max (\d+) of {MAX_BATCH}", batch)
+                assert match and 1 <= float(match[1]) <= int(match[2]) <= 2, batch
+                assert re.fullmatch(r"p50 [\d.]+ ms · p99 [\d.]+ ms",
+                                    page.locator('#capacity dd[data-key="queue wait"]').inner_text())
+                assert not failures, failures
+
+                # The policy node gone: the panel says it cannot reach it, naming the endpoint.
+                stop.set()
+                for thread in robots:
+                    thread.join(timeout=60)
+                assert policy.stop() == 0, policy.log()[-3000:]
+                expect(page.locator("#capacity-note")).to_contain_text(
+                    f"policy unreachable at {config.policy.endpoint}", timeout=30_000)
+            finally:
+                browser.close()
+    finally:
+        stop.set()
+        policy.stop()
+        assert monitor.stop() == 0, monitor.log()[-3000:]
+    wait_for(lambda: not any(thread.is_alive() for thread in robots), timeout_s=30)
