@@ -16,8 +16,10 @@ spread``, robots that are not in step) or all equal (``aligned``). Observations 
 (uint8, 480x640 for lift) and state, random but fixed per robot.
 
 Printed: a Markdown table (robots, batching, chunks served/s, round trip p50/p99, request slots missed, mean
-batch size the replies report); ``--out`` gets one JSON object per row. The card or CPU is named in the table's
-heading (``nvidia-smi`` name, or the CPU model and core count).
+batch size the replies report), then where the round trip went (the mean of each stage of the replies' timings:
+unpack, check, queue, model, encode, and the rest, the network and the client); the node's log (``--work-dir``)
+has its capacity lines, with how busy its model and socket threads were; ``--out`` gets one JSON object per
+row. The card or CPU is named in the table's heading (``nvidia-smi`` name, or the CPU model and core count).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def robot(index: int, endpoint: str, config_path: str, rate: float, start_at: fl
     lower, upper = np.array(config.lower_limits()), np.array(config.upper_limits())
     state = rng.uniform(lower, upper).astype(np.float32)
     client = PolicyClient(SocketFactory(), endpoint, client_id=f"robot-{index}", timeout_s=timeout_s, retries=1)
-    report: dict[str, Any] = {"round_trips": [], "slots": 0, "missed": 0, "errors": 0, "batches": []}
+    report: dict[str, Any] = {"round_trips": [], "slots": 0, "missed": 0, "errors": 0, "batches": [], "stages": []}
     period = 1.0 / rate
     first = start_at + phase_s
     try:
@@ -97,6 +99,7 @@ def robot(index: int, endpoint: str, config_path: str, rate: float, start_at: fl
                 if measured:
                     report["round_trips"].append(reply.round_trip_s)
                     report["batches"].append(reply.batch)
+                    report["stages"].append(stage_split(reply.timings, reply.round_trip_s))
             except (RemoteError, TimeoutError, OSError) as exc:
                 report["errors"] += measured
                 log.debug("robot %d: %s", index, exc)
@@ -108,6 +111,21 @@ def robot(index: int, endpoint: str, config_path: str, rate: float, start_at: fl
     finally:
         client.close()
         results.put((index, report))
+
+
+# Where a round trip goes (docs/protocol.md section 8's timings): the stages tile the round trip.
+STAGES = ("unpack", "check", "queue", "model", "encode", "network")
+
+
+def stage_split(timings: dict[str, float], round_trip_s: float) -> list[float]:
+    """One reply's round trip split into ``STAGES``, seconds: the server's unpack, its check and input load
+    (``decode_s``), the wait for a batch (``queue_s``), the batch's model work (pre-processing, inference,
+    post-processing), the reply's encode, and what is left (``round trip - server_s``: the wire both ways, the
+    client's encode and decode, the server's socket thread being busy with others)."""
+    get = timings.get
+    model = get("preprocess_s", 0.0) + get("inference_s", 0.0) + get("postprocess_s", 0.0)
+    return [get("unpack_s", 0.0), get("decode_s", 0.0), get("queue_s", 0.0), model, get("encode_s", 0.0),
+            round_trip_s - get("server_s", 0.0)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -134,12 +152,15 @@ def run_robots(count: int, endpoint: str, config_path: Path, args: argparse.Name
     slots = sum(report["slots"] for report in reports)
     missed = sum(report["missed"] for report in reports)
     batches = [b for report in reports for b in report["batches"]]
+    stages = np.array([split for report in reports for split in report["stages"]]).reshape(-1, len(STAGES))
+    split = {f"{name}_ms": float(stages[:, index].mean() * 1000) if len(stages) else float("nan")
+             for index, name in enumerate(STAGES)}
     return {"robots": count, "chunks_per_s": len(round_trips) / args.duration,
             "round_trip_p50_ms": percentile(round_trips, 50) * 1000,
             "round_trip_p99_ms": percentile(round_trips, 99) * 1000,
             "slots": slots, "missed": missed, "missed_pct": 100.0 * missed / slots if slots else float("nan"),
             "errors": sum(report["errors"] for report in reports),
-            "batch_mean": float(np.mean(batches)) if batches else float("nan")}
+            "batch_mean": float(np.mean(batches)) if batches else float("nan"), **split}
 
 
 class PolicyNode:
@@ -185,6 +206,12 @@ def markdown(rows: list[dict[str, Any]], heading: str) -> str:
         lines.append(f"| {row['robots']} | {row['batching']} | {row['chunks_per_s']:.0f} | "
                      f"{row['round_trip_p50_ms']:.1f} ms | {row['round_trip_p99_ms']:.1f} ms | "
                      f"{row['missed_pct']:.1f} % | {row['batch_mean']:.1f} | {row['errors']} |")
+    lines += ["", "Where the round trip goes (mean ms per reply; `network`: round trip - the server's own time: the "
+              "wire, the client, the socket thread busy with others):", "",
+              "| robots | batching | " + " | ".join(STAGES) + " |", "|---:|---|" + "---:|" * len(STAGES)]
+    for row in rows:
+        lines.append(f"| {row['robots']} | {row['batching']} | "
+                     + " | ".join(f"{row.get(f'{name}_ms', float('nan')):.1f}" for name in STAGES) + " |")
     return "\n".join(lines)
 
 

@@ -391,6 +391,8 @@ def test_capacity_is_logged_once_per_period(caplog: pytest.LogCaptureFixture) ->
         capacity.add_batch([0.001, 0.003], [0.1, 0.4], failed=0, clients=["robot-1", "robot-2"])
         capacity.add_batch([0.002], [0.2], failed=1, clients=["robot-1"])
         capacity.count(superseded=2)
+        capacity.add_busy("model", 4.0)
+        capacity.add_busy("socket", 0.5)
         assert capacity.roll(now=capacity.since + 5) is None  # within the period: nothing yet
         assert not caplog.records
         figures = capacity.roll(now=capacity.since + 10)
@@ -399,6 +401,8 @@ def test_capacity_is_logged_once_per_period(caplog: pytest.LogCaptureFixture) ->
     assert message.startswith("3 chunks in 10 s (0.3 chunks/s, 2 sessions): 2 batches, size mean 1.5 max 2 "
                               "(max_batch 8)")
     assert "2 superseded" in message and "1 failed" in message
+    assert message.endswith("busy: model thread 40 %, socket thread 5 %")
     assert figures is not None and figures["chunks"] == 3 and figures["batch_max"] == 2 and figures["sessions"] == 2
     assert figures["queue_ms_p50"] == 2.0 and figures["total_ms_max"] == 400.0
+    assert figures["model_busy"] == 0.4 and figures["socket_busy"] == 0.05
     assert capacity.last == figures and capacity.sizes == [] and not capacity.clients  # the next period starts empty

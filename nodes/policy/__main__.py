@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         while not stop.is_set():
             events = dict(poller.poll(200))
+            busy_from = time.perf_counter()
             if wake_read in events:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_read, 4096)
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                     if received is None:
                         break
                     policy_server.on_request(*received, time.perf_counter())
+            scheduler.capacity.add_busy("socket", time.perf_counter() - busy_from)
             figures = scheduler.capacity.roll()
             if figures is not None:
                 readiness.update(**serving_detail, capacity=figures)

@@ -82,6 +82,9 @@ class Capacity:
         self.refused = 0
         self.failed = 0
         self.clients: set[str] = set()
+        # Seconds each thread was busy: the model thread running batches, the socket thread reading, checking and
+        # answering requests. Near the whole period, that thread is what limits the node.
+        self.busy_s = {"model": 0.0, "socket": 0.0}
         self.last: dict[str, Any] = {"max_batch": max_batch, "chunks_per_s": 0.0, "period_s": 0.0}
 
     def add_batch(self, waits_s: list[float], totals_s: list[float], failed: int, clients: Iterable[str] = ()) -> None:
@@ -91,6 +94,10 @@ class Capacity:
             self.waits_ms.extend(wait * 1000 for wait in waits_s)
             self.totals_ms.extend(total * 1000 for total in totals_s)
             self.failed += failed
+
+    def add_busy(self, thread: str, seconds: float) -> None:
+        with self.lock:
+            self.busy_s[thread] += seconds
 
     def count(self, *, superseded: int = 0, refused: int = 0) -> None:
         with self.lock:
@@ -107,6 +114,7 @@ class Capacity:
             sizes, waits, totals = self.sizes, sorted(self.waits_ms), sorted(self.totals_ms)
             superseded, refused, failed, sessions = self.superseded, self.refused, self.failed, len(self.clients)
             self.sizes, self.waits_ms, self.totals_ms, self.clients = [], [], [], set()
+            busy, self.busy_s = self.busy_s, {"model": 0.0, "socket": 0.0}
             self.superseded = self.refused = self.failed = 0
             self.since = now
         chunks = len(totals)
@@ -116,15 +124,17 @@ class Capacity:
             "batch_max": max(sizes, default=0), "max_batch": self.max_batch,
             "queue_ms_p50": round(_quantile(waits, 0.5), 2), "queue_ms_p99": round(_quantile(waits, 0.99), 2),
             "total_ms_p50": round(_quantile(totals, 0.5), 2), "total_ms_max": round(totals[-1], 2) if totals else 0.0,
-            "superseded": superseded, "refused_busy": refused, "failed": failed, "sessions": sessions}
+            "superseded": superseded, "refused_busy": refused, "failed": failed, "sessions": sessions,
+            "model_busy": round(busy["model"] / elapsed, 3), "socket_busy": round(busy["socket"] / elapsed, 3)}
         self.last = figures
         if chunks or superseded or refused or failed:
             log.info("%d chunks in %.0f s (%.1f chunks/s, %d sessions): %d batches, size mean %.1f max %d "
                      "(max_batch %d); queue wait ms p50 %.1f p99 %.1f; total ms p50 %.1f, max %.1f; %d superseded, "
-                     "%d refused busy, %d failed", chunks, elapsed, figures["chunks_per_s"], sessions, len(sizes),
+                     "%d refused busy, %d failed; busy: model thread %.0f %%, socket thread %.0f %%", chunks, elapsed,
+                     figures["chunks_per_s"], sessions, len(sizes),
                      figures["batch_mean"], figures["batch_max"], self.max_batch, figures["queue_ms_p50"],
                      figures["queue_ms_p99"], figures["total_ms_p50"], figures["total_ms_max"], superseded, refused,
-                     failed)
+                     failed, 100 * figures["model_busy"], 100 * figures["socket_busy"])
         return figures
 
 
@@ -250,7 +260,9 @@ class BatchScheduler:
                     log.exception("reset of session %s failed", waiting.client)
                     self.done.put(Done(waiting, exc))
             if infers:
+                started = time.perf_counter()
                 self.run_batch(infers)
+                self.capacity.add_busy("model", time.perf_counter() - started)
             self.notify()
 
     def run_batch(self, infers: list[Waiting]) -> None:
