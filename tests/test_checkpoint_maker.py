@@ -146,8 +146,31 @@ def test_tiny_smolvla_loads_offline_with_lerobots_own_loader(tiny_checkpoint, mo
     assert chunk.shape == (1, 50, 6) and torch.isfinite(chunk).all()
 
 
-def test_pi0_has_no_tiny_size(tmp_path) -> None:
+@pytest.mark.parametrize("policy_type", ["pi0", "pi05"])
+def test_tiny_pi0_and_pi05_load_offline_with_lerobots_own_loader(policy_type, tiny_checkpoint, monkeypatch,
+                                                                 tmp_path) -> None:
+    # LeRobot's own loader, with armpipe's small sizes registered (common.lerobot_pi_sizes): the config names the
+    # registered variants, the weights are small, and the PaliGemma-style tokenizer made locally is the one the
+    # saved tokenizer step names (no hub, no cache).
+    from common.lerobot_pi_sizes import TINY_EXPERT, TINY_VLM, VARIANTS, register
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     config = load_config(REPO_ROOT / "configs" / "lift.yaml")
-    for policy_type in ("pi0", "pi05"):
-        with pytest.raises(ValueError, match=r"hard-codes .* Gemma widths"):
-            build_checkpoint(config, tmp_path / policy_type, policy_type=policy_type, size="tiny")
+    path = tiny_checkpoint("lift", policy_type)
+    saved = json.loads((path / "config.json").read_text())
+    assert (saved["paligemma_variant"], saved["action_expert_variant"]) == (TINY_VLM, TINY_EXPERT)
+    assert (path / "model.safetensors").stat().st_size < 5_000_000
+    steps = json.loads((path / "policy_preprocessor.json").read_text())["steps"]
+    tokenizer = next(step["config"]["tokenizer_name"] for step in steps
+                     if step["registry_name"] == "tokenizer_processor")
+    assert tokenizer == str((path / "tokenizer").resolve()) and (path / "tokenizer" / "tokenizer.json").is_file()
+    register(policy_type)
+    policy_config, policy, pre, post = _load_lerobot(path)
+    assert policy_config.type == policy_type
+    assert policy.model.action_in_proj.out_features == VARIANTS[TINY_EXPERT].width
+    assert sum(p.numel() for p in policy.parameters()) < 1_000_000
+    batch = _observation(config, np.random.default_rng(0))
+    batch["task"] = "pick up the red cube"
+    chunk = post(policy.predict_action_chunk(pre(batch)))
+    assert chunk.shape == (1, 50, 6) and torch.isfinite(chunk).all()

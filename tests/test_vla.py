@@ -1,9 +1,10 @@
 """SmolVLA, pi0 and pi0.5 through LeRobot's own classes and saved processors: the instruction reaches LeRobot's
 ``task``, chunks match LeRobot's plain path, nothing is downloaded (a missing tokenizer is a refusal), and
-LeRobot's real-time chunking continues a prefix. The CPU tests use the maker's tiny SmolVLA; pi0 and pi0.5 have
-no tiny size (LeRobot hard-codes their widths): they are served end to end on the GPU machine by
-bench/vla_serve.py (bench/device_vla.sh), which also checks there that another instruction changes the chunk and
-the same one replays it, and runs one rtc request (docs/benchmarks.md)."""
+LeRobot's real-time chunking continues a prefix. The CPU tests use the maker's tiny checkpoints: SmolVLA's sizes
+come from its config; pi0 and pi0.5's small Gemma variants are registered with LeRobot by
+common/lerobot_pi_sizes.py, which must leave LeRobot's stock sizes exactly as they are (tested here on the meta
+device, without building 4 B parameters). The default sizes are served end to end on the GPU machine by
+bench/vla_serve.py (bench/device_vla.sh; docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,18 @@ SMOLVLM_HUB_ID = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 TIMEOUT_S = 120.0
 
 
+LANGUAGE_TYPES = ("smolvla", "pi0", "pi05")
+
+
 @pytest.fixture(scope="module")
 def smolvla(tiny_checkpoint) -> Path:
     return tiny_checkpoint("lift", "smolvla")
+
+
+@pytest.fixture(scope="module", params=LANGUAGE_TYPES)
+def language_checkpoint(request, tiny_checkpoint) -> Path:
+    """Each language policy's tiny checkpoint, built by the maker."""
+    return tiny_checkpoint("lift", request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -45,10 +55,12 @@ def _with_instruction(msg, text: str | None):
     return msg
 
 
-def test_tiny_smolvla_serves_chunks_that_match_lerobots_plain_path(smolvla: Path, tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, smolvla)
+def test_tiny_language_policies_serve_chunks_that_match_lerobots_plain_path(language_checkpoint: Path,
+                                                                          tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, language_checkpoint)
     contract = runtime.contract
-    assert contract.policy_type == "smolvla" and contract.takes_instruction is True
+    assert contract.policy_type == json.loads((language_checkpoint / "config.json").read_text())["type"]
+    assert contract.takes_instruction is True
     assert contract.chunk_length == 50 and contract.extra["rtc_max_prefix_rows"] == 50
     assert contract_differences(contract, runtime.config) == []
     msg = _with_instruction(observation(runtime.config, 1), "pick up the red cube")
@@ -67,8 +79,8 @@ def test_tiny_smolvla_serves_chunks_that_match_lerobots_plain_path(smolvla: Path
     np.testing.assert_allclose(chunk, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_the_instruction_reaches_lerobots_task(smolvla: Path, tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, smolvla)
+def test_the_instruction_reaches_lerobots_task(language_checkpoint: Path, tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, language_checkpoint)
     chunks = {}
     for text in ("pick up the red cube", "stack the blue cube on the green cube", "pick up the red cube"):
         runtime.reset("robot-a")  # the same noise each time
@@ -88,10 +100,10 @@ def test_a_language_policy_refuses_an_infer_without_instruction(smolvla: Path, t
     assert info.value.field == "meta.instruction" and "field is missing" in str(info.value)
 
 
-def test_rtc_uses_lerobots_real_time_chunking(smolvla: Path, tmp_path: Path) -> None:
+def test_rtc_uses_lerobots_real_time_chunking(language_checkpoint: Path, tmp_path: Path) -> None:
     # LeRobot's guidance pulls the new chunk's first rows towards the prefix: much closer than the same request
     # without a prefix (same session noise).
-    runtime = make_runtime(tmp_path, smolvla)
+    runtime = make_runtime(tmp_path, language_checkpoint)
     config = runtime.config
     first = runtime.infer("robot-a", _with_instruction(observation(config, 5), "lift the cube")).actions
     prefix = np.ascontiguousarray(first[3:13])
@@ -109,6 +121,83 @@ def test_rtc_uses_lerobots_real_time_chunking(smolvla: Path, tmp_path: Path) -> 
     # Without a prefix the guidance is off: the plain path exactly.
     runtime.reset("robot-b")
     np.testing.assert_array_equal(runtime.infer("robot-b", plain_msg).actions, plain)
+
+
+STOCK_SIZES_SCRIPT = """
+import importlib, json, sys, torch
+from common.lerobot_guard import guard_lerobot_imports
+guard_lerobot_imports()
+from common import lerobot_pi_sizes
+from nodes.policy import lerobot_import
+
+out = {}
+for policy_type, model_class, tiny in zip(("pi0", "pi05"), ("PI0Pytorch", "PI05Pytorch"), sys.argv[1:]):
+    lerobot_import.policy_class(policy_type)
+    modeling_name, configuration_name, config_name = lerobot_pi_sizes.PI_TYPES[policy_type]
+    modeling = importlib.import_module(modeling_name)
+    config_class = getattr(importlib.import_module(configuration_name), config_name)
+    from lerobot.configs.policies import PreTrainedConfig
+
+    def stock():
+        # LeRobot's default sizes (gemma_2b + gemma_300m, SigLIP So400m), built on the meta device: no memory.
+        config = config_class(device="cpu")
+        with torch.device("meta"):
+            model = getattr(modeling, model_class)(config)
+        pair = model.paligemma_with_expert
+        try:
+            config_class(paligemma_variant="gemma_7b")
+            unknown = "accepted"
+        except ValueError as exc:
+            unknown = str(exc)
+        return {"params": {name: [list(p.shape), str(p.dtype)] for name, p in model.state_dict(keep_vars=True).items()},
+                "modules": {name: type(m).__module__ + "." + type(m).__qualname__ for name, m in model.named_modules()},
+                "vlm_config": pair.paligemma.config.to_json_string(use_diff=False),
+                "expert_config": pair.gemma_expert.config.to_json_string(use_diff=False),
+                "variants": {v: vars(modeling.get_gemma_config(v)) for v in ("gemma_2b", "gemma_300m")},
+                "config": repr(config), "unknown": unknown}
+
+    try:
+        PreTrainedConfig.from_pretrained(tiny, local_files_only=True)
+        plain = "loaded"
+    except Exception as exc:  # draccus's ParsingError, caused by LeRobot's ValueError
+        chain, plain = exc, ""
+        while chain is not None:
+            plain, chain = plain + f"{type(chain).__name__}: {chain} | ", chain.__cause__ or chain.__context__
+    before = stock()
+    lerobot_pi_sizes.register(policy_type)
+    after = stock()
+    registered = PreTrainedConfig.from_pretrained(tiny, local_files_only=True).paligemma_variant
+    out[policy_type] = {"before": before, "after": after, "plain": plain, "registered": registered}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_the_registered_pi_sizes_leave_lerobots_stock_pi0_and_pi05_as_they_are(tiny_checkpoint) -> None:
+    # In a fresh process: LeRobot's default-size pi0 / pi0.5 (every parameter's name, shape and dtype, every module's
+    # class, the Hugging Face configs of the VLM and the expert, the config and its variant check) is the same before
+    # and after common.lerobot_pi_sizes registers its variants; and plain LeRobot, without the registration, refuses
+    # a tiny checkpoint at its config, naming the variant the checkpoint records.
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    from common.lerobot_pi_sizes import TINY_VLM
+
+    tiny = [str(tiny_checkpoint("lift", policy_type)) for policy_type in ("pi0", "pi05")]
+    result = subprocess.run([sys.executable, "-c", STOCK_SIZES_SCRIPT, *tiny], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT ", 1)[1])
+    for policy_type in ("pi0", "pi05"):
+        before, after = out[policy_type]["before"], out[policy_type]["after"]
+        assert len(before["params"]) > 500 and "gemma_2b" in before["config"]
+        assert sum(np.prod(shape) for shape, _ in before["params"].values()) > 3e9  # the real 3-4 B architecture
+        assert "Invalid paligemma_variant: gemma_7b" in before["unknown"]
+        for key in before:
+            assert before[key] == after[key], (policy_type, key)
+        assert f"Invalid paligemma_variant: {TINY_VLM}" in out[policy_type]["plain"], out[policy_type]["plain"]
+        assert out[policy_type]["registered"] == TINY_VLM
 
 
 def _hub_named_copy(checkpoint: Path, target: Path) -> Path:

@@ -14,9 +14,11 @@ Sizes:
 - ``tiny``: small enough for CPU tests and the demo (DiffusionPolicy: images resized to 60x80 inside the
   model, a 2-level 32/64 UNet, horizon 16, 8 actions per chunk, DDIM with 10 steps, n_obs_steps 2;
   ACT: 64-wide transformer, chunk of 20; SmolVLA: a 4-layer 64-wide SmolVLM with a 1-layer vision tower on
-  64x64 images, chunk of 50, 4 flow-matching steps). pi0 / pi0.5 have no tiny size: LeRobot 0.6.1 hard-codes
-  their Gemma widths and SigLIP tower (the smallest buildable pi0 has ~1.8 B parameters), and shrinking them
-  would mean patching LeRobot's modules; they are built at ``default`` size, on the GPU machine.
+  64x64 images, chunk of 50, 4 flow-matching steps; pi0 / pi0.5: the Gemma variants ``armpipe_tiny`` (64 wide) and
+  ``armpipe_tiny_expert`` (32 wide), 2 layers, a 1-layer 32-wide SigLIP on 64x64 images and a 512-token vocabulary,
+  chunk of 50, 4 flow-matching steps, float32). LeRobot 0.6.1 hard-codes pi0 / pi0.5's sizes, so the small ones
+  are registered with it by ``common.lerobot_pi_sizes`` (the one place; the policy node registers them too before
+  it loads a checkpoint); the checkpoint's ``config.json`` names the variants, so plain LeRobot refuses it.
 - ``default``: LeRobot's default configuration for the policy type (the benchmark configuration),
   only without pretrained weights (ImageNet backbones, the VLM), which would need a download.
 
@@ -290,18 +292,25 @@ def make_policy_config(config: DeploymentConfig, policy_type: str, size: str, ch
                                  num_steps=4)
         return SmolVLAConfig(**language, **vlm)
     if policy_type in ("pi0", "pi05"):
+        from common import lerobot_pi_sizes
+
+        lerobot_pi_sizes.register(policy_type)  # before the config: its __post_init__ checks the variant names
         if size == "tiny":
-            raise ValueError(f"--size tiny: LeRobot 0.6.1 hard-codes {policy_type}'s Gemma widths and SigLIP tower "
-                             "(the smallest buildable one has ~1.8 B parameters); build --size default, on a GPU")
-        # bf16 weights (LeRobot's dtype option for these models; the vision tower and norms stay fp32): a 4 B
-        # model is 8 GB on disk instead of 16.
+            # The variants common.lerobot_pi_sizes registers; float32 (bf16 matmuls are slow on a CPU).
+            sizes: dict[str, Any] = {"paligemma_variant": lerobot_pi_sizes.TINY_VLM,
+                                     "action_expert_variant": lerobot_pi_sizes.TINY_EXPERT,
+                                     "image_resolution": (64, 64), "num_inference_steps": 4, "dtype": "float32"}
+        else:
+            # bf16 weights (LeRobot's dtype option for these models; the vision tower and norms stay fp32): a 4 B
+            # model is 8 GB on disk instead of 16.
+            sizes = {"dtype": "bfloat16"}
         if policy_type == "pi0":
             from lerobot.policies.pi0.configuration_pi0 import PI0Config
 
-            return PI0Config(**language, dtype="bfloat16")
+            return PI0Config(**language, **sizes)
         from lerobot.policies.pi05.configuration_pi05 import PI05Config
 
-        return PI05Config(**language, dtype="bfloat16")
+        return PI05Config(**language, **sizes)
     raise ValueError(f"--policy-type: expected one of {list(POLICY_TYPES)}, got {policy_type!r}")
 
 
@@ -334,9 +343,11 @@ def build_checkpoint(config: DeploymentConfig, output: Path, *, policy_type: str
     if policy_type == "smolvla":
         assets = target / "vlm"
         make_smolvlm(assets, size)
-    elif policy_type in LANGUAGE_TYPES and size != "tiny":
+    elif policy_type in LANGUAGE_TYPES:
+        from common.lerobot_pi_sizes import TINY_VLM, VLM_EXTRAS
+
         assets = target / "tokenizer"
-        make_tokenizer(assets, 2048)
+        make_tokenizer(assets, VLM_EXTRAS[TINY_VLM].vocab_size if size == "tiny" else 2048)
     policy_config = make_policy_config(config, policy_type, size, chunk, assets)
     if dataset_root is not None:
         stats = dataset_stats(config, Path(dataset_root))

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common import lerobot_pi_sizes
 from common.config import DeploymentConfig
 from common.layout import ACTION_KEY, IMAGE_KEY_PREFIX, STATE_KEY, Joints, Layout, differences
 from common.lerobot_guard import guard_lerobot_imports
@@ -196,6 +197,9 @@ def load_lerobot_policy(path: Path, device: torch.device, clock: StageClock | No
             from lerobot.policies.factory import get_policy_class, make_pre_post_processors
         from lerobot.configs.policies import PreTrainedConfig
 
+        # armpipe's small pi0 / pi0.5 sizes (its tiny checkpoints name them), before the config is read; a stock
+        # checkpoint loads as LeRobot loads it (common/lerobot_pi_sizes.py).
+        lerobot_pi_sizes.register(declared_type)
     try:
         policy_config = PreTrainedConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # draccus / json errors: say which file
