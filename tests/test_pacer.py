@@ -65,3 +65,44 @@ def test_on_time_ticks_keep_the_period_and_missed_ones_are_skipped() -> None:
     start = pacer.deadline
     assert pacer.advance(start + 3.5 * PERIOD, started=start) == 2
     assert pacer.deadline >= start + 3 * PERIOD - 1e-9
+
+
+def ticks_against_a_camera(seed: int, camera_fps: float, jitter_s: float, seconds: float = 60.0) -> list[float]:
+    """Tick times over ``seconds`` while a request leaves on every 4th frame of a camera at ``camera_fps`` and its
+    reply lands 12 ms later plus up to ``jitter_s`` (uniform): the act-on-arrival loop's flow, without processes."""
+    rng = random.Random(seed)
+    pacer = PhaseLockedPacer(PERIOD)
+    pacer.start(0.0137)
+    replies = sorted(k / camera_fps + 0.012 + rng.uniform(0.0, jitter_s)
+                     for k in range(0, int(seconds * camera_fps), 4))
+    ticks: list[float] = []
+    while pacer.deadline < seconds:
+        if replies and replies[0] < pacer.deadline:
+            pacer.arrived(replies.pop(0))
+            continue
+        ticks.append(pacer.deadline)
+        pacer.advance(pacer.deadline + 0.0005)
+    return ticks
+
+
+def test_the_ticks_keep_the_cameras_rate_whatever_the_replies_jitter() -> None:
+    """No long-run rate bias: against an exact 30 fps camera the ticks stay at 30 per second, with replies that
+    land on either side of the locked phase. (The pacer used to make every correction later as nearly a period
+    earlier, adding a tick each time: 31.6 ticks per second with 6 ms of jitter, so a recording drifted a period
+    off true time within a second or two.)"""
+    for jitter in (0.0, 0.003, 0.006, 0.012):
+        for seed in range(3):
+            ticks = ticks_against_a_camera(seed, 30.0, jitter)
+            assert abs(len(ticks) - 60 * 30) <= 1, (jitter, seed, len(ticks))
+            # ... and at no point more than half a period off a fixed 30 Hz grid of the camera's (after the lock).
+            grid = ticks[30] - 30 * PERIOD
+            offsets = [t - grid - k * PERIOD for k, t in enumerate(ticks)][30:]
+            assert max(offsets) - min(offsets) < 0.5 * PERIOD + jitter, (jitter, seed, min(offsets), max(offsets))
+
+
+def test_the_ticks_follow_a_camera_whose_clock_drifts() -> None:
+    """The phase follows the cameras' clock: a camera 1.7 % slow or 3.3 % fast sets the ticks' long-run rate."""
+    for fps in (29.5, 31.0):
+        for jitter in (0.0, 0.006):
+            ticks = ticks_against_a_camera(1, fps, jitter)
+            assert abs(len(ticks) - 60 * fps) <= 1, (fps, jitter, len(ticks))
