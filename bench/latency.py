@@ -335,15 +335,11 @@ def serve_openpi(config_path: Path, port: int, ready_file: Path) -> None:
             request = Message(kind=KIND_REQUEST, meta={"op": "infer", "client": "openpi", "obs_t": 0.0},
                               arrays={k: v for k, v in obs.items() if isinstance(v, np.ndarray)})
             result = runtime.infer("openpi", request)
-            timings = {**result.timings, "unpack_s": unpacked - received, "encode_s": 0.0, "server_s": 0.0,
+            # server_s ends as the reply goes to its one pack, as in the policy node (a header cannot time its
+            # own encode: that falls in the client's network stage).
+            timings = {**result.timings, "unpack_s": unpacked - received, "server_s": time.perf_counter() - received,
                        "infer_ms": result.timings["total_s"] * 1000}  # openpi's own field
-            reply = {"actions": result.actions, "server_timing": timings}
-            start = time.perf_counter()
-            packer.pack(reply)  # measured once, as the policy node does (a header cannot time itself)
-            encoded = time.perf_counter()
-            timings["encode_s"] = encoded - start
-            timings["server_s"] = encoded - received
-            await websocket.send(packer.pack(reply))
+            await websocket.send(packer.pack({"actions": result.actions, "server_timing": timings}))
 
     async def main() -> None:
         async with websockets.asyncio.server.serve(handler, "127.0.0.1", port, compression=None, max_size=None):
@@ -473,7 +469,7 @@ def run_grpc_client(config_path: Path, port: int, policy_type: str, checkpoint: 
                     continue
                 chain = {"stamps": {**stamps, "replied_t": replied, "scheduled_t": time.monotonic()},
                          "server": {k: 0.0 for k in ("unpack_s", "decode_s", "preprocess_s", "inference_s",
-                                                     "postprocess_s", "total_s", "encode_s", "server_s")}}
+                                                     "postprocess_s", "total_s", "server_s")}}
                 chunk_size = max(chunk_size, len(actions))
                 for row, action in enumerate(actions):
                     step = action.get_timestep()

@@ -26,7 +26,7 @@ from common.wire.transport import Publisher, SocketFactory
 from nodes.actuator.latency import LatencyTracker
 
 SERVER = {"unpack_s": 0.001, "decode_s": 0.002, "preprocess_s": 0.0005, "inference_s": 0.010,
-          "postprocess_s": 0.0005, "total_s": 0.013, "encode_s": 0.0002, "server_s": 0.0145}
+          "postprocess_s": 0.0005, "total_s": 0.013, "server_s": 0.0145}
 
 
 def test_stages_tile_capture_to_written_and_name_a_bad_field() -> None:
@@ -36,12 +36,12 @@ def test_stages_tile_capture_to_written_and_name_a_bad_field() -> None:
     assert sum(durations.values()) == pytest.approx(stamps["written_t"] - stamps["capture_t"]) == pytest.approx(0.061)
     assert durations["network"] == pytest.approx(0.020 - 0.0145)
     assert durations["inference"] == pytest.approx(0.011)
-    assert durations["server_encode"] == pytest.approx(0.0145 - 0.001 - 0.013)
+    assert durations["server_reply"] == pytest.approx(0.0145 - 0.001 - 0.013)
     assert durations["server_queue"] == 0.0  # a server from before batching sends no queue_s
     # A request that waited 4 ms for another batch: the wait is its own stage and the stages still tile.
     queued = stages(stamps, {**SERVER, "queue_s": 0.004, "total_s": 0.017, "server_s": 0.0185})
     assert queued["server_queue"] == pytest.approx(0.004)
-    assert queued["server_encode"] == pytest.approx(0.0185 - 0.001 - 0.017)
+    assert queued["server_reply"] == pytest.approx(0.0185 - 0.001 - 0.017)
     assert sum(queued.values()) == pytest.approx(0.061)
     with pytest.raises(LatencyError, match=r"stamps\.written_t"):
         stages({**stamps, "written_t": float("nan")}, SERVER)
@@ -102,7 +102,7 @@ def test_pipeline_stamps_are_ordered_and_end_at_the_bus_write(
             assert meta["stamps"]["executed_t"] == pytest.approx(action.t, abs=0.05)
             # ... and ends when the write returned, after the tick that commanded it.
             assert meta["stamps"]["written_t"] > meta["stamps"]["executed_t"]
-            assert set(meta["server"]) >= {"unpack_s", "inference_s", "encode_s", "server_s"}
+            assert set(meta["server"]) >= {"unpack_s", "inference_s", "server_s"}
         assert any(e.meta["first_row"] for e in events)
         assert emulator_sync_writes(config_path) >= len(events)
 

@@ -68,13 +68,12 @@ def test_contract_infer_reset_and_ping(lift_node) -> None:
     assert reply.actions.shape == (8, 6) and reply.actions.dtype == np.float32
     assert reply.obs_t == 1234.5
     assert set(reply.timings) == {"unpack_s", "decode_s", "queue_s", "preprocess_s", "inference_s", "postprocess_s",
-                                  "total_s",
-                                  "encode_s", "server_s"}
+                                  "total_s", "server_s"}
     assert reply.timings["total_s"] >= reply.timings["inference_s"] > 0
     # The server's time covers its stages and fits inside the client's round trip (docs/protocol.md).
     timings = reply.timings
-    assert timings["unpack_s"] > 0 and timings["encode_s"] > 0
-    assert timings["server_s"] >= timings["unpack_s"] + timings["total_s"] + timings["encode_s"]
+    assert timings["unpack_s"] > 0
+    assert timings["server_s"] >= timings["unpack_s"] + timings["total_s"]
     assert timings["server_s"] < reply.round_trip_s
     assert reply.sent_t < reply.received_t and reply.received_t - reply.sent_t == pytest.approx(reply.round_trip_s)
     # MIN_MAX stats from the joint limits and clipped diffusion: robot units inside the limits.

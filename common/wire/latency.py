@@ -29,7 +29,8 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("server_decode", "policy: unpack the frames, validate, decode JPEG, upload (unpack_s + decode_s)"),
     ("server_queue", "policy: waiting for the model while it runs another batch (queue_s; 0 from older servers)"),
     ("inference", "policy: normalise, model, unnormalise (preprocess_s + inference_s + postprocess_s)"),
-    ("server_encode", "policy: the rest of its time, mostly encoding the reply (server_s - unpack - total)"),
+    ("server_reply", "policy: the rest of its time, building the reply (server_s - unpack - total); the reply's one "
+                     "encode, as the socket sends it, is in network"),
     ("to_queue", "reply received -> row scheduled: the worker hands the chunk to the control loop, which queues it"),
     ("to_tick", "row scheduled -> row executed: the row waits for the tick it is meant for"),
     ("bus_write", "row executed -> goal written: the bus writer's sync write of the goal positions"),
@@ -64,7 +65,7 @@ def stages(stamps: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, fl
         "server_decode": s["unpack_s"] + s["decode_s"],
         "server_queue": s["queue_s"],
         "inference": s["preprocess_s"] + s["inference_s"] + s["postprocess_s"],
-        "server_encode": s["server_s"] - s["unpack_s"] - s["total_s"],
+        "server_reply": s["server_s"] - s["unpack_s"] - s["total_s"],
         "to_queue": t["scheduled_t"] - t["replied_t"],
         "to_tick": t["executed_t"] - t["scheduled_t"],
         "bus_write": t["written_t"] - t["executed_t"],

@@ -21,12 +21,16 @@ class ChunkReply:
     actions: np.ndarray  # (chunk_length, action_dim) float32, robot units
     obs_t: float  # the observation time echoed back (client's monotonic clock)
     timings: dict[str, float] = field(default_factory=dict)  # server durations, seconds
-    round_trip_s: float = 0.0
     received_t: float = 0.0  # client's monotonic clock: the reply was read (the latency chain's replied_t)
     sent_t: float = 0.0  # client's monotonic clock just before the request was encoded and sent (the chain's sent_t)
     # rtc: the rows predicted after the chunk (guide_rows, action_dim), robot units; None when the reply has none
     guide: np.ndarray | None = None
     batch: int = 1  # the requests that ran in the same model call on the policy node (meta.batch; 1 when absent)
+
+    @property
+    def round_trip_s(self) -> float:
+        """The round trip, from the one pair of instants the latency chain also reports (sent_t -> received_t)."""
+        return self.received_t - self.sent_t
 
 
 def echoed_obs_t(meta: Mapping[str, object], sent: float) -> float:
@@ -131,8 +135,8 @@ class PolicyClient:
             if not np.all(np.isfinite(guide)):
                 raise ProtocolError(f"arrays[{RTC_GUIDE_KEY}]", expected, "non-finite values")
         return ChunkReply(actions=actions, obs_t=echoed_obs_t(reply.meta, obs_t),
-                          timings=dict(reply.meta.get("timings", {})), round_trip_s=received - start,
-                          received_t=received, sent_t=start, guide=guide if guide is not None and len(guide) else None,
+                          timings=dict(reply.meta.get("timings", {})), received_t=received, sent_t=start,
+                          guide=guide if guide is not None and len(guide) else None,
                           batch=_batch_size(reply.meta))
 
     def close(self) -> None:

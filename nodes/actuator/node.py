@@ -439,7 +439,7 @@ class ActuatorNode(ControlOps):
             return
         # The round trip is the client's one pair of instants (request sent, reply read), the same the latency
         # chain reports. Lockstep waits for the chunk before the tick: in frame time its round trip is 0.
-        round_trip = 0.0 if self.settings.lockstep else reply.received_t - reply.sent_t
+        round_trip = 0.0 if self.settings.lockstep else reply.round_trip_s
         notice = self.core.on_round_trip(round_trip, reply.timings.get("total_s"))
         if notice is not None:
             self._schedule_notice(notice)

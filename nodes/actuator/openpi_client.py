@@ -228,9 +228,9 @@ class OpenpiPolicyClient:
         if isinstance(infer_ms, int | float) and not isinstance(infer_ms, bool) and np.isfinite(infer_ms):
             infer_s = float(infer_ms) / 1000
             timings = {"unpack_s": 0.0, "decode_s": 0.0, "preprocess_s": 0.0, "inference_s": infer_s,
-                       "postprocess_s": 0.0, "total_s": infer_s, "encode_s": 0.0, "server_s": infer_s}
+                       "postprocess_s": 0.0, "total_s": infer_s, "server_s": infer_s}
         return ChunkReply(actions=np.ascontiguousarray(actions, dtype=np.float32), obs_t=float(obs_t),
-                          timings=timings, round_trip_s=received_t - sent_t, received_t=received_t, sent_t=sent_t)
+                          timings=timings, received_t=received_t, sent_t=sent_t)
 
     def close(self) -> None:
         self._drop()

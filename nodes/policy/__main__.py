@@ -34,7 +34,6 @@ from common.wire.protocol import (
     Message,
     ProtocolError,
     decode,
-    encode,
     error_message,
 )
 from common.wire.transport import RouterServer, SocketFactory
@@ -154,7 +153,9 @@ class PolicyServer:
             if self.runtime.rtc_max_rows and len(result.guide):
                 reply.arrays[RTC_GUIDE_KEY] = result.guide
             result.timings["unpack_s"] = waiting.unpacked_at - waiting.received_at
-            add_encode_time(reply, waiting.received_at)
+            # The reply is encoded once, as it is sent: server_s ends here, and that encode (a header cannot time
+            # itself) falls in the client's network stage, so every part of server_s lies inside its round trip.
+            result.timings["server_s"] = time.perf_counter() - waiting.received_at
             self.served += 1
         self.send(waiting.envelope, reply)
 
@@ -164,24 +165,6 @@ class PolicyServer:
         except ProtocolError as exc:  # a reply we could not encode: say so instead of going silent
             log.error("could not encode reply: %s", exc)
             self.server.reply(envelope, error_message(exc, src=PROGRAM, seq=reply.seq))
-
-
-def add_encode_time(reply: Message, received_at: float) -> None:
-    """Fill ``timings.encode_s`` and ``timings.server_s`` of an infer reply before it is sent.
-
-    A header cannot hold the time it takes to encode itself, so the reply is encoded once here to measure
-    it (the same fields, the same sizes: msgpack floats are fixed-width). ``server_s`` runs from the
-    request's frames read to the end of that encode, which stands in for the one the socket does next;
-    the real one falls in the client's ``network`` stage. Every part of ``server_s`` lies inside the
-    client's round trip, so ``round trip - server_s`` is never negative, however the machine schedules us.
-    """
-    timings = reply.meta["timings"]
-    timings["encode_s"] = timings["server_s"] = 0.0
-    start = time.perf_counter()
-    encode(reply)
-    encoded = time.perf_counter()
-    timings["encode_s"] = encoded - start
-    timings["server_s"] = encoded - received_at
 
 
 def _obs_t(request: Message) -> float | None:
