@@ -105,9 +105,8 @@ def test_a_jpeg_frame_reaches_the_policy_byte_identical_and_a_raw_frame_stays_ra
                     # What a JPEG camera sends: bytes encoded once, at the camera's quality.
                     jpeg = JpegImage(encode_jpeg(image, cam.jpeg_quality), (cam.height, cam.width, 3))
                     sent_jpeg.add(jpeg.payload.tobytes())
-                    msg = Message(kind="frame", meta={"camera": name, "source": "camera",
-                                                      "_jpeg_shapes": {"image": list(jpeg.shape)}},
-                                  arrays={"image": jpeg.payload}, jpeg={"image"})
+                    msg = Message(kind="frame", meta={"camera": name, "source": "camera"},
+                                  arrays={"image": jpeg.payload}, jpeg={"image"}, jpeg_shapes={"image": jpeg.shape})
                 else:
                     sent_raw.add(image.tobytes())
                     msg = Message(kind="frame", meta={"camera": name, "source": "camera"}, arrays={"image": image})

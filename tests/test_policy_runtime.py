@@ -227,7 +227,7 @@ def _jpeg_declared(shape: list[int]):
     def change(msg: Message) -> None:
         msg.arrays["observation.images.front"] = np.zeros(100, np.uint8)
         msg.jpeg.add("observation.images.front")
-        msg.meta["_jpeg_shapes"] = {"observation.images.front": shape}
+        msg.jpeg_shapes["observation.images.front"] = (shape[0], shape[1], shape[2])
     return change
 
 

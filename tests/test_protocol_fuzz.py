@@ -214,3 +214,39 @@ def test_an_oversized_or_empty_instruction_is_refused_before_it_is_sent():
         with pytest.raises(ProtocolError) as info:
             client.infer({}, np.zeros(6, np.float32), 0.0, instruction=bad)  # type: ignore[arg-type]
         assert info.value.field == "meta.instruction"
+
+
+_meta_values = st.recursive(  # what a peer may put in meta: msgpack primitives with string keys
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(height=st.integers(1, 64), width=st.integers(1, 64), payload=st.binary(min_size=1, max_size=64),
+       junk=_meta_values)
+def test_a_jpeg_shape_travels_only_in_its_array_descriptor(height, width, payload, junk):
+    """A JPEG array's image shape is its descriptor's ``shape`` (``Message.jpeg_shapes`` in Python), never a meta
+    key: whatever a peer puts in ``meta._jpeg_shapes`` (the key armpipe kept inside the process before) is plain
+    meta, passed on as it came, and changes neither the shape a receiver sees nor the one a pass-through sends."""
+    frames = encode(Message(kind=KIND_FRAME, meta={"camera": "c", "_jpeg_shapes": junk},
+                            arrays={"image": np.frombuffer(payload, np.uint8)}, jpeg={"image"},
+                            jpeg_shapes={"image": (height, width, 3)}))
+    header = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+    assert header["arrays"][0]["shape"] == [height, width, 3] and header["arrays"][0]["enc"] == "jpeg"
+    received = decode(frames)
+    assert received.jpeg == {"image"} and received.jpeg_shapes == {"image": (height, width, 3)}
+    assert set(received.meta) == {"camera", "_jpeg_shapes"}
+    # Passed through (the actuator sends a camera's bytes on as they came): the same descriptor again.
+    again = decode(encode(Message(kind=KIND_FRAME, meta=received.meta, arrays=received.arrays, jpeg=received.jpeg,
+                                  jpeg_shapes=received.jpeg_shapes)))
+    assert again.jpeg_shapes == {"image": (height, width, 3)} and again.arrays["image"].tobytes() == payload
+
+
+def test_jpeg_bytes_passed_through_without_their_shape_are_refused_naming_the_array():
+    msg = Message(kind=KIND_FRAME, meta={"camera": "c", "_jpeg_shapes": {"image": [4, 4, 3]}},
+                  arrays={"image": np.ones(10, np.uint8)}, jpeg={"image"})
+    with pytest.raises(ProtocolError, match=r"arrays\[image\]\.shape: expected the \[H, W, 3\] image shape"):
+        encode(msg)

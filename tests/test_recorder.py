@@ -331,7 +331,7 @@ class Replay:
             np.testing.assert_allclose(state.arrays["position"], states[state.meta["frame_index"]])
         frame = seen["frame"][-1]
         assert frame.meta["source"] == "dataset" and frame.meta["camera"] == "front"
-        assert tuple(frame.meta.get("_jpeg_shapes", {}).get("image", frame.arrays["image"].shape)) == (HEIGHT, WIDTH, 3)
+        assert tuple(frame.jpeg_shapes.get("image", frame.arrays["image"].shape)) == (HEIGHT, WIDTH, 3)
 
 
 def test_metrics_for_a_replayed_episode(streams: Any, node_processes: list) -> None:

@@ -19,8 +19,7 @@ class JpegImage:
     @classmethod
     def of_message(cls, msg: Message, name: str = "image") -> JpegImage:
         """The JPEG array ``name`` of a decoded message (``protocol.decode`` leaves JPEG arrays as bytes)."""
-        height, width, channels = msg.meta.get("_jpeg_shapes", {}).get(name, (0, 0, 0))
-        return cls(payload=msg.arrays[name], shape=(int(height), int(width), int(channels)))
+        return cls(payload=msg.arrays[name], shape=msg.jpeg_shapes.get(name, (0, 0, 0)))
 
 
 def encode_jpeg(image_rgb: np.ndarray, quality: int = 90) -> np.ndarray:

@@ -54,9 +54,9 @@ class PolicyClient:
 
     def _request(self, op: str, *, arrays: dict[str, np.ndarray] | None = None, meta: dict | None = None,
                  jpeg: set[str] | None = None, jpeg_quality: Mapping[str, int] | None = None,
-                 timeout_s: float | None = None) -> Message:
+                 timeout_s: float | None = None, jpeg_shapes: dict[str, tuple[int, int, int]] | None = None) -> Message:
         msg = Message(kind=KIND_REQUEST, src=self.client_id, meta={"op": op, "client": self.client_id, **(meta or {})},
-                      arrays=arrays or {}, jpeg=jpeg or set())
+                      arrays=arrays or {}, jpeg=jpeg or set(), jpeg_shapes=jpeg_shapes or {})
         return self.requests.request(msg, timeout_s=timeout_s, jpeg_quality=jpeg_quality or {})
 
     def metadata(self, timeout_s: float | None = None) -> PolicyContract:
@@ -98,12 +98,12 @@ class PolicyClient:
         arrays: dict[str, np.ndarray] = {}
         as_jpeg: set[str] = set()
         qualities: dict[str, int] = {}
-        shapes: dict[str, list[int]] = {}
+        shapes: dict[str, tuple[int, int, int]] = {}
         for name, image in images.items():
             key = image_key(name)
             if isinstance(image, JpegImage):
                 arrays[key] = image.payload
-                shapes[key] = list(image.shape)
+                shapes[key] = image.shape
                 as_jpeg.add(key)
             else:
                 arrays[key] = image
@@ -114,14 +114,12 @@ class PolicyClient:
         meta: dict = {"obs_t": float(obs_t)}
         if instruction is not None:
             meta[INSTRUCTION_KEY] = check_instruction({INSTRUCTION_KEY: instruction}, required=True)
-        if shapes:
-            meta["_jpeg_shapes"] = shapes  # read by protocol.encode for the bytes passed through, not sent
         if rtc_prefix is not None and len(rtc_prefix):
             arrays[RTC_PREFIX_KEY] = np.ascontiguousarray(rtc_prefix, dtype=np.float32)
             meta[RTC_DELAY_KEY] = int(min(max(rtc_delay_rows, 0), len(rtc_prefix)))
         start = time.monotonic()
         reply = self._request("infer", arrays=arrays, meta=meta, jpeg=as_jpeg, jpeg_quality=qualities,
-                              timeout_s=timeout_s)
+                              timeout_s=timeout_s, jpeg_shapes=shapes)
         received = time.monotonic()
         actions = reply.arrays.get("action")
         if actions is None or actions.ndim != 2 or actions.dtype != np.float32:

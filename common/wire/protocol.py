@@ -98,6 +98,10 @@ class Message:
     # Names of arrays that are JPEG-encoded on the wire (uint8 HxWx3 only). Decoding leaves them as
     # undecoded 1-D uint8 byte arrays listed here, so the receiver chooses where to decode (CPU/GPU).
     jpeg: set[str] = field(default_factory=set)
+    # For each array of ``jpeg`` that holds JPEG bytes already (1-D uint8): the (H, W, 3) image they decode to.
+    # ``decode`` fills it from the array's descriptor (its ``shape`` on the wire); a sender passing JPEG bytes
+    # through sets it, and ``encode`` writes it into the descriptor.
+    jpeg_shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def encode(
 
     Arrays named in ``msg.jpeg`` are either uint8 HxWx3 images, JPEG-encoded here at ``jpeg_quality`` (one
     quality, or one per array name), or JPEG bytes already (1-D uint8, as ``decode`` leaves them, with their
-    image shape in ``msg.meta['_jpeg_shapes'][name]``), sent as they are: a frame is never encoded twice.
+    image shape in ``msg.jpeg_shapes[name]``), sent as they are: a frame is never encoded twice.
     Large arrays are returned as the arrays themselves (no copy): the caller must not mutate them until the
     send completes.
     """
@@ -144,11 +148,6 @@ def encode(
     specs: list[dict[str, Any]] = []
     frames: list[Any] = []
     meta = msg.meta
-    jpeg_shapes: Mapping[str, Any] = {}
-    if "_jpeg_shapes" in meta:
-        # decode's note on JPEG bytes received; the header's array specs carry the shapes on the wire.
-        jpeg_shapes = meta["_jpeg_shapes"] if isinstance(meta["_jpeg_shapes"], Mapping) else {}
-        meta = {key: value for key, value in meta.items() if key != "_jpeg_shapes"}
     for name, value in msg.arrays.items():
         _check_name(name, "arrays.name")
         array = np.asarray(value)
@@ -161,10 +160,10 @@ def encode(
                 quality = jpeg_quality if isinstance(jpeg_quality, int) else jpeg_quality.get(name, 90)
                 payload = encode_jpeg(array, quality)
             elif array.dtype == np.uint8 and array.ndim == 1 and array.size:
-                shape = list(jpeg_shapes.get(name, []))
+                shape = [int(dim) for dim in msg.jpeg_shapes.get(name, ())]
                 if len(shape) != 3 or shape[2] != 3:
-                    raise ProtocolError(f"meta._jpeg_shapes[{name}]", "the [H, W, 3] shape of the JPEG bytes "
-                                        "passed through", shape or None)
+                    raise ProtocolError(f"{where}.shape", "the [H, W, 3] image shape of the JPEG bytes passed "
+                                        f"through (Message.jpeg_shapes[{name!r}])", shape or None)
                 payload = array
             else:
                 raise ProtocolError(where, "a uint8 HxWx3 image for jpeg encoding, or JPEG bytes (1-D uint8)",
@@ -277,8 +276,8 @@ def decode(frames: Sequence[Any]) -> Message:
     """Parse received frames into a ``Message``; raises ``ProtocolError`` naming the bad field.
 
     Raw arrays are read-only views of the received frames (no copy). Arrays listed in
-    ``Message.jpeg`` are still JPEG bytes (1-D uint8); their declared shapes are in
-    ``Message.meta['_jpeg_shapes'][name]`` (see ``decode_images``).
+    ``Message.jpeg`` are still JPEG bytes (1-D uint8); their declared shapes (the descriptors') are in
+    ``Message.jpeg_shapes[name]`` (see ``decode_images``).
     """
     if not frames:
         raise ProtocolError("frames", "at least one frame (the header)", 0)
@@ -321,7 +320,7 @@ def decode(frames: Sequence[Any]) -> Message:
 
     arrays: dict[str, np.ndarray] = {}
     jpeg: set[str] = set()
-    jpeg_shapes: dict[str, list[int]] = {}
+    jpeg_shapes: dict[str, tuple[int, int, int]] = {}
     used_frames: set[int] = set()
     for index, spec in enumerate(specs):
         where = f"arrays[{index}]"
@@ -366,7 +365,7 @@ def decode(frames: Sequence[Any]) -> Message:
                 raise ProtocolError(f"{where}.frame", "non-empty JPEG bytes", buffer.nbytes)
             arrays[name] = np.frombuffer(buffer, dtype=np.uint8)
             jpeg.add(name)
-            jpeg_shapes[name] = shape
+            jpeg_shapes[name] = (shape[0], shape[1], shape[2])
             continue
         if buffer.nbytes != nbytes:
             raise ProtocolError(f"{where}.frame", f"{nbytes} bytes for {dtype_name}{shape}",
@@ -375,9 +374,8 @@ def decode(frames: Sequence[Any]) -> Message:
     if len(used_frames) != len(frames) - 1:
         raise ProtocolError("frames", f"{len(used_frames) + 1} frames as the header declares",
                             len(frames))
-    if jpeg_shapes:
-        meta = {**meta, "_jpeg_shapes": jpeg_shapes}
-    msg = Message(kind=kind, src=src, seq=seq, t=float(t), meta=meta, arrays=arrays, jpeg=jpeg)
+    msg = Message(kind=kind, src=src, seq=seq, t=float(t), meta=meta, arrays=arrays, jpeg=jpeg,
+                  jpeg_shapes=jpeg_shapes)
     validate_meta(msg)
     return msg
 
@@ -434,14 +432,15 @@ def decode_images(msg: Message) -> Message:
         return msg
     from common.wire.images import decode_jpeg
 
-    shapes = msg.meta.get("_jpeg_shapes", {})
     for name in sorted(msg.jpeg):
         image = decode_jpeg(msg.arrays[name], f"arrays[{name}]")
-        if list(image.shape) != list(shapes.get(name, image.shape)):
-            raise ProtocolError(f"arrays[{name}].shape", f"decoded image of shape {shapes.get(name)}",
+        declared = msg.jpeg_shapes.get(name, image.shape)
+        if tuple(image.shape) != tuple(declared):
+            raise ProtocolError(f"arrays[{name}].shape", f"decoded image of shape {list(declared)}",
                                 list(image.shape))
         msg.arrays[name] = image
     msg.jpeg.clear()
+    msg.jpeg_shapes.clear()
     return msg
 
 

@@ -82,7 +82,7 @@ class InputBook:
         if image is None:
             raise ProtocolError("arrays[image]", "the camera image (field is missing)")
         if "image" in msg.jpeg:
-            shape = list(msg.meta.get("_jpeg_shapes", {}).get("image", []))
+            shape = list(msg.jpeg_shapes.get("image", ()))
             if shape != expected:
                 raise ProtocolError("arrays[image].shape", f"{expected} (cameras.{camera}.height/width)", shape)
         elif image.dtype != np.uint8 or list(image.shape) != expected:

@@ -54,6 +54,10 @@ from nodes.actuator.workers import BusWriter, Job, JobResult, PolicyWorker
 log = logging.getLogger("actuator")
 
 
+# Messages the events publisher queues per subscriber before dropping: a few seconds of ticks and events (~90 a
+# second), so a recorder or a test tap whose process (or this one's I/O thread) is starved for a moment on a loaded
+# machine loses nothing; 4 (the default) lost ticks while a restarted recorder started up.
+EVENTS_HWM = 1024
 CONTRACT_RECHECK_S = 2.0  # how often a refused (or unchecked) contract is asked for again
 POLICY_ERROR_BACKOFF_S = 0.5  # after an error reply, wait this long before asking again ...
 POLICY_ERROR_BACKOFF_MAX_S = 8.0  # ... doubling per error in a row up to this (a confused policy: no storm)
@@ -90,7 +94,7 @@ class ActuatorNode(ControlOps):
         # backlog op; nodes/actuator/backlog.py): the small streams it missed, filled in when it resumes.
         self.backlog = Backlog(config.fps, lambda: self.inputs.measured(),
                                lambda: self.core.episodes.active.uid if self.core.episodes.active else "")
-        self.events = self.backlog.wrap(Publisher(self.factory, self.settings.events_endpoint, PROGRAM))
+        self.events = self.backlog.wrap(Publisher(self.factory, self.settings.events_endpoint, PROGRAM, hwm=EVENTS_HWM))
         self.control = RouterServer(self.factory, self.settings.control_endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.subscriber.sock, zmq.POLLIN)

@@ -305,7 +305,7 @@ class PanelState:
             raise ProtocolError("arrays[image]", "a camera image")
         if "image" in msg.jpeg:
             jpeg = np.asarray(image, dtype=np.uint8)  # already JPEG on the wire: pass it through
-            height, width = msg.meta.get("_jpeg_shapes", {}).get("image", [0, 0, 3])[:2]
+            height, width = msg.jpeg_shapes.get("image", (0, 0, 3))[:2]
         else:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ProtocolError("arrays[image]", "uint8 HxWx3", f"{image.dtype}{list(image.shape)}")

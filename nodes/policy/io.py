@@ -108,7 +108,6 @@ def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int
     unknown = sorted(set(msg.arrays) - expected_keys)
     if unknown:
         raise ProtocolError(f"arrays[{unknown[0]}]", f"only the arrays {sorted(expected_keys)}", unknown)
-    jpeg_shapes = msg.meta.get("_jpeg_shapes", {})
     images: dict[str, np.ndarray] = {}
     jpeg: set[str] = set()
     for name, shape in cameras.items():
@@ -119,7 +118,7 @@ def validate_request(msg: Message, cameras: dict[str, list[int]], state_dim: int
                                 "(array is missing)")
         array = msg.arrays[key]
         if key in msg.jpeg:
-            declared = list(jpeg_shapes.get(key, []))
+            declared = list(msg.jpeg_shapes.get(key, ()))
             if declared != list(shape):
                 raise ProtocolError(f"{where}.shape", f"a JPEG image of shape {list(shape)}", declared)
             jpeg.add(name)
