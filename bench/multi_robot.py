@@ -17,7 +17,7 @@ spread``, robots that are not in step) or all equal (``aligned``). Observations 
 
 Printed: a Markdown table (robots, batching, chunks served/s, round trip p50/p99, request slots missed, mean
 batch size the replies report), then where the round trip went (the mean of each stage of the replies' timings:
-unpack, check, queue, model, encode, and the rest, the network and the client); the node's log (``--work-dir``)
+unpack, check, queue, model, reply, and the rest, the network and the client); the node's log (``--work-dir``)
 has its capacity lines, with how busy its model and socket threads were; ``--out`` gets one JSON object per
 row. The card or CPU is named in the table's heading (``nvidia-smi`` name, or the CPU model and core count).
 """
@@ -114,17 +114,19 @@ def robot(index: int, endpoint: str, config_path: str, rate: float, start_at: fl
 
 
 # Where a round trip goes (docs/protocol.md section 8's timings): the stages tile the round trip.
-STAGES = ("unpack", "check", "queue", "model", "encode", "network")
+STAGES = ("unpack", "check", "queue", "model", "reply", "network")
 
 
 def stage_split(timings: dict[str, float], round_trip_s: float) -> list[float]:
     """One reply's round trip split into ``STAGES``, seconds: the server's unpack, its check and input load
     (``decode_s``), the wait for a batch (``queue_s``), the batch's model work (pre-processing, inference,
-    post-processing), the reply's encode, and what is left (``round trip - server_s``: the wire both ways, the
-    client's encode and decode, the server's socket thread being busy with others)."""
+    post-processing), the rest of the server's time (building the reply: ``server_s - unpack_s - total_s``), and
+    what is left (``round trip - server_s``: the wire both ways, the reply's one encode as it is sent, the client's
+    encode and decode, the server's socket thread being busy with others)."""
     get = timings.get
     model = get("preprocess_s", 0.0) + get("inference_s", 0.0) + get("postprocess_s", 0.0)
-    return [get("unpack_s", 0.0), get("decode_s", 0.0), get("queue_s", 0.0), model, get("encode_s", 0.0),
+    reply = get("server_s", 0.0) - get("unpack_s", 0.0) - get("total_s", 0.0)
+    return [get("unpack_s", 0.0), get("decode_s", 0.0), get("queue_s", 0.0), model, reply,
             round_trip_s - get("server_s", 0.0)]
 
 
