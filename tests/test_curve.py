@@ -25,7 +25,7 @@ from common.tools.keys import make_key_pair
 from common.wire.curve import CurveKeys, is_loopback
 from common.wire.policy_client import PolicyClient
 from common.wire.protocol import KIND_REPLY, KIND_REQUEST, Message
-from common.wire.transport import PeerUnavailable, RequestClient, SocketFactory
+from common.wire.transport import PeerUnavailable, RemoteError, RequestClient, SocketFactory
 
 
 @pytest.fixture
@@ -244,9 +244,13 @@ def test_a_keyless_client_gives_up_in_its_timeout_instead_of_blocking_in_send(ec
 
 
 # ------------------------------------------------------------------------------------------ the policy node
-def test_policy_node_with_curve_serves_only_allowed_clients(tmp_path, keys, tiny_checkpoint, node_processes) -> None:
-    path = write_config(tmp_path, "lift", {"policy": {"checkpoint": str(tiny_checkpoint("lift")), "warmup": 0,
-                                                      "cpu_threads": 1}})
+@pytest.mark.parametrize("policy_type", ["diffusion", "smolvla"])
+def test_policy_node_with_curve_serves_only_allowed_clients(policy_type, tmp_path, keys, tiny_checkpoint,
+                                                            node_processes) -> None:
+    # A language policy (tiny SmolVLA) too: its instruction rides the encrypted request to LeRobot's task, and a
+    # request without one is a named error over CURVE while the node keeps serving.
+    path = write_config(tmp_path, "lift", {"policy": {"checkpoint": str(tiny_checkpoint("lift", policy_type)),
+                                                      "warmup": 0, "cpu_threads": 1}})
     overrides = curve_overrides(keys)
     node = NodeProcess("policy", path, args=overrides)
     node_processes.append(node.start())
@@ -256,12 +260,23 @@ def test_policy_node_with_curve_serves_only_allowed_clients(tmp_path, keys, tiny
     images = {name: np.zeros((cam.height, cam.width, 3), np.uint8) for name, cam in config.cameras.items()}
     robot = PolicyClient(SocketFactory(curve=curve_keys_for(config, "client")), config.policy.endpoint,
                          client_id="robot", timeout_s=60.0)
-    assert robot.infer(images, np.zeros(6, np.float32), obs_t=1.0).actions.shape[1] == 6
+    language = robot.metadata().takes_instruction
+    assert language is (policy_type == "smolvla")
+    instruction = "pick up the red cube" if language else None
+    first = robot.infer(images, np.zeros(6, np.float32), obs_t=1.0, instruction=instruction)
+    assert first.actions.shape[1] == 6
+    if language:
+        robot.reset()  # the same session noise again: another instruction gives another chunk
+        other = robot.infer(images, np.zeros(6, np.float32), obs_t=1.0, instruction="stack the blue cube")
+        assert np.abs(other.actions - first.actions).max() > 1e-3
+        with pytest.raises(RemoteError) as refused:
+            robot.infer(images, np.zeros(6, np.float32), obs_t=1.5)
+        assert refused.value.field == "meta.instruction"
     stranger = PolicyClient(SocketFactory(zmq.Context()), config.policy.endpoint, client_id="stranger", timeout_s=1.0)
     with pytest.raises(PeerUnavailable):
         stranger.ping()
     stranger.close()
-    assert robot.infer(images, np.zeros(6, np.float32), obs_t=2.0).actions.shape[1] == 6
+    assert robot.infer(images, np.zeros(6, np.float32), obs_t=2.0, instruction=instruction).actions.shape[1] == 6
     robot.close()
     wait_for(lambda: "does not use CURVE" in node.log() or "hung up during the CURVE handshake" in node.log(),
              timeout_s=10, message=node.log()[-2000:])

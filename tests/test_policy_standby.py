@@ -35,11 +35,12 @@ def ready_detail(node: NodeProcess) -> dict:
     return json.loads(node.ready_path.read_text()) if node.ready_path.exists() else {}
 
 
-def next_chunk(policy: PolicyClient, images: dict, state: Any, message: str, timeout_s: float = 30.0) -> Any:
+def next_chunk(policy: PolicyClient, images: dict, state: Any, message: str, timeout_s: float = 30.0,
+               instruction: str | None = None) -> Any:
     """The first chunk served within ``timeout_s``, asking again while no policy process serves."""
     def chunk() -> Any:
         try:
-            return policy.infer(images, state, obs_t=time.monotonic())
+            return policy.infer(images, state, obs_t=time.monotonic(), instruction=instruction)
         except PeerUnavailable:
             return None
 
@@ -56,9 +57,15 @@ def test_the_standby_program_is_generated_only_when_asked_for(tmp_path) -> None:
     assert f"[program:{STANDBY_PROGRAM}]" in text and "programs=policy,policy-standby" in text
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM])
-def test_a_loaded_standby_takes_over_when_the_serving_process_ends(stop_signal, tiny_checkpoint, tmp_path) -> None:
-    checkpoint = tiny_checkpoint("lift", "diffusion")
+@pytest.mark.parametrize(("stop_signal", "policy_type"), [(signal.SIGKILL, "diffusion"), (signal.SIGTERM, "diffusion"),
+                                                         (signal.SIGKILL, "smolvla")])
+def test_a_loaded_standby_takes_over_when_the_serving_process_ends(stop_signal, policy_type, tiny_checkpoint,
+                                                                   tmp_path) -> None:
+    # A language policy (tiny SmolVLA) too: the standby loads its VLM and tokenizer offline like the first, warms up
+    # with an instruction, and serves the robot's instruction the moment it takes over.
+    checkpoint = tiny_checkpoint("lift", policy_type)
+    instruction = "pick up the red cube" if policy_type == "smolvla" else None
+    rows = 50 if policy_type == "smolvla" else 8
     config_path = write_config(tmp_path, "lift", {"policy": {"checkpoint": str(checkpoint), "cpu_threads": 1,
                                                              "warmup": 1, "standby": True}})
     config = load_config(config_path)
@@ -72,17 +79,18 @@ def test_a_loaded_standby_takes_over_when_the_serving_process_ends(stop_signal, 
         assert ready_detail(second)["serving"] is False and ready_detail(second)["standby"] is True
         assert "loaded and waiting to take over" in second.log()
         images, state = observation(config, 0)
-        served_by_first = policy.infer(images, state, obs_t=time.monotonic())
-        assert served_by_first.actions.shape == (8, 6)
+        served_by_first = policy.infer(images, state, obs_t=time.monotonic(), instruction=instruction)
+        assert served_by_first.actions.shape == (rows, 6)
+        assert policy.metadata().takes_instruction is (instruction is not None)
 
         assert first.proc is not None
         first.proc.send_signal(stop_signal)
         assert first.proc.wait(timeout=30) in (0, -signal.SIGKILL)
         ended = time.monotonic()
 
-        reply = next_chunk(policy, images, state, "the standby never served")
+        reply = next_chunk(policy, images, state, "the standby never served", instruction=instruction)
         taken_over_s = time.monotonic() - ended
-        assert reply.actions.shape == (8, 6)
+        assert reply.actions.shape == (rows, 6)
         # Loaded already: well under one start of this node (~10-40 s on this CPU), inference included.
         assert taken_over_s < 8.0, taken_over_s
         assert "taking over" in second.log()

@@ -306,11 +306,11 @@ def test_offline_eval_sends_each_episodes_task_to_a_language_policy(smolvla: Pat
         assert node.stop() == 0, node.log()[-3000:]
 
 
-def test_lockstep_replay_through_the_actuator_with_smolvla(smolvla: Path, tmp_path: Path,
-                                                           node_processes: list[NodeProcess]) -> None:
-    # The dataset player drives the actuator in lockstep through a real SmolVLA policy node; the actuator sends the
-    # dataset's own task (instruction_source: dataset). Two runs of the episode execute the same targets, and no
-    # tick is held (a request without instruction would be refused and every tick held).
+def test_lockstep_replay_through_the_actuator(language_checkpoint: Path, tmp_path: Path,
+                                             node_processes: list[NodeProcess]) -> None:
+    # The dataset player drives the actuator in lockstep through a real policy node serving SmolVLA, pi0 or pi0.5;
+    # the actuator sends the dataset's own task (instruction_source: dataset). Two runs of the episode execute the
+    # same targets, and no tick is held (a request without instruction would be refused and every tick held).
     from common.tools.demo_data import DemoSpec, generate_demo_dataset
     from common.tools.offline_eval import ExecutedRecorder, evaluate_executed
 
@@ -320,7 +320,7 @@ def test_lockstep_replay_through_the_actuator_with_smolvla(smolvla: Path, tmp_pa
                                     DemoSpec(episodes=1, frames=frames, codec="h264"))
     (tmp_path / "run").mkdir()
     config_path = write_config(tmp_path / "run", "lift", {
-        "policy": {"checkpoint": str(smolvla), "timeout_s": 60.0, "cpu_threads": 1},
+        "policy": {"checkpoint": str(language_checkpoint), "timeout_s": 60.0, "cpu_threads": 1},
         "player": {"dataset": str(dataset), "episodes": [0]},
         "actuator": {"instruction": "", "instruction_source": "dataset"},
         "arms": {"main": {"rest_pose": []}},  # lockstep ticks only when the player publishes: no rest move
