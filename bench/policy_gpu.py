@@ -3,7 +3,8 @@
     python -m bench.policy_gpu --device cuda --size default --out bench-policy.json
 
 The deployment is ``configs/lift.yaml`` (2 cameras 3x480x640 + 6 state values). For each case (default
-DiffusionPolicy with DDPM-100 and with DDIM-10, default ACT) it builds an untrained checkpoint with
+DiffusionPolicy with DDPM-100 and with DDIM-10, default ACT; ``--cases smolvla,pi0,pi05`` for the flow-matching
+VLAs, see ``run_vla_case``) it builds an untrained checkpoint with
 ``common.tools.checkpoint_maker`` and times, per call, the FULL path: decoded uint8 arrays in, chunk in robot
 units (numpy float32) out.
 
@@ -25,6 +26,7 @@ import argparse
 import gc
 import json
 import logging
+import shutil
 import statistics
 import tempfile
 import time
@@ -54,7 +56,13 @@ CASES: dict[str, dict[str, Any]] = {
     "ddpm100": {"policy_type": "diffusion", "scheduler": "DDPM", "steps": 100},
     "ddim10": {"policy_type": "diffusion", "scheduler": "DDIM", "steps": 10},
     "act": {"policy_type": "act"},
+    # Flow-matching VLAs (run_vla_case): default architectures, random weights, LeRobot's fp32 checkpoint
+    "smolvla": {"policy_type": "smolvla"},
+    "pi0": {"policy_type": "pi0"},
+    "pi05": {"policy_type": "pi05"},
 }
+VLA_TYPES = ("smolvla", "pi0", "pi05")
+DEFAULT_CASES = ("ddpm100", "ddim10", "act")
 VARIANTS: dict[str, dict[str, Any]] = {
     "exact": {},  # fp32, eager: the node's default
     "exact-graphs": {"cuda_graphs": True},  # fp32, same kernels replayed from a CUDA graph
@@ -63,6 +71,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp32-fast": {"compile": True, "cuda_graphs": True, "fast_unet": True},  # TF32 matmuls
     "bf16-fast": {"dtype": "bf16", "compile": True, "cuda_graphs": True, "fast_unet": True},
 }
+# The VLAs' node paths (nodes.policy.vla_fast), run in this order on ONE loaded model (bf16 converts it in place).
+VLA_VARIANTS: dict[str, dict[str, Any]] = {
+    "exact-graphs": {"cuda_graphs": True},  # fp32, LeRobot's kernels replayed from one CUDA graph
+    "bf16-graphs": {"dtype": "bf16", "cuda_graphs": True},  # bf16 weights, instruction trimmed to its bucket
+}
+VLA_INSTRUCTION = "pick up the red cube and put it in the box"
 
 
 @dataclass
@@ -279,6 +293,128 @@ def run_case(name: str, spec: dict[str, Any], variants: list[str], args: argpars
             torch.cuda.empty_cache()
 
 
+def run_vla_case(name: str, spec: dict[str, Any], variants: list[str], args: argparse.Namespace, workdir: Path,
+                 emit: Any) -> None:
+    """A VLA: LeRobot's plain path (its own preprocessor, ``predict_action_chunk``, postprocessor, fp32) and the node's
+    fast paths, all on one loaded model in this process (a 4 B-parameter checkpoint is loaded once): the node's
+    ``PolicyRuntime`` with default options loads it, LeRobot's plain path runs on its policy and processors, then the
+    runtime's engine is rebuilt with each variant's options, as the node builds it at start."""
+    from nodes.policy.speed import SpeedOptions
+    from nodes.policy.vla import FlowMatchingEngine
+
+    device = torch.device(args.device)
+    overrides = [f"--policy.device={args.device}", "--policy.warmup=0", f"--policy.cpu_threads={args.cpu_threads}"]
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml", overrides)
+    checkpoint = workdir / f"{spec['policy_type']}-{args.size}"
+    began = time.perf_counter()
+    if not (checkpoint / "pretrained_model").is_dir():
+        build_checkpoint(config, checkpoint, policy_type=spec["policy_type"], size=args.size, device=args.device)
+    built_s = time.perf_counter() - began
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml",
+                         [*overrides, f"--policy.checkpoint={checkpoint / 'pretrained_model'}"])
+    default_torch_settings()
+    began = time.perf_counter()
+    runtime = PolicyRuntime(config)
+    load_s = time.perf_counter() - began
+    engine = runtime.engine
+    assert isinstance(engine, FlowMatchingEngine)
+    frames = observations(config)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    # LeRobot's plain path: the node's session noise (its seeded generator, one draw per request) passed in.
+    generator = torch.Generator(device=device).manual_seed(session_seed(config.policy.seed, CLIENT))
+    noises = [torch.randn(engine.noise_shape, dtype=torch.float32, device=device, generator=generator)
+              for _ in frames]
+    pre, post, policy = runtime.preprocessor, runtime.postprocessor, runtime.policy
+
+    def lerobot(arrays: dict[str, np.ndarray], noise: torch.Tensor, **rtc: Any) -> np.ndarray:
+        raw: dict[str, Any] = {key: torch.from_numpy(np.array(value)).permute(2, 0, 1).float() / 255
+                               for key, value in arrays.items() if key.startswith("observation.images.")}
+        raw[STATE_KEY] = torch.from_numpy(np.array(arrays[STATE_KEY]))
+        raw["task"] = VLA_INSTRUCTION
+        with torch.no_grad():
+            chunk = policy.predict_action_chunk(pre(raw), noise=noise, **rtc)[:, : engine.chunk_length]
+        return post(chunk)[0].numpy()
+
+    reference = [lerobot(frame, noise) for frame, noise in zip(frames, noises, strict=True)]
+    prefix_rows = np.ascontiguousarray(reference[0][5:15])  # an rtc request: 10 rows left, 4 of them frozen
+    prefix = engine.normalise_action.normalise(torch.from_numpy(prefix_rows).to(device)).unsqueeze(0)
+    rtc_kwargs = {"prev_chunk_left_over": prefix, "inference_delay": 4, "execution_horizon": 10}
+    rtc_reference = lerobot(frames[1], noises[1], **rtc_kwargs)
+    times = timed(lambda: lerobot(frames[1], noises[1]), device, args.warmup, args.iters, args.budget_s)
+    emit(Result(name, "lerobot", card, *summary(times), calls=len(times),
+                note=f"fp32, {engine.describe()['num_steps']} steps; checkpoint built in {built_s:.0f}s, node load "
+                     f"{load_s:.1f}s"))
+
+    timings: list[dict[str, float]] = []
+
+    def call(msg: Message) -> None:
+        timings.append(runtime.infer(CLIENT, msg).timings)
+
+    def to_norm(chunk: np.ndarray) -> np.ndarray:
+        return engine.normalise_action.normalise(torch.from_numpy(chunk).to(device)).cpu().numpy()
+
+    def diffs(ours: list[np.ndarray], theirs: list[np.ndarray]) -> tuple[float, float, float]:
+        absolute = max(float(np.abs(o - t).max()) for o, t in zip(ours, theirs, strict=True))
+        norm = max(float(np.abs(to_norm(o) - to_norm(t)).max()) for o, t in zip(ours, theirs, strict=True))
+        scale = max(float(np.abs(to_norm(t)).max()) for t in theirs)
+        return absolute, norm, norm / max(scale, 1e-12)
+
+    for variant in variants:
+        settings = dict(VLA_VARIANTS[variant])
+        if device.type != "cuda":
+            settings.pop("cuda_graphs", None)
+        try:
+            began = time.perf_counter()
+            runtime.config.policy.dtype = settings.get("dtype", "fp32")
+            runtime.config.policy.cuda_graphs = bool(settings.get("cuda_graphs", False))
+            runtime.options = options = SpeedOptions.from_config(runtime.config.policy, device)
+            if not options.exact:
+                torch.set_float32_matmul_precision("high")  # as the node does for a non-exact path
+            runtime.engine = engine = FlowMatchingEngine(policy, pre, options, device,
+                                                         runtime.config.policy.rtc_guidance)
+            warm = request(frames[1])
+            warm.meta["instruction"] = VLA_INSTRUCTION
+            runtime.infer(CLIENT, warm)  # records every token bucket's graph
+            setup_s = time.perf_counter() - began
+            runtime.reset(CLIENT)
+            msgs = [request(frame) for frame in frames]
+            for msg in msgs:
+                msg.meta["instruction"] = VLA_INSTRUCTION
+            ours = [runtime.infer(CLIENT, msg).actions for msg in msgs]
+            times = timed(lambda msg=msgs[1]: call(msg), device, args.warmup, args.iters, args.budget_s)
+            absolute, norm, rel = diffs(ours, reference)
+            info = engine.describe()
+            recorded = info.get("graphs_recorded", [])
+            note = (f"engine build + first call (graphs of buckets {recorded}) {setup_s:.1f}s; "
+                    f"GPU memory peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                    if device.type == "cuda" else f"setup {setup_s:.1f}s")
+            if options.cuda_graphs and not recorded:
+                note += "; graph capture failed, ran eagerly"
+            emit(Result(name, variant, card, *summary(times), calls=len(times), max_abs_diff=absolute,
+                        max_norm_diff=norm, rel_norm_diff=rel, breakdown_ms=breakdown_of(timings[-len(times):]),
+                        note=note))
+            # rtc through the same graph: the prefix and its weights are graph inputs.
+            rtc_msg = request(frames[1])
+            rtc_msg.meta["instruction"] = VLA_INSTRUCTION
+            rtc_msg.arrays["rtc_prefix"] = prefix_rows
+            rtc_msg.meta["rtc_delay_rows"] = 4
+            runtime.reset(CLIENT)
+            runtime.infer(CLIENT, msgs[0])  # the session's second draw, as for rtc_reference
+            guided = runtime.infer(CLIENT, rtc_msg).actions
+            times = timed(lambda msg=rtc_msg: call(msg), device, args.warmup, args.iters, args.budget_s)
+            absolute, norm, rel = diffs([guided], [rtc_reference])
+            emit(Result(name, f"{variant}+rtc", card, *summary(times), calls=len(times), max_abs_diff=absolute,
+                        max_norm_diff=norm, rel_norm_diff=rel, breakdown_ms=breakdown_of(timings[-len(times):]),
+                        note="rtc prefix 10 rows, 4 frozen; vs LeRobot's RTCProcessor path"))
+        except Exception as exc:  # report it and go on with the next variant
+            log.exception("%s / %s failed", name, variant)
+            emit(Result(name, variant, args.device, float("nan"), float("nan"), float("nan"), calls=0,
+                        note=f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+    if args.delete_checkpoints:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
 def markdown(results: list[Result]) -> str:
     lines = ["| case | path | median ms | p10 | p90 | calls | max abs diff (robot units) | max diff (normalised) | "
              "rel. diff | breakdown ms (decode/pre/infer/post) | note |",
@@ -297,8 +433,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--size", default="default", choices=("default", "tiny"))
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"of {','.join(CASES)}")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--vla-variants", default=",".join(VLA_VARIANTS))
+    parser.add_argument("--delete-checkpoints", action="store_true", help="remove each VLA checkpoint after its case")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=15.0, help="stop a measurement after this (min 5 calls)")
@@ -323,8 +461,15 @@ def main(argv: list[str] | None = None) -> None:
                 handle.write(json.dumps(result.__dict__) + "\n")
 
     variants = [v for v in args.variants.split(",") if v]
+    vla_variants = [v for v in args.vla_variants.split(",") if v]
     for case in [c for c in args.cases.split(",") if c]:
-        run_case(case, CASES[case], variants, args, workdir, emit)
+        if CASES[case]["policy_type"] in VLA_TYPES:
+            run_vla_case(case, CASES[case], vla_variants, args, workdir, emit)
+            gc.collect()  # the case's model and graphs go before the next case loads
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            run_case(case, CASES[case], variants, args, workdir, emit)
     table = markdown(results)
     print(table)
     if args.markdown:

@@ -372,11 +372,3 @@ print(policy_config.type, sys.modules.get("transformers", "absent") is None)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.split()[-2:] == [policy_type, str(hidden)], result.stdout
 
-
-def test_speed_options_are_refused_for_a_language_policy_naming_them(smolvla: Path, tmp_path: Path) -> None:
-    # LeRobot's plain path only (the fast path is issue 21): asking for more is a refusal at start, not a silent
-    # fallback.
-    from nodes.policy.checkpoint import CheckpointError
-
-    with pytest.raises(CheckpointError, match=r"policy\.compile / cuda_graphs / fast_unet / dtype"):
-        make_runtime(tmp_path, smolvla, dtype="bf16")

@@ -34,6 +34,7 @@ from common.wire.contract import ACTION_KEY
 from nodes.policy.checkpoint import CheckpointError
 from nodes.policy.sessions import Session
 from nodes.policy.speed import SpeedOptions
+from nodes.policy.vla_fast import FastFlowMatching
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,9 @@ def action_normaliser(preprocessor: Any, device: torch.device) -> Any | None:
 
 
 class FlowMatchingEngine:
-    """SmolVLA, pi0, pi0.5: one chunk per request from LeRobot's ``predict_action_chunk`` (LeRobot's plain path;
-    the fast GPU path is issue 21), with the session's seeded noise and, under rtc, LeRobot's real-time chunking."""
+    """SmolVLA, pi0, pi0.5: one chunk per request from LeRobot's ``predict_action_chunk`` (LeRobot's plain path),
+    or, with any speed option, the same call made fast by ``nodes.policy.vla_fast``; with the session's seeded
+    noise and, under rtc, LeRobot's real-time chunking."""
 
     def __init__(self, policy: Any, preprocessor: Any, options: SpeedOptions, device: torch.device,
                  rtc_guidance: str) -> None:
@@ -181,10 +183,6 @@ class FlowMatchingEngine:
         self.device = device
         if getattr(self.config, "n_obs_steps", 1) != 1:
             raise CheckpointError(f"{self.config.type}: n_obs_steps={self.config.n_obs_steps} is not supported")
-        if options.compile or options.cuda_graphs or options.fast_unet or not options.exact:
-            raise CheckpointError(f"policy.compile / cuda_graphs / fast_unet / dtype: a {self.config.type} policy runs "
-                                  "LeRobot's own path in its checkpoint's precision here; leave them at their "
-                                  "defaults (the fast path for these policies is not built yet)")
         self.chunk_size = int(self.config.chunk_size)
         self.n_action_steps = int(self.config.n_action_steps)
         self.noise_shape = (1, self.chunk_size, int(self.config.max_action_dim))
@@ -204,6 +202,10 @@ class FlowMatchingEngine:
                                                execution_horizon=self.chunk_size)
             policy.init_rtc_processor()  # without a prefix the guidance is skipped: the plain path exactly
         self.guide_rows = self.chunk_size - self.n_action_steps if self.rtc_max_rows else 0
+        # Any speed option selects the fast path (nodes.policy.vla_fast): bf16, CUDA graphs, rtc in the graph.
+        self.fast: FastFlowMatching | None = None
+        if options.cuda_graphs or options.compile or options.fast_unet or not options.exact:
+            self.fast = FastFlowMatching(policy, options, device, rtc=bool(self.rtc_max_rows))
 
     @property
     def chunk_length(self) -> int:
@@ -223,9 +225,12 @@ class FlowMatchingEngine:
             prefix, delay = rtc
             kwargs = {"prev_chunk_left_over": self.normalise_action.normalise(prefix).unsqueeze(0),
                       "inference_delay": int(delay), "execution_horizon": int(prefix.shape[0])}
+        if self.fast is not None:
+            return self.fast.chunk(batch, noise, None if rtc is None else (
+                kwargs["prev_chunk_left_over"], kwargs["inference_delay"], kwargs["execution_horizon"]))
         return self.policy.predict_action_chunk(batch, noise=noise, **kwargs).float()
 
     def describe(self) -> dict[str, Any]:
         steps = getattr(self.config, "num_steps", 0) or getattr(self.config, "num_inference_steps", 0)
         return {"rows": "n_action_steps", "chunk_size": self.chunk_size, "num_steps": int(steps),
-                "rtc_max_prefix_rows": self.rtc_max_rows}
+                "rtc_max_prefix_rows": self.rtc_max_rows, **(self.fast.describe() if self.fast else {})}

@@ -1,0 +1,198 @@
+"""The fast path of the flow-matching VLAs (nodes/policy/vla_fast.py) with the maker's tiny SmolVLA on the CPU: the
+same chunks as LeRobot's plain path through its structure (the instruction padded or cut to a token bucket, the
+prefix and its KV cache inside one call, real-time chunking's prefix and weights as inputs), a warm call that a CUDA
+graph capture can hold (nothing copied from the host, no host sync), and bf16 served by the node. The CUDA graphs
+themselves are checked by the CUDA-only test at the end (skipped without a GPU) and by bench/policy_gpu.py on the
+GPU machine (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from test_policy_runtime import make_runtime, observation
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nodes.policy.speed import SpeedOptions
+from nodes.policy.vla_fast import MASK_KEY, TOKENS_KEY, FastFlowMatching, token_buckets
+
+INSTRUCTIONS = ("pick up the red cube", "take the small red cube and put it into the blue box")
+
+
+@pytest.fixture(scope="module")
+def smolvla(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("lift", "smolvla")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hf-cache")))
+
+
+def _fp32(device: str = "cpu") -> SpeedOptions:
+    return SpeedOptions(device=torch.device(device), dtype=torch.float32, num_inference_steps=0, noise_scheduler="",
+                        compile=False, cuda_graphs=False, fast_unet=False)
+
+
+def _batch(runtime, seed: int, text: str) -> dict[str, torch.Tensor]:
+    msg = observation(runtime.config, seed)
+    msg.meta["instruction"] = text
+    obs = runtime.check(msg)
+    return runtime.normaliser.prepare(runtime.inputs.load_batch([obs]), task=obs.instruction)
+
+
+def _noise(runtime, seed: int) -> torch.Tensor:
+    return torch.randn(runtime.engine.noise_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_token_buckets_are_capped_by_the_tokenizer_length() -> None:
+    assert token_buckets(48) == [16, 32, 48]
+    assert token_buckets(200) == [16, 32, 48, 64, 96, 128, 200]
+
+
+def test_buckets_cache_and_rtc_inputs_give_lerobots_chunks(smolvla: Path, tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, smolvla)
+    policy = runtime.policy
+    batches = [_batch(runtime, seed, text) for seed, text in enumerate(INSTRUCTIONS)]
+    lengths = [int(batch[MASK_KEY].shape[1]) for batch in batches]
+    assert lengths[0] < 16 < lengths[1] < 32  # SmolVLA pads to the longest: two buckets, both padded up
+    noise = _noise(runtime, 7)
+    plain = [policy.predict_action_chunk(dict(batch), noise=noise) for batch in batches]
+    # LeRobot's real-time chunking (its RTCProcessor, autograd and all) on a prefix of 10 rows, 4 frozen.
+    prefix = plain[0][:, 3:13].clone()
+    guided = policy.predict_action_chunk(dict(batches[0]), noise=noise, prev_chunk_left_over=prefix,
+                                         inference_delay=4, execution_horizon=10)
+    assert (guided - plain[0]).abs().max() > 0.1
+
+    fast = FastFlowMatching(policy, _fp32(), torch.device("cpu"), rtc=True)
+    for batch, expected in zip(batches, plain, strict=True):
+        torch.testing.assert_close(fast.chunk(dict(batch), noise), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.chunk(dict(batches[0]), noise, (prefix, 4, 10)), guided, rtol=1e-5, atol=1e-5)
+    # The prefix and weights are inputs: the next request without a prefix is the plain chunk again.
+    torch.testing.assert_close(fast.chunk(dict(batches[0]), noise), plain[0], rtol=1e-5, atol=1e-5)
+
+    # A tokenizer that pads to max_length (pi0, pi0.5): cut back to the instruction's bucket, same chunk.
+    padded = dict(batches[0])
+    extra = 48 - lengths[0]
+    padded[TOKENS_KEY] = torch.nn.functional.pad(padded[TOKENS_KEY], (0, extra), value=0)
+    padded[MASK_KEY] = torch.nn.functional.pad(padded[MASK_KEY], (0, extra), value=False)
+    fast.trim = True
+    seen: list[int] = []
+    run = fast._run
+    fast._run = lambda *tensors: seen.append(int(tensors[-5].shape[1])) or run(*tensors)  # type: ignore[method-assign]
+    fast.runs.clear()
+    torch.testing.assert_close(fast.chunk(padded, noise), plain[0], rtol=1e-5, atol=1e-5)
+    assert seen == [16]
+
+
+class _HostData(TorchFunctionMode):
+    """``torch.tensor`` of Python data reaching torch under the engine's own cache: a host-to-device copy on CUDA.
+    (A host tensor moved with ``.to(device)`` is a copy only where the device is not the CPU: the GPU run checks it.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.tensor and args and not isinstance(args[0], torch.Tensor):
+            self.calls.append(f"torch.tensor({args[0]!r:.40})")
+        return func(*args, **kwargs)
+
+
+class _Syncs(TorchDispatchMode):
+    """Operators that read a device value back to the host (a sync, which a capture refuses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if any(word in name for word in ("_local_scalar_dense", "nonzero", "aten.item", "masked_select")):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_warm_call_copies_nothing_from_the_host_and_never_syncs(smolvla: Path, tmp_path: Path) -> None:
+    # What a CUDA graph capture needs, checked on the CPU: after the first (eager) call, the model call as a
+    # capture runs it (transformers skips its data-dependent mask checks while a stream captures) makes no tensor
+    # from host data and reads nothing back.
+    runtime = make_runtime(tmp_path, smolvla)
+    fast = FastFlowMatching(runtime.policy, _fp32(), torch.device("cpu"), rtc=True)
+    batch, noise = _batch(runtime, 1, INSTRUCTIONS[0]), _noise(runtime, 1)
+    prefix = torch.zeros((1, 10, 6))
+    fast.chunk(dict(batch), noise, (prefix, 4, 10))
+    assert fast.constants.misses > 0  # LeRobot does build constants on the host: the first call made them
+    fast.constants.misses = 0
+    host, syncs = _HostData(), _Syncs()
+    run = fast._run
+
+    def watched(*tensors):
+        with host, syncs:
+            return run(*tensors)
+
+    fast._run = watched  # type: ignore[method-assign]
+    fast.runs.clear()
+    with mock.patch("torch.cuda.is_current_stream_capturing", return_value=True):
+        fast.chunk(dict(batch), noise, (prefix, 4, 10))
+    assert fast.constants.misses == 0
+    assert host.calls == []
+    assert syncs.ops == []
+    # Without the cache, LeRobot's own call does copy from the host (the reason it exists).
+    baseline = _HostData()
+    with baseline, torch.no_grad():
+        runtime.policy.predict_action_chunk(dict(batch), noise=noise)
+    assert baseline.calls
+
+
+def test_bf16_is_served_by_the_node_close_to_the_fp32_path(smolvla: Path, tmp_path: Path) -> None:
+    plain = make_runtime(tmp_path / "fp32", smolvla)
+    fast = make_runtime(tmp_path / "bf16", smolvla, dtype="bf16")
+    extra = fast.contract.extra
+    assert extra["fast_path"] is True and extra["trim_tokens"] is True and extra["token_buckets"] == [16, 32, 48]
+    assert extra["rtc_max_prefix_rows"] == 50
+    assert next(fast.policy.model.vlm_with_expert.parameters()).dtype == torch.bfloat16
+    msg = observation(plain.config, 2)
+    msg.meta["instruction"] = INSTRUCTIONS[1]
+    expected, got = plain.infer("robot-a", msg).actions, fast.infer("robot-a", msg).actions
+    normalise = plain.engine.normalise_action.normalise
+    a, b = normalise(torch.from_numpy(got)), normalise(torch.from_numpy(expected))
+    relative = float((a - b).abs().max() / b.abs().max())
+    assert 0 < relative < 2e-2, relative
+    # rtc through the fast path: the guided rows follow the prefix.
+    prefix = np.ascontiguousarray(expected[3:13])
+    msg = observation(plain.config, 3)
+    msg.meta["instruction"] = INSTRUCTIONS[0]
+    fast.reset("robot-b")
+    free = fast.infer("robot-b", msg).actions
+    msg.arrays["rtc_prefix"], msg.meta["rtc_delay_rows"] = prefix, 4
+    fast.reset("robot-b")
+    guided = fast.infer("robot-b", msg).actions
+    assert np.abs(guided[:4] - prefix[:4]).mean() < 0.5 * np.abs(free[:4] - prefix[:4]).mean()
+
+
+def test_compile_and_fast_unet_are_refused_for_a_language_policy(smolvla: Path, tmp_path: Path) -> None:
+    from nodes.policy.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"policy\.compile / fast_unet"):
+        make_runtime(tmp_path, smolvla, fast_unet=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_replay_the_chunk(smolvla: Path, tmp_path: Path) -> None:
+    plain = make_runtime(tmp_path / "plain", smolvla, device="cuda")
+    graphs = make_runtime(tmp_path / "graphs", smolvla, device="cuda", cuda_graphs=True)
+    msg = observation(plain.config, 4)
+    msg.meta["instruction"] = INSTRUCTIONS[0]
+    expected = plain.infer("robot-a", msg).actions
+    got = graphs.infer("robot-a", msg).actions
+    assert graphs.engine.describe()["graphs_recorded"] == [16, 32, 48]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    graphs.reset("robot-a")
+    np.testing.assert_array_equal(graphs.infer("robot-a", msg).actions, got)  # a replay replays
