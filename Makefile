@@ -2,8 +2,8 @@
 #   make demo [TASK=lift|stack|sort]   set up, then run the whole pipeline under supervisord (CPU demo)
 #   make demo CONFIG=my.yaml           the same with a deployment config of one's own (robot, server,
 #                                      robot-sim and status take CONFIG too; its task is the config's)
-#   make demo POLICY=smolvla           the demo with a tiny untrained SmolVLA (a language policy) instead
-#                                      of the tiny DiffusionPolicy
+#   make demo POLICY=smolvla           the demo with a tiny untrained SmolVLA, pi0 or pi05 (a language policy;
+#                                      POLICY=pi0, POLICY=pi05) instead of the tiny DiffusionPolicy
 #   make test                          set up, then run the test suite
 TASK ?= lift
 CONFIG ?=

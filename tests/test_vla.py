@@ -283,6 +283,32 @@ def test_missing_paligemma_tokenizer_is_named(smolvla: Path, tmp_path: Path) -> 
     assert Path(assets.tokenizer) == snapshot
 
 
+def test_a_maker_checkpoint_copied_elsewhere_finds_its_own_vlm_and_tokenizer_folders(language_checkpoint: Path,
+                                                                                     tmp_path: Path) -> None:
+    # The maker names its vlm/ (SmolVLA) or tokenizer/ (pi0, pi0.5) by absolute path; on another machine (a copy,
+    # a container's mount) that path is gone, and the node takes the folder of that name in the checkpoint itself.
+    from nodes.policy.checkpoint import load_lerobot_policy
+
+    copy = tmp_path / "elsewhere" / "pretrained_model"
+    shutil.copytree(language_checkpoint, copy)
+    gone = "/nonexistent/machine-a/pretrained_model"
+    config = json.loads((copy / "config.json").read_text())
+    if "vlm_model_name" in config:
+        config["vlm_model_name"] = f"{gone}/vlm"
+        (copy / "config.json").write_text(json.dumps(config))
+    pre = json.loads((copy / "policy_preprocessor.json").read_text())
+    for step in pre["steps"]:
+        if step["registry_name"] == "tokenizer_processor":
+            folder = "vlm" if "vlm_model_name" in config else "tokenizer"
+            step["config"]["tokenizer_name"] = f"{gone}/{folder}"
+    (copy / "policy_preprocessor.json").write_text(json.dumps(pre))
+    policy_config, policy, _, _ = load_lerobot_policy(copy, torch.device("cpu"))
+    assert policy_config.type == config["type"] and policy is not None
+    runtime = make_runtime(tmp_path / "run", copy)
+    chunk = runtime.infer("robot-a", _with_instruction(observation(runtime.config, 1), "lift the cube")).actions
+    assert chunk.shape == (50, 6)
+
+
 def test_offline_eval_sends_each_episodes_task_to_a_language_policy(smolvla: Path, tmp_path: Path) -> None:
     # The predict path of offline_eval against a real SmolVLA node: the dataset's own task string is the
     # instruction (without it every request would be refused on meta.instruction).

@@ -93,14 +93,19 @@ def _hub_cache_snapshot(name: str) -> Path | None:
         return None
 
 
-def find_local(name: str, vlm_dir: Path | None, complete: Any) -> tuple[Path | None, list[str]]:
+def find_local(name: str, vlm_dir: Path | None, complete: Any,
+               checkpoint: Path | None = None) -> tuple[Path | None, list[str]]:
     """The first folder holding ``name``'s files (``complete(folder)``): ``<vlm_dir>/<name>``, ``vlm_dir`` itself,
-    ``name`` as a directory, the Hugging Face cache. Also the places looked at, for the refusal."""
+    ``name`` as a directory, the folder of that name inside ``checkpoint`` (a checkpoint the maker wrote names its
+    own ``vlm/`` or ``tokenizer/`` by absolute path, which is elsewhere once it is copied to another machine), the
+    Hugging Face cache. Also the places looked at, for the refusal."""
     candidates: list[tuple[str, Path | None]] = []
     if vlm_dir is not None:
         candidates += [(f"policy.vlm_dir/{name}", vlm_dir / name), ("policy.vlm_dir", vlm_dir)]
     if name.startswith("/") or Path(name).is_dir():
         candidates.append(("the checkpoint's path", Path(name)))
+    if name.startswith("/") and checkpoint is not None:
+        candidates.append(("that folder in the checkpoint", checkpoint / Path(name).name))
     tried: list[str] = []
     for label, folder in candidates:
         if folder is not None and folder.is_dir() and complete(folder):
@@ -138,7 +143,7 @@ def resolve_language_assets(policy_type: str, path: Path, policy_config: Any, vl
     vlm = ""
     if policy_type == "smolvla":
         name = str(policy_config.vlm_model_name)
-        found, tried = find_local(name, vlm_dir, has_vlm)
+        found, tried = find_local(name, vlm_dir, has_vlm, path)
         if found is None:
             raise refuse("the config, processor and tokenizer of its VLM", name, VLM_FILES, tried)
         vlm = str(found)
@@ -148,7 +153,7 @@ def resolve_language_assets(policy_type: str, path: Path, policy_config: Any, vl
                               f"its '{TOKENIZER_STEP}' step with a tokenizer_name (LeRobot's saved pipeline)")
     if vlm and tokenizer_name == name:
         return LanguageAssets(tokenizer=vlm, vlm=vlm)
-    found, tried = find_local(tokenizer_name, vlm_dir, has_tokenizer)
+    found, tried = find_local(tokenizer_name, vlm_dir, has_tokenizer, path)
     if found is None:
         raise refuse("the tokenizer", tokenizer_name, TOKENIZER_FILES, tried)
     return LanguageAssets(tokenizer=str(found), vlm=vlm)
