@@ -22,9 +22,11 @@ run() {  # name, then bench.multi_robot arguments
   echo "== $name (exit $?)"; grep -E "^\||^###|Error|Traceback" "$OUT/multi-robot-$name.log" | cut -c1-300
   tail -n 3 /tmp/multi-robot-"$name"/policy-on.log 2>/dev/null | cut -c1-300
 }
-# COMPILE=false (the default here) drops torch.compile from the fast options: its cold compile of every batch
-# bucket takes minutes, more than a short device lease holds; bf16, CUDA graphs and the fast UNet stay.
-COMPILE="${COMPILE:-false}"
+# The fast options with torch.compile (issue 22's): batch 1 compiles for its shape and one more compile, with a
+# symbolic batch dimension, serves every larger bucket (nodes/policy/engines.py, COMPILE_NOTE); the batching-off
+# node's batch-1 code is reused by the batching-on node from the compile cache (same run_dir). COMPILE=false
+# drops compile (bf16, CUDA graphs and the fast UNet stay), as the first H100 run did.
+COMPILE="${COMPILE:-true}"
 run diffusion --policy-type diffusion --fast --ddim10 "--policy.compile=$COMPILE"
 run act --policy-type act --fast "--policy.compile=$COMPILE"
 # Keep the node logs of the batching-on runs (capacity lines) for the record.
