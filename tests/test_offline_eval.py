@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,10 +23,13 @@ from common.tools.offline_eval import (
     ExecutedRecorder,
     evaluate_executed,
     evaluate_predictions,
+    executed_errors,
     save_report,
     score_chunk,
     summarise,
 )
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, Message
+from common.wire.transport import Publisher, SocketFactory
 
 POLICY_NODES: dict[Path, NodeProcess] = {}  # the module's policy node, by its config path
 FRAMES = 10  # per episode: more than one 8-row chunk, few enough for a diffusion policy on a busy 2-core CPU
@@ -76,6 +81,101 @@ def test_report_files(tmp_path: Path) -> None:
     assert saved["episodes"][0]["mae"] == pytest.approx([1.0] * 6) and saved["names"][0] == "j0.pos"
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
     assert set(np.load(paths["traces"])) == {"episode_0_run_0_truth", "episode_0_run_0_predicted"}
+
+
+# ------------------------------------------------------------------------------ pairing ticks with the truth
+
+
+class TwoStreams:
+    """The player's ground-truth publisher and the actuator's event publisher (real PUB sockets on the config's
+    endpoints) and an ``ExecutedRecorder`` subscribed to both, connected."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.config = load_config(write_config(tmp_path, "lift"))
+        factory = SocketFactory()
+        self.gt = Publisher(factory, self.config.player.gt_endpoint, "dataset_player", hwm=1024)
+        self.events = Publisher(factory, self.config.actuator.events_endpoint, "actuator", hwm=1024)
+        self.recorder = ExecutedRecorder(self.config)
+        self.truth = np.arange(3 * 6, dtype=np.float32).reshape(3, 6)
+        self.names = list(self.config.action_names())
+
+        def heard() -> bool:
+            self.gt.publish(Message(kind=KIND_EVENT, meta={"event": "player_stats"}))
+            self.events.publish(Message(kind=KIND_EVENT, meta={"event": "loop_stats"}))
+            self.recorder.pump(0.05)
+            return {"player_stats", "loop_stats"} <= self.recorder.heard
+
+        wait_for(heard, timeout_s=30, message="the recorder never heard both publishers")
+
+    def until(self, condition: Any, what: str) -> None:
+        """Pump the recorder until ``condition()``: it has read what was published so far."""
+        wait_for(lambda: self.recorder.pump(0.02) or condition(), timeout_s=30, message=what)
+
+    def pass_start(self) -> None:
+        self.gt.publish(Message(kind=KIND_EVENT, meta={"event": "episode_start", "episode_index": 0, "frames": 3,
+                                                       "source": "dataset"}))
+        self.until(lambda: self.recorder.current is not None, "episode_start not read")
+
+    def truth_and_end(self) -> None:
+        for frame, row in enumerate(self.truth):
+            meta = {"role": "ground_truth", "episode_index": 0, "frame_index": frame, "names": self.names}
+            self.gt.publish(Message(kind=KIND_ACTION, meta=meta, arrays={"action": row}))
+        self.gt.publish(Message(kind=KIND_EVENT, meta={"event": "episode_end", "complete": True,
+                                                       "source": "dataset"}))
+        self.until(self.recorder.pass_ended, "episode_end not read")
+
+    def tick(self, frame: int, offset: float, uid: str = "a1", index: int = 0) -> None:
+        self.events.publish(Message(kind=KIND_ACTION, meta={
+            "role": "executed", "names": self.names, "episode_index": index, "episode_id": uid, "frame_index": frame,
+            "hold": False},
+            arrays={"action": self.truth[frame] + offset}))
+
+    def close(self) -> None:
+        self.recorder.close()
+        self.gt.close()
+        self.events.close()
+
+
+@pytest.fixture
+def streams(tmp_path: Path) -> Iterator[TwoStreams]:
+    pair = TwoStreams(tmp_path)
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+def test_a_tick_read_before_its_frames_truth_is_still_scored(streams: TwoStreams) -> None:
+    """The two streams reach the recorder through one SUB socket that takes turns between them: a loaded
+    evaluator can read the tick that used frame k before the truth of frame k (CI lost a frame of a lockstep pass
+    this way). Here every tick is read before any truth: all three frames are still scored."""
+    streams.pass_start()
+    for frame in range(3):
+        streams.tick(frame, offset=1.0)
+    streams.until(lambda: len(streams.recorder.current.ticks) == 3, "ticks not read")  # type: ignore[union-attr]
+    streams.truth_and_end()
+    episode = streams.recorder.take_finished(settle_s=0.0)
+    assert episode is not None
+    result, trace = executed_errors(episode, 6)
+    assert result.compared == 3 and result.mae == [1.0] * 6
+    np.testing.assert_array_equal(trace.predicted, streams.truth + 1.0)
+
+
+def test_driven_pass_takes_its_actuator_episodes_ticks_whenever_they_arrive(streams: TwoStreams) -> None:
+    """--drive: a pass's ticks are those of the actuator episode started for it, all in once the actuator's
+    episode_stop is (same stream, after the last tick), wherever they fall against the player's stream: here
+    before the pass's own episode_start; a tick of another actuator episode is not the pass's."""
+    streams.tick(0, offset=5.0, uid="old", index=7)
+    for frame in range(3):
+        streams.tick(frame, offset=2.0)
+    streams.until(lambda: len(streams.recorder.actuator_ticks.get("a1", [])) == 3, "ticks not read")
+    streams.pass_start()
+    streams.truth_and_end()
+    streams.events.publish(Message(kind=KIND_EVENT, meta={"event": "episode_stop", "episode_index": 0,
+                                                          "episode_id": "a1"}))
+    episode = streams.recorder.take_driven(0, deadline=time.monotonic() + 30)
+    result, _ = executed_errors(episode, 6)
+    assert result.compared == 3 and result.mae == [2.0] * 6
 
 
 # ---------------------------------------------------------------------------------------------- real nodes

@@ -336,8 +336,9 @@ class _LiveEpisode:
     frames: int
     run: int
     truth: dict[int, np.ndarray] = field(default_factory=dict)
-    executed: dict[int, np.ndarray] = field(default_factory=dict)
-    holds: int = 0
+    # Every tick attributed to this pass, in the order the actuator published them: (frame index, target, hold).
+    # Which of them are scored is decided when the pass is taken, once its truth is all in (``executed_errors``).
+    ticks: list[tuple[int, np.ndarray, bool]] = field(default_factory=list)
     ended: bool = False
     complete: bool = False
 
@@ -345,10 +346,18 @@ class _LiveEpisode:
 class ExecutedRecorder:
     """Pairs the actuator's executed targets with the player's ground truth, by dataset frame index.
 
-    A tick belongs to the dataset episode being played when it arrives and must name a frame that the
-    player has already published in that episode (the truth goes out before the frames). When several
-    ticks used the same frame (real time), the last one counts: it is what was commanded for that frame.
-    Ticks while the actuator is idle (``episode_index == -1``) are not the policy's and are skipped.
+    The ground truth (the player's ``gt`` stream) and the ticks (the actuator's ``events`` stream) come from two
+    publishers into one SUB socket, which takes turns between them: each stream keeps its own order, but nothing
+    orders one against the other. A tick that used frame k can be read before the truth of frame k (the evaluator
+    fell behind and both streams queued up), so a tick is kept even when its frame's truth has not arrived yet;
+    the pairing is made when the pass is taken, from everything received by then.
+
+    Which pass a tick belongs to: with ``--drive`` (``take_driven``), the actuator episode that the evaluator
+    started for it (ticks carry their ``episode_id``; the actuator's ``episode_stop`` event, which comes after its
+    last tick on the same stream, says that all of them are in). Without it (``take_finished``), the dataset pass
+    being played when the tick arrives. When several ticks used the same frame (real time), the last one counts:
+    it is what was commanded for that frame. Ticks while the actuator is idle (``episode_index == -1``) are not the
+    policy's and are skipped.
     """
 
     def __init__(self, config: DeploymentConfig, factory: SocketFactory | None = None) -> None:
@@ -359,12 +368,19 @@ class ExecutedRecorder:
         self.current: _LiveEpisode | None = None
         self.finished: list[_LiveEpisode] = []
         self.runs: dict[int, int] = {}
+        # Drive: every tick of an actuator episode (by episode_id), and the episodes the actuator has stopped
+        # (episode_index -> episode_id), from its own stream.
+        self.actuator_ticks: dict[str, list[tuple[int, np.ndarray, bool]]] = {}
+        self.actuator_stops: dict[int, str] = {}
+        self.heard: set[str] = set()  # the publishers' stats events seen (``wait_for_publishers``)
 
     def pump(self, timeout_s: float = 0.05) -> None:
         for msg in self.sub.poll(timeout_s, max_messages=100_000):
             self._handle(msg)
 
     def _handle(self, msg: Message) -> None:
+        if msg.kind == KIND_EVENT and msg.meta.get("event") in ("player_stats", "loop_stats"):
+            self.heard.add(str(msg.meta["event"]))
         role = msg.meta.get("role")
         if msg.kind == KIND_EVENT and msg.meta.get("source") == "dataset":
             event = msg.meta.get("event")
@@ -376,27 +392,70 @@ class ExecutedRecorder:
             elif event == "episode_end" and self.current is not None:
                 self.current.ended = True
                 self.current.complete = bool(msg.meta.get("complete", False))
+        elif msg.kind == KIND_EVENT and msg.meta.get("event") == "episode_stop":  # the actuator's
+            index, uid = msg.meta.get("episode_index"), msg.meta.get("episode_id")
+            if isinstance(index, int) and isinstance(uid, str):
+                self.actuator_stops[index] = uid
         elif msg.kind == KIND_ACTION and role == "ground_truth" and self.current is not None:
             if msg.meta.get("episode_index") == self.current.episode_index:
                 self.current.truth[int(msg.meta["frame_index"])] = np.array(msg.arrays["action"], dtype=np.float32)
-        elif msg.kind == KIND_ACTION and role == "executed" and self.current is not None:
+        elif msg.kind == KIND_ACTION and role == "executed":
             frame = msg.meta.get("frame_index", -1)
-            if msg.meta.get("episode_index", -1) == -1 or not isinstance(frame, int) or frame not in self.current.truth:
+            if msg.meta.get("episode_index", -1) == -1 or not isinstance(frame, int) or isinstance(frame, bool):
                 return
-            self.current.executed[frame] = np.array(msg.arrays["action"], dtype=np.float32)
-            if msg.meta.get("hold"):
-                self.current.holds += 1
+            tick = (frame, np.array(msg.arrays["action"], dtype=np.float32), bool(msg.meta.get("hold")))
+            uid = msg.meta.get("episode_id")
+            if isinstance(uid, str):
+                self.actuator_ticks.setdefault(uid, []).append(tick)
+            if self.current is not None:
+                self.current.ticks.append(tick)
+
+    def wait_for_publishers(self, deadline: float) -> None:
+        """Until both publishers were heard from (their stats come every second): the SUB is connected to both."""
+        while not {"player_stats", "loop_stats"} <= self.heard:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"heard only {sorted(self.heard)} of the player's player_stats and the actuator's "
+                                   f"loop_stats on {self.config.player.gt_endpoint} and "
+                                   f"{self.config.actuator.events_endpoint}")
+            self.pump(0.1)
+
+    def pass_ended(self) -> bool:
+        """Whether the player ended the pass being recorded."""
+        return self.current is not None and self.current.ended
 
     def take_finished(self, settle_s: float = 0.3) -> _LiveEpisode | None:
-        """The current episode once the player ended it (after letting its last ticks arrive)."""
-        if self.current is None or not self.current.ended:
+        """The current pass once the player ended it (after letting its last ticks arrive), its ticks those that
+        arrived while it played. Without ``--drive`` nothing says when the last tick is in: ``settle_s`` is a guess."""
+        episode = self.current
+        if episode is None or not episode.ended:
             return None
         deadline = time.monotonic() + settle_s
         while time.monotonic() < deadline:
             self.pump(0.02)
-        episode, self.current = self.current, None
+        if self.current is episode:  # (the player may have begun its next pass meanwhile)
+            self.current = None
         self.finished.append(episode)
         return episode
+
+    def take_driven(self, actuator_episode: int, deadline: float) -> _LiveEpisode:
+        """The current pass, ended by the player, with the ticks of the actuator episode ``actuator_episode`` that
+        played it, once the actuator's ``episode_stop`` for that episode is in (its ticks all came before it on the
+        same stream). Call after ``stop``; ``TimeoutError`` past ``deadline``."""
+        while (uid := self.actuator_stops.get(actuator_episode)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no episode_stop from the actuator for its episode {actuator_episode}")
+            self.pump(0.05)
+        episode, self.current = self.current, None
+        if episode is None or not episode.ended:
+            raise RuntimeError("take_driven: the player has not ended a pass")
+        episode.ticks = self.actuator_ticks.pop(uid, [])
+        self.finished.append(episode)
+        return episode
+
+    def forget_stop(self, actuator_episode: int) -> None:
+        """Before starting an actuator episode: an earlier one with the same index (an actuator restarted since)
+        must not stand for it."""
+        self.actuator_stops.pop(actuator_episode, None)
 
     def close(self) -> None:
         self.sub.close()
@@ -408,15 +467,22 @@ def executed_errors(episode: _LiveEpisode, dim: int, row_offset: int = 0) -> tup
     executed = np.full((frames, dim), np.nan, dtype=np.float32)
     for index, row in episode.truth.items():
         truth[index] = row
+    # The ticks that used a frame of this pass (its truth is all in now); the last tick per frame counts.
+    commanded: dict[int, np.ndarray] = {}
+    holds = 0
+    for frame, target, hold in episode.ticks:
+        if frame in episode.truth:
+            commanded[frame] = target
+            holds += hold
     accumulator = ErrorAccumulator(dim)
-    for index, row in sorted(episode.executed.items()):
+    for index, row in sorted(commanded.items()):
         target = index + row_offset
         if 0 <= target < frames:
             executed[target] = row
             if target in episode.truth:
                 accumulator.add(row[None], truth[target][None])
-    return (accumulator.result(episode.episode_index, frames, holds=episode.holds, run=episode.run),
-            EpisodeTrace(episode.episode_index, truth, executed, episode.holds, episode.run))
+    return (accumulator.result(episode.episode_index, frames, holds=holds, run=episode.run),
+            EpisodeTrace(episode.episode_index, truth, executed, holds, episode.run))
 
 
 def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = False, row_offset: int = 0,
@@ -438,16 +504,17 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
     deadline = time.monotonic() + timeout_s
     progress = _progress(count, "episode")
     try:
-        time.sleep(0.3)  # let the SUB connections settle before anything we must not miss is published
+        # Nothing may be published before both SUB connections are up (PUB drops what no subscriber holds yet).
+        recorder.wait_for_publishers(deadline)
         while len(results) < count:
-            if control is not None:
-                _start_when_ready(control, recorder, deadline)
-            while (episode := recorder.take_finished()) is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"recorded {len(results)} of {count} episodes within {timeout_s}s")
-                recorder.pump(0.05)
-            if control is not None:
+            late = f"recorded {len(results)} of {count} episodes within {timeout_s}s"
+            if control is None:
+                episode = _wait(recorder, recorder.take_finished, deadline, late)
+            else:
+                actuator_episode = _start_when_ready(control, recorder, deadline)
+                _wait(recorder, recorder.pass_ended, deadline, late)
                 control.send("stop")
+                episode = recorder.take_driven(actuator_episode, deadline)
             if not episode.complete:
                 log.warning("episode %d ended early; scoring the %d frames played", episode.episode_index,
                             len(episode.truth))
@@ -474,12 +541,24 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
                      policy={"endpoint": config.policy.endpoint, "seed": config.policy.seed}), traces
 
 
-def _start_when_ready(control: ActuatorClient, recorder: ExecutedRecorder, deadline: float) -> None:
-    """Start an actuator episode, retrying while it is still checking the policy's contract."""
+def _wait(recorder: ExecutedRecorder, take: Any, deadline: float, what: str) -> Any:
+    """``take()`` until it gives something, pumping the recorder meanwhile; ``TimeoutError(what)`` past
+    ``deadline``."""
+    while (found := take()) is None or found is False:
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        recorder.pump(0.05)
+    return found
+
+
+def _start_when_ready(control: ActuatorClient, recorder: ExecutedRecorder, deadline: float) -> int:
+    """Start an actuator episode, retrying while it is still checking the policy's contract; its episode index."""
     while True:
         try:
-            control.send("start")
-            return
+            reply = control.send("start")
+            index = int(reply.meta["episode_index"])
+            recorder.forget_stop(index)
+            return index
         except RemoteError as exc:
             if time.monotonic() > deadline:
                 raise
