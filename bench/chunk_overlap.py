@@ -46,7 +46,8 @@ from bench.harness import write_config
 from common.config import DeploymentConfig, load_config
 from common.wire.contract import RTC_DELAY_KEY, RTC_PREFIX_KEY, STATE_KEY, image_key
 from common.wire.protocol import Message
-from nodes.actuator.chunk_queue import ChunkQueue, RefillPlanner
+from nodes.actuator.chunk_queue import ChunkQueue
+from nodes.actuator.refill import RefillPlanner
 
 log = logging.getLogger("bench.chunk_overlap")
 

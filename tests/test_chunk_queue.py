@@ -183,7 +183,7 @@ def test_rtc_merges_like_replace() -> None:
 
 
 def test_refill_threshold_covers_the_measured_p90_round_trip() -> None:
-    from nodes.actuator.chunk_queue import RefillPlanner
+    from nodes.actuator.refill import RefillPlanner
 
     planner = RefillPlanner(PERIOD, FPS)
     planner.set_chunk_rows(8)
@@ -209,7 +209,7 @@ def test_refill_threshold_covers_the_measured_p90_round_trip() -> None:
 
 def test_refill_timing_keeps_acting_with_a_100ms_round_trip() -> None:
     """8-row chunks at 30 Hz, replies 100 ms after each request: every tick after the first chunk acts."""
-    from nodes.actuator.chunk_queue import RefillPlanner
+    from nodes.actuator.refill import RefillPlanner
 
     q = ChunkQueue(PERIOD, "replace", action_dim=2)
     planner = RefillPlanner(PERIOD, FPS)
@@ -230,7 +230,7 @@ def test_refill_timing_keeps_acting_with_a_100ms_round_trip() -> None:
 
 
 def test_a_round_trip_longer_than_the_chunk_is_reported_once_with_the_numbers() -> None:
-    from nodes.actuator.chunk_queue import RefillPlanner
+    from nodes.actuator.refill import RefillPlanner
 
     planner = RefillPlanner(PERIOD, FPS)
     planner.set_chunk_rows(8)
@@ -249,7 +249,7 @@ def test_a_round_trip_longer_than_the_chunk_is_reported_once_with_the_numbers() 
 
 
 def test_refill_override_is_clipped_below_the_chunk_once() -> None:
-    from nodes.actuator.chunk_queue import RefillPlanner
+    from nodes.actuator.refill import RefillPlanner
 
     planner = RefillPlanner(1.0, FPS, override=24, margin_rows=0)
     planner.set_chunk_rows(8)

@@ -1,7 +1,7 @@
 """The actuator's control handler answers every request, even one whose reply the wire cannot carry.
 
 A reply over the protocol's header limit (the recorder's ``backlog`` op once built one) used to raise out of
-``ControlOps._handle_control`` and end the actuator. Here the real handler serves a real ROUTER socket and a
+``ControlHandler._handle_control`` and end the actuator. Here the real handler serves a real ROUTER socket and a
 real ``ActuatorClient``; only the op's reply is made too large on purpose.
 """
 
@@ -16,10 +16,10 @@ from conftest import free_endpoint
 from common.wire.actuator_client import ActuatorClient
 from common.wire.protocol import MAX_HEADER_BYTES
 from common.wire.transport import RemoteError, RouterServer, SocketFactory
-from nodes.actuator.control import ControlOps
+from nodes.actuator.control import ControlHandler
 
 
-class OversizedStatus(ControlOps):
+class OversizedStatus(ControlHandler):
     """The control mixin on its own socket, with a ``status`` whose reply is larger than any header may be."""
 
     def __init__(self, factory: SocketFactory, endpoint: str) -> None:

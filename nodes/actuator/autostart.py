@@ -5,7 +5,7 @@ matched, which on a small robot computer is seconds before the recorder is up: t
 was never recorded. Now the auto-start waits until every program in ``actuator.auto_start_after`` (by
 default the recorder) has its readiness file (``<run_dir>/ready/<program>.json``, ``common.node.Readiness``),
 at most ``actuator.auto_start_wait_s``, then starts anyway and says which programs it stopped waiting for.
-(It also waits until every camera and arm has delivered: see ``ActuatorNode.maybe_auto_start``.)
+(It also waits until every camera and arm has delivered: see ``PolicyLink._maybe_auto_start``.)
 
 Only programs that are part of this deployment are waited for: under supervisord (which sets
 ``SUPERVISOR_SERVER_URL`` in its children) the ones its ``getAllProcessInfo`` lists; a program the

@@ -1,7 +1,7 @@
 """The actuator's decisions, with no sockets: episode state, queued rows, safety filter and hold reasons.
 
 ``ControlCore.tick`` decides one tick's target from the inputs' problem, the measured position and the bus
-health; both loops (real time and lockstep, ``nodes.actuator.__main__``) drive the same core, and the
+health; the control loop (``nodes.actuator.loop``) drives it in either pacer's time units, and the
 property tests drive it directly. Times are in the chunk queue's units: seconds of the robot's monotonic
 clock, or frame indices in lockstep (``period=1``).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.config import DeploymentConfig
-from nodes.actuator.chunk_queue import ChunkQueue, CoverageNotice, InsertResult, RefillPlanner
+from nodes.actuator.chunk_queue import ChunkQueue, InsertResult
 from nodes.actuator.episodes import RUNNING, STOPPING, EpisodeRecord, Episodes
 from nodes.actuator.holds import (
     HOLD_ALL_ROWS_STALE,
@@ -27,6 +27,7 @@ from nodes.actuator.holds import (
     HOLD_QUEUE_EMPTY,
     HOLD_STOPPED,
 )
+from nodes.actuator.refill import CoverageNotice, RefillPlanner
 from nodes.actuator.safety import SafetyFilter
 
 REST_REACHED_TOLERANCE = 1e-3

@@ -132,10 +132,13 @@ class InputBook:
             return None
         return np.concatenate([self.states[name].arrays["position"] for name in self.config.arms]).astype(np.float32)
 
-    def problem(self, now: float) -> str:
-        """The hold reason the inputs give at ``now`` ("" when everything is present and fresh)."""
+    def problem(self, now: float | None) -> str:
+        """The hold reason the inputs give at ``now`` ("" when everything is present and fresh; with ``now`` None,
+        lockstep, whose stamps are the player's: only whether everything is present)."""
         if not self.complete():
             return HOLD_MISSING_INPUT
+        if now is None:
+            return ""
         for name, arm in self.config.arms.items():
             if now - self.states[name].t > arm.max_state_age_s:
                 return HOLD_STALE_STATE

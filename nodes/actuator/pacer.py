@@ -19,11 +19,22 @@ apart, nor more than 5/4 of one (unless the loop itself fell behind: whole ticks
 burst). The lower bound holds on the ticks' actual start times too: a tick that started late (a loaded
 machine) pushes the next deadline to at least ``MIN_GAP`` after that start, so the servo never gets two goals
 closer than that. Pure arithmetic on the monotonic clock, no sockets; lockstep does not use it.
+
+The control loop runs over one of two pacers: ``RealtimePacer`` (the above, serving the loop's sockets while it
+waits) or ``LockstepPacer`` (a tick per new observation of the dataset player, time in frame indices).
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.config import DeploymentConfig
+from nodes.actuator.core import ControlCore
+from nodes.actuator.inputs import InputBook
 
 MAX_SHIFT = 0.25  # the most a deadline moves from one period after the last, as a fraction of a period
 MIN_GAP = 1.0 - MAX_SHIFT  # so no two ticks are closer than this fraction of a period
@@ -103,3 +114,123 @@ class PhaseLockedPacer:
         # which would add a tick each time (the ticks would run faster than the cameras).
         error = self._wrapped(self.target - self.nominal)
         return self._spaced(self.nominal + max(-self.max_shift_s, min(self.max_shift_s, error)))
+
+
+# ==================================================================================================
+# The two pacers the control loop (nodes.actuator.loop) runs over: when its ticks come and in what time units
+# ==================================================================================================
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One tick of the control loop."""
+
+    now: float  # when it started (monotonic)
+    key: float  # the core's time of this tick: its scheduled time (real time) or its frame index (lockstep)
+    lateness: float = 0.0  # how long after its scheduled time it started (0 in lockstep)
+    early: bool = False  # the pacer moved it ahead of one period after the last: it may take the next row early
+    rewound: bool = False  # lockstep: the player went back (a new dataset episode)
+    frame_index: int | None = None  # lockstep: the frame index it runs (real time: the inputs' own)
+
+
+class RealtimePacer:
+    """One tick per period at the task's fps on the monotonic clock, phase-locked to the replies
+    (``PhaseLockedPacer``); policy results count as arriving when they are taken."""
+
+    lockstep = False
+
+    def __init__(self, fps: float) -> None:
+        self.timing = f"{fps} Hz, phase-locked to the replies"
+        self.phase = PhaseLockedPacer(1.0 / fps)
+        self.missed = 0  # whole ticks skipped because the loop fell behind
+        self._started = False
+
+    def new_core(self, config: DeploymentConfig) -> ControlCore:
+        """The core, in this pacer's time units: seconds of the monotonic clock."""
+        return ControlCore(config)
+
+    def clock(self) -> float:
+        """Now, in the core's time units."""
+        return time.monotonic()
+
+    def input_clock(self) -> float | None:
+        """The time a capture stamp is checked against (refused when ahead by more than ``actuator.max_future_s``;
+        stale when too old)."""
+        return time.monotonic()
+
+    def next_tick(self, serve: Callable[[float], None], stop: threading.Event, inputs: InputBook) -> Tick | None:
+        """Serve inputs, results and control requests until the next deadline (which a landing reply may move;
+        zmq polls in whole milliseconds, the rest is a short sleep), then the tick."""
+        del inputs
+        if not self._started:
+            self._started = True
+            self.phase.start(time.monotonic())
+        while not stop.is_set():
+            remaining = self.phase.deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if remaining < 0.002:
+                time.sleep(remaining)
+                break
+            serve(remaining - 0.001)
+        started, deadline = time.monotonic(), self.phase.deadline
+        return Tick(now=started, key=deadline, lateness=started - deadline,
+                    early=deadline < self.phase.nominal - 1e-6)
+
+    def done(self, tick: Tick) -> None:
+        self.missed += self.phase.advance(time.monotonic(), started=tick.now)
+
+    def arrived(self, t: float) -> None:
+        """A reply to a request that left with its frames landed at ``t``: the ticks' phase follows it."""
+        self.phase.arrived(t)
+
+    @property
+    def deadline(self) -> float:
+        return self.phase.deadline
+
+
+class LockstepPacer:
+    """One tick per new complete observation (the dataset player's frames); time is the frame index. A tick asks
+    for a chunk from its very observation and waits for it, so a slow policy slows the replay instead of dropping
+    rows (row j of a chunk from frame i runs at frame i + j)."""
+
+    lockstep = True
+    timing = "lockstep"
+    missed = 0
+
+    def __init__(self) -> None:
+        self.last_t: dict[str, float] = {}  # per camera and arm: the capture time used at the last tick
+        self.key = -1  # the current tick's frame index
+
+    def new_core(self, config: DeploymentConfig) -> ControlCore:
+        """The core in frame indices (``period`` 1); a chunk is never too old, being asked for its very frame."""
+        return ControlCore(config, period=1.0, max_chunk_age=math.inf, lockstep=True)
+
+    def clock(self) -> float:
+        return float(self.key)
+
+    def input_clock(self) -> float | None:
+        return None  # the stamps are the player's: neither their age nor the future is checked
+
+    def next_tick(self, serve: Callable[[float], None], stop: threading.Event, inputs: InputBook) -> Tick | None:
+        """Serve for a moment; a tick once every camera and arm delivered a message newer than the ones used at
+        the last tick (None until then: the loop still checks the contract and starts the episode, since the player
+        may wait for the actuator before it publishes anything)."""
+        serve(0.02)
+        if stop.is_set() or not inputs.complete():
+            return None
+        parts = {**inputs.frames, **inputs.states}
+        if any(msg.t <= self.last_t.get(name, -math.inf) for name, msg in parts.items()):
+            return None
+        self.last_t = {name: msg.t for name, msg in parts.items()}
+        index = inputs.frame_index()
+        key = index if index >= 0 else self.key + 1
+        rewound = key < self.key
+        self.key = key
+        return Tick(now=time.monotonic(), key=float(key), rewound=rewound, frame_index=key)
+
+    def done(self, tick: Tick) -> None:
+        del tick
+
+    def arrived(self, t: float) -> None:
+        del t  # the phase is the player's

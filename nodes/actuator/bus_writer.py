@@ -1,141 +1,22 @@
-"""The actuator's two kinds of worker thread, so the control loop never blocks on the network or a bus:
-``PolicyWorker`` (owns the REQ socket to the policy: ZeroMQ sockets are not thread-safe) and one
-``BusWriter`` per arm (bus contention never delays a tick)."""
+"""The actuator's bus writers: one thread per arm, so bus contention never delays a tick."""
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-import os
-import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from common.config import DeploymentConfig
-from common.wire.contract import PolicyContract
-from common.wire.images import JpegImage
-from common.wire.policy_client import ChunkReply, PolicyClient
-from common.wire.transport import SocketFactory
-from nodes.actuator.inputs import Observation
-from nodes.actuator.openpi_client import OpenpiPolicyClient
+from nodes.actuator.core import JOINTS_PER_ARM
 from nodes.actuator.pacer import MIN_GAP
 
 log = logging.getLogger("actuator")
 
 BUS_RETRY_S = 1.0
-
-
-# ==================================================================================================
-# Policy worker (owns the REQ socket: ZeroMQ sockets are not thread-safe)
-# ==================================================================================================
-
-
-@dataclass
-class Job:
-    kind: str  # "contract" | "reset" | "infer"
-    generation: int = 0
-    observation: Observation | None = None
-    obs_t: float = 0.0  # the time sent to the policy (lockstep: the frame index)
-    rtc_prefix: np.ndarray | None = None  # overlap rtc: rows the chunk must continue (robot units)
-    rtc_delay_rows: int = 0
-    instruction: str | None = None  # the task in words, for a policy whose contract takes_instruction
-    on_frame: bool = False  # sent when its frames arrived (real time): its reply sets the ticks' phase
-
-
-@dataclass
-class JobResult:
-    job: Job
-    contract: PolicyContract | None = None
-    reply: ChunkReply | None = None
-    error: Exception | None = None
-
-
-class PolicyWorker(threading.Thread):
-    """Runs policy requests one at a time so the control loop never blocks on the network."""
-
-    def __init__(self, factory: SocketFactory, config: DeploymentConfig, client_id: str) -> None:
-        super().__init__(name="policy-worker", daemon=True)
-        self.factory = factory
-        self.config = config
-        self.client_id = client_id
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.results: queue.Queue[JobResult] = queue.Queue()
-        self.pending = 0  # jobs submitted whose result has not been taken yet (main thread only)
-        # Frames go to the policy as they came: a JPEG camera's bytes as received (never decoded and encoded
-        # again), a raw frame raw unless its camera asks for JPEG (then at that camera's jpeg_quality).
-        self.jpeg_quality = {name: cam.jpeg_quality for name, cam in config.cameras.items() if cam.encoding == "jpeg"}
-        # A byte per result on a pipe the control loop polls with its sockets: a reply is handled when it lands,
-        # not at the next tick.
-        self.wakeup_fd, self._wakeup_w = os.pipe()
-        os.set_blocking(self.wakeup_fd, False)
-        os.set_blocking(self._wakeup_w, False)
-
-    def drain_wakeups(self) -> None:
-        """Empty the wake-up pipe (the results themselves are in ``results``)."""
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.wakeup_fd, 4096):
-                pass
-
-    def _put(self, result: JobResult) -> None:
-        self.results.put(result)
-        with contextlib.suppress(BlockingIOError):  # a full pipe of wake-ups: the loop wakes anyway
-            os.write(self._wakeup_w, b"r")
-
-    def submit(self, job: Job) -> None:
-        self.pending += 1
-        self.jobs.put(job)
-
-    def take(self, timeout_s: float | None = None) -> JobResult | None:
-        try:
-            result = self.results.get(timeout=timeout_s) if timeout_s else self.results.get_nowait()
-        except queue.Empty:
-            return None
-        self.pending -= 1
-        return result
-
-    def close(self) -> None:
-        self.jobs.put(None)
-
-    def run(self) -> None:
-        policy = self.config.policy
-        client: PolicyClient | OpenpiPolicyClient
-        if policy.backend == "openpi":  # an openpi-compatible server (issue 24): same interface, openpi's wire
-            client = OpenpiPolicyClient(self.config, client_id=self.client_id)
-        else:
-            client = PolicyClient(self.factory, policy.endpoint, client_id=self.client_id,
-                                  timeout_s=policy.timeout_s, retries=policy.retries)
-        try:
-            while (job := self.jobs.get()) is not None:
-                try:
-                    self._put(self._run(client, job))
-                except Exception as exc:  # reported to the loop, which holds; the worker keeps serving
-                    self._put(JobResult(job=job, error=exc))
-        finally:
-            client.close()
-
-    def _run(self, client: PolicyClient | OpenpiPolicyClient, job: Job) -> JobResult:
-        if job.kind == "contract":
-            return JobResult(job=job, contract=client.metadata())
-        if job.kind == "reset":
-            client.reset()
-            return JobResult(job=job)
-        observation = job.observation
-        assert observation is not None
-        images = {camera: JpegImage.of_message(msg) if "image" in msg.jpeg else msg.arrays["image"]
-                  for camera, msg in observation.frames.items()}
-        return JobResult(job=job, reply=client.infer(images, observation.state, job.obs_t, jpeg=self.jpeg_quality,
-                                                     rtc_prefix=job.rtc_prefix, rtc_delay_rows=job.rtc_delay_rows,
-                                                     instruction=job.instruction))
-
-
-# ==================================================================================================
-# Bus writers (one thread per arm, so bus contention never delays a tick)
-# ==================================================================================================
 
 
 class BusWriter(threading.Thread):
@@ -316,3 +197,59 @@ class BusWriter(threading.Thread):
             bus.disconnect()
         except Exception as exc:
             log.warning("arm %s: closing the bus: %s", self.arm_name, exc)
+
+
+class Buses:
+    """Every arm's bus writer, as the control loop sees them (none in dry-run: then nothing is written)."""
+
+    def __init__(self, config: DeploymentConfig, stop: threading.Event, dry_run: bool) -> None:
+        self.writers = {} if dry_run else {name: BusWriter(name, config, stop) for name in config.arms}
+
+    def __bool__(self) -> bool:
+        return bool(self.writers)
+
+    def start(self) -> None:
+        for writer in self.writers.values():
+            writer.start()
+
+    def join(self, timeout_s: float) -> None:
+        for writer in self.writers.values():
+            writer.join(timeout=timeout_s)
+
+    def broken(self) -> str:
+        """Why a bus cannot take writes ("" when every one can)."""
+        return "; ".join(f"{w.arm_name}: {w.last_error or 'connecting'}" for w in self.writers.values()
+                         if not w.healthy)
+
+    def request_present(self, generation: int) -> None:
+        """Every arm reads its servos' present position for episode ``generation`` (its step limit starts there)."""
+        for writer in self.writers.values():
+            writer.request_present(generation)
+
+    def position(self, generation: int) -> np.ndarray | None:
+        """Every arm's present position as its own bus reports it, read since episode ``generation`` started; None
+        until all are in (or in dry-run, where there is no bus)."""
+        parts = [w.present_for(generation) for w in self.writers.values()]
+        if not parts or any(part is None for part in parts):
+            return None
+        return np.concatenate(parts).astype(np.float32)  # type: ignore[arg-type]
+
+    def write(self, target: np.ndarray, tag: int | None = None) -> None:
+        """``target`` (every arm's joints, config order) to the arms' writers; ``tag`` comes back in ``written``."""
+        if not np.all(np.isfinite(target)):
+            return
+        for index, writer in enumerate(self.writers.values()):
+            writer.submit(target[index * JOINTS_PER_ARM:(index + 1) * JOINTS_PER_ARM], tag)
+
+    def written(self) -> list[tuple[str, int, float]]:
+        """(arm, tick, when) of every tagged goal written since the last call."""
+        done = []
+        for name, writer in self.writers.items():
+            while writer.written:
+                tick, written_t = writer.written.popleft()
+                done.append((name, tick, written_t))
+        return done
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {name: {"connected": w.connected, "error": w.last_error, "writes": w.writes}
+                for name, w in self.writers.items()}
