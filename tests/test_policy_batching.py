@@ -87,3 +87,50 @@ def test_make_status_shows_the_policy_capacity_line() -> None:
     line = describe_capacity({"chunks_per_s": 118.5, "batch_mean": 3.9, "batch_max": 8, "max_batch": 16,
                               "queue_ms_p99": 12.5, "superseded": 0, "refused_busy": 1})
     assert line == "118.5 chunks/s, batch mean 3.9 max 8/16, queue wait p99 12.5 ms, superseded 0, busy 1"
+
+
+@pytest.mark.parametrize("policy_type", ["smolvla", "pi0"])
+def test_a_language_policy_batches_with_each_sessions_instruction_and_noise(policy_type: str, tiny_checkpoint,
+                                                                         tmp_path: Path, monkeypatch) -> None:
+    """SmolVLA / pi0 on LeRobot's plain path: a batch of sessions with different instructions gives each the chunk
+    it gets alone (its own instruction's tokens, its own seeded noise); an rtc request in the batch runs its
+    row alone (LeRobot's real-time chunking takes one prefix per call) and still gets its chunk."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runtime = make_runtime(tmp_path, tiny_checkpoint("lift", policy_type), max_batch=4)
+    assert runtime.max_batch == 4
+    instructions = ["pick up the cube", "put the cube in the bowl", "open the gripper"]
+    clients = [f"robot-{index}" for index in range(3)]
+    per_client = {}
+    for index, client in enumerate(clients):
+        messages = [observation(runtime.config, 10 * index + step) for step in range(2)]
+        for message in messages:
+            message.meta["instruction"] = instructions[index]
+        per_client[client] = messages
+    reference = {client: alone(runtime, client, per_client[client]) for client in clients}
+    together = batched(runtime, clients, per_client)
+    for client in clients:
+        for step, (mine, theirs) in enumerate(zip(together[client], reference[client], strict=True)):
+            np.testing.assert_allclose(mine, theirs, rtol=0, atol=BATCH_ATOL, err_msg=f"{client} step {step}")
+    # Same observation, another instruction: another chunk (the rows did not share one instruction).
+    runtime.reset("robot-x")
+    runtime.reset("robot-y")
+    same = observation(runtime.config, 5)
+    other = observation(runtime.config, 5)
+    same.meta["instruction"], other.meta["instruction"] = instructions[0], instructions[1]
+    first, second = runtime.infer_batch([BatchItem("robot-x", runtime.check(same)),
+                                         BatchItem("robot-y", runtime.check(other))])
+    assert isinstance(first, ChunkResult) and isinstance(second, ChunkResult)
+    assert not np.allclose(first.actions, second.actions)
+    if runtime.rtc_max_rows:
+        prefix = np.ascontiguousarray(reference[clients[0]][0][:4])
+        with_rtc = observation(runtime.config, 3)
+        with_rtc.meta.update({"instruction": instructions[0], "rtc_delay_rows": 2})
+        with_rtc.arrays["rtc_prefix"] = prefix
+        runtime.reset("robot-rtc")
+        runtime.reset("robot-plain")
+        expected = runtime.infer("robot-rtc", with_rtc).actions
+        runtime.reset("robot-rtc")
+        mixed = runtime.infer_batch([BatchItem("robot-rtc", runtime.check(with_rtc)),
+                                     BatchItem("robot-plain", runtime.check(per_client[clients[1]][0]))])
+        assert all(isinstance(result, ChunkResult) for result in mixed)
+        np.testing.assert_allclose(mixed[0].actions, expected, rtol=0, atol=BATCH_ATOL)

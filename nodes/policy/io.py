@@ -327,12 +327,12 @@ class Normaliser:
             log.info("processor pipelines have custom steps %s / %s: running them as pipelines",
                      sorted(pre_names - self.KNOWN_PRE), sorted(post_names - self.KNOWN_POST))
 
-    def prepare(self, inputs: dict[str, Tensor], task: str | None = None) -> dict[str, Tensor]:
+    def prepare(self, inputs: dict[str, Tensor], task: str | list[str] | None = None) -> dict[str, Tensor]:
         """uint8 (B, 3, H, W) images and the (B, D) state -> the normalised (B, ...) batch.
 
         Images become float32 in [0, 1] first: LeRobot's convention for robot frames. ``task``: a language
-        policy's instruction, LeRobot's ``task`` input; its pipeline's tokenizer step adds the
-        ``observation.language.*`` tokens and mask to the batch.
+        policy's instruction, LeRobot's ``task`` input (a list, one per row, for a batch); its pipeline's
+        tokenizer step adds the ``observation.language.*`` tokens and mask to the batch.
         """
         batch: dict[str, Any] = {key: value.to(torch.float32) / 255 if key.startswith(IMAGE_KEY_PREFIX) else value
                                  for key, value in inputs.items()}

@@ -145,9 +145,10 @@ class PolicyRuntime:
         # rtc prefixes are normalised with the checkpoint's action stats: only with LeRobot's plain pipelines.
         self.language = isinstance(self.engine, FlowMatchingEngine)
         self.rtc_max_rows = self.engine.rtc_max_rows if self.normaliser.direct or self.language else 0
-        # Cross-session batching (nodes.policy.batching): the language policies run one request at a time
-        # (LeRobot's SmolVLA / pi0 / pi0.5 draw one noise tensor and one instruction per call).
-        self.max_batch = 1 if self.language else max(1, settings.max_batch)
+        # Cross-session batching (nodes.policy.batching). The language policies batch on LeRobot's plain path (one
+        # instruction and one noise row per row); their fast path (nodes.policy.vla_fast) runs one at a time.
+        batches = not isinstance(self.engine, FlowMatchingEngine) or self.engine.batches
+        self.max_batch = max(1, settings.max_batch) if batches else 1
         self.inputs = InputLoader(self.cameras, self.state_dim, self.device, self.max_batch)
         history = getattr(self.policy_config, "n_obs_steps", 1)
         self.sessions = SessionStore(settings.max_sessions, settings.seed, history, self.device)
@@ -221,15 +222,20 @@ class PolicyRuntime:
         inputs = self.inputs.load_batch([item.obs for item in items])
         decoded = time.perf_counter()
         if not self.normaliser.direct:
-            inputs = self.normaliser.prepare(inputs, task=items[0].obs.instruction if self.language else None)
+            # A language policy's instruction per row (LeRobot's tokenizer step pads each to its max length).
+            task: str | list[str] | None = None
+            if self.language:
+                instructions = [item.obs.instruction or "" for item in items]
+                task = instructions[0] if len(items) == 1 else instructions
+            inputs = self.normaliser.prepare(inputs, task=task)
         preprocessed = time.perf_counter()
         prefixes = [None if item.obs.rtc is None else
                     torch.from_numpy(np.array(item.obs.rtc.rows, dtype=np.float32)).to(self.device) for item in items]
         if isinstance(self.engine, FlowMatchingEngine):
             # LeRobot's real-time chunking: the prefix (robot units) and its frozen rows; its own weights
-            obs, prefix = items[0].obs, prefixes[0]
-            actions = self.engine.chunk(sessions[0], inputs, None if obs.rtc is None or prefix is None
-                                        else (prefix, obs.rtc.delay_rows))
+            actions = self.engine.chunk_batch(sessions, inputs, [
+                None if item.obs.rtc is None or prefix is None else (prefix, item.obs.rtc.delay_rows)
+                for item, prefix in zip(items, prefixes, strict=True)])
         else:
             rtcs: list[tuple[Tensor, Tensor] | None] = []
             for item, prefix in zip(items, prefixes, strict=True):

@@ -235,6 +235,28 @@ class FlowMatchingEngine:
                 kwargs["prev_chunk_left_over"], kwargs["inference_delay"], kwargs["execution_horizon"]))
         return self.policy.predict_action_chunk(batch, noise=noise, **kwargs).float()
 
+    @property
+    def batches(self) -> bool:
+        """Whether requests of different sessions can share one call: LeRobot's plain path takes a batch (one
+        noise row and one instruction per row); the fast path's CUDA graphs are recorded for one row."""
+        return self.fast is None
+
+    def chunk_batch(self, sessions: list[Session], batch: dict[str, Tensor],
+                    rtcs: list[tuple[Tensor, int] | None]) -> Tensor:
+        """(B, chunk_size, action_dim) normalised actions, row i for session i (``batch`` preprocessed with one
+        instruction per row): each row's noise from its own session's generator, as it is drawn alone, so a row
+        is the chunk the session gets alone up to the rounding of batched kernels. LeRobot's real-time chunking
+        takes one prefix, delay and horizon per call: a batch holding an rtc request runs its rows one by one."""
+        if len(sessions) == 1:
+            return self.chunk(sessions[0], batch, rtcs[0])
+        if any(rtc is not None for rtc in rtcs):
+            return torch.cat([self.chunk(session, {key: value[row:row + 1] for key, value in batch.items()}, rtc)
+                              for row, (session, rtc) in enumerate(zip(sessions, rtcs, strict=True))])
+        if not self.batches:
+            raise ValueError("the fast path runs one request at a time")
+        noise = torch.cat([self.draw_noise(session) for session in sessions])
+        return self.policy.predict_action_chunk(batch, noise=noise).float()
+
     def describe(self) -> dict[str, Any]:
         steps = getattr(self.config, "num_steps", 0) or getattr(self.config, "num_inference_steps", 0)
         return {"rows": "n_action_steps", "chunk_size": self.chunk_size, "num_steps": int(steps),
