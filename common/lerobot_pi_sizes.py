@@ -83,10 +83,6 @@ _registered: set[str] = set()
 _building: contextvars.ContextVar[PaliGemmaExtras | None] = contextvars.ContextVar("armpipe_pi_extras", default=None)
 
 
-def is_registered_variant(name: str) -> bool:
-    return name in VARIANTS
-
-
 def register(policy_type: str) -> bool:
     """Add ``VARIANTS`` to LeRobot's ``policy_type`` modules (pi0, pi05; idempotent). False for any other type."""
     if policy_type not in PI_TYPES:

@@ -58,7 +58,8 @@ def test_the_standby_program_is_generated_only_when_asked_for(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("stop_signal", "policy_type"), [(signal.SIGKILL, "diffusion"), (signal.SIGTERM, "diffusion"),
-                                                         (signal.SIGKILL, "smolvla")])
+                                                         (signal.SIGKILL, "smolvla")],
+                         ids=["sigkill-diffusion", "sigterm-diffusion", "sigkill-smolvla"])
 def test_a_loaded_standby_takes_over_when_the_serving_process_ends(stop_signal, policy_type, tiny_checkpoint,
                                                                    tmp_path) -> None:
     # A language policy (tiny SmolVLA) too: the standby loads its VLM and tokenizer offline like the first, warms up
