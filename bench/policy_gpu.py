@@ -30,6 +30,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,7 +376,13 @@ def run_vla_case(name: str, spec: dict[str, Any], variants: list[str], args: arg
                                                          runtime.config.policy.rtc_guidance)
             warm = request(frames[1])
             warm.meta["instruction"] = VLA_INSTRUCTION
-            runtime.infer(CLIENT, warm)  # records every token bucket's graph
+            if args.sync_debug and device.type == "cuda":  # name every host sync of the eager passes in the log
+                torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                runtime.infer(CLIENT, warm)  # records every token bucket's graph
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
             setup_s = time.perf_counter() - began
             runtime.reset(CLIENT)
             msgs = [request(frame) for frame in frames]
@@ -433,9 +440,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--size", default="default", choices=("default", "tiny"))
-    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"of {','.join(CASES)}")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                        help=f"of {','.join(CASES)}; a VLA case may name its own variants: pi0:bf16-graphs")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--vla-variants", default=",".join(VLA_VARIANTS))
+    parser.add_argument("--sync-debug", action="store_true", help="log the host syncs of a VLA's first call")
     parser.add_argument("--delete-checkpoints", action="store_true", help="remove each VLA checkpoint after its case")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
@@ -462,9 +471,10 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = [v for v in args.variants.split(",") if v]
     vla_variants = [v for v in args.vla_variants.split(",") if v]
-    for case in [c for c in args.cases.split(",") if c]:
+    for entry in [c for c in args.cases.split(",") if c]:
+        case, _, only = entry.partition(":")  # "pi0:bf16-graphs+exact-graphs": this case's own variants
         if CASES[case]["policy_type"] in VLA_TYPES:
-            run_vla_case(case, CASES[case], vla_variants, args, workdir, emit)
+            run_vla_case(case, CASES[case], only.split("+") if only else vla_variants, args, workdir, emit)
             gc.collect()  # the case's model and graphs go before the next case loads
             if args.device == "cuda":
                 torch.cuda.empty_cache()
