@@ -1,4 +1,5 @@
-"""The fast path of the flow-matching VLAs (nodes/policy/vla_fast.py) with the maker's tiny SmolVLA on the CPU: the
+"""The fast path of the flow-matching VLAs (nodes/policy/vla_fast.py) with the maker's tiny SmolVLA, pi0 and pi0.5 on
+the CPU: the
 same chunks as LeRobot's plain path through its structure (the instruction padded or cut to a token bucket, the
 prefix and its KV cache inside one call, real-time chunking's prefix and weights as inputs), a warm call that a CUDA
 graph capture can hold (nothing copied from the host, no host sync), and bf16 served by the node. The CUDA graphs
@@ -21,6 +22,9 @@ from nodes.policy.speed import SpeedOptions
 from nodes.policy.vla_fast import MASK_KEY, TOKENS_KEY, FastFlowMatching, token_buckets
 
 INSTRUCTIONS = ("pick up the red cube", "take the small red cube and put it into the blue box")
+
+
+TYPES = ("smolvla", "pi0", "pi05")
 
 
 @pytest.fixture(scope="module")
@@ -55,39 +59,48 @@ def test_token_buckets_are_capped_by_the_tokenizer_length() -> None:
     assert token_buckets(200) == [16, 32, 48, 64, 96, 128, 200]
 
 
-def test_buckets_cache_and_rtc_inputs_give_lerobots_chunks(smolvla: Path, tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, smolvla)
+@pytest.mark.parametrize("policy_type", TYPES)
+def test_buckets_cache_and_rtc_inputs_give_lerobots_chunks(policy_type: str, tiny_checkpoint, tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, tiny_checkpoint("lift", policy_type))
     policy = runtime.policy
     batches = [_batch(runtime, seed, text) for seed, text in enumerate(INSTRUCTIONS)]
-    lengths = [int(batch[MASK_KEY].shape[1]) for batch in batches]
-    assert lengths[0] < 16 < lengths[1] < 32  # SmolVLA pads to the longest: two buckets, both padded up
+    lengths = [int(batch[MASK_KEY].sum()) for batch in batches]
     noise = _noise(runtime, 7)
     plain = [policy.predict_action_chunk(dict(batch), noise=noise) for batch in batches]
     # LeRobot's real-time chunking (its RTCProcessor, autograd and all) on a prefix of 10 rows, 4 frozen.
     prefix = plain[0][:, 3:13].clone()
     guided = policy.predict_action_chunk(dict(batches[0]), noise=noise, prev_chunk_left_over=prefix,
                                          inference_delay=4, execution_horizon=10)
-    assert (guided - plain[0]).abs().max() > 0.1
+    assert (guided - plain[0]).abs().max() > 0.05
 
     fast = FastFlowMatching(policy, _fp32(), torch.device("cpu"), rtc=True)
+    assert len({fast.bucket_for(length) for length in lengths}) == 2  # two instructions, two buckets
+    seen: list[int] = []
+    run = fast._run
+
+    def watched(*tensors):
+        seen.append(int(tensors[-5].shape[1]))  # the token columns the model call got
+        return run(*tensors)
+
+    fast._run = watched  # type: ignore[method-assign]
     for batch, expected in zip(batches, plain, strict=True):
         torch.testing.assert_close(fast.chunk(dict(batch), noise), expected, rtol=1e-5, atol=1e-5)
+    # exact (fp32): padded up to the bucket, never cut below LeRobot's own padding
+    assert seen == [max(fast.bucket_for(n), int(b[TOKENS_KEY].shape[1])) for n, b in zip(lengths, batches, strict=True)]
     torch.testing.assert_close(fast.chunk(dict(batches[0]), noise, (prefix, 4, 10)), guided, rtol=1e-5, atol=1e-5)
     # The prefix and weights are inputs: the next request without a prefix is the plain chunk again.
     torch.testing.assert_close(fast.chunk(dict(batches[0]), noise), plain[0], rtol=1e-5, atol=1e-5)
 
-    # A tokenizer that pads to max_length (pi0, pi0.5): cut back to the instruction's bucket, same chunk.
+    # Padded to the tokenizer's max_length (as pi0 / pi0.5's tokenizer step pads) and cut back to the instruction's
+    # bucket, as the bf16 path does: the same chunk.
     padded = dict(batches[0])
-    extra = 48 - lengths[0]
+    extra = fast.max_tokens - padded[TOKENS_KEY].shape[1]
     padded[TOKENS_KEY] = torch.nn.functional.pad(padded[TOKENS_KEY], (0, extra), value=0)
     padded[MASK_KEY] = torch.nn.functional.pad(padded[MASK_KEY], (0, extra), value=False)
     fast.trim = True
-    seen: list[int] = []
-    run = fast._run
-    fast._run = lambda *tensors: seen.append(int(tensors[-5].shape[1])) or run(*tensors)  # type: ignore[method-assign]
-    fast.runs.clear()
+    seen.clear()
     torch.testing.assert_close(fast.chunk(padded, noise), plain[0], rtol=1e-5, atol=1e-5)
-    assert seen == [16]
+    assert seen == [fast.bucket_for(lengths[0])] and seen[0] < fast.max_tokens
 
 
 class _HostData(TorchFunctionMode):
@@ -119,11 +132,13 @@ class _Syncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_warm_call_copies_nothing_from_the_host_and_never_syncs(smolvla: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy_type", TYPES)
+def test_a_warm_call_copies_nothing_from_the_host_and_never_syncs(policy_type: str, tiny_checkpoint,
+                                                                  tmp_path: Path) -> None:
     # What a CUDA graph capture needs, checked on the CPU: after the first (eager) call, the model call as a
     # capture runs it (transformers skips its data-dependent mask checks while a stream captures) makes no tensor
     # from host data and reads nothing back.
-    runtime = make_runtime(tmp_path, smolvla)
+    runtime = make_runtime(tmp_path, tiny_checkpoint("lift", policy_type))
     fast = FastFlowMatching(runtime.policy, _fp32(), torch.device("cpu"), rtc=True)
     batch, noise = _batch(runtime, 1, INSTRUCTIONS[0]), _noise(runtime, 1)
     prefix = torch.zeros((1, 10, 6))
@@ -151,13 +166,15 @@ def test_a_warm_call_copies_nothing_from_the_host_and_never_syncs(smolvla: Path,
     assert baseline.calls
 
 
-def test_bf16_is_served_by_the_node_close_to_the_fp32_path(smolvla: Path, tmp_path: Path) -> None:
-    plain = make_runtime(tmp_path / "fp32", smolvla)
-    fast = make_runtime(tmp_path / "bf16", smolvla, dtype="bf16")
+@pytest.mark.parametrize("policy_type", TYPES)
+def test_bf16_is_served_by_the_node_close_to_the_fp32_path(policy_type: str, tiny_checkpoint, tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint("lift", policy_type)
+    plain = make_runtime(tmp_path / "fp32", checkpoint)
+    fast = make_runtime(tmp_path / "bf16", checkpoint, dtype="bf16")
     extra = fast.contract.extra
-    assert extra["fast_path"] is True and extra["trim_tokens"] is True and extra["token_buckets"] == [16, 32, 48]
-    assert extra["rtc_max_prefix_rows"] == 50
-    assert next(fast.policy.model.vlm_with_expert.parameters()).dtype == torch.bfloat16
+    assert extra["fast_path"] is True and extra["trim_tokens"] is True and extra["rtc_max_prefix_rows"] == 50
+    assert extra["token_buckets"][-1] == fast.policy_config.tokenizer_max_length
+    assert any(parameter.dtype == torch.bfloat16 for parameter in fast.policy.parameters())
     msg = observation(plain.config, 2)
     msg.meta["instruction"] = INSTRUCTIONS[1]
     expected, got = plain.infer("robot-a", msg).actions, fast.infer("robot-a", msg).actions
