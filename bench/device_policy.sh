@@ -3,6 +3,10 @@
 #
 # Run from the repository root, with the wheels carried in .whl/ (see docs/benchmarks.md):
 #   bash bench/device_policy.sh [extra bench.policy_gpu arguments]
+# The flow-matching VLAs (issue 21; transformers 5.5.4 and tokenizers 0.22.2 come from .whl/ too; each default pi0 /
+# pi0.5 checkpoint is ~9 GB on disk and ~2 min to build, so give it BENCH_TIMEOUT_S and delete as it goes):
+#   BENCH_TIMEOUT_S=580 bash bench/device_policy.sh --cases smolvla,pi0:bf16-graphs,pi05:bf16-graphs \
+#       --delete-checkpoints --workdir /tmp/vla-bench --iters 20
 # Results: $OUT/bench-policy.jsonl (one JSON object per measurement, written as they come),
 #          $OUT/bench-policy.md (the Markdown table), $OUT/bench-policy.log, $OUT/env.txt.
 set -uo pipefail

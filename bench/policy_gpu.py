@@ -294,10 +294,21 @@ def run_case(name: str, spec: dict[str, Any], variants: list[str], args: argpars
             torch.cuda.empty_cache()
 
 
+def upcast_to_fp32(policy: Any) -> None:
+    """LeRobot's fp32 path for a VLA whose checkpoint runs (partly) in bf16: pi0 / pi0.5 with LeRobot's own
+    ``to_bfloat16_for_selected_params("float32")``, SmolVLA's VLM and expert cast; bf16 -> fp32 is exact."""
+    model = policy.model
+    if hasattr(model, "paligemma_with_expert"):
+        model.paligemma_with_expert.to_bfloat16_for_selected_params("float32")
+    else:
+        policy.to(dtype=torch.float32)
+
+
 def run_vla_case(name: str, spec: dict[str, Any], variants: list[str], args: argparse.Namespace, workdir: Path,
                  emit: Any) -> None:
-    """A VLA: LeRobot's plain path (its own preprocessor, ``predict_action_chunk``, postprocessor, fp32) and the node's
-    fast paths, all on one loaded model in this process (a 4 B-parameter checkpoint is loaded once): the node's
+    """A VLA: LeRobot's plain path (its own preprocessor, ``predict_action_chunk``, postprocessor), timed at the
+    checkpoint's precision and, as the outputs' reference, in fp32, and the node's fast paths, all on one loaded
+    model in this process (a 4 B-parameter checkpoint is loaded once): the node's
     ``PolicyRuntime`` with default options loads it, LeRobot's plain path runs on its policy and processors, then the
     runtime's engine is rebuilt with each variant's options, as the node builds it at start."""
     from nodes.policy.speed import SpeedOptions
@@ -337,15 +348,23 @@ def run_vla_case(name: str, spec: dict[str, Any], variants: list[str], args: arg
             chunk = policy.predict_action_chunk(pre(raw), noise=noise, **rtc)[:, : engine.chunk_length]
         return post(chunk)[0].numpy()
 
+    # Timed at the checkpoint's own precision (the maker's default pi0 / pi0.5: LeRobot's dtype bfloat16) ...
+    times = timed(lambda: lerobot(frames[1], noises[1]), device, args.warmup, args.iters, args.budget_s)
+    precision = sorted({str(p.dtype).removeprefix("torch.") for p in policy.parameters()})
+    emit(Result(name, "lerobot", card, *summary(times), calls=len(times),
+                note=f"checkpoint precision ({'+'.join(precision)}), {engine.describe()['num_steps']} steps; "
+                     f"checkpoint built in {built_s:.0f}s, node load {load_s:.1f}s"))
+    # ... the outputs compared against its fp32 path: the same weights upcast with LeRobot's own method (exact).
+    upcast_to_fp32(policy)
     reference = [lerobot(frame, noise) for frame, noise in zip(frames, noises, strict=True)]
     prefix_rows = np.ascontiguousarray(reference[0][5:15])  # an rtc request: 10 rows left, 4 of them frozen
     prefix = engine.normalise_action.normalise(torch.from_numpy(prefix_rows).to(device)).unsqueeze(0)
     rtc_kwargs = {"prev_chunk_left_over": prefix, "inference_delay": 4, "execution_horizon": 10}
     rtc_reference = lerobot(frames[1], noises[1], **rtc_kwargs)
-    times = timed(lambda: lerobot(frames[1], noises[1]), device, args.warmup, args.iters, args.budget_s)
-    emit(Result(name, "lerobot", card, *summary(times), calls=len(times),
-                note=f"fp32, {engine.describe()['num_steps']} steps; checkpoint built in {built_s:.0f}s, node load "
-                     f"{load_s:.1f}s"))
+    if precision != ["float32"]:
+        times = timed(lambda: lerobot(frames[1], noises[1]), device, 1, max(3, args.iters // 4), args.budget_s)
+        emit(Result(name, "lerobot-fp32", card, *summary(times), calls=len(times),
+                    note="the same weights upcast to fp32 (LeRobot's own dtype switch): the outputs' reference"))
 
     timings: list[dict[str, float]] = []
 
