@@ -1,7 +1,7 @@
 """The latency bench: capture -> goal written to the servo bus, stage by stage, against the peers, in one run.
 
-    .venv/bin/python -m bench.latency [--seconds 20] [--policy-type diffusion|act] [--size tiny|default]
-        [--steps 10] [--scheduler DDIM|DDPM] [--device cpu|cuda] [--fast]
+    .venv/bin/python -m bench.latency [--seconds 20] [--policy-type diffusion|act|smolvla|pi0|pi05]
+        [--size tiny|default] [--steps 10] [--scheduler DDIM|DDPM] [--device cpu|cuda] [--fast]
         [--variants armpipe-raw,armpipe-jpeg,openpi-ws,lerobot-grpc,openpi-gateway,armpipe-openpi]
         [--out DIR] [--label NAME]
 
@@ -70,6 +70,9 @@ from common.wire.transport import LatestSubscriber, SocketFactory
 log = logging.getLogger("bench.latency")
 
 VARIANTS = ("armpipe-raw", "armpipe-jpeg", "openpi-ws", "lerobot-grpc", "openpi-gateway", "armpipe-openpi")
+# SmolVLA / pi0 / pi0.5: the actuator sends the task's instruction; the peers' clients here send none.
+LANGUAGE_POLICIES = ("smolvla", "pi0", "pi05")
+LANGUAGE_VARIANTS = ("armpipe-raw", "armpipe-jpeg")
 # Issue 24's two doors, by the names their rows carry.
 GATEWAY_ROW = "openpi-client through the gateway"
 ROBOT_ON_OPENPI_ROW = "armpipe robot side on an openpi server"
@@ -93,8 +96,9 @@ def bench_config(source: Path, work: Path, checkpoint: Path, args: argparse.Name
     raw["policy"].update(bind=policy, endpoint=policy, checkpoint=str(checkpoint), device=args.device,
                          timeout_s=args.policy_timeout, num_inference_steps=args.steps,
                          noise_scheduler=args.scheduler, warmup=args.warmup_passes)
-    if args.fast:
-        raw["policy"].update(dtype="bf16", compile=True, cuda_graphs=True, fast_unet=args.policy_type == "diffusion")
+    if args.fast:  # a VLA's fast path is bf16 + CUDA graphs (nodes/policy/vla_fast.py): compile is refused for it
+        raw["policy"].update(dtype="bf16", compile=args.policy_type not in LANGUAGE_POLICIES, cuda_graphs=True,
+                             fast_unet=args.policy_type == "diffusion")
     if args.device == "cpu":
         raw["policy"]["cpu_threads"] = args.cpu_threads
     # A request at every tick: the queue is refilled from the newest observation as soon as the previous
@@ -728,7 +732,7 @@ def build_checkpoints(base: DeploymentConfig, args: argparse.Namespace, work: Pa
     else:
         log.info("building a %s %s checkpoint for %s", args.size, args.policy_type, base.task)
         main_ckpt = build_checkpoint(base, work / f"checkpoint-{args.policy_type}", policy_type=args.policy_type,
-                                     size=args.size)
+                                     size=args.size, device=args.device)
     act_ckpt = None
     if "lerobot-grpc" in args.variants and args.policy_type != "act" and args.grpc_act:
         act_ckpt = build_checkpoint(base, work / "checkpoint-act", policy_type="act", size=args.size)
@@ -914,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds ignored once goals reach the bus")
     parser.add_argument("--checkpoint", default="", help="pretrained_model dir; default: build one")
-    parser.add_argument("--policy-type", default="diffusion", choices=("diffusion", "act"))
+    parser.add_argument("--policy-type", default="diffusion", choices=("diffusion", "act", *LANGUAGE_POLICIES))
     parser.add_argument("--size", default="tiny", choices=("tiny", "default"))
     parser.add_argument("--steps", type=int, default=0, help="policy.num_inference_steps (0: the checkpoint's)")
     parser.add_argument("--scheduler", default="", help="policy.noise_scheduler: DDIM or DDPM ('' keeps)")
@@ -926,13 +930,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refill-rows", type=int, default=1000,
                         help="actuator.refill_rows (default: request whenever no request is in flight)")
     parser.add_argument("--overlap", default="replace", choices=("replace", "blend"))
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="", help=f"of {','.join(VARIANTS)} (default: all; for a "
+                        f"language policy {','.join(LANGUAGE_VARIANTS)}: the peers send no instruction)")
     parser.add_argument("--grpc-act", action=argparse.BooleanOptionalAction, default=True,
                         help="when LeRobot's server cannot serve the checkpoint, run it with ACT")
     parser.add_argument("--label", default="")
     parser.add_argument("--work", default="", help="keep configs, checkpoints and every process's log here")
     parser.add_argument("--out", default="", help="directory for latency.json / .md / .png (default: none)")
     args = parser.parse_args(argv)
+    if not args.variants:
+        args.variants = ",".join(LANGUAGE_VARIANTS if args.policy_type in LANGUAGE_POLICIES else VARIANTS)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
