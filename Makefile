@@ -31,7 +31,7 @@ stop:
 	@bash .ci/stop
 
 status:
-	@.venv/bin/python -m common.tools.status --config $(or $(CONFIG),configs/$(TASK).yaml)
+	@.venv/bin/python -m common.tools.status --config $(or $(CONFIG),configs/$(TASK).yaml)$(if $(ARMPIPE_SUPERVISOR_PORT), --supervisor-url http://127.0.0.1:$(ARMPIPE_SUPERVISOR_PORT)/RPC2)
 
 test: setup
 	@.venv/bin/ruff check .

@@ -4,12 +4,14 @@ actually runs (its type, trained or not, the checkpoint) instead of "UNTRAINED t
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from conftest import PYTHON, REPO_ROOT, write_config
+from conftest import PYTHON, REPO_ROOT, free_port, write_config
 
 from common.config import load_config
 from common.tools.demo_data import DemoSpec, generate_demo_dataset
@@ -30,6 +32,9 @@ def test_make_targets_take_a_config_of_ones_own(tmp_path: Path) -> None:
     assert f"common.tools.status --config {mine}" in make_dry_run("status", f"CONFIG={mine}")
     assert "common.tools.status --config configs/sort.yaml" in make_dry_run("status", "TASK=sort")
     assert "bash .ci/demo sort" in make_dry_run("demo", "TASK=sort")
+    # make status asks supervisord on ARMPIPE_SUPERVISOR_PORT when it is set (.ci/supervise put it there).
+    assert "--supervisor-url" not in make_dry_run("status")
+    assert "--supervisor-url http://127.0.0.1:9123/RPC2" in make_dry_run("status", "ARMPIPE_SUPERVISOR_PORT=9123")
 
 
 def test_demo_refuses_a_missing_dataset_or_checkpoint_of_ones_own_naming_the_field(tmp_path: Path) -> None:
@@ -86,3 +91,26 @@ def test_the_message_says_which_policy_runs(tiny_checkpoint: Any, tmp_path: Path
                             str(config_path), "--role", "robot"], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=60)
     assert robot.returncode == 0 and f"policy served at {config.policy.endpoint}" in robot.stdout
+
+
+def test_demo_waits_for_its_nodes_on_the_supervisor_port_it_was_given(tiny_checkpoint: Any, tmp_path: Path) -> None:
+    """``ARMPIPE_SUPERVISOR_PORT=<port> make demo``: supervisord listens there, and the demo's readiness wait asks
+    it there (it used to ask monitor.supervisor_url's 9001 and say that nothing was ready)."""
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
+    dataset = generate_demo_dataset(config, tmp_path / "lift-demo", DemoSpec(episodes=1, frames=30, codec="h264"))
+    config_path = write_config(tmp_path, "lift", {"player": {"dataset": str(dataset)},
+                                                  "policy": {"checkpoint": str(tiny_checkpoint("lift"))}})
+    assert load_config(config_path).monitor.supervisor_url == "http://127.0.0.1:9001/RPC2"  # not the port given
+    port = free_port()
+    env = {**os.environ, "ARMPIPE_RUN": str(tmp_path / "run"), "ARMPIPE_SUPERVISOR_PORT": str(port)}
+    try:
+        result = subprocess.run(["bash", ".ci/demo", "lift", str(config_path)], cwd=REPO_ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["bash", ".ci/stop"], cwd=REPO_ROOT, env=env, capture_output=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "not every node is ready yet" not in output and "not reachable" not in output, output
+    for program in ("robot:actuator", "server:policy", "robot:monitor"):
+        assert re.search(rf"{program}\s+RUNNING\s+yes", output), output
+    assert f"ARMPIPE_SUPERVISOR_PORT={port} make status" in output
