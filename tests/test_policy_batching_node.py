@@ -241,3 +241,60 @@ def test_a_superseded_request_is_answered_with_an_error_naming_it(batching_node)
         assert replies[seq].meta["field"] == "superseded" and replies[seq].meta["op"] == "infer"
         assert replies[seq].meta["obs_t"] == float(seq)
 
+
+
+INSTRUCTIONS = ["pick up the cube", "put the cube in the bowl", "push the cube left"]
+
+
+def test_a_smolvla_node_batches_sessions_with_their_own_instructions(tmp_path) -> None:
+    """A real SmolVLA node (tiny, CPU, LeRobot's plain path): three robots with three instructions asking at once
+    share batches and each gets the chunks it gets alone, in the same session replayed after a reset."""
+    small = {"cameras": {"front": SMALL, "wrist": SMALL}}
+    checkpoint = build_checkpoint(load_config(write_config(tmp_path, "lift", small)), tmp_path / "checkpoint",
+                                  policy_type="smolvla", size="tiny")
+    config_path = write_config(tmp_path, "lift", {**small, "policy": {
+        "checkpoint": str(checkpoint), "cpu_threads": 1, "warmup": 1, "max_batch": 4, "timeout_s": 60.0}})
+    config = load_config(config_path)
+    names = [f"robot-{index}" for index in range(len(INSTRUCTIONS))]
+    sequences = [observations(config, index) for index in range(len(INSTRUCTIONS))]
+    node = NodeProcess("policy", config_path, env={"HF_HUB_OFFLINE": "1"}).start()
+    try:
+        node.wait_ready(timeout_s=240)
+        barrier = threading.Barrier(len(names))
+        together: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        batches: list[int] = []
+        failures: list[BaseException] = []
+
+        def robot(name: str, sequence, instruction: str) -> None:
+            try:
+                policy = client(config, name)
+                policy.reset()
+                for step, obs in enumerate(sequence):
+                    barrier.wait(timeout=120)
+                    reply = policy.infer(*obs, obs_t=float(step), instruction=instruction, timeout_s=60.0)
+                    together[name].append(reply.actions)
+                    batches.append(reply.batch)
+                policy.close()
+            except BaseException as exc:  # reported by the test thread
+                failures.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=robot, args=args)
+                   for args in zip(names, sequences, INSTRUCTIONS, strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        assert not failures, failures
+        assert max(batches) > 1, f"no request shared a batch: {batches}"
+        for name, sequence, instruction in zip(names, sequences, INSTRUCTIONS, strict=True):
+            policy = client(config, name)
+            policy.reset()  # the same session from its start again, alone now
+            alone = [policy.infer(*obs, obs_t=float(step), instruction=instruction, timeout_s=60.0).actions
+                     for step, obs in enumerate(sequence)]
+            policy.close()
+            for step in range(STEPS):
+                np.testing.assert_allclose(together[name][step], alone[step], rtol=0, atol=BATCH_ATOL,
+                                           err_msg=f"{name} step {step}")
+    finally:
+        assert node.stop() == 0, node.log()[-3000:]
