@@ -265,9 +265,11 @@ def last_error_line(log_text: str) -> tuple[str, bool]:
 
 def describe_capacity(figures: dict[str, Any]) -> str:
     """The policy node's readiness ``capacity`` in one line (docs/nodes/policy.md, "Many robots")."""
-    return (f"{figures.get('chunks_per_s', 0)} chunks/s, batch mean {figures.get('batch_mean', 0)} max "
+    sessions = f" from {figures['sessions']} sessions" if "sessions" in figures else ""
+    model = f", model thread busy {100 * figures['model_busy']:.0f} %" if "model_busy" in figures else ""
+    return (f"{figures.get('chunks_per_s', 0)} chunks/s{sessions}, batch mean {figures.get('batch_mean', 0)} max "
             f"{figures.get('batch_max', 0)}/{figures.get('max_batch', '?')}, queue wait p99 "
-            f"{figures.get('queue_ms_p99', 0)} ms, superseded {figures.get('superseded', 0)}, busy "
+            f"{figures.get('queue_ms_p99', 0)} ms{model}, superseded {figures.get('superseded', 0)}, busy "
             f"{figures.get('refused_busy', 0)}")
 
 

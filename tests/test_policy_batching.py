@@ -87,6 +87,10 @@ def test_make_status_shows_the_policy_capacity_line() -> None:
     line = describe_capacity({"chunks_per_s": 118.5, "batch_mean": 3.9, "batch_max": 8, "max_batch": 16,
                               "queue_ms_p99": 12.5, "superseded": 0, "refused_busy": 1})
     assert line == "118.5 chunks/s, batch mean 3.9 max 8/16, queue wait p99 12.5 ms, superseded 0, busy 1"
+    line = describe_capacity({"chunks_per_s": 118.5, "sessions": 4, "batch_mean": 3.9, "batch_max": 8, "max_batch": 16,
+                              "queue_ms_p99": 12.5, "model_busy": 0.853, "superseded": 0, "refused_busy": 1})
+    assert line == ("118.5 chunks/s from 4 sessions, batch mean 3.9 max 8/16, queue wait p99 12.5 ms, model thread "
+                    "busy 85 %, superseded 0, busy 1")
 
 
 @pytest.mark.parametrize("policy_type", ["smolvla", "pi0"])
