@@ -10,7 +10,7 @@ the node's own warm-up. Recorded per type: seconds to build the checkpoint and t
 client's round trip (p50, p90, min) and the node's ``inference_s`` and ``total_s`` (p50); whether another
 instruction changes the chunk and the same one replays it (after a reset: the same session noise); one
 ``overlap: rtc`` request (a prefix of 10 rows, 4 frozen) to show LeRobot's real-time chunking runs on the card.
-This is LeRobot's plain path inside the node (issue 20); the fast path is issue 21.
+This is LeRobot's plain path inside the node (issue 20); the fast path (issue 21) is timed by bench/policy_gpu.py.
 
 Results: ``DIR/vla-serve.jsonl`` (one object per type, written as it comes), ``DIR/vla-serve.md`` (table).
 """
@@ -51,11 +51,12 @@ def build(policy_type: str, size: str, device: str, work: Path) -> tuple[Path, f
     return output / "pretrained_model", time.monotonic() - started
 
 
-def serve(policy_type: str, checkpoint: Path, device: str, requests: int, work: Path) -> dict[str, Any]:
+def serve(policy_type: str, checkpoint: Path, device: str, requests: int, work: Path,
+          speed: dict[str, Any] | None = None) -> dict[str, Any]:
     folder = work / f"node-{policy_type}"
     folder.mkdir(parents=True, exist_ok=True)
     config_path = write_config(folder, "lift", {"policy": {"checkpoint": str(checkpoint), "device": device,
-                                                           "warmup": 2, "cpu_threads": 0}})
+                                                           "warmup": 2, "cpu_threads": 0, **(speed or {})}})
     config = load_config(config_path)
     ready = Path(config.run_dir) / "ready" / "policy.json"
     log_path = folder / "policy.log"
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="default", choices=("tiny", "default"))
     parser.add_argument("--types", default="smolvla,pi0,pi05")
     parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--fast", action="store_true", help="the node's VLA fast path: policy.dtype bf16, cuda_graphs")
     parser.add_argument("--work", default="/tmp/armpipe-vla-serve")
     parser.add_argument("--out", default="/tmp/armpipe-vla-serve/out")
     args = parser.parse_args(argv)
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     for policy_type in args.types.split(","):
         try:
             checkpoint, build_s = build(policy_type, args.size, args.device, work)
-            row = serve(policy_type, checkpoint, args.device, args.requests, work)
+            row = serve(policy_type, checkpoint, args.device, args.requests, work,
+                        {"dtype": "bf16", "cuda_graphs": True} if args.fast else None)
             row["build_s"] = round(build_s, 1)
             row["card"] = card
             shutil.rmtree(checkpoint.parent, ignore_errors=True)  # 8 GB each for pi0 / pi0.5
