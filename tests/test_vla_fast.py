@@ -229,3 +229,22 @@ def test_cuda_graphs_replay_the_chunk_with_rtc_inside(policy_type: str, tiny_che
     b = normalise(torch.from_numpy(expected).cuda())
     assert float((a - b).abs().max() / b.abs().max()) < 2e-2
     assert fast.engine.describe()["graphs_recorded"] == fast.engine.describe()["token_buckets"]
+
+
+def test_host_constants_serve_python_data_by_value_and_nothing_else() -> None:
+    from nodes.policy.vla_fast import HostConstants
+
+    constants = HostConstants()
+    with constants:
+        first = torch.tensor([0, 1, 1], dtype=torch.bool, device="cpu")
+        again = torch.tensor([0, 1, 1], dtype=torch.bool, device="cpu")
+        other = torch.tensor([1, 1, 1], dtype=torch.bool, device="cpu")
+        scalar = torch.tensor(1.0, dtype=torch.float32, device="cpu")
+        integer = torch.tensor(1, dtype=torch.float32, device="cpu")  # 1 and 1.0 are different keys, same value
+        live = torch.zeros(())
+        wrapped = torch.tensor([live])  # a tensor in a list: by value each time, never cached
+        live.fill_(5)
+        rewrapped = torch.tensor([live])
+    assert again is first and other is not first and constants.misses == 4
+    assert float(scalar) == float(integer) == 1.0
+    assert float(wrapped[0]) == 0 and float(rewrapped[0]) == 5

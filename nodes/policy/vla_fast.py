@@ -50,10 +50,18 @@ MAX_CONSTANT_ELEMENTS = 1 << 16  # larger host tensors moved to the device are n
 MAX_CONSTANTS = 4096  # a bound on the cache, should a model ever move varying host data to the device
 
 
+class _NotConstant(Exception):
+    pass
+
+
 def _frozen(data: Any) -> Any:
+    """``data`` as a hashable key if it is plain Python numbers (nested lists / tuples); else ``_NotConstant``
+    (a tensor inside a list hashes by identity, not by value: never a cache key)."""
     if isinstance(data, (list, tuple)):
         return tuple(_frozen(item) for item in data)
-    return data
+    if isinstance(data, (bool, int, float)):
+        return (type(data).__name__, data)
+    raise _NotConstant
 
 
 class HostConstants(TorchFunctionMode):
@@ -76,9 +84,11 @@ class HostConstants(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         key: tuple[Any, ...] | None = None
-        if func is torch.tensor and args and not isinstance(args[0], Tensor) and not kwargs.get("requires_grad"):
-            if isinstance(args[0], (bool, int, float, list, tuple)):
+        if func is torch.tensor and args and not kwargs.get("requires_grad"):
+            try:
                 key = ("tensor", _frozen(args[0]), kwargs.get("dtype"), str(kwargs.get("device")), len(args))
+            except _NotConstant:
+                key = None
         elif func is Tensor.to and args and isinstance(args[0], Tensor) and args[0].device.type == "cpu":
             # A small host tensor moved to the device (e.g. transformers' all-ones patch mask): keyed by its values.
             source = args[0]
