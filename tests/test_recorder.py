@@ -24,8 +24,8 @@ from common.config import load_config
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
 from common.wire.transport import LatestSubscriber, Publisher, SocketFactory
 from nodes.recorder.__main__ import Finisher
+from nodes.recorder.side_files import finished_without_metrics, load_outcome
 from nodes.recorder.video import readable_frames
-from nodes.recorder.writer import finished_without_metrics, load_outcome
 
 WIDTH, HEIGHT = 64, 64  # small frames: h264 needs even sizes; content still tells frames apart
 

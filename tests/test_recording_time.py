@@ -206,7 +206,8 @@ def test_a_restarts_downtime_counts_the_ticks_the_actuator_ran_not_the_slots_it_
     are the episode_tick numbers the actuator ran, which its backlog fills in: one fewer. (Counted from the
     part's gap, a loaded machine's run once had recorder_restarted 38 with 37 ticks filled.)"""
     from nodes.recorder.parts import split_parts
-    from nodes.recorder.writer import DROP_RECORDER_RESTARTED, DROP_WRITER_BEHIND, _count_restarts
+    from nodes.recorder.records import DROP_RECORDER_RESTARTED, DROP_WRITER_BEHIND
+    from nodes.recorder.segments import count_restarts
 
     fps = 30.0
     # episode_tick k ran in slot k, but from tick 10 on one slot later (slot 10 skipped); ticks 6-12 not recorded.
@@ -214,7 +215,7 @@ def test_a_restarts_downtime_counts_the_ticks_the_actuator_ran_not_the_slots_it_
     rows = [{"t": 100.0 + (k + (k >= 10)) / fps, "lateness_s": 0.0, "episode_tick": k} for k in ticks]
     parts = split_parts(rows, fps, breaks=[6])
     assert [(p["from_frame"], p["gap_ticks"], p["segment"]) for p in parts] == [(0, 0, 0), (6, 8, 1)]
-    counted = _count_restarts({DROP_RECORDER_RESTARTED: 3, DROP_WRITER_BEHIND: 2}, rows, [6])
+    counted = count_restarts({DROP_RECORDER_RESTARTED: 3, DROP_WRITER_BEHIND: 2}, rows, [6])
     assert counted == {DROP_RECORDER_RESTARTED: 7, DROP_WRITER_BEHIND: 2}
 
 

@@ -61,6 +61,7 @@ from nodes.recorder.assembler import (
     chunk_record,
     latency_record,
 )
+from nodes.recorder.journal import JournalState, replay_journal
 from nodes.recorder.metrics import (
     METRICS_FILE,
     SUMMARY_FILE,
@@ -71,23 +72,19 @@ from nodes.recorder.metrics import (
     summarize,
     write_json,
 )
-from nodes.recorder.writer import (
+from nodes.recorder.records import (
     EPISODE_METRICS,
     OUTCOME_FILE,
     WORK_DIR,
     ChunkRecord,
     EpisodeOutcome,
-    EpisodeWriter,
-    JournalState,
     LatencyRecord,
     TickRecord,
     TickRejected,
-    finished_without_metrics,
-    load_outcome,
-    pending_work,
-    recover_episode,
-    replay_journal,
 )
+from nodes.recorder.recovery import pending_work, recover_episode
+from nodes.recorder.side_files import finished_without_metrics, load_outcome
+from nodes.recorder.writer import EpisodeWriter
 
 log = logging.getLogger("recorder")
 

@@ -19,18 +19,18 @@ import numpy as np
 from common.config import DeploymentConfig
 from common.wire.images import JpegImage
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, SOURCE_DATASET, Message
-from nodes.recorder.writer import (
+from nodes.recorder.journal import JournalState
+from nodes.recorder.records import (
     DROP_BEFORE_RECORDER,
     DROP_LOST,
     DROP_RECORDER_RESTARTED,
     DROP_WRITER_BEHIND,
     ChunkRecord,
     EpisodeInfo,
-    JournalState,
     LatencyRecord,
     TickRecord,
-    next_recorder_index,
 )
+from nodes.recorder.recovery import next_recorder_index
 
 log = logging.getLogger("recorder")
 

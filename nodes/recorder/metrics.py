@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nodes.recorder.parts import gap_summary
-from nodes.recorder.writer import EpisodeOutcome
+from nodes.recorder.records import EpisodeOutcome
 
 if TYPE_CHECKING:  # imported where a file is read: a (re)started recorder is recording sooner
     import pandas as pd
