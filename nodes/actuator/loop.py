@@ -45,6 +45,8 @@ log = logging.getLogger("actuator")
 
 
 class Actuator:
+    """The control loop and what it is wired to (sockets, worker threads, core), built from the config."""
+
     def __init__(self, config: DeploymentConfig, stop: threading.Event, readiness: Readiness,
                  pacer: RealtimePacer | LockstepPacer, curve: CurveKeys | None = None) -> None:
         self.config, self.settings, self.stop_event, self.pacer = config, config.actuator, stop, pacer
