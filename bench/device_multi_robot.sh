@@ -17,7 +17,7 @@ DURATION="${DURATION:-5}"
 run() {  # name, then bench.multi_robot arguments
   local name="$1"; shift
   timeout "${BENCH_TIMEOUT_S:-270}" python3 -m bench.multi_robot --device cuda --size default --robots "$ROBOTS" \
-    --rate 30 --duration "$DURATION" --settle-s 1 --start-s 2 --work-dir "/tmp/multi-robot-$name" \
+    --rate 30 --duration "$DURATION" --min-replies "${MIN_REPLIES:-300}" --settle-s 1 --start-s 2 --work-dir "/tmp/multi-robot-$name" \
     --out "$OUT/multi-robot.jsonl" --markdown "$OUT/multi-robot-$name.md" "$@" > "$OUT/multi-robot-$name.log" 2>&1
   echo "== $name (exit $?)"; grep -E "^\||^###|Error|Traceback" "$OUT/multi-robot-$name.log" | cut -c1-300
   tail -n 3 /tmp/multi-robot-"$name"/policy-on.log 2>/dev/null | cut -c1-300
