@@ -69,6 +69,17 @@ class StartedNode:
         refuse(reason, program=self.program, run_dir=self.config.resolve(self.config.run_dir))
 
 
+OVERRIDES_HELP = "Any config field can be overridden: --<field>.<sub>=<value>, e.g. --actuator.dry_run=true."
+
+
+def cli_description(text: str) -> str:
+    """A node's ``--help`` description from its docstring (or summary line): the first paragraph on one line, as
+    argparse reflows it anyway (a whole docstring came out as one run-on paragraph, its usage example folded into
+    the prose), and how any config field is overridden, which the options list cannot show."""
+    summary = " ".join(text.strip().split("\n\n")[0].split())
+    return f"{summary} {OVERRIDES_HELP}" if summary else OVERRIDES_HELP
+
+
 def start_node(node: str, description: str, argv: list[str] | None = None, *, instance_of: str = "",
                curve_side: str = "", program: str = "") -> StartedNode:
     """The start every node shares: the command line of ``python -m nodes.<node>`` (``parse_node_args``:
@@ -81,6 +92,7 @@ def start_node(node: str, description: str, argv: list[str] | None = None, *, in
     (the policy's standby, ``policy-standby``).
     """
     prog = f"python -m nodes.{node}"
+    description = cli_description(description)
     if instance_of:
         args = parse_node_args(description, argv, instance_of=instance_of, curve_side=curve_side, prog=prog)
         program = f"{node}-{args.name}"

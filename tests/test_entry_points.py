@@ -32,3 +32,21 @@ def test_a_node_run_as_a_module_names_the_module_in_its_usage(module: str) -> No
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: python -m {module} "), result.stdout.splitlines()[:1]
+
+
+def test_offline_eval_run_as_a_module_names_the_command() -> None:
+    result = subprocess.run([sys.executable, "-m", "common.tools.offline_eval", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m common.tools.offline_eval "), result.stdout.splitlines()[:1]
+
+
+def test_a_nodes_help_gives_its_summary_and_how_to_override_a_field() -> None:
+    """The openpi gateway hands its whole docstring to the shared start: --help shows its first paragraph only
+    (not the usage example and the prose folded into one run-on paragraph) and says how to override a field."""
+    result = subprocess.run([sys.executable, "-m", "nodes.openpi_gateway", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    description = " ".join(result.stdout.split("\n\n")[1].split())
+    assert description == ("openpi gateway: openpi clients get action chunks from armpipe's policy node. Any config "
+                           "field can be overridden: --<field>.<sub>=<value>, e.g. --actuator.dry_run=true.")
