@@ -41,8 +41,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bench.harness import cpu_model
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+
 log = logging.getLogger("bench.bus_rate")
 
 
@@ -209,7 +212,7 @@ def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    cpu = _cpu_name()
+    cpu = cpu_model()
     lines = [
         "# Servo bus benchmark (emulated SO-101 bus)",
         "",
@@ -237,16 +240,6 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines += ["", "The state-reader node reads at `arms.<arm>.read_hz` (60 Hz by default), far below the bus's "
               "capacity; the actuator writes once per tick (30 Hz)."]
     return "\n".join(lines) + "\n"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

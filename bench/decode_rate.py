@@ -21,17 +21,16 @@ player would take from the rest of the pipeline at 30 rows/s is ``30 * cpu_ms / 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.harness import cpu_model
 from common.config import REPO_ROOT, DeploymentConfig, load_config
 from common.dataset_source import DatasetSource, EpisodeReader
 from common.tools.demo_data import DemoSpec, generate_demo_dataset
@@ -41,13 +40,7 @@ log = logging.getLogger("bench.decode_rate")
 
 
 def machine_description() -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {len(os.sched_getaffinity(0))} CPUs available, load average {os.getloadavg()[0]:.1f}"
+    return f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPUs available, load average {os.getloadavg()[0]:.1f}"
 
 
 def measure(name: str, rows: int, run: Callable[[], int], fps: int) -> dict[str, float | str | int]:

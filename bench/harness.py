@@ -3,7 +3,8 @@
 ``Supervised`` starts ``supervisord -c supervisord.conf`` with the ARMPIPE_* variables for one role,
 task and deployment config (its own run directory and XML-RPC port, so it never collides with a demo
 running on the same machine), and offers the operator's verbs: status, restart, kill -9, stop, start.
-``ActuatorWatch`` subscribes to the actuator's event stream in a thread and keeps every executed tick.
+``StreamTap`` reads a stream in a thread and hands each message to its subclass: ``ActuatorWatch`` keeps every
+executed tick and event of the actuator.
 ``StandInServer`` answers requests on a ROUTER socket in a thread, where a test or benchmark stands in for
 a server (the policy node, usually).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import random
 import signal
 import socket
@@ -70,6 +72,17 @@ def free_port() -> int:
 
 def free_endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for naming the machine a benchmark ran on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +193,13 @@ class Supervised:
                 return proc
         raise KeyError(name)
 
+    def running_pid(self, name: str) -> int:
+        """The pid of program ``name`` while supervisord says it is RUNNING, else 0."""
+        for status in self.processes():
+            if status.name == name and status.state == "RUNNING":
+                return int(status.pid)
+        return 0
+
     def all_ready(self) -> bool:
         procs = self.processes()
         return bool(procs) and all(p.state == "RUNNING" and p.ready for p in procs)
@@ -235,42 +255,59 @@ class Tick:
     episode_index: int
 
 
-class ActuatorWatch:
+class StreamTap:
+    """A SUB socket on one endpoint, read in a background thread from construction until ``close``: each message
+    goes to ``take``, called with ``lock`` held (the subclass's accessors take it too). A subclass sets up what it
+    keeps before calling ``StreamTap.__init__``, which starts the thread."""
+
+    def __init__(self, endpoint: str, *, hwm: int = 100_000) -> None:
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(endpoint, hwm), daemon=True)
+        self._thread.start()
+
+    def take(self, msg: Message) -> None:
+        raise NotImplementedError
+
+    def _run(self, endpoint: str, hwm: int) -> None:
+        factory = SocketFactory(zmq.Context())
+        subscriber = LatestSubscriber(factory, [endpoint], hwm=hwm)
+        try:
+            while not self._stop.is_set():
+                for msg in subscriber.poll(0.1):
+                    with self.lock:
+                        self.take(msg)
+        finally:
+            subscriber.close()
+            factory.context.term()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
+
+
+class ActuatorWatch(StreamTap):
     """Collects the actuator's executed ticks and events in a background thread."""
 
     def __init__(self, events_endpoint: str) -> None:
         self.ticks: list[Tick] = []
         self.events: list[Message] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, args=(events_endpoint,), daemon=True)
-        self._thread.start()
+        super().__init__(events_endpoint, hwm=1000)
 
-    def _run(self, endpoint: str) -> None:
-        factory = SocketFactory(zmq.Context())
-        subscriber = LatestSubscriber(factory, [endpoint], hwm=1000)
-        try:
-            while not self._stop.is_set():
-                for msg in subscriber.poll(0.1):
-                    now = time.monotonic()
-                    with self._lock:
-                        if msg.kind == KIND_ACTION and msg.meta.get("role") == "executed":
-                            self.ticks.append(Tick(now, msg.t, bool(msg.meta.get("hold")),
-                                                   str(msg.meta.get("hold_reason", "")),
-                                                   float(msg.meta.get("obs_t") or 0.0),
-                                                   int(msg.meta.get("episode_index", -1))))
-                        elif msg.kind == KIND_EVENT:
-                            self.events.append(msg)
-        finally:
-            subscriber.close()
-            factory.context.term()
+    def take(self, msg: Message) -> None:
+        if msg.kind == KIND_ACTION and msg.meta.get("role") == "executed":
+            self.ticks.append(Tick(time.monotonic(), msg.t, bool(msg.meta.get("hold")),
+                                   str(msg.meta.get("hold_reason", "")), float(msg.meta.get("obs_t") or 0.0),
+                                   int(msg.meta.get("episode_index", -1))))
+        elif msg.kind == KIND_EVENT:
+            self.events.append(msg)
 
     def acting_since(self, since: float) -> list[Tick]:
-        with self._lock:
+        with self.lock:
             return [tick for tick in self.ticks if tick.received >= since and not tick.hold]
 
     def ticks_since(self, since: float) -> list[Tick]:
-        with self._lock:
+        with self.lock:
             return [tick for tick in self.ticks if tick.received >= since]
 
     def wait_acting(self, since: float, count: int = 5, timeout_s: float = 120.0) -> float:
@@ -283,10 +320,6 @@ class ActuatorWatch:
             time.sleep(0.05)
         reasons = sorted({tick.hold_reason for tick in self.ticks_since(since)})
         raise AssertionError(f"no executed actions within {timeout_s}s (hold reasons seen: {reasons})")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 class StandInServer(threading.Thread):

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bench.harness import cpu_model
 from common.config import REPO_ROOT, load_config
 from common.wire.protocol import KIND_ACTION, Message
 from common.wire.transport import LatestSubscriber, SocketFactory
@@ -175,16 +176,8 @@ def measure(events_endpoint: str, name: str, seconds: float, warmup_s: float) ->
 
 
 def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     load = os.getloadavg()
-    return (f"{platform.node()}: {model or platform.processor()}, {os.cpu_count()} logical CPUs, "
+    return (f"{platform.node()}: {cpu_model()}, {os.cpu_count()} logical CPUs, "
             f"Python {platform.python_version()}, load average {load[0]:.2f} at start")
 
 

@@ -29,7 +29,6 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.harness import write_config
+from bench.harness import cpu_model, write_config
 from common.config import REPO_ROOT, load_config
 
 log = logging.getLogger("bench.multi_robot")
@@ -57,15 +56,7 @@ def machine_name(device: str) -> str:
             return out[0] if out else "unknown GPU"
         except (OSError, subprocess.SubprocessError):
             return "unknown GPU"
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def robot(index: int, endpoint: str, config_path: str, rate: float, start_at: float, measure_from: float,

@@ -33,13 +33,6 @@ from common.wire.transport import SocketFactory
 log = logging.getLogger("bench.recorder_restart")
 
 
-def recorder_pid(stack: Supervised) -> int:
-    for status in stack.client.processes():
-        if status.name == "recorder" and status.state == "RUNNING":
-            return int(status.pid)
-    return 0
-
-
 def ready_pid(stack: Supervised) -> int:
     path = Path(stack.config.resolve(stack.config.run_dir)) / "ready" / "recorder.json"
     try:
@@ -70,7 +63,7 @@ def measure(task: str, tries: int) -> list[dict[str, float | str]]:
              "the auto-started episode was never recorded for 3 s", 0.5)
         for attempt in range(2 * tries):
             how = "kill -9" if attempt % 2 == 0 else "supervisorctl restart"
-            old = recorder_pid(stack)
+            old = stack.running_pid("recorder")
             when = time.monotonic()
             if how == "kill -9":
                 os.kill(old, signal.SIGKILL)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bench.harness import free_endpoint, free_port, write_config  # noqa: F401  (re-exported for tests)
+from bench.harness import Supervised, free_endpoint, free_port, write_config  # noqa: F401  (re-exported for tests)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -101,6 +101,35 @@ def node_processes() -> Iterator[list[NodeProcess]]:
     yield procs
     for proc in reversed(procs):
         proc.stop()
+
+
+def looping_demo_stack(tmp_path: Path, checkpoint: Path) -> Supervised:
+    """The demo role under supervisord (not started yet) on its own XML-RPC port, the panel pointed at it, the
+    player looping one 300-frame lift episode and ``checkpoint`` as the policy (5 s timeout)."""
+    from common.config import load_config
+    from common.tools.demo_data import DemoSpec, generate_demo_dataset
+
+    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
+    dataset = generate_demo_dataset(config, tmp_path / "lift-demo", DemoSpec(episodes=1, frames=300),
+                                    repo_id="armpipe/lift-demo")
+    port = free_port()
+    config_path = write_config(tmp_path, "lift", {
+        "player": {"dataset": str(dataset), "loop": True},
+        "policy": {"checkpoint": str(checkpoint), "timeout_s": 5.0},
+        "monitor": {"supervisor_url": f"http://127.0.0.1:{port}/RPC2"},
+    })
+    return Supervised("demo", "lift", config_path, tmp_path / "run", port)
+
+
+def start_node(procs: list[NodeProcess], config_path: Path, module: str, name: str = "", *,
+               args: list[str] | None = None, ready: bool = True, timeout_s: float = 120.0) -> NodeProcess:
+    """Start ``python -m nodes.<module>``, kept in ``procs`` (the ``node_processes`` fixture stops it after the
+    test), and with ``ready`` wait for its readiness file."""
+    node = NodeProcess(module, config_path, name=name, args=args).start()
+    procs.append(node)
+    if ready:
+        node.wait_ready(timeout_s)
+    return node
 
 
 def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05, message: str = "") -> Any:

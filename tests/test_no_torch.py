@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from conftest import NodeProcess, wait_for, write_config
+from conftest import NodeProcess, start_node, wait_for, write_config
 
 from common.config import load_config
 from common.wire.protocol import KIND_FRAME
@@ -34,23 +34,15 @@ def assert_no_torch(*nodes: NodeProcess) -> None:
     assert not any(loaded.values()), f"torch is loaded in: { {name: libs for name, libs in loaded.items() if libs} }"
 
 
-def start(node_processes: list[NodeProcess], config_path: Path, module: str, name: str = "",
-          ready: bool = True) -> NodeProcess:
-    node = NodeProcess(module, config_path, name=name).start()
-    node_processes.append(node)
-    if ready:
-        node.wait_ready(120)
-    return node
-
 
 def test_servo_emulator_state_reader_and_actuator_with_the_feetech_bus(tmp_path: Path,
                                                                       node_processes: list[NodeProcess]) -> None:
     # contract_wait_s: ready without a policy; not dry-run, so the actuator connects LeRobot's bus driver.
     config_path = write_config(tmp_path, "lift", {"actuator": {"contract_wait_s": 0.5, "dry_run": False},
                                                   "cameras": {"front": SMALL, "wrist": SMALL}})
-    emulator = start(node_processes, config_path, "servo_emulator", "main")
-    reader = start(node_processes, config_path, "state_reader", "main")  # ready once its bus is connected
-    actuator = start(node_processes, config_path, "actuator")
+    emulator = start_node(node_processes, config_path, "servo_emulator", "main")
+    reader = start_node(node_processes, config_path, "state_reader", "main")  # ready once its bus is connected
+    actuator = start_node(node_processes, config_path, "actuator")
     wait_for(lambda: "arm main connected on" in actuator.log(), 60,
              message=f"the actuator never connected its bus:\n{actuator.log()[-3000:]}")
     assert_no_torch(emulator, reader, actuator)
@@ -63,8 +55,8 @@ def test_cameras_synthetic_and_lerobot_opencv(tmp_path: Path, node_processes: li
         "front": {**SMALL, "backend": "synthetic"},
         # An existing path that is no camera: LeRobot's OpenCVCamera is imported and built, then fails.
         "wrist": {**SMALL, "backend": "opencv", "device": str(not_a_camera), "retry_s": 0.3}}})
-    synthetic = start(node_processes, config_path, "camera", "front")
-    opencv = start(node_processes, config_path, "camera", "wrist", ready=False)
+    synthetic = start_node(node_processes, config_path, "camera", "front")
+    opencv = start_node(node_processes, config_path, "camera", "wrist", ready=False)
     wait_for(lambda: str(not_a_camera) in opencv.log(), 60,
              message=f"the OpenCV camera never tried its device:\n{opencv.log()[-3000:]}")
     assert_no_torch(synthetic, opencv)
@@ -72,7 +64,7 @@ def test_cameras_synthetic_and_lerobot_opencv(tmp_path: Path, node_processes: li
 
 def test_monitor(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
     config_path = write_config(tmp_path, "lift", {"cameras": {"front": SMALL, "wrist": SMALL}})
-    monitor = start(node_processes, config_path, "monitor")
+    monitor = start_node(node_processes, config_path, "monitor")
     assert_no_torch(monitor)
 
 
@@ -85,7 +77,7 @@ def test_recorder_after_writing_an_episode(tmp_path: Path, node_processes: list[
     output_dir = Path(load_config(config_path).recorder.output_dir)
     streams = Streams(config_path)
     try:
-        recorder = start(node_processes, config_path, "recorder")
+        recorder = start_node(node_processes, config_path, "recorder")
         streams.preroll()
         streams.start_episode(output_dir, 0, "episode_000000")
         run_episode(streams, 0, 20)
@@ -107,7 +99,7 @@ def test_dataset_player_once_it_publishes(tmp_path: Path, node_processes: list[N
     generate_demo_dataset(config, tmp_path / "demo", DemoSpec(episodes=1, frames=30, **SMALL))
     frames = LatestSubscriber(SocketFactory(), [config.cameras["front"].endpoint], hwm=100)
     try:
-        player = start(node_processes, config_path, "dataset_player")
+        player = start_node(node_processes, config_path, "dataset_player")
         wait_for(lambda: any(m.kind == KIND_FRAME for m in frames.poll(0.2)), 60,
                  message=f"the player published no frame:\n{player.log()[-3000:]}")
         assert_no_torch(player)

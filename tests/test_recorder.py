@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, NodeProcess, wait_for, write_config
+from conftest import REPO_ROOT, NodeProcess, start_node, wait_for, write_config
 
 from common.config import load_config
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_FRAME, KIND_STATE, Message
@@ -201,16 +201,11 @@ def kill_mid_episode(pub: Streams, recorder: NodeProcess, output_dir: Path, epis
     recorder.ready_path.unlink()  # SIGKILL left the dead process's readiness file behind
 
 
-def start_recorder(config_path: Path, node_processes: list) -> NodeProcess:
-    recorder = NodeProcess("recorder", config_path)
-    node_processes.append(recorder)
-    return recorder.start()
-
 
 def test_kill_mid_episode_keeps_earlier_episodes(streams: Any, node_processes: list) -> None:
     config_path, pub = streams
     output_dir = Path(load_config(config_path).recorder.output_dir)
-    recorder = start_recorder(config_path, node_processes).wait_ready(timeout_s=180)
+    recorder = start_node(node_processes, config_path, "recorder", timeout_s=180)
     pub.preroll()
     pub.start_episode(output_dir, 0, "episode_000000")
     run_episode(pub, 0, 40)
@@ -244,12 +239,12 @@ def test_kill_mid_episode_keeps_earlier_episodes(streams: Any, node_processes: l
 def test_restart_rebuilds_the_interrupted_episode(streams: Any, node_processes: list) -> None:
     config_path, pub = streams
     output_dir = Path(load_config(config_path).recorder.output_dir)
-    recorder = start_recorder(config_path, node_processes).wait_ready(timeout_s=180)
+    recorder = start_node(node_processes, config_path, "recorder", timeout_s=180)
     pub.preroll()
     kill_mid_episode(pub, recorder, output_dir, 4, "episode_000000", first_k=100)
     journaled = (output_dir / ".work" / "episode_000000" / "journal.jsonl").read_text().count('"type":"tick"')
 
-    restarted = start_recorder(config_path, node_processes).wait_ready(timeout_s=180)
+    restarted = start_node(node_processes, config_path, "recorder", timeout_s=180)
     wait_for(lambda: read_metrics(output_dir), timeout_s=120,
              message=f"episode not rebuilt:\n{restarted.log()[-3000:]}")
     assert not (output_dir / ".work" / "episode_000000").exists()
@@ -278,7 +273,7 @@ def test_ground_truth_arriving_after_its_tick_is_still_paired(streams: Any, node
     """The player's truth travels on its own socket: even the first row's may come after the tick."""
     config_path, pub = streams
     output_dir = Path(load_config(config_path).recorder.output_dir)
-    start_recorder(config_path, node_processes).wait_ready(timeout_s=180)
+    start_node(node_processes, config_path, "recorder", timeout_s=180)
     pub.preroll()
     pub.start_episode(output_dir, 0, "episode_000000")
     for k in range(6):

@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import zmq
-from conftest import REPO_ROOT, free_port, wait_for, write_config
+from conftest import looping_demo_stack, wait_for
 
-from bench.harness import Supervised
-from common.config import load_config
-from common.tools.demo_data import DemoSpec, generate_demo_dataset
+from bench.harness import StreamTap
 from common.wire.actuator_client import ActuatorClient
 from common.wire.protocol import KIND_ACTION, Message
-from common.wire.transport import LatestSubscriber, SocketFactory
+from common.wire.transport import SocketFactory
 from nodes.recorder.parts import MAX_DRIFT_PERIODS
 
 pytestmark = pytest.mark.timeout(1200)
@@ -39,57 +35,31 @@ pytestmark = pytest.mark.timeout(1200)
 BACK_AT_ALL_S = 15.0
 
 
-class TickTap:
+class TickTap(StreamTap):
     """Every executed tick of every episode as the actuator published it: time, lateness and target."""
 
     def __init__(self, endpoint: str) -> None:
         self.ticks: dict[str, dict[int, tuple[float, float, np.ndarray]]] = {}
         self.order: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(endpoint,), daemon=True)
-        self._thread.start()
+        super().__init__(endpoint)
 
-    def _run(self, endpoint: str) -> None:
-        factory = SocketFactory(zmq.Context())
-        subscriber = LatestSubscriber(factory, [endpoint], hwm=100000)
-        try:
-            while not self._stop.is_set():
-                for msg in subscriber.poll(0.1):
-                    self._take(msg)
-        finally:
-            subscriber.close()
-            factory.context.term()
-
-    def _take(self, msg: Message) -> None:
+    def take(self, msg: Message) -> None:
         episode_id = msg.meta.get("episode_id")
         if msg.kind != KIND_ACTION or msg.meta.get("role") != "executed" or not episode_id:
             return
-        with self._lock:
-            if episode_id not in self.ticks:
-                self.ticks[episode_id] = {}
-                self.order.append(episode_id)
-            self.ticks[episode_id][int(msg.meta["episode_tick"])] = (
-                msg.t, float(msg.meta.get("lateness_s") or 0.0), np.array(msg.arrays["action"], dtype=np.float32))
+        if episode_id not in self.ticks:
+            self.ticks[episode_id] = {}
+            self.order.append(episode_id)
+        self.ticks[episode_id][int(msg.meta["episode_tick"])] = (
+            msg.t, float(msg.meta.get("lateness_s") or 0.0), np.array(msg.arrays["action"], dtype=np.float32))
 
     def count(self, index: int = 0) -> int:
-        with self._lock:
+        with self.lock:
             return len(self.ticks[self.order[index]]) if len(self.order) > index else 0
 
     def episode(self, index: int = 0) -> tuple[str, dict[int, tuple[float, float, np.ndarray]]]:
-        with self._lock:
+        with self.lock:
             return self.order[index], dict(self.ticks[self.order[index]])
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-
-
-def recorder_pid(stack: Supervised) -> int:
-    for status in stack.client.processes():
-        if status.name == "recorder" and status.state == "RUNNING":
-            return int(status.pid)
-    return 0
 
 
 def journaled(work: Path) -> int:
@@ -100,16 +70,7 @@ def journaled(work: Path) -> int:
 def test_a_restarted_recorder_resumes_the_same_recording_in_true_time(tmp_path: Path, tiny_checkpoint: Any) -> None:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
-    dataset = generate_demo_dataset(config, tmp_path / "lift-demo", DemoSpec(episodes=1, frames=300),
-                                    repo_id="armpipe/lift-demo")
-    port = free_port()
-    config_path = write_config(tmp_path, "lift", {
-        "player": {"dataset": str(dataset), "loop": True},
-        "policy": {"checkpoint": str(tiny_checkpoint("lift", chunk=48)), "timeout_s": 5.0},
-        "monitor": {"supervisor_url": f"http://127.0.0.1:{port}/RPC2"},
-    })
-    stack = Supervised("demo", "lift", config_path, tmp_path / "run", port)
+    stack = looping_demo_stack(tmp_path, tiny_checkpoint("lift", chunk=48))
     tap = TickTap(stack.config.actuator.events_endpoint)
     output_dir = Path(stack.config.recorder.output_dir)
     work = output_dir / ".work" / "episode_000000"
@@ -119,10 +80,11 @@ def test_a_restarted_recorder_resumes_the_same_recording_in_true_time(tmp_path: 
         wait_for(lambda: journaled(work) >= 90, timeout_s=600, interval_s=0.5,
                  message="the auto-started episode was never recorded for 3 s")
         # kill -9: supervisord starts it again; it resumes the recording.
-        first = recorder_pid(stack)
+        first = stack.running_pid("recorder")
         restarts = [time.monotonic()]  # the robot's monotonic clock: the actuator's stamps are on it too
         os.kill(first, signal.SIGKILL)
-        wait_for(lambda: recorder_pid(stack) not in (0, first), timeout_s=30, message="recorder not respawned")
+        wait_for(lambda: stack.running_pid("recorder") not in (0, first), timeout_s=30,
+                 message="recorder not respawned")
         seen = tap.count()
         wait_for(lambda: tap.count() >= seen + 150, timeout_s=300, interval_s=0.5, message="the episode stalled")
         # supervisorctl restart: SIGTERM while supervisord runs on, so the recording is suspended, not ended.

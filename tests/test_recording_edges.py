@@ -10,25 +10,20 @@ frames of the ticks the actuator published for it, from its first one.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
-from conftest import REPO_ROOT, free_port, wait_for, write_config
+from conftest import looping_demo_stack, wait_for
 
-from bench.harness import Supervised
-from common.config import load_config
-from common.tools.demo_data import DemoSpec, generate_demo_dataset
+from bench.harness import StreamTap
 from common.wire.protocol import KIND_ACTION, KIND_EVENT, Message
-from common.wire.transport import LatestSubscriber, SocketFactory
 
 pytestmark = pytest.mark.timeout(1500)
 
 
-class EpisodeTap:
+class EpisodeTap(StreamTap):
     """Every executed tick and episode event the actuator publishes, by episode_id."""
 
     def __init__(self, endpoint: str) -> None:
@@ -36,45 +31,29 @@ class EpisodeTap:
         self.first_t: dict[str, float] = {}
         self.events: list[Message] = []
         self.order: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(endpoint,), daemon=True)
-        self._thread.start()
+        super().__init__(endpoint)
 
-    def _run(self, endpoint: str) -> None:
-        factory = SocketFactory(zmq.Context())
-        subscriber = LatestSubscriber(factory, [endpoint], hwm=100000)
-        try:
-            while not self._stop.is_set():
-                for msg in subscriber.poll(0.1):
-                    with self._lock:
-                        episode_id = msg.meta.get("episode_id")
-                        if msg.kind == KIND_ACTION and msg.meta.get("role") == "executed" and episode_id:
-                            if episode_id not in self.ticks:
-                                self.ticks[episode_id] = []
-                                self.order.append(episode_id)
-                                self.first_t[episode_id] = time.monotonic()
-                            self.ticks[episode_id].append(int(msg.meta["episode_tick"]))
-                        elif msg.kind == KIND_EVENT and str(msg.meta.get("event", "")).startswith("episode_"):
-                            self.events.append(msg)
-        finally:
-            subscriber.close()
-            factory.context.term()
+    def take(self, msg: Message) -> None:
+        episode_id = msg.meta.get("episode_id")
+        if msg.kind == KIND_ACTION and msg.meta.get("role") == "executed" and episode_id:
+            if episode_id not in self.ticks:
+                self.ticks[episode_id] = []
+                self.order.append(episode_id)
+                self.first_t[episode_id] = time.monotonic()
+            self.ticks[episode_id].append(int(msg.meta["episode_tick"]))
+        elif msg.kind == KIND_EVENT and str(msg.meta.get("event", "")).startswith("episode_"):
+            self.events.append(msg)
 
     def running_for(self, index: int) -> float:
-        with self._lock:
+        with self.lock:
             if len(self.order) <= index:
                 return 0.0
             return time.monotonic() - self.first_t[self.order[index]]
 
     def episode(self, index: int) -> tuple[str, list[int]]:
-        with self._lock:
+        with self.lock:
             episode_id = self.order[index]
             return episode_id, list(self.ticks[episode_id])
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
 
 
 def _metrics(output_dir: Path) -> dict[str, dict[str, Any]]:
@@ -87,16 +66,7 @@ def test_episodes_are_recorded_whole_across_auto_start_actuator_restart_and_make
         tmp_path: Path, tiny_checkpoint: Any) -> None:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    config = load_config(REPO_ROOT / "configs" / "lift.yaml")
-    dataset = generate_demo_dataset(config, tmp_path / "lift-demo", DemoSpec(episodes=1, frames=300),
-                                    repo_id="armpipe/lift-demo")
-    port = free_port()
-    config_path = write_config(tmp_path, "lift", {
-        "player": {"dataset": str(dataset), "loop": True},
-        "policy": {"checkpoint": str(tiny_checkpoint("lift", chunk=48)), "timeout_s": 5.0},
-        "monitor": {"supervisor_url": f"http://127.0.0.1:{port}/RPC2"},
-    })
-    stack = Supervised("demo", "lift", config_path, tmp_path / "run", port)
+    stack = looping_demo_stack(tmp_path, tiny_checkpoint("lift", chunk=48))
     tap = EpisodeTap(stack.config.actuator.events_endpoint)  # listening before anything starts
     output_dir = Path(stack.config.recorder.output_dir)
     stack.start()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import NodeProcess, wait_for, write_config
+from conftest import NodeProcess, start_node, wait_for, write_config
 
 from common.config import load_config
 from common.wire.protocol import KIND_STATE, Message
@@ -35,22 +35,14 @@ def collect_states(endpoint: str, seconds: float, *, at_least: int = 1, timeout_
     return states
 
 
-def start(procs: list[NodeProcess], path: Path, module: str, name: str, args: list[str] | None = None,
-          ready: bool = True) -> NodeProcess:
-    node = NodeProcess(module, path, name=name, args=args).start()
-    procs.append(node)
-    if ready:
-        node.wait_ready(90)
-    return node
-
 
 def test_state_reader_publishes_named_positions_at_its_rate(tmp_path: Path,
                                                             node_processes: list[NodeProcess]) -> None:
     path = write_config(tmp_path, "lift", {"arms": {"main": {"read_hz": 50}}})
     config = load_config(path)
     arm = config.arms["main"]
-    start(node_processes, path, "servo_emulator", "main")
-    start(node_processes, path, "state_reader", "main")
+    start_node(node_processes, path, "servo_emulator", "main")
+    start_node(node_processes, path, "state_reader", "main")
     states = collect_states(arm.state_endpoint, 2.0, at_least=20)
     for state in states:
         assert state.meta["arm"] == "main"
@@ -79,8 +71,8 @@ def test_two_arm_layout_publishes_prefixed_names(tmp_path: Path, node_processes:
     path = write_config(tmp_path, "sort")
     config = load_config(path)
     for arm in ("left", "right"):
-        start(node_processes, path, "servo_emulator", arm)
-    readers = [start(node_processes, path, "state_reader", arm, ready=False) for arm in ("left", "right")]
+        start_node(node_processes, path, "servo_emulator", arm)
+    readers = [start_node(node_processes, path, "state_reader", arm, ready=False) for arm in ("left", "right")]
     for reader in readers:
         reader.wait_ready(120)
     for arm in ("left", "right"):
@@ -94,13 +86,13 @@ def test_two_arm_layout_publishes_prefixed_names(tmp_path: Path, node_processes:
 def test_missing_port_is_retried_until_the_bus_appears(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
     path = write_config(tmp_path, "lift", {"arms": {"main": {"retry_s": 0.3}}})
     config = load_config(path)
-    reader = start(node_processes, path, "state_reader", "main", ready=False)
+    reader = start_node(node_processes, path, "state_reader", "main", ready=False)
     wait_for(lambda: "does not exist" in reader.log(), 60, message=reader.log())
     assert "lerobot-find-port" in reader.log() and "main" in reader.log()
     time.sleep(1.0)  # several retry periods: still up, not ready
     assert reader.proc is not None and reader.proc.poll() is None
     assert not reader.ready_path.exists()
-    start(node_processes, path, "servo_emulator", "main")
+    start_node(node_processes, path, "servo_emulator", "main")
     reader.wait_ready(30)
     assert collect_states(config.arms["main"].state_endpoint, 0.2, at_least=2)
 
@@ -110,8 +102,8 @@ def test_mismatched_calibration_is_a_clear_error_and_nothing_is_published(
     # The emulated arm is so101_main; reading it with so101_left's calibration is the "swapped USB ports" case.
     path = write_config(tmp_path, "lift", {"arms": {"main": {"retry_s": 0.3}}})
     config = load_config(path)
-    start(node_processes, path, "servo_emulator", "main")
-    reader = start(node_processes, path, "state_reader", "main", args=["--arms.main.robot_id=so101_left"],
+    start_node(node_processes, path, "servo_emulator", "main")
+    reader = start_node(node_processes, path, "state_reader", "main", args=["--arms.main.robot_id=so101_left"],
                    ready=False)
     wait_for(lambda: "does not match the servos" in reader.log(), 60, message=reader.log())
     log = reader.log()
@@ -127,8 +119,8 @@ def test_mismatched_calibration_is_a_clear_error_and_nothing_is_published(
 def test_missing_calibration_file_names_where_it_looked(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
     path = write_config(tmp_path, "lift", {"arms": {"main": {"retry_s": 0.3, "robot_id": "so101_unknown",
                                                             "calibration_dir": str(tmp_path / "calib")}}})
-    start(node_processes, path, "servo_emulator", "main")
-    reader = start(node_processes, path, "state_reader", "main", ready=False)
+    start_node(node_processes, path, "servo_emulator", "main")
+    reader = start_node(node_processes, path, "state_reader", "main", ready=False)
     wait_for(lambda: "no calibration file" in reader.log(), 60, message=reader.log())
     assert str(tmp_path / "calib" / "so101_unknown.json") in reader.log()
     assert "lerobot-calibrate" in reader.log()
@@ -138,13 +130,13 @@ def test_missing_calibration_file_names_where_it_looked(tmp_path: Path, node_pro
 def test_state_reader_recovers_when_the_bus_restarts(tmp_path: Path, node_processes: list[NodeProcess]) -> None:
     path = write_config(tmp_path, "lift", {"arms": {"main": {"retry_s": 0.3}}})
     config = load_config(path)
-    emulator = start(node_processes, path, "servo_emulator", "main")
-    reader = start(node_processes, path, "state_reader", "main")
+    emulator = start_node(node_processes, path, "servo_emulator", "main")
+    reader = start_node(node_processes, path, "state_reader", "main")
     endpoint = config.arms["main"].state_endpoint
     assert collect_states(endpoint, 0.2, at_least=2)
     emulator.stop()  # the serial device goes away (unplugged controller, restarted emulator)
     wait_for(lambda: not reader.ready_path.exists(), 30, message=reader.log())
-    start(node_processes, path, "servo_emulator", "main")
+    start_node(node_processes, path, "servo_emulator", "main")
     reader.wait_ready(30)
     states = collect_states(endpoint, 0.3, at_least=3)
     np.testing.assert_allclose(states[-1].arrays["position"], config.arms["main"].rest_pose, atol=0.2)
