@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, REPO_ROOT, NodeProcess, wait_for, write_config
 
+from bench.harness import StandInServer
 from common.config import load_config
 from common.tools.demo_data import DemoSpec, generate_demo_dataset
 from common.tools.offline_eval import (
@@ -28,7 +29,9 @@ from common.tools.offline_eval import (
     score_chunk,
     summarise,
 )
-from common.wire.protocol import KIND_ACTION, KIND_EVENT, Message
+from common.tools.offline_eval.executed import _start_when_ready, _stop
+from common.wire.actuator_client import ActuatorClient
+from common.wire.protocol import KIND_ACTION, KIND_EVENT, KIND_REPLY, Message, ProtocolError, error_message
 from common.wire.transport import Publisher, SocketFactory
 
 POLICY_NODES: dict[Path, NodeProcess] = {}  # the module's policy node, by its config path
@@ -176,6 +179,53 @@ def test_driven_pass_takes_its_actuator_episodes_ticks_whenever_they_arrive(stre
     episode = streams.recorder.take_driven(0, deadline=time.monotonic() + 30)
     result, _ = executed_errors(episode, 6)
     assert result.compared == 3 and result.mae == [2.0] * 6
+
+
+class LosingActuator(StandInServer):
+    """The actuator's control socket as a loaded machine can answer it: the first start and the first stop are
+    carried out but answered after the client gave up; the retries are refused as the actuator refuses them."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(SocketFactory(), endpoint, name="losing-actuator")
+        self.running: int | None = None
+        self.ops: list[str] = []
+
+    def answer(self, request: Message) -> Message:
+        op = str(request.meta["op"])
+        self.ops.append(op)
+        late = self.ops.count(op) == 1 and op in ("start", "stop")
+        if op == "status":
+            meta: dict[str, Any] = {"state": "running" if self.running is not None else "idle",
+                                    "episode_index": -1 if self.running is None else self.running}
+        elif op == "start" and self.running is None:
+            self.running, meta = 4, {"episode_index": 4, "state": "running"}
+        elif op == "stop" and self.running is not None:
+            meta, self.running = {"episode_index": self.running, "state": "idle"}, None
+        else:
+            return error_message(ProtocolError("op", f"{op} that fits the episode's state", op), src="actuator",
+                                 seq=request.seq, op=op)
+        if late:
+            time.sleep(2.5)  # well past the client's timeout (1 s): this reply is lost
+        return Message(kind=KIND_REPLY, seq=request.seq, meta={"op": op, **meta})
+
+
+def test_drive_takes_a_start_and_a_stop_whose_replies_were_lost(streams: TwoStreams) -> None:
+    """A start whose reply came too late started the episode: the retry is refused ('already running'), and the
+    episode that runs is the pass's (it used to retry start until --timeout-s). Likewise a stop."""
+    endpoint = streams.config.actuator.control_endpoint
+    actuator = LosingActuator(endpoint)
+    actuator.start()
+    control = ActuatorClient(SocketFactory(), endpoint, client="test", timeout_s=1.0, retries=1)
+    try:
+        deadline = time.monotonic() + 30
+        assert _start_when_ready(control, streams.recorder, deadline) == 4
+        _stop(control, deadline)
+    finally:
+        control.close()
+        actuator.close()
+    assert actuator.running is None
+    # Each op retried (how often depends on the timing), then refused once and checked with the status.
+    assert actuator.ops[0] == "start" and actuator.ops.count("status") == 2 and actuator.ops[-1] == "status"
 
 
 # ---------------------------------------------------------------------------------------------- real nodes

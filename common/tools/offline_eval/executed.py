@@ -194,8 +194,9 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
     factory = factory or SocketFactory()
     own_recorder = recorder is None
     recorder = recorder or ExecutedRecorder(config, factory)
+    # One attempt per send: the retries are _start_when_ready's and _stop's, which know what a lost reply means.
     control = (ActuatorClient(factory, config.actuator.control_endpoint, client="offline_eval", timeout_s=2.0,
-                              retries=3) if drive else None)
+                              retries=1) if drive else None)
     names = recorder.names
     results: list[EpisodeErrors] = []
     traces: list[EpisodeTrace] = []
@@ -211,7 +212,7 @@ def evaluate_executed(config: DeploymentConfig, *, count: int, drive: bool = Fal
             else:
                 actuator_episode = _start_when_ready(control, recorder, deadline)
                 _wait(recorder, recorder.pass_ended, deadline, late)
-                control.send("stop")
+                _stop(control, deadline)
                 episode = recorder.take_driven(actuator_episode, deadline)
             if not episode.complete:
                 log.warning("episode %d ended early; scoring the %d frames played", episode.episode_index,
@@ -249,19 +250,51 @@ def _wait(recorder: ExecutedRecorder, take: Any, deadline: float, what: str) -> 
     return found
 
 
+def _running_episode(control: ActuatorClient) -> int | None:
+    """The actuator's running episode (its ``status``), None when none runs."""
+    status = control.send("status")
+    return int(status.meta["episode_index"]) if status.meta.get("state") == "running" else None
+
+
 def _start_when_ready(control: ActuatorClient, recorder: ExecutedRecorder, deadline: float) -> int:
-    """Start an actuator episode, retrying while it is still checking the policy's contract; its episode index."""
+    """Start an actuator episode, retrying while it is still checking the policy's contract; its episode index.
+
+    A start that got no answer may still have started the episode (the reply was lost, or came after the
+    timeout): when the next attempt is refused, an episode that runs now is the one it started."""
+    unanswered = False
     while True:
         try:
-            reply = control.send("start")
-            index = int(reply.meta["episode_index"])
-            recorder.forget_stop(index)
-            return index
+            index = int(control.send("start").meta["episode_index"])
+            break
         except RemoteError as exc:
+            if unanswered and (running := _running_episode(control)) is not None:
+                log.info("the actuator's episode %d runs: started by a start whose reply was lost", running)
+                index = running
+                break
             if time.monotonic() > deadline:
                 raise
             log.info("actuator not ready to start (%s); retrying", exc)
         except PeerUnavailable:
+            unanswered = True
             if time.monotonic() > deadline:
                 raise
         recorder.pump(0.5)
+    recorder.forget_stop(index)
+    return index
+
+
+def _stop(control: ActuatorClient, deadline: float) -> None:
+    """Stop the actuator's episode; a refused retry after a stop that got no answer means that one did it."""
+    unanswered = False
+    while True:
+        try:
+            control.send("stop")
+            return
+        except RemoteError:
+            if unanswered and _running_episode(control) is None:
+                return
+            raise
+        except PeerUnavailable:
+            unanswered = True
+            if time.monotonic() > deadline:
+                raise
