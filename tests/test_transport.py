@@ -233,8 +233,9 @@ def test_the_actuator_events_publisher_loses_nothing_of_a_burst_to_any_subscribe
     assert burst + 100 < EVENTS_HWM
     for received in _burst_received(EVENTS_HWM, burst):
         assert received == set(range(burst)), f"lost {sorted(set(range(burst)) - received)[:20]}"
-    # The same burst through the default high-water mark loses most of it: the test sees what it guards against.
-    assert all(len(received) < burst // 2 for received in _burst_received(4, burst))
+    # The same burst through the default high-water mark loses messages for each subscriber (all but a few on this
+    # machine; a publisher descheduled between its sends loses fewer): the test sees what it guards against.
+    assert all(len(received) < burst for received in _burst_received(4, burst))
 
 
 def test_a_subscriber_reconnects_by_itself_after_a_frame_over_maxmsgsize_and_says_why() -> None:
