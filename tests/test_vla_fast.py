@@ -129,6 +129,12 @@ class _Syncs(TorchDispatchMode):
         name = str(func)
         if any(word in name for word in ("_local_scalar_dense", "nonzero", "aten.item", "masked_select")):
             self.ops.append(name)
+        # Boolean-mask indexing (``x[mask]``, ``x[mask] = y``) reaches the dispatcher as index / index_put with a
+        # bool index tensor; on CUDA its kernel counts the mask on the host (a nonzero inside), a sync all the same.
+        elif func.__name__.split(".")[0] in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+                isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+                for index in (args[1] if len(args) > 1 else ())):
+            self.ops.append(f"{name} with a bool index")
         return func(*args, **(kwargs or {}))
 
 
@@ -194,6 +200,37 @@ def test_bf16_is_served_by_the_node_close_to_the_fp32_path(policy_type: str, tin
     assert np.abs(guided[:4] - prefix[:4]).mean() < 0.5 * np.abs(free[:4] - prefix[:4]).mean()
 
 
+def test_smolvlas_patch_positions_without_a_host_sync_are_transformers_own(smolvla: Path, tmp_path: Path) -> None:
+    # The engine replaces, on the loaded model only, transformers' SmolVLMVisionEmbeddings.forward, whose boolean-mask
+    # write (position_ids[mask] = pos_ids[mask]) syncs with the host on CUDA: same embeddings for any mask.
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionEmbeddings
+
+    runtime = make_runtime(tmp_path, smolvla)
+    embeddings = [module for module in runtime.policy.modules() if isinstance(module, SmolVLMVisionEmbeddings)]
+    assert len(embeddings) == 1 and "forward" not in vars(embeddings[0])  # LeRobot's plain path: untouched
+    module = embeddings[0]
+    size = module.image_size
+    pixels = torch.randn((2, 3, size, size), generator=torch.Generator().manual_seed(0))
+    side = size // module.patch_size
+    ones = torch.ones((2, side, side), dtype=torch.bool)
+    partial = ones.clone()
+    partial[1, side // 2:, :] = False
+    partial[1, :, side - 1:] = False
+    with torch.no_grad():
+        expected = [SmolVLMVisionEmbeddings.forward(module, pixels, mask) for mask in (ones, partial)]
+        FastFlowMatching(runtime.policy, _fp32(), torch.device("cpu"), rtc=False)
+        assert "forward" in vars(module)
+        got = [module(pixel_values=pixels, patch_attention_mask=mask) for mask in (ones, partial)]
+        syncs = _Syncs()
+        with syncs:
+            module(pixel_values=pixels, patch_attention_mask=ones)
+    assert syncs.ops == []
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(expected[0], expected[1])  # the partial mask does move positions
+    assert not any("forward" in vars(m) for m in make_runtime(tmp_path / "other", smolvla).policy.modules())
+
+
 def test_compile_and_fast_unet_are_refused_for_a_language_policy(smolvla: Path, tmp_path: Path) -> None:
     from nodes.policy.checkpoint import CheckpointError
 
@@ -210,8 +247,20 @@ def test_cuda_graphs_replay_the_chunk_with_rtc_inside(policy_type: str, tiny_che
     msg = observation(plain.config, 4)
     msg.meta["instruction"] = INSTRUCTIONS[0]
     expected = plain.infer("robot-a", msg).actions
+    graphs.infer("robot-a", msg)  # records every bucket (the node's warm-up)
+    engine = graphs.engine.fast
+    assert engine.runs and all(run.graph is not None for run in engine.runs.values())  # no capture fell back to eager
+    # The captured call, run eagerly under CUDA's sync check: any device-to-host read in it raises (as a capture
+    # would refuse it). transformers skips its data-dependent mask checks while a stream captures, as in the capture.
+    inputs = [tensor.clone() for tensor in next(iter(engine.runs.values())).graph.inputs]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with mock.patch("torch.cuda.is_current_stream_capturing", return_value=True):
+            engine._run(*inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     got = graphs.infer("robot-a", msg).actions
-    assert graphs.engine.describe()["graphs_recorded"]  # every capture held: no bucket fell back to eager
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
     graphs.reset("robot-a")
     np.testing.assert_array_equal(graphs.infer("robot-a", msg).actions, got)  # a replay replays

@@ -30,6 +30,7 @@ padded, never trimmed, so a pi0 / pi0.5 request has LeRobot's shapes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -155,6 +156,47 @@ class GraphRTC:
         return None
 
 
+def sync_free_patch_positions(embeddings: Any, pixel_values: Tensor, patch_attention_mask: Tensor) -> Tensor:
+    """transformers' ``SmolVLMVisionEmbeddings.forward`` (5.5.4) with its one host sync removed.
+
+    The original writes the patches' position ids with boolean-mask indexing
+    (``position_ids[mask] = pos_ids[mask]``), which on CUDA counts the mask on the host: a device-to-host sync that a
+    CUDA graph capture refuses. Both sides have the mask's shape, so ``torch.where(mask, pos_ids, position_ids)``
+    is the same tensor for any mask (LeRobot's SmolVLA always passes an all-ones mask); everything else is the
+    original's code. tests/test_vla_fast.py checks it against the original forward.
+    """
+    batch_size, _, max_im_h, max_im_w = pixel_values.shape
+    patch_embeds = embeddings.patch_embedding(pixel_values)
+    out = patch_embeds.flatten(2).transpose(1, 2)
+    max_nb_patches_h, max_nb_patches_w = max_im_h // embeddings.patch_size, max_im_w // embeddings.patch_size
+    per_side = embeddings.num_patches_per_side
+    boundaries = torch.arange(1 / per_side, 1.0, 1 / per_side, device=pixel_values.device)
+    position_ids = torch.full(size=(batch_size, max_nb_patches_h * max_nb_patches_w), fill_value=0,
+                              device=pixel_values.device)
+    step_h = 1.0 / patch_attention_mask[:, :, 0].sum(dim=1)
+    step_w = 1.0 / patch_attention_mask[:, 0, :].sum(dim=1)
+    h_indices = torch.arange(patch_attention_mask.size(1), device=position_ids.device, dtype=torch.float32)
+    w_indices = torch.arange(patch_attention_mask.size(2), device=position_ids.device, dtype=torch.float32)
+    coords_h = torch.clamp(h_indices[None, :] * step_h[:, None], max=(1.0 - 1e-6)).to(pixel_values.dtype)
+    coords_w = torch.clamp(w_indices[None, :] * step_w[:, None], max=(1.0 - 1e-6)).to(pixel_values.dtype)
+    bucket_h = torch.bucketize(coords_h, boundaries, right=True)
+    bucket_w = torch.bucketize(coords_w, boundaries, right=True)
+    pos_ids = (bucket_h[:, :, None] * per_side + bucket_w[:, None, :]).reshape(batch_size, -1)
+    position_ids = torch.where(patch_attention_mask.view(batch_size, -1), pos_ids, position_ids)
+    return out + embeddings.position_embedding(position_ids)
+
+
+def without_host_syncs(policy: Any) -> int:
+    """Replace, on this loaded model only, the forward of each SmolVLM vision embedding by
+    ``sync_free_patch_positions`` (the same result, no host sync); returns how many were replaced."""
+    count = 0
+    for module in policy.modules():
+        if type(module).__name__ == "SmolVLMVisionEmbeddings":
+            module.forward = functools.partial(sync_free_patch_positions, module)
+            count += 1
+    return count
+
+
 def to_bf16(policy: Any) -> None:
     """The model's bf16 layout: LeRobot's own for pi0 / pi0.5, the whole VLM with its expert for SmolVLA."""
     model = policy.model
@@ -189,6 +231,8 @@ class FastFlowMatching:
         if getattr(self.config, "adapt_to_pi_aloha", False):
             raise CheckpointError("adapt_to_pi_aloha: the fast path keeps no per-call state edits; serve this "
                                   "checkpoint with policy.dtype fp32 and cuda_graphs off")
+        # SmolVLA's image encoder (transformers' SmolVLMVisionEmbeddings) syncs with the host on every call.
+        without_host_syncs(policy)
         self.chunk_size = int(self.config.chunk_size)
         self.action_dim = int(self.config.max_action_dim)
         self.max_tokens = int(self.config.tokenizer_max_length)
