@@ -250,6 +250,7 @@ def test_cuda_graphs_replay_the_chunk_with_rtc_inside(policy_type: str, tiny_che
     graphs.infer("robot-a", msg)  # records every bucket (the node's warm-up)
     engine = graphs.engine.fast
     assert engine.runs and all(run.graph is not None for run in engine.runs.values())  # no capture fell back to eager
+    assert all(run.pool is engine.pool for run in engine.runs.values())  # the buckets share one memory pool
     # The captured call, run eagerly under CUDA's sync check: any device-to-host read in it raises (as a capture
     # would refuse it). transformers skips its data-dependent mask checks while a stream captures, as in the capture.
     inputs = [tensor.clone() for tensor in next(iter(engine.runs.values())).graph.inputs]

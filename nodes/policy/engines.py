@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from common.wire.contract import STATE_KEY
 from nodes.policy.checkpoint import CheckpointError
 from nodes.policy.sessions import Session
-from nodes.policy.speed import BucketedGraphs, SpeedOptions, convs_as_matmul
+from nodes.policy.speed import BucketedGraphs, GraphPool, SpeedOptions, convs_as_matmul
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +293,12 @@ class DiffusionEngine:
         if graphs and not self.mirrored:
             log.warning("this scheduler configuration is not mirrored; the sampler runs without CUDA graphs")
         # One CUDA graph per batch-size bucket (nodes.policy.speed.BucketedGraphs); every input is batch-first.
-        self.encode = BucketedGraphs(self._encode_inputs, "diffusion encoder", graphs)
+        # The encoder's and the sampler's graphs run one after another and the encoder's output is cloned before
+        # the sampler replays: one memory pool for both (nodes.policy.speed.GraphPool).
+        pool = GraphPool()
+        self.encode = BucketedGraphs(self._encode_inputs, "diffusion encoder", graphs, pool)
         self.sample = BucketedGraphs(self.fast.sample if self.fast else self._sample, "diffusion sampler",
-                                     graphs and self.mirrored)
+                                     graphs and self.mirrored, pool)
 
     # -------------------------------------------------------------- scheduler mirror
     def _mirror_supported(self) -> bool:

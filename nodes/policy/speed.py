@@ -100,14 +100,33 @@ def convs_as_matmul(root: nn.Module) -> int:
     return count
 
 
+class GraphPool:
+    """One CUDA graph memory pool shared by graphs that replay one at a time (``torch.cuda.graph_pool_handle``).
+
+    Each capture otherwise gets a private pool holding its intermediates (a VLA's KV cache and activations) for
+    good: N buckets cost N times the memory. Graphs that never run concurrently (one engine's buckets, replayed
+    one after another from one thread) may share one pool, provided each graph's outputs are consumed (cloned)
+    before another graph of the pool replays: a later capture may reuse the memory an earlier one freed.
+    """
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+
+    def handle(self) -> Any:
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+
 class CudaGraph:
     """``fn`` recorded once as a CUDA graph on static input buffers; calling it replays the recording.
 
-    The returned tensors are the graph's static outputs: they are overwritten by the next call, so
-    callers consume or clone them first.
+    The returned tensors are the graph's static outputs: they are overwritten by the next call (of this graph,
+    or of any graph sharing its ``pool``), so callers consume or clone them first.
     """
 
-    def __init__(self, fn: Callable[..., Any], example_inputs: list[Tensor], warmup: int = 2) -> None:
+    def __init__(self, fn: Callable[..., Any], example_inputs: list[Tensor], warmup: int = 2,
+                 pool: GraphPool | None = None) -> None:
         self.inputs = [tensor.clone() for tensor in example_inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -116,7 +135,7 @@ class CudaGraph:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=None if pool is None else pool.handle()):
             self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs: Tensor) -> Any:
@@ -130,13 +149,14 @@ class MaybeGraphed:
     """``fn`` run eagerly, or recorded as a CUDA graph on its first call and replayed afterwards.
 
     If recording fails (a model doing something a capture cannot hold, e.g. a host sync) it logs why and
-    stays eager.
+    stays eager. ``pool``: the memory pool it shares with graphs that never replay concurrently with it.
     """
 
-    def __init__(self, fn: Callable[..., Any], name: str, enabled: bool) -> None:
+    def __init__(self, fn: Callable[..., Any], name: str, enabled: bool, pool: GraphPool | None = None) -> None:
         self.fn = fn
         self.name = name
         self.enabled = enabled
+        self.pool = pool
         self.graph: CudaGraph | None = None
 
     def __call__(self, *inputs: Tensor) -> Any:
@@ -144,7 +164,7 @@ class MaybeGraphed:
             return self.fn(*inputs)
         if self.graph is None:
             try:
-                self.graph = CudaGraph(self.fn, list(inputs))
+                self.graph = CudaGraph(self.fn, list(inputs), pool=self.pool)
             except RuntimeError as exc:
                 log.warning("CUDA graph of %s could not be recorded (%s); running it eagerly", self.name,
                             str(exc).splitlines()[0])
@@ -175,13 +195,15 @@ class BucketedGraphs:
     CUDA graphs: one recording per batch-size bucket (``BATCH_BUCKETS``), the batch padded to its bucket by
     repeating its last row and the output cut back to the batch. A graph's shapes are fixed, so one graph
     per bucket keeps the recordings few while any batch size up to ``policy.max_batch`` replays one.
-    The output is a view of the graph's static buffer: consume or clone it before the next call.
+    The buckets share one memory pool (``pool``, or one of their own): the output is a view of the graph's
+    static buffer, consume or clone it before the next call of any graph of that pool.
     """
 
-    def __init__(self, fn: Callable[..., Tensor], name: str, enabled: bool) -> None:
+    def __init__(self, fn: Callable[..., Tensor], name: str, enabled: bool, pool: GraphPool | None = None) -> None:
         self.fn = fn
         self.name = name
         self.enabled = enabled
+        self.pool = pool or GraphPool()
         self.graphs: dict[int, MaybeGraphed] = {}
 
     def __call__(self, *inputs: Tensor) -> Tensor:
@@ -191,7 +213,7 @@ class BucketedGraphs:
         bucket = batch_bucket(size)
         graph = self.graphs.get(bucket)
         if graph is None:
-            graph = self.graphs[bucket] = MaybeGraphed(self.fn, f"{self.name} (batch {bucket})", True)
+            graph = self.graphs[bucket] = MaybeGraphed(self.fn, f"{self.name} (batch {bucket})", True, self.pool)
         out: Tensor = graph(*(pad_rows(tensor, bucket) for tensor in inputs))
         return out[:size]
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from nodes.policy.checkpoint import CheckpointError
-from nodes.policy.speed import MaybeGraphed, SpeedOptions
+from nodes.policy.speed import GraphPool, MaybeGraphed, SpeedOptions
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,9 @@ class FastFlowMatching:
             self.weights_of = RTCProcessor(self.config.rtc_config).get_prefix_weights
             policy.model.rtc_processor = self.rtc
         self.graphs = options.cuda_graphs
+        # The buckets replay one at a time (one request after another, one thread) and each output is cloned at
+        # once: one memory pool for all of them, not one KV cache and activations per bucket.
+        self.pool = GraphPool()
         self.runs: dict[int, MaybeGraphed] = {}
         self.keys: list[str] = []
         self.recorded = False
@@ -301,7 +304,7 @@ class FastFlowMatching:
         run = self.runs.get(bucket)
         if run is None:
             run = self.runs[bucket] = MaybeGraphed(self._run, f"{self.config.type} chunk ({bucket} tokens)",
-                                                   self.graphs)
+                                                   self.graphs, self.pool)
         return run
 
     def _record_all(self, inputs: list[Tensor], token_index: int) -> None:
