@@ -513,6 +513,13 @@ class DeploymentConfig:
         if not 1 <= self.policy.max_batch <= MAX_POLICY_BATCH:
             raise ConfigError("policy.max_batch", f"expected a batch size in 1..{MAX_POLICY_BATCH} (1: no batching), "
                               f"got {self.policy.max_batch}")
+        if self.policy.warmup < 0:
+            raise ConfigError("policy.warmup", f"expected passes >= 0, got {self.policy.warmup}")
+        if self.policy.cuda_graphs and self.policy.warmup == 0:
+            # The warm-up records every graph (a VLA: one per instruction-length bucket, pi0.5 seven); without it
+            # the first robot's request would wait for all the recording.
+            raise ConfigError("policy.warmup", "expected at least 1 pass with policy.cuda_graphs: true (the warm-up "
+                              "records the CUDA graphs; with 0 the first robot's request would record them all)")
         if not 1.0 <= self.policy.capacity_period_s <= 600.0:
             raise ConfigError("policy.capacity_period_s", f"expected seconds in 1..600, got "
                               f"{self.policy.capacity_period_s}")

@@ -60,6 +60,18 @@ def test_bad_values_name_the_field(override, field):
     assert field in str(info.value)
 
 
+def test_cuda_graphs_need_a_warmup_pass() -> None:
+    # The warm-up records the graphs; without it the first robot's request would record them all.
+    lift = REPO_ROOT / "configs" / "lift.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(lift, ["--policy.cuda_graphs=true", "--policy.warmup=0"])
+    assert info.value.field == "policy.warmup" and "policy.cuda_graphs" in str(info.value)
+    with pytest.raises(ConfigError, match=r"policy\.warmup"):
+        load_config(lift, ["--policy.warmup=-1"])
+    assert load_config(lift, ["--policy.cuda_graphs=true", "--policy.warmup=1"]).policy.warmup == 1
+    assert load_config(lift, ["--policy.warmup=0"]).policy.warmup == 0
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
