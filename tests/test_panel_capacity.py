@@ -10,12 +10,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, wait_for, write_config
+from conftest import NodeProcess, free_port, wait_for, write_config
 from test_monitor import CHROMIUM, CHROMIUM_ARGS
 from test_policy_node import SMALL, client, observation
 
 from common.config import load_config
 from common.tools.checkpoint_maker import build_checkpoint
+from common.wire.transport import SocketFactory
 
 MAX_BATCH = 8
 
@@ -92,3 +93,44 @@ def test_panel_shows_the_policy_capacity(tmp_path: Path) -> None:
         policy.stop()
         assert monitor.stop() == 0, monitor.log()[-3000:]
     wait_for(lambda: not any(thread.is_alive() for thread in robots), timeout_s=30)
+
+
+def test_the_policy_poller_owns_its_client_while_a_ping_hangs(tmp_path: Path) -> None:
+    # A policy that takes requests and never answers: the monitor's shutdown (Commands.close, from the main thread)
+    # must not close the socket a ping is still waiting on (ZeroMQ sockets are not thread-safe); the poller closes
+    # it when it stops.
+    import zmq
+
+    from nodes.monitor.__main__ import poll_policy
+    from nodes.monitor.commands import Commands
+    from nodes.monitor.panel import EventHub, PanelState
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = load_config(write_config(tmp_path, "lift", {"policy": {"endpoint": endpoint},
+                                                         "monitor": {"control_timeout_s": 10.0}}))
+    context = zmq.Context()
+    silent = context.socket(zmq.ROUTER)
+    silent.bind(endpoint)
+    factory = SocketFactory()
+    commands = Commands(config, factory, PanelState(config, EventHub()))
+    stop = threading.Event()
+    poller = threading.Thread(target=poll_policy, args=(commands.panel, commands, stop), daemon=True)
+    try:
+        poller.start()
+        assert silent.poll(30_000), "the monitor never asked the policy"
+        silent.recv_multipart()  # the ping is in flight now, for up to 10 s
+        assert commands.policy is not None
+        client = commands.policy[1].requests
+        sock = client.sock
+        commands.close()  # the main thread's shutdown
+        assert commands.policy is not None and client.sock is sock and not sock.closed
+        stop.set()
+        poller.join(timeout=40)  # the ping's attempt, with margin
+        assert not poller.is_alive()
+        assert commands.policy is None and client.sock is None and sock.closed
+    finally:
+        stop.set()
+        silent.close(linger=0)
+        context.term()
+        factory.close()
+

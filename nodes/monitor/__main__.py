@@ -92,10 +92,15 @@ def poll_nodes(panel: PanelState, commands: Commands, stop: threading.Event) -> 
 
 
 def poll_policy(panel: PanelState, commands: Commands, stop: threading.Event) -> None:
-    """The policy node's capacity (chunks/s, sessions, batch sizes, queue wait), asked over the policy link."""
-    while not stop.is_set():
-        panel.set_capacity(commands.policy_capacity())
-        stop.wait(POLICY_PERIOD_S)
+    """The policy node's capacity (chunks/s, sessions, batch sizes, queue wait), asked over the policy link.
+    This thread owns the policy client and closes it when it stops: the shutdown waits for it only 2 s, while a
+    ping to a dead policy may take ``monitor.control_timeout_s`` per attempt."""
+    try:
+        while not stop.is_set():
+            panel.set_capacity(commands.policy_capacity())
+            stop.wait(POLICY_PERIOD_S)
+    finally:
+        commands.close_policy()
 
 
 def run(config: DeploymentConfig, stop: threading.Event, readiness: Readiness) -> None:

@@ -46,7 +46,9 @@ class Commands:
         self.factory = factory
         self.control_lock = threading.Lock()  # one REQ socket, one request at a time
         self.control: ActuatorClient | None = None
-        self.policy: tuple[SocketFactory, PolicyClient] | None = None  # its own socket factory (CURVE keys)
+        # Its own socket factory (CURVE keys); used and closed only by the thread that calls policy_capacity
+        # (the monitor's policy poller): a ZeroMQ socket is not thread-safe.
+        self.policy: tuple[SocketFactory, PolicyClient] | None = None
         self.supervisor = SupervisorClient(config.monitor.supervisor_url,
                                            ready_dir=config.resolve(config.run_dir) / "ready")
 
@@ -89,7 +91,8 @@ class Commands:
     def policy_capacity(self) -> dict[str, Any]:
         """The policy node's capacity figures (its ``ping`` reply's ``capacity``: chunks/s, sessions, batch sizes,
         queue wait over its last ``policy.capacity_period_s``), asked over the policy link, so the policy may run
-        on another machine. ``{"endpoint", "figures": dict | None, "error": str, "polled_wall"}``."""
+        on another machine. ``{"endpoint", "figures": dict | None, "error": str, "polled_wall"}``. One thread only
+        calls it, and ``close_policy`` when it stops."""
         endpoint = self.config.policy.endpoint
         out: dict[str, Any] = {"endpoint": endpoint, "figures": None, "error": "", "polled_wall": time.time()}
         if self.config.policy.backend != "armpipe":
@@ -129,10 +132,17 @@ class Commands:
                          "age_s": entry.get("age_s")} for name, entry in ready.items() if name not in supervised]
         return {"programs": programs, "unsupervised": unsupervised, "error": error, "polled_wall": time.time()}
 
-    def close(self) -> None:
-        with self.control_lock:
-            if self.control is not None:
-                self.control.close()
+    def close_policy(self) -> None:
+        """Close the policy client; from the thread that calls ``policy_capacity`` (a ping to a dead policy may be
+        in flight for up to ``monitor.control_timeout_s`` per attempt when the monitor stops, so the shutdown
+        cannot close it from another thread)."""
         if self.policy is not None:
             self.policy[1].close()
             self.policy[0].close()
+            self.policy = None
+
+    def close(self) -> None:
+        """Close the actuator's control client (the policy client is ``close_policy``'s, its poller's)."""
+        with self.control_lock:
+            if self.control is not None:
+                self.control.close()
