@@ -8,10 +8,11 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from conftest import PYTHON, REPO_ROOT, free_port, write_config
+from conftest import PYTHON, REPO_ROOT, free_port, wait_for, write_config
 
 from common.config import load_config
 from common.tools.demo_data import DemoSpec, generate_demo_dataset
@@ -103,9 +104,18 @@ def test_demo_waits_for_its_nodes_on_the_supervisor_port_it_was_given(tiny_check
     assert load_config(config_path).monitor.supervisor_url == "http://127.0.0.1:9001/RPC2"  # not the port given
     port = free_port()
     env = {**os.environ, "ARMPIPE_RUN": str(tmp_path / "run"), "ARMPIPE_SUPERVISOR_PORT": str(port)}
+    panel = f"http://127.0.0.1:{load_config(config_path).monitor.port}/api/state"
     try:
         result = subprocess.run(["bash", ".ci/demo", "lift", str(config_path)], cwd=REPO_ROOT, env=env,
                                 capture_output=True, text=True, timeout=300)
+        # The panel lists the nodes too: its monitor asks the supervisord on that port, not the config's 9001.
+        state = wait_for(lambda: (s := json.loads(urllib.request.urlopen(panel, timeout=5).read()))["nodes"]
+                         and s["nodes"]["programs"] and s, timeout_s=60, interval_s=0.5,
+                         message="the panel lists no supervised nodes")
+        assert state["config"]["supervisor_url"] == f"http://127.0.0.1:{port}/RPC2", state["config"]
+        assert not state["nodes"]["error"], state["nodes"]
+        names = {program["name"] for program in state["nodes"]["programs"]}
+        assert {"actuator", "policy", "monitor"} <= names, names
     finally:
         subprocess.run(["bash", ".ci/stop"], cwd=REPO_ROOT, env=env, capture_output=True, timeout=120)
     output = result.stdout + result.stderr

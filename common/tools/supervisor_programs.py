@@ -86,6 +86,10 @@ ROLE_DESCRIPTIONS = {
 }
 
 
+# supervisord's XML-RPC as the programs it starts reach it (supervisord.conf listens on this port).
+SUPERVISOR_URL = "http://127.0.0.1:%(ENV_ARMPIPE_SUPERVISOR_PORT)s/RPC2"
+
+
 @dataclass(frozen=True)
 class Program:
     name: str  # supervisord's program name (``camera-front``); the readiness file has the same name
@@ -117,7 +121,9 @@ def programs(role: str, config: DeploymentConfig) -> list[Program]:
     if role != "server":
         robot.append(Program("actuator", "actuator", ROBOT_GROUP,
                              ("--actuator.auto_start=true",) if role == "demo" else ()))
-        robot += [Program("recorder", "recorder", ROBOT_GROUP), Program("monitor", "monitor", ROBOT_GROUP)]
+        # The panel asks the supervisord that runs it, on the port .ci/supervise gave it (not the config's 9001).
+        robot += [Program("recorder", "recorder", ROBOT_GROUP),
+                  Program("monitor", "monitor", ROBOT_GROUP, (f"--monitor.supervisor_url={SUPERVISOR_URL}",))]
     server = server_programs(config.policy.standby) if role in ("demo", "server") else []
     if role in ("demo", "server") and config.openpi.gateway.enabled:
         server.append(Program(OPENPI_GATEWAY_PROGRAM, "openpi_gateway", SERVER_GROUP))
