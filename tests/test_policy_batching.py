@@ -93,11 +93,11 @@ def test_make_status_shows_the_policy_capacity_line() -> None:
                     "busy 85 %, superseded 0, busy 1")
 
 
-@pytest.mark.parametrize("policy_type", ["smolvla", "pi0"])
+@pytest.mark.parametrize("policy_type", ["smolvla", "pi0", "pi05"])
 def test_a_language_policy_batches_with_each_sessions_instruction_and_noise(policy_type: str, tiny_checkpoint,
                                                                          tmp_path: Path, monkeypatch) -> None:
-    """SmolVLA / pi0 on LeRobot's plain path: a batch of sessions with different instructions gives each the chunk
-    it gets alone (its own instruction's tokens, its own seeded noise); an rtc request in the batch runs its
+    """SmolVLA / pi0 / pi0.5 on LeRobot's plain path: a batch of sessions with different instructions gives each
+    the chunk it gets alone (its own instruction's tokens, its own seeded noise); an rtc request in the batch runs its
     row alone (LeRobot's real-time chunking takes one prefix per call) and still gets its chunk."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     runtime = make_runtime(tmp_path, tiny_checkpoint("lift", policy_type), max_batch=4)

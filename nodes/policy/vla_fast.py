@@ -13,10 +13,14 @@ cache, then ``num_steps`` Euler steps of the action expert against that cache (`
   (padding is masked out of attention and does not move position ids, so the chunk is the same), so one graph per
   bucket serves every instruction; all buckets are recorded on the first call (the node's warm-up).
 - **One CUDA graph** (``policy.cuda_graphs``) per bucket holding the whole request: prefix, KV cache (it lives in
-  the graph's memory on the GPU) and the denoising loop; a replay does no host work and no host sync. LeRobot
+  the graph's memory on the GPU) and the denoising loop; a replay does no host work. LeRobot
   builds a few constant tensors from Python lists on every call (attention-mask patterns, the step's time), a
   host-to-device copy that a capture cannot hold: ``HostConstants`` serves each of them from a device copy made
-  on the first (eager) call, by value.
+  on the first (eager) call, by value. SmolVLA's image encoder syncs with the host (a boolean-mask write):
+  ``without_host_syncs`` replaces that forward on the loaded model. The captured call's freedom from host syncs is
+  checked on the CPU (tests/test_vla_fast.py: no op that reads a device value back, bool-mask indexing included)
+  and by the CUDA-only test under ``torch.cuda.set_sync_debug_mode("error")``, not yet run on a GPU. The buckets'
+  graphs share one memory pool (``speed.GraphPool``): they replay one at a time and each output is cloned.
 - **RTC inside the graph.** LeRobot's ``RTCProcessor.denoise_step`` computes its correction with autograd, which
   here reduces to the weighted error itself (``x1 = x - t * v`` with ``v`` computed before ``x`` needs a
   gradient, so ``d x1 / d x`` is the identity): ``GraphRTC`` computes ``v - w_g(t) * (prefix - (x - t v)) * w``
