@@ -10,7 +10,7 @@ the node's own warm-up. Recorded per type: seconds to build the checkpoint and t
 client's round trip (p50, p90, min) and the node's ``inference_s`` and ``total_s`` (p50); whether another
 instruction changes the chunk and the same one replays it (after a reset: the same session noise); one
 ``overlap: rtc`` request (a prefix of 10 rows, 4 frozen) to show LeRobot's real-time chunking runs on the card.
-This is LeRobot's plain path inside the node (issue 20); the fast path (issue 21) is timed by bench/policy_gpu.py.
+This is LeRobot's plain path inside the node (issue 20); the fast path (issue 21) is timed by bench/vla_gpu.py.
 
 Results: ``DIR/vla-serve.jsonl`` (one object per type, written as it comes), ``DIR/vla-serve.md`` (table).
 """

@@ -3,7 +3,7 @@ the CPU: the
 same chunks as LeRobot's plain path through its structure (the instruction padded or cut to a token bucket, the
 prefix and its KV cache inside one call, real-time chunking's prefix and weights as inputs), a warm call that a CUDA
 graph capture can hold (nothing copied from the host, no host sync), and bf16 served by the node. The CUDA graphs
-themselves are checked by the CUDA-only test at the end (skipped without a GPU) and by bench/policy_gpu.py on the
+themselves are checked by the CUDA-only test at the end (skipped without a GPU) and by bench/vla_gpu.py on the
 GPU machine (docs/benchmarks.md)."""
 
 from __future__ import annotations

@@ -202,7 +202,8 @@ def without_host_syncs(policy: Any) -> int:
 
 
 def to_bf16(policy: Any) -> None:
-    """The model's bf16 layout: LeRobot's own for pi0 / pi0.5, the whole VLM with its expert for SmolVLA."""
+    """The model's bf16 layout: LeRobot's own for pi0 / pi0.5, the whole VLM with its expert for SmolVLA
+    (``to_fp32`` undoes it)."""
     model = policy.model
     if hasattr(model, "paligemma_with_expert"):
         model.paligemma_with_expert.to_bfloat16_for_selected_params("bfloat16")
@@ -210,6 +211,17 @@ def to_bf16(policy: Any) -> None:
         model.vlm_with_expert.to(dtype=torch.bfloat16)
     else:
         raise CheckpointError(f"policy.dtype bf16: no bf16 layout known for a {policy.config.type} model")
+
+
+def to_fp32(policy: Any) -> None:
+    """LeRobot's fp32 path for a VLA whose weights are (partly) bf16 (``to_bf16``, or a checkpoint saved so): pi0 /
+    pi0.5 with LeRobot's own ``to_bfloat16_for_selected_params("float32")``, SmolVLA cast whole; bf16 -> fp32 is
+    exact. bench/vla_gpu.py compares the fast paths against it."""
+    model = policy.model
+    if hasattr(model, "paligemma_with_expert"):
+        model.paligemma_with_expert.to_bfloat16_for_selected_params("float32")
+    else:
+        policy.to(dtype=torch.float32)
 
 
 def token_buckets(max_length: int) -> list[int]:
