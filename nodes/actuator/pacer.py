@@ -3,16 +3,17 @@
 The servo gets one goal per period at the task's fps, but a free-running clock would make every chunk wait
 for the next tick after it lands (on average half a period, up to a whole one). ``PhaseLockedPacer`` instead
 steers the ticks so that the tick executing a new chunk's first usable row comes right after the reply
-lands (``arrived``): each reply sets the phase the ticks should fall on (its arrival plus ``LEAD_S``), and
-each tick moves towards that phase by at most ``MAX_SHIFT`` of a period, always the shorter way round (half a
-period either side). That makes the steering free of rate bias: a correction later made as nearly a whole
-period earlier would add a tick each time a reply landed just after its tick, and the ticks would run faster
-than the cameras (they did: 31.6 ticks per second against a 30 fps camera with 6 ms of reply jitter, so a
-recording drifted off true time). A reply that lands just after the last tick still gets the earliest tick the
-spacing allows, the following ticks moving later to its phase. Since the requests leave when a
-frame arrives, the replies arrive at the frames' phase plus the round trip, so the ticks follow the
-cameras' clock and the measured round trip, drifting with them; where the replies' phase slips later from
-one reply to the next (a camera slower than the ticks), the target leads by the measured slip.
+lands (``arrived``: the pending tick moves to just after it, ``LEAD_S``, as far as the bounds allow), and the
+ticks after it steer to the phase the next reply is expected at: this one's, plus the measured slip from one
+reply to the next (a camera slower than the ticks moves the replies' phase later each time), at most
+``MAX_SHIFT`` of a period per tick. The correction is taken the shorter way round (half a period either side)
+when the reply lands, and kept signed until the ticks have made it, never wrapped again: so a correction later
+is made later even after the pending tick was pulled early for the reply, and the steering has no rate bias.
+(It had: a reply landing just after its tick pulled the next one early and the phase then rotated on round the
+other way, a tick added each time: 31.6 ticks per second against an exact 30 fps camera with 6 ms of reply
+jitter, so a recording drifted off true time.) Since the requests leave when a frame arrives, the replies
+arrive at the frames' phase plus the round trip, so the ticks follow the cameras' clock and the measured round
+trip, drifting with them.
 
 The phase moves smoothly: two consecutive deadlines are never less than ``MIN_GAP`` (3/4) of a period
 apart, nor more than 5/4 of one (unless the loop itself fell behind: whole ticks missed are skipped, never
@@ -51,7 +52,10 @@ class PhaseLockedPacer:
         self.max_shift_s = max_shift * period
         self.deadline = 0.0  # the next tick's time
         self.nominal = 0.0  # one period after the last tick's deadline (plus whole ticks skipped)
-        self.target: float | None = None  # a time (mod period) the ticks should fall on; None before any reply
+        # How far (seconds, signed) the ticks' phase still has to move to the locked one: set by each reply (the
+        # shorter way round), used up by the ticks at most MAX_SHIFT of a period each. Kept signed, never wrapped
+        # again: a correction later is made later, however far a tick pulled early for a reply moved it first.
+        self.remaining = 0.0
         self.last_arrival: float | None = None
         self.slip = 0.0  # how far (seconds, mod period) each reply's phase moved from the last one's, smoothed
         self.last_started = -math.inf  # when the last tick actually started (it may start after its deadline)
@@ -69,51 +73,35 @@ class PhaseLockedPacer:
         if behind > self.period:
             skipped = int(behind // self.period)
             self.nominal += skipped * self.period
-        self.deadline = self._steered()
+        self._move(max(-self.max_shift_s, min(self.max_shift_s, self.remaining)))
         return skipped
 
     def arrived(self, t: float) -> None:
-        """A reply landed at ``t``: the ticks should fall just after ``t`` (mod period). The pending tick moves
-        towards that phase by the shorter way round, at most ``MAX_SHIFT`` of a period (never sooner than
-        ``MIN_GAP`` after the last tick): to just after ``t`` when that is before it. A reply that landed just
-        after the last tick would wait a whole period for a later pending tick: then the pending tick comes as
-        early as the spacing allows and the following ticks move later to the new phase (still the shorter
-        way, so no tick is added: a correction later made as nearly a period earlier would add one each time,
-        and the ticks would run faster than the cameras)."""
+        """A reply landed at ``t``. The pending tick moves to just after it (``LEAD_S``), as far as the bounds allow
+        (never sooner than ``MIN_GAP`` after the last tick, nor later than 5/4 of a period): the reply's rows run
+        at once. The ticks after it steer to the phase the next reply is expected at (this one's plus the
+        measured slip), the shorter way round from the pending tick's place before this reply moved it."""
         if self.last_arrival is not None:
             # A camera whose clock drifts against the ticks moves the replies' phase by about as much each time:
             # aim at where the next one will land, not where this one did.
-            moved = self._wrapped(t - self.last_arrival)
-            self.slip += SLIP_GAIN * (max(-self.max_shift_s, min(self.max_shift_s, moved)) - self.slip)
+            self.slip += SLIP_GAIN * (self._wrapped(t - self.last_arrival) - self.slip)
         self.last_arrival = t
-        self.target = t + self.lead_s + max(0.0, self.slip)
-        shift = self._wrapped(self.target - self.nominal)
-        if 0.0 <= shift < self.max_shift_s and self.target < self.nominal - self.max_shift_s:
-            shift = -self.max_shift_s
-        self.deadline = self._spaced(self.nominal + max(-self.max_shift_s, min(self.max_shift_s, shift)))
+        self.remaining = self._wrapped(t + self.lead_s + max(0.0, self.slip) - self.nominal)
+        self._move(min(max(t + self.lead_s - self.nominal, -self.max_shift_s), self.max_shift_s))
 
     def phase_error(self) -> float:
-        """How far (seconds, wrapped) the next deadline still is from the locked phase (0 before any reply)."""
-        if self.target is None:
-            return 0.0
-        return self._wrapped(self.target - self.deadline)
+        """How far (seconds, signed) the ticks' phase still has to move to the locked one (0 before any reply)."""
+        return self.remaining
 
     def _wrapped(self, delta: float) -> float:
         """``delta`` seconds as a phase: within half a period either side of 0."""
         return (delta + self.period / 2) % self.period - self.period / 2
 
-    def _spaced(self, deadline: float) -> float:
-        """``deadline``, or later where the last tick started late: never sooner than ``MIN_GAP`` after it."""
-        return max(deadline, self.last_started + self.period - self.max_shift_s)
-
-    def _steered(self) -> float:
-        if self.target is None or not math.isfinite(self.target):
-            return self._spaced(self.nominal)
-        # Towards the target phase by the shorter way round (wrapped to half a period either side), at most
-        # MAX_SHIFT of a period per tick: a phase correction later is never made as nearly a whole period earlier,
-        # which would add a tick each time (the ticks would run faster than the cameras).
-        error = self._wrapped(self.target - self.nominal)
-        return self._spaced(self.nominal + max(-self.max_shift_s, min(self.max_shift_s, error)))
+    def _move(self, shift: float) -> None:
+        """The pending tick at ``nominal + shift``, or later where the last tick started late (never sooner than
+        ``MIN_GAP`` after it); what it moved is taken off the correction still to make."""
+        self.deadline = max(self.nominal + shift, self.last_started + self.period - self.max_shift_s)
+        self.remaining -= self.deadline - self.nominal
 
 
 # ==================================================================================================
