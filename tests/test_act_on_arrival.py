@@ -92,13 +92,13 @@ def test_a_reply_is_acted_on_when_it_lands_and_goals_stay_apart(tmp_path: Path,
         assert len(writes) > 60, f"too few goal writes recorded: {len(writes)}"
         # The actuator starts its ticks and its writes at least MIN_GAP of a period apart on its own clock; the
         # emulator stamps a write when it reads it off the pty, which a loaded machine may delay (a stalled
-        # emulator then reads two writes close together), so at the servo: half a period, all but 1 % of them.
+        # emulator then reads two writes close together), so at the servo: half a period, all but 3 % of them.
         ticks = np.diff([m.t for m in rig.tap.actions()
                          if float(chunks[0].meta["arrival_t"]) <= m.t <= float(chunks[-1].meta["arrival_t"])])
         assert float(np.min(ticks)) >= MIN_GAP * period - 0.002, f"two ticks {np.min(ticks) * 1000:.1f} ms apart"
         gaps = np.diff([w["t"] for w in writes])
         close = gaps < 0.5 * period
-        assert np.count_nonzero(close) <= 0.01 * len(gaps), \
+        assert np.count_nonzero(close) <= 0.03 * len(gaps), \
             f"{np.count_nonzero(close)} of {len(gaps)} goals closer than half a period: {gaps[close]}"
         # Moving the phase never left a tick without its row: no hold from the locked phase to the last chunk.
         window = (float(chunks[0].meta["arrival_t"]), float(chunks[-1].meta["arrival_t"]))
@@ -141,7 +141,8 @@ def test_the_ticks_phase_follows_a_camera_whose_clock_drifts(tmp_path: Path,
         assert end - start > 1.0, f"only {end - start:.2f} s of chunks"
         ticks = [m.t for m in rig.tap.actions() if start <= m.t <= end]
         rate = (len(ticks) - 1) / (ticks[-1] - ticks[0])
-        assert 30.5 < rate < 31.5, f"{rate:.2f} ticks a second with frames at 31 fps and fps 30"
+        # (Ticks a loaded machine skips only lower the rate: above 30.25, a free-running 30 Hz loop can't get.)
+        assert 30.25 < rate < 31.5, f"{rate:.2f} ticks a second with frames at 31 fps and fps 30"
         # ... while the tick running each chunk's first row came right after it landed.
         after = sorted(first - arrival for arrival, _, first in seen)
         assert after[len(after) // 2] <= 0.5 * period and after[int(0.8 * len(after))] <= 0.75 * period, after
